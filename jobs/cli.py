@@ -1,0 +1,224 @@
+"""The ``nrm-ood`` command line (Typer). Thin: parse, call jobs/nrm, print, exit with a code.
+
+Exit codes: 0 done; 1 the run cannot proceed (one clear sentence on stderr); 2 bad usage;
+3 run committed but incomplete (failed input files, listed in the manifest); 4 another run
+committed the same run id first.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.images import Policy
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Score image datasets for out-of-distribution samples with the Neural Rendering Model.")
+
+
+class Arch(str, enum.Enum):
+    auto = "auto"
+    gray28 = "gray28"
+    rgb32_allconv = "rgb32-allconv"
+    rgb32_small = "rgb32-small"
+    digits8 = "digits8"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Normaliser(str, enum.Enum):
+    none = "none"
+    class_mean = "class_mean"
+    harmonic = "harmonic"
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _device(d: Device) -> str:
+    import torch
+
+    if d is Device.auto:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if d is Device.cuda and not torch.cuda.is_available():
+        raise fail("--device cuda was given but torch sees no CUDA device")
+    return d.value
+
+
+def _positive(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise typer.BadParameter(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg(value: float) -> float:
+    if value < 0:
+        raise typer.BadParameter(f"must be >= 0, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- train
+@app.command()
+def train(
+    data: Annotated[str, typer.Option(help="Training Parquet: file, directory, glob or s3:// prefix (HF image layout).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    arch: Annotated[Arch, typer.Option(help="Architecture preset; auto picks by the images' size.")] = Arch.auto,
+    width: Annotated[float | None, typer.Option(help="Width multiplier of the preset (default: the preset's).")] = None,
+    epochs: Annotated[int, typer.Option(callback=_positive)] = 3,
+    batch_size: Annotated[int, typer.Option(callback=_positive)] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 3e-3,
+    recon_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the reconstruction term.")] = 0.1,
+    pathnorm_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the path-normalisation term.")] = 0.0,
+    normaliser: Annotated[Normaliser, typer.Option(help="Estimator of log Z(y).")] = Normaliser.class_mean,
+    test: Annotated[str | None, typer.Option(help="Labelled test Parquet: accuracy is reported, nothing is fitted on it.")] = None,
+    limit: Annotated[int | None, typer.Option(callback=_positive, help="Use only the first N training rows.")] = None,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    seed: Annotated[int, typer.Option()] = 0,
+    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Train an NRM on labelled images and write a checkpoint (config.json + weights.safetensors)."""
+    import json
+    import time
+
+    import torch
+
+    import nrm
+    from jobs.datasets import DatasetError, load_labelled, probe_shape
+    from jobs.storage import Store, StorageError
+
+    store = Store(endpoint_url)
+    dev = _device(device)
+    try:
+        shape = probe_shape(data, store)
+        name = arch.value if arch is not Arch.auto else {(1, 28, 28): "gray28", (3, 32, 32): "rgb32-small",
+                                                         (1, 8, 8): "digits8"}.get(shape)
+        if name is None:
+            raise fail(f"no preset for images of shape {shape}; give --arch")
+        t0 = time.perf_counter()
+        x, y = load_labelled(data, nrm.preset(name).input.shape, limit, store)
+    except (StorageError, DatasetError, ValueError) as e:
+        raise fail(str(e)) from None
+    classes = int(y.max()) + 1
+    cfg = nrm.preset(name, width, classes=classes)
+    typer.echo(f"training {name} (width {width or 'default'}) on {len(x)} images {tuple(x.shape[1:])}, "
+               f"{classes} classes, device {dev}; loaded in {time.perf_counter() - t0:.1f}s")
+
+    def progress(rec: dict[str, float]) -> None:
+        sys.stderr.write(f"\repoch {rec['epoch']}/{rec['epochs']} step {rec['step']}/{rec['steps']} "
+                         f"loss {rec['loss']:.3f} ce {rec['ce']:.3f} recon {rec['recon']:.3f} acc {rec['acc']:.3f} "
+                         f"{rec['seconds']:.0f}s")
+        sys.stderr.flush()
+
+    tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
+                         pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value)
+    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=progress)
+    sys.stderr.write("\n")
+    mid = nrm.save(result.model, out)
+    report = {"arch": name, "width": width, "train_rows": len(x), "epochs": epochs, "seconds": round(result.seconds, 1),
+              "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
+    if test:
+        from nrm.train import accuracy
+
+        try:
+            xt, yt = load_labelled(test, result.model.input_shape, None, store)
+        except (StorageError, DatasetError) as e:
+            raise fail(str(e)) from None
+        report["test_rows"] = len(xt)
+        report["test_accuracy"] = round(accuracy(result.model, torch.from_numpy(xt), torch.from_numpy(yt)), 4)
+    (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    typer.echo(json.dumps(report, indent=2))
+    typer.echo(f"checkpoint written to {out}")
+
+
+# ---------------------------------------------------------------------------- score
+@app.command()
+def score(
+    model: Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")],
+    input: Annotated[str, typer.Option(help="Parquet file, directory, glob or s3:// prefix.")],
+    output: Annotated[str, typer.Option(help="Output directory or s3:// prefix; the run goes to <output>/<run-id>/.")],
+    actors: Annotated[int | None, typer.Option(callback=_positive, help="Scoring actors (default: one per GPU, else as the CPUs allow).")] = None,
+    gpus_per_actor: Annotated[float, typer.Option(callback=_nonneg, help="GPUs per actor (fractions share a GPU).")] = 0.0,
+    cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor (fractions allowed).")] = 1.0,
+    batch_size: Annotated[int, typer.Option(callback=_positive, help="Images per scoring batch.")] = 512,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: time-stamped). A committed id is never redone.")] = None,
+    incremental: Annotated[bool, typer.Option(help="Score only input files no committed run under --output covers.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")] = None,
+    image_column: Annotated[str | None, typer.Option(help="Image column (default: guessed).")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Id column (default: 'id', else <file>#<row>).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column (default: 'label' if present).")] = None,
+    resize_policy: Annotated[Policy, typer.Option(help="adapt: convert mode and resize to the model; strict: mismatches are error rows.")] = Policy.adapt,
+    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
+    from jobs.pipeline import JobError, ScoreOptions, run_score, summary
+
+    if cpus_per_actor <= 0:
+        raise typer.BadParameter(f"must be > 0, got {cpus_per_actor}", param_hint="--cpus-per-actor")
+    opts = ScoreOptions(model, input, output, run_id, actors, gpus_per_actor, cpus_per_actor, batch_size,
+                        incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url)
+    try:
+        result = run_score(opts, echo=typer.echo)
+    except JobError as e:
+        raise fail(str(e)) from None
+    typer.echo(summary(result))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def runs(
+    output: Annotated[str, typer.Argument(help="Output directory or s3:// prefix given to `score`.")],
+    endpoint_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """List the committed runs under OUTPUT."""
+    from jobs.manifest import committed_runs
+    from jobs.storage import Store
+
+    found = committed_runs(Store(endpoint_url), output)
+    if not found:
+        typer.echo(f"no committed runs under {output}")
+        return
+    typer.echo(f"{'run id':36} {'status':10} {'created':25} {'rows':>9} {'ok':>9} {'error':>7} {'ood':>7}  model")
+    for r in found:
+        m = r.manifest
+        typer.echo(f"{r.run_id:36} {m['status']:10} {m['created']:25} {m['rows']['in']:>9} {m['rows']['ok']:>9} "
+                   f"{m['rows']['error']:>7} {m['flagged_ood']:>7}  {m['model']['model_id'][:12]}")
+
+
+@app.command("filter")
+def filter_(
+    scores: Annotated[str, typer.Option(help="A committed run (<output>/<run-id>) or an output root (all its runs).")],
+    input: Annotated[str, typer.Option(help="The dataset that was scored.")],
+    output: Annotated[str, typer.Option(help="Where to write the in-distribution subset (Parquet).")],
+    endpoint_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Write the rows of INPUT that the scores keep (status ok and not is_ood), columns unchanged."""
+    from jobs.filtering import FilterError, filter_dataset
+    from jobs.storage import Store
+
+    try:
+        stats = filter_dataset(Store(endpoint_url), scores, input, output)
+    except FilterError as e:
+        raise fail(str(e)) from None
+    typer.echo(f"kept {stats['kept']} of {stats['rows']} rows ({stats['ood']} OOD, {stats['error']} error, "
+               f"{stats['unscored']} not scored) -> {output}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Labelled image datasets from Parquet (local or S3) into memory, for training and evaluation.
+
+Reads every file named by a URI (file, directory, glob, s3:// prefix) with pyarrow and decodes the
+images with the same code as the scoring job, at the size of the given model input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from jobs.images import Policy, decode_column, detect_columns
+from jobs.storage import Store
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def probe_shape(uri: str, store: Store | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of the first image of the first file: what `nrm-ood train` builds its model for."""
+    import io
+
+    from PIL import Image
+
+    store = store or Store()
+    f = store.list_parquet(uri)[0]
+    fs, path = store.filesystem(f.uri)
+    with fs.open_input_file(path) as fh:
+        pf = pq.ParquetFile(fh)
+        cols = detect_columns(pf.schema_arrow)
+        if cols.kind == "raw":
+            raise DatasetError(f"{f.uri}: raw pixel columns carry no shape; give --arch explicitly")
+        cell = pf.read_row_group(0, columns=[cols.image]).column(0)[0].as_py()
+    data = cell["bytes"] if isinstance(cell, dict) else cell
+    img = Image.open(io.BytesIO(data))
+    channels = 1 if img.mode in ("L", "1", "I", "I;16") else 3
+    return channels, img.size[1], img.size[0]
+
+
+def load_labelled(
+    uri: str, shape: tuple[int, int, int], limit: int | None = None, store: Store | None = None,
+    policy: Policy = Policy.adapt,
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, H, W, C) and int64 labels (N,) of every decodable, labelled row of ``uri``."""
+    store = store or Store()
+    images, labels, bad = [], [], 0
+    n = 0
+    for f in store.list_parquet(uri):
+        fs, path = store.filesystem(f.uri)
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            cols = detect_columns(pf.schema_arrow)
+            if cols.label is None:
+                raise DatasetError(f"{f.uri} has no integer 'label' column; training and evaluation need labels")
+            table = pf.read(columns=[cols.image, cols.label])
+        if limit is not None:
+            table = table.slice(0, max(0, limit - n))
+        px, errors = decode_column(table.column(cols.image), cols.kind, shape, policy)
+        ok = np.array([e is None for e in errors]) & np.array([v is not None for v in table.column(cols.label).to_pylist()])
+        bad += int((~ok).sum())
+        images.append(px[ok])
+        labels.append(np.asarray(table.column(cols.label).fill_null(-1).to_numpy())[ok].astype(np.int64))
+        n += table.num_rows
+        if limit is not None and n >= limit:
+            break
+    if bad:
+        import logging
+
+        logging.getLogger("nrm_ood").warning("%s: skipped %d undecodable or unlabelled rows", uri, bad)
+    if not images or sum(len(i) for i in images) == 0:
+        raise DatasetError(f"no usable labelled images in {uri!r}")
+    return np.concatenate(images), np.concatenate(labels)

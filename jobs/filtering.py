@@ -1,0 +1,71 @@
+"""`nrm-ood filter`: the in-distribution subset of a scored dataset, and the reader of committed scores."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs import manifest
+from jobs.storage import Store, StorageError, is_s3, join
+
+
+class FilterError(RuntimeError):
+    pass
+
+
+def committed_outputs(store: Store, scores: str) -> list[str]:
+    """Output files of the committed run at ``scores`` (<output>/<run-id>), or of every run under it."""
+    base, _, run_id = scores.rstrip("/").rpartition("/")
+    m = manifest.read(store, base, run_id) if base else None
+    runs = [m] if m is not None else [r.manifest for r in manifest.committed_runs(store, scores)]
+    if not runs:
+        raise FilterError(f"no committed run at {scores!r} (expected <output>/<run-id> with a {manifest.MANIFEST})")
+    return [o["uri"] for r in runs for o in r["outputs"]]
+
+
+def read_scores(store: Store, scores: str, columns: list[str] | None = None) -> pa.Table:
+    """Every scored row of the committed run(s) at ``scores`` as one table."""
+    tables = []
+    for uri in committed_outputs(store, scores):
+        fs, path = store.filesystem(uri)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def filter_dataset(store: Store, scores: str, input: str, output: str) -> dict[str, Any]:
+    table = read_scores(store, scores, ["source_path", "source_row", "status", "is_ood"])
+    keep = pc.and_(pc.equal(table["status"], "ok"), pc.invert(pc.fill_null(table["is_ood"], True)))
+    by_file: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    paths = table["source_path"].to_numpy(zero_copy_only=False)
+    rows = table["source_row"].to_numpy()
+    kept_mask = keep.to_numpy(zero_copy_only=False)
+    for p in np.unique(paths):
+        sel = paths == p
+        by_file[str(p)] = (rows[sel], kept_mask[sel])
+    try:
+        files = store.list_parquet(input)
+    except StorageError as e:
+        raise FilterError(str(e)) from None
+    stats = {"rows": 0, "kept": 0, "ood": int(pc.sum(pc.fill_null(table["is_ood"], False)).as_py() or 0),
+             "error": int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0), "unscored": 0}
+    out_fs, out_path = store.filesystem(output)
+    if not is_s3(output):
+        os.makedirs(out_path, exist_ok=True)
+    for f in files:
+        fs, path = store.filesystem(f.uri)
+        t = pq.read_table(path, filesystem=fs)
+        stats["rows"] += t.num_rows
+        scored_rows, scored_keep = by_file.get(f.uri, (np.array([], dtype=np.int64), np.array([], dtype=bool)))
+        mask = np.zeros(t.num_rows, dtype=bool)
+        mask[scored_rows[scored_keep]] = True
+        stats["unscored"] += t.num_rows - len(np.unique(scored_rows))
+        kept = t.filter(pa.array(mask))
+        stats["kept"] += kept.num_rows
+        name = os.path.basename(f.uri)
+        pq.write_table(kept, join(out_path, name), filesystem=out_fs)
+    return stats

@@ -1,0 +1,235 @@
+"""Where data lives: local paths or s3:// URIs, through pyarrow.fs (Parquet) and boto3 (objects).
+
+Credentials, region and endpoint come from the standard AWS environment variables and profiles
+(AWS_ENDPOINT_URL included: pyarrow and boto3 both honour it); ``--endpoint-url`` overrides the
+endpoint for S3-compatible stores. A ``Store`` holds no secret, so it can travel to Ray tasks: each
+worker builds its own clients from its own environment.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A path, bucket or object that cannot be used; the message names it. Never holds a secret."""
+
+
+class AlreadyCommitted(StorageError):
+    """A create-if-absent write found the object already there."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p.strip("/")
+    return out
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str
+    size: int
+    version: str  # S3 ETag, or local mtime in ns: what makes a file "the same file" for --incremental
+
+
+@dataclass(frozen=True)
+class Store:
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    # ------------------------------------------------------------------ clients
+    @property
+    def _endpoint(self) -> str | None:
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    def s3fs(self) -> pafs.S3FileSystem:
+        kw: dict[str, Any] = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8),
+            "connect_timeout": 10,
+            "request_timeout": 60,
+        }
+        ep = self._endpoint
+        if ep:
+            scheme, _, host = ep.partition("://")
+            kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kw["region"] = region
+        return pafs.S3FileSystem(**kw)
+
+    def s3(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        cfg = Config(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60,
+                     request_checksum_calculation="when_required", response_checksum_validation="when_required")
+        return boto3.session.Session(region_name=self.region).client("s3", endpoint_url=self._endpoint, config=cfg)
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The pyarrow filesystem and in-filesystem path for ``uri``."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            return self.s3fs(), f"{bucket}/{key}".rstrip("/")
+        if uri.startswith("file://"):
+            uri = uri[len("file://"):]
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+    # ------------------------------------------------------------------ listing
+    def check_bucket(self, uri: str) -> None:
+        """Fail with one clear sentence if the bucket of an s3 URI is missing or not reachable."""
+        if not is_s3(uri):
+            return
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        bucket, _ = split_s3(uri)
+        try:
+            self.s3().head_bucket(Bucket=bucket)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchBucket"):
+                raise StorageError(f"bucket {bucket!r} does not exist (from {uri!r})") from None
+            if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StorageError(f"access to bucket {bucket!r} denied: check the AWS credentials ({code})") from None
+            raise StorageError(f"bucket {bucket!r}: {code or e}") from None
+        except NoCredentialsError:
+            raise StorageError(f"no AWS credentials found to read bucket {bucket!r}") from None
+        except EndpointConnectionError as e:
+            raise StorageError(f"cannot reach the S3 endpoint for bucket {bucket!r}: {e}") from None
+
+    def list_parquet(self, uri: str) -> list[FileInfo]:
+        """Parquet files named by ``uri``: a file, a directory/prefix (recursive), or a glob. Sorted."""
+        has_glob = any(ch in uri for ch in "*?[")
+        if is_s3(uri):
+            self.check_bucket(uri)
+            fs = self.s3fs()
+            bucket, key = split_s3(uri)
+            base = key.split("*")[0].split("?")[0].split("[")[0] if has_glob else key
+            base_dir = base.rsplit("/", 1)[0] if has_glob else base
+            try:
+                top = fs.get_file_info(f"{bucket}/{key}") if not has_glob else None
+                if top is not None and top.type == pafs.FileType.File:
+                    return [self._s3_info(bucket, key, top.size)]
+                infos = fs.get_file_info(pafs.FileSelector(f"{bucket}/{base_dir}".rstrip("/"), recursive=True,
+                                                           allow_not_found=True))
+            except OSError as e:
+                raise StorageError(f"cannot list {uri!r}: {e}") from None
+            files = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+            if has_glob:
+                files = [i for i in files if fnmatch.fnmatch(i.path, f"{bucket}/{key}")]
+            out = [self._s3_info(bucket, i.path.split("/", 1)[1], i.size) for i in files]
+        else:
+            path = uri[len("file://"):] if uri.startswith("file://") else uri
+            if has_glob:
+                paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+            elif os.path.isdir(path):
+                paths = [str(p) for p in Path(path).rglob("*.parquet") if p.is_file()]
+            elif os.path.isfile(path):
+                paths = [path]
+            else:
+                raise StorageError(f"input path {uri!r} does not exist")
+            out = []
+            for p in paths:
+                st = os.stat(p)
+                out.append(FileInfo(os.path.abspath(p), st.st_size, str(st.st_mtime_ns)))
+        out = [f for f in out if not os.path.basename(f.uri).startswith(("_", "."))]
+        if not out:
+            raise StorageError(f"no .parquet files found at {uri!r}")
+        return sorted(out, key=lambda f: f.uri)
+
+    def _s3_info(self, bucket: str, key: str, size: int | None) -> FileInfo:
+        head = self.s3().head_object(Bucket=bucket, Key=key)
+        return FileInfo(f"s3://{bucket}/{key}", int(size if size is not None else head["ContentLength"]),
+                        head["ETag"].strip('"'))
+
+    # ------------------------------------------------------------------ objects
+    def read_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = split_s3(uri)
+            try:
+                return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("NoSuchKey", "404"):
+                    raise FileNotFoundError(uri) from None
+                raise StorageError(f"cannot read {uri!r}: {code}") from None
+        return Path(uri).read_bytes()
+
+    def exists(self, uri: str) -> bool:
+        try:
+            self.read_bytes(uri)
+            return True
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+
+    def put_if_absent(self, uri: str, data: bytes) -> None:
+        """Create ``uri`` holding ``data`` only if nothing is there: S3 conditional put
+        (If-None-Match '*'), locally an atomic hard link of a complete temp file. Raises AlreadyCommitted."""
+        if is_s3(uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = split_s3(uri)
+            try:
+                self.s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*",
+                                     ContentType="application/json")
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    raise AlreadyCommitted(f"{uri} already exists") from None
+                raise StorageError(f"cannot write {uri!r}: {code}") from None
+            return
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # atomic, and fails if the target exists (rename would overwrite)
+            except FileExistsError:
+                raise AlreadyCommitted(f"{uri} already exists") from None
+        finally:
+            os.unlink(tmp)
+
+    def list_dirs(self, uri: str) -> list[str]:
+        """Immediate sub-directories (prefixes) of ``uri``; [] if it does not exist."""
+        fs, path = self.filesystem(uri)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+        except OSError as e:
+            raise StorageError(f"cannot list {uri!r}: {e}") from None
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def delete_dir(self, uri: str) -> None:
+        fs, path = self.filesystem(uri)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+
+    def read_json(self, uri: str) -> dict[str, Any]:
+        return json.loads(self.read_bytes(uri))  # type: ignore[no-any-return]

@@ -1,0 +1,105 @@
+"""Checkpoints: a directory with config.json and weights.safetensors. Nothing is ever unpickled.
+
+``model_id`` is the sha256 of weights.safetensors: the job records it with every scored row, and
+``load(path, expect_model_id=...)`` refuses a weights file whose hash does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nrm.config import ConfigError, Conv, Linear, ModelConfig
+from nrm.model import NRM
+
+CONFIG = "config.json"
+WEIGHTS = "weights.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def model_id(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of the checkpoint's weights file."""
+    h = hashlib.sha256()
+    with open(Path(path) / WEIGHTS, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save(model: NRM, path: str | os.PathLike[str]) -> str:
+    """Write ``model`` to directory ``path`` (created); returns its model_id."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in model.config.layers:
+        if isinstance(layer, Conv | Linear):
+            mod = model.params[layer.name]
+            tensors[f"{layer.name}.weight"] = mod.weight.detach().float().cpu().contiguous()
+            bias = mod.bias if mod.bias is not None else torch.zeros(mod.weight.shape[0])
+            tensors[f"{layer.name}.bias"] = bias.detach().float().cpu().contiguous()
+    save_file(tensors, str(p / WEIGHTS))
+    mid = model_id(p)
+    # The weights' hash is recorded in config.json, so a swapped or edited weights file is detected on load.
+    (p / CONFIG).write_text(json.dumps({**model.config.to_json(), "weights_sha256": mid}, indent=2) + "\n")
+    return mid
+
+
+def load(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", expect_model_id: str | None = None
+) -> NRM:
+    """Load a checkpoint directory into an NRM in eval mode on ``device``."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} is not a directory (expected one holding {CONFIG} and {WEIGHTS})")
+    for name in (CONFIG, WEIGHTS):
+        if not (p / name).is_file():
+            raise CheckpointError(f"checkpoint {str(p)!r} has no {name}")
+    if expect_model_id is not None and (actual := model_id(p)) != expect_model_id:
+        raise CheckpointError(
+            f"checkpoint {str(p)!r}: {WEIGHTS} has sha256 {actual}, expected model_id {expect_model_id} (tampered or replaced)"
+        )
+    try:
+        raw = json.loads((p / CONFIG).read_text())
+        recorded = raw.pop("weights_sha256", None) if isinstance(raw, dict) else None
+        cfg = ModelConfig.from_json(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {str(p)!r}: {CONFIG} is not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {str(p)!r}: {e}") from None
+    if recorded is not None and (actual := model_id(p)) != recorded:
+        raise CheckpointError(
+            f"checkpoint {str(p)!r}: {WEIGHTS} has sha256 {actual}, but config.json records {recorded} (tampered or replaced)"
+        )
+    try:
+        tensors = load_file(str(p / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {str(p)!r}: {WEIGHTS} is not a safetensors file ({e})") from None
+    model = NRM(cfg)
+    expected = {k: v.shape for k, v in model.params.state_dict().items()}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {str(p)!r}: {WEIGHTS} is missing {missing} / has unexpected {extra}")
+    for key, shape in expected.items():
+        t = tensors[key]
+        if t.shape != shape:
+            raise CheckpointError(
+                f"checkpoint {str(p)!r}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}"
+            )
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"checkpoint {str(p)!r}: tensor {key!r} has {bad} non-finite value(s)")
+    model.params.load_state_dict(tensors)
+    if not math.isfinite(cfg.fitted.sigma2):
+        raise CheckpointError(f"checkpoint {str(p)!r}: sigma2 is not finite")
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,92 @@
+"""Fitting the NRM's state on in-distribution data: sigma^2, the normaliser log Z(y), the threshold.
+
+The normaliser Z(y) = sum_z exp(eta(y, z)) sums over every latent configuration and has no closed
+form (the seed leaves it open). Estimators, all from in-distribution training samples whose
+prediction is y (eta_i = latent_prior of sample i):
+
+- ``none``: log Z(y) = 0, i.e. latent_loglik = latent_prior.
+- ``class_mean``: log Z(y) = mean_i eta_i. Moment matching: centres each class's eta at zero, so
+  classes whose templates are large (large eta) do not look more typical than small ones.
+- ``harmonic``: log Z(y) = -log mean_i exp(-eta_i) + const. For z ~ pi(z|y) = exp(eta) / Z,
+  E[exp(-eta)] = |Z-space| / Z(y), so this is the harmonic-mean estimator of log Z(y) up to the
+  class-independent constant log |Z-space|, which no ranking depends on.
+
+docs/results.md records which one separates OOD data best on a validation split; DEFAULT_NORMALISER
+is that one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from nrm import scores as S
+from nrm.config import Fitted, Threshold
+from nrm.metrics import threshold_at_tpr
+from nrm.model import NRM
+
+NORMALISERS = ("none", "class_mean", "harmonic")
+DEFAULT_NORMALISER = "class_mean"
+DEFAULT_THRESHOLD_SCORE = "latent_loglik"
+
+
+@torch.no_grad()
+def collect(model: NRM, batches: Iterable[Tensor]) -> dict[str, Tensor]:
+    """Concatenate ``model.score`` over normalised batches (on the model's device) into CPU tensors."""
+    parts: dict[str, list[Tensor]] = {}
+    for x in batches:
+        for k, v in model.score(x).items():
+            parts.setdefault(k, []).append(v.cpu())
+    if not parts:
+        raise ValueError("collect: got no batches")
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def log_partition(eta: Tensor, pred: Tensor, n_classes: int, method: str) -> Tensor:
+    """Estimate log Z(y) for y = 0..n_classes-1 from in-distribution latent priors ``eta`` (N,) and
+    predictions ``pred`` (N,); a class with no sample gets the estimate over all samples."""
+    if method not in NORMALISERS:
+        raise ValueError(f"unknown normaliser {method!r}; expected one of {NORMALISERS}")
+    eta = eta.double()
+    if method == "none":
+        return torch.zeros(n_classes, dtype=torch.float64)
+
+    def estimate(e: Tensor) -> Tensor:
+        if method == "class_mean":
+            return e.mean()
+        return -(torch.logsumexp(-e, 0) - torch.log(torch.tensor(float(e.numel()), dtype=e.dtype)))
+
+    overall = estimate(eta)
+    return torch.stack([estimate(eta[pred == y]) if (pred == y).any() else overall for y in range(n_classes)])
+
+
+def apply(model: NRM, fitted: Fitted) -> None:
+    """Install fitted state on a model (config and the log_partition buffer)."""
+    model.config.fitted = fitted
+    model.log_partition = torch.tensor(fitted.log_partition, dtype=torch.float32, device=model.mean.device)
+
+
+def fit(
+    model: NRM,
+    train_batches: Iterable[Tensor],
+    val_batches: Iterable[Tensor],
+    normaliser: str = DEFAULT_NORMALISER,
+    threshold_score: str = DEFAULT_THRESHOLD_SCORE,
+    tpr: float = 0.95,
+) -> Fitted:
+    """Fit sigma^2 and log Z(y) on ``train_batches`` and the OOD threshold on held-out ``val_batches``
+    (both in-distribution, normalised). Installs the result on ``model`` and returns it."""
+    if threshold_score not in S.HIGHER_IS_IN or not S.HIGHER_IS_IN[threshold_score]:
+        ok = [c for c, up in S.HIGHER_IS_IN.items() if up and c != "latent_prior_layers"]
+        raise ValueError(f"threshold score {threshold_score!r} must be a column where higher = in-distribution: {ok}")
+    train = collect(model, train_batches)
+    d = model.input_shape[0] * model.input_shape[1] * model.input_shape[2]
+    sigma2 = float(train["recon_sq_error"].double().sum() / (train["recon_sq_error"].numel() * d))
+    log_z = log_partition(train["latent_prior"], train["pred"], len(model.config.classes), normaliser)
+    fitted = Fitted(sigma2=sigma2, log_partition=[float(v) for v in log_z], normaliser=normaliser)
+    apply(model, fitted)
+    val = collect(model, val_batches)
+    fitted.threshold = Threshold(threshold_score, float(threshold_at_tpr(val[threshold_score].numpy(), tpr)), tpr)
+    return fitted

@@ -1,0 +1,240 @@
+"""The Neural Rendering Model: a ReLU/max-pool CNN read both ways.
+
+Bottom-up (``encode``) it is an ordinary classifier that also records its latent variables: the
+ReLU gates s*(l) and the max-pool switches t*(l). Top-down (``render``) it draws an image from the
+class template mu_y* through the transposed weights of the same layers, eq. (1) of the seed:
+
+    h(l-1) = sum_p T(t*(l, p)) B(l, p) W(l)^T (s*(l, p) h(l, p))
+
+``score`` turns both passes into the per-sample columns of nrm.scores. Two renderers exist:
+``render_explicit`` follows eq. (1) literally (fold of per-position templates, scatter to the
+switches); ``render`` takes one vector-Jacobian product, since for a piecewise-linear network
+h(0) = d logit_y* / dx. Tests hold them equal in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nrm import scores as S
+from nrm.config import (
+    Conv,
+    Flatten,
+    GlobalAvgPool,
+    LeakyReLU,
+    Linear,
+    MaxPool,
+    ModelConfig,
+    ReLU,
+    validate,
+)
+
+
+@dataclass
+class Latents:
+    """What the bottom-up pass keeps; lists are indexed like ``config.layers``."""
+
+    logits: Tensor  # (N, K)
+    inputs: list[Tensor]  # input of every layer (N, C, H, W) or (N, F)
+    gates: dict[int, Tensor]  # relu index -> s*(l): 1 where the unit fired, else 0 (or the leaky slope)
+    switches: dict[int, Tensor]  # maxpool index -> t*(l): flat argmax positions (N, C, H', W')
+    pre_activations: dict[int, Tensor]  # conv / hidden-linear index -> z = W a + b
+
+
+@dataclass
+class Rendering:
+    """The top-down pass from class ``y``: h(0) and the per-layer latent prior terms eta_l."""
+
+    y: Tensor  # (N,) class rendered from
+    h0: Tensor  # (N, C, H, W) rendered image in normalised input space
+    eta_layers: Tensor  # (N, L) b(l)^T (s(l) . h(l)) for each bias layer, bottom-up
+
+
+class NRM(nn.Module):
+    """A CNN built from ``ModelConfig.layers`` that is also its own generative renderer."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        validate(config)
+        self.config = config
+        self.params = nn.ModuleDict()
+        for layer in config.layers:
+            if isinstance(layer, Conv):
+                self.params[layer.name] = nn.Conv2d(
+                    layer.in_, layer.out, layer.kernel, layer.stride, layer.padding, bias=layer.bias
+                )
+            elif isinstance(layer, Linear):
+                self.params[layer.name] = nn.Linear(layer.in_, layer.out)
+        spec = config.input
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer(
+            "log_partition", torch.tensor(config.fitted.log_partition or [0.0] * len(config.classes)),
+            persistent=False,
+        )
+        # Layers whose bias is a latent prior parameter b(l): every conv and every linear but the classifier.
+        self.bias_layers = [
+            k for k, layer in enumerate(config.layers[:-1]) if isinstance(layer, Conv | Linear)
+        ]
+
+    # ------------------------------------------------------------------ preprocessing
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.config.input.shape
+
+    @property
+    def latent_names(self) -> list[str]:
+        return [self.config.layers[k].name for k in self.bias_layers]  # type: ignore[union-attr]
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
+        c, h, w = self.input_shape
+        if images.dim() == 3 and c == 1:
+            images = images.unsqueeze(-1)
+        if images.dim() != 4 or tuple(images.shape[1:]) != (h, w, c):
+            raise ValueError(
+                f"preprocess: got images of shape {tuple(images.shape)}, expected (N, {h}, {w}, {c})"
+                + (f" or (N, {h}, {w})" if c == 1 else "")
+            )
+        if images.dtype != torch.uint8:
+            raise ValueError(f"preprocess: got dtype {images.dtype}, expected torch.uint8 pixels")
+        x = images.to(self.mean.device).permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0  # (N, C, H, W)
+        return (x - self.mean) / self.std
+
+    def check_input(self, x: Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
+
+    # ------------------------------------------------------------------ bottom-up
+    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor]]:
+        """The one bottom-up loop. Returns logits, the latents (when ``keep``) and the pre-activations
+        of the bias layers (always: the autograd renderer differentiates with respect to them)."""
+        lat = Latents(x, [], {}, {}, {}) if keep else None
+        zs: list[Tensor] = []
+        for k, layer in enumerate(self.config.layers):
+            if lat is not None:
+                lat.inputs.append(x)
+            if isinstance(layer, Conv | Linear):
+                x = self.params[layer.name](x)
+                if k in self.bias_layers:
+                    zs.append(x)
+                    if lat is not None:
+                        lat.pre_activations[k] = x
+            elif isinstance(layer, ReLU):
+                if lat is not None:
+                    lat.gates[k] = (x > 0).to(x.dtype)
+                x = F.relu(x)
+            elif isinstance(layer, LeakyReLU):
+                if lat is not None:
+                    lat.gates[k] = torch.where(x > 0, 1.0, layer.slope).to(x.dtype)
+                x = F.leaky_relu(x, layer.slope)
+            elif isinstance(layer, MaxPool):
+                if lat is not None:
+                    x, lat.switches[k] = F.max_pool2d(x, layer.kernel, layer.stride, return_indices=True)
+                else:
+                    x = F.max_pool2d(x, layer.kernel, layer.stride)
+            elif isinstance(layer, GlobalAvgPool):
+                x = x.mean(dim=(2, 3), keepdim=True)
+            elif isinstance(layer, Flatten):
+                x = x.flatten(1)
+        if lat is not None:
+            lat.logits = x
+        return x, lat, zs
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
+        return self._run(x, keep=False)[0]
+
+    def encode(self, x: Tensor) -> Latents:
+        """Bottom-up pass that keeps the latent variables z* = {s*(l), t*(l)}."""
+        return self._run(x, keep=True)[1]  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ top-down
+    def render_explicit(self, lat: Latents, y: Tensor | None = None) -> Rendering:
+        """Eq. (1) literally: start from h(L) = mu_y (classifier row) and walk the layers in reverse.
+
+        conv: each position p of h(l) draws its template W^T h(l, p) (C_in*k*k values), and fold
+        places it at p (B(l, p)) and sums overlaps; maxpool: each value goes to its switch t*(l)
+        (scatter-add, so overlapping windows are exact); relu: multiply by the gate s*(l); global
+        average pool: spread evenly; eta_l = sum over channels and positions of b(l) . h at that
+        layer's output.
+        """
+        layers = self.config.layers
+        if y is None:
+            y = lat.logits.argmax(1)
+        h = self.params[layers[-1].name].weight[y]  # type: ignore[union-attr]  # (N, F) = mu_y
+        eta: dict[int, Tensor] = {}
+        for k in range(len(layers) - 2, -1, -1):
+            layer, a = layers[k], lat.inputs[k]
+            if isinstance(layer, Linear):
+                lin = self.params[layer.name]
+                eta[k] = h @ lin.bias  # (N,)
+                h = h @ lin.weight  # (N, F_in)
+            elif isinstance(layer, Flatten):
+                h = h.view(a.shape)
+            elif isinstance(layer, GlobalAvgPool):
+                h = h.expand(a.shape) / (a.shape[2] * a.shape[3])
+            elif isinstance(layer, MaxPool):
+                n, c = h.shape[:2]
+                flat = torch.zeros(n, c, a.shape[2] * a.shape[3], dtype=h.dtype, device=h.device)
+                h = flat.scatter_add(2, lat.switches[k].flatten(2), h.flatten(2)).view(a.shape)
+            elif isinstance(layer, ReLU | LeakyReLU):
+                h = h * lat.gates[k]
+            elif isinstance(layer, Conv):
+                conv = self.params[layer.name]
+                if conv.bias is not None:
+                    eta[k] = (h.sum(dim=(2, 3)) * conv.bias).sum(1)  # (N,)
+                else:
+                    eta[k] = h.new_zeros(h.shape[0])
+                templates = torch.einsum("ncp,cq->nqp", h.flatten(2), conv.weight.flatten(1))  # (N, Cin*k*k, P)
+                h = F.fold(
+                    templates, a.shape[2:], layer.kernel, padding=layer.padding, stride=layer.stride
+                )  # (N, Cin, H, W)
+        return Rendering(y, h, torch.stack([eta[k] for k in self.bias_layers], dim=1))
+
+    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering]:
+        """One vector-Jacobian product of logit_y with respect to x and every bias layer's output."""
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits, _, zs = self._run(x, keep=False)
+            if y is None:
+                y = logits.detach().argmax(1)
+            picked = logits.gather(1, y[:, None]).sum()
+            grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
+        eta = []
+        for k, g in zip(self.bias_layers, grads[1:], strict=True):
+            bias = self.params[self.config.layers[k].name].bias  # type: ignore[union-attr]
+            if bias is None:
+                eta.append(g.new_zeros(g.shape[0]))
+            else:
+                eta.append(((g.sum(dim=(2, 3)) if g.dim() == 4 else g) * bias).sum(1))  # (N,)
+        return logits, Rendering(y, grads[0], torch.stack(eta, dim=1))
+
+    def render(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False) -> Rendering:
+        """Fast renderer: h(0) = d logit_y / dx and eta_l = b(l) . d logit_y / dz(l), in one backward
+        pass. ``y`` defaults to y* = argmax; ``create_graph`` lets training differentiate through it."""
+        return self._vjp(x, y, create_graph)[1]
+
+    # ------------------------------------------------------------------ scores
+    @torch.no_grad()
+    def score(self, x: Tensor) -> dict[str, Tensor]:
+        """Every per-sample column of the public contract (nrm.scores.COLUMNS) for normalised x."""
+        self.check_input(x)
+        logits, r = self._vjp(x, None, create_graph=False)
+        logits = logits.detach()
+        fitted = self.config.fitted
+        out = S.classifier_scores(logits)
+        out["latent_prior_layers"] = r.eta_layers.detach()
+        out["latent_prior"] = S.latent_prior(r.eta_layers.detach())
+        out["latent_loglik"] = S.latent_loglik(out["latent_prior"], r.y, self.log_partition)
+        out["recon_sq_error"] = S.recon_sq_error(x.detach(), r.h0.detach())
+        out["loglik_bound"] = S.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"input={self.input_shape}, classes={len(self.config.classes)}, latent_layers={self.latent_names}"
