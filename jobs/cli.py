@@ -205,11 +205,11 @@ def filter_(
 ) -> None:
     """Write the rows of INPUT that the scores keep (status ok and not is_ood), columns unchanged."""
     from jobs.filtering import FilterError, filter_dataset
-    from jobs.storage import Store
+    from jobs.storage import Store, StorageError
 
     try:
         stats = filter_dataset(Store(endpoint_url), scores, input, output)
-    except FilterError as e:
+    except (FilterError, StorageError) as e:
         raise fail(str(e)) from None
     typer.echo(f"kept {stats['kept']} of {stats['rows']} rows ({stats['ood']} OOD, {stats['error']} error, "
                f"{stats['unscored']} not scored) -> {output}")

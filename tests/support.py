@@ -1,0 +1,79 @@
+"""Test helpers shared by the suites (imported as `support`; pytest puts tests/ on sys.path).
+
+Everything is local: Ray runs embedded with 2 CPUs; S3 is moto's real HTTP server on 127.0.0.1,
+and both boto3 and pyarrow talk to it through AWS_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import nrm
+from nrm.config import Conv, Flatten, GlobalAvgPool, InputSpec, Linear, MaxPool, ModelConfig, ReLU
+
+DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+FAKE_KEY_ID = "AKIAFAKEFAKEFAKE1234"
+FAKE_SECRET = "fakeSecret/DoNotLeak+0123456789abcdefghij"
+
+
+def tiny_config(channels: int = 1, size: int = 8, classes: int = 3) -> ModelConfig:
+    layers = [Conv("conv1", channels, 4, 3, 1, 1), ReLU(), MaxPool(2, 2), Conv("conv2", 4, 6, 3, 1, 1), ReLU(),
+              GlobalAvgPool(), Flatten(), Linear("classifier", 6, classes)]
+    return ModelConfig(InputSpec(channels, size, size, (0.5,) * channels, (0.25,) * channels),
+                       [f"c{i}" for i in range(classes)], layers)
+
+
+def make_checkpoint(path: Path, channels: int = 1, size: int = 8, classes: int = 3, seed: int = 0) -> Path:
+    """A randomly initialised tiny NRM with fitted state, saved at ``path``."""
+    from nrm.fit import fit
+
+    torch.manual_seed(seed)
+    model = nrm.NRM(tiny_config(channels, size, classes)).eval().requires_grad_(False)
+    x = torch.randn(64, channels, size, size)
+    fit(model, [x], [x])
+    nrm.save(model, path)
+    return path
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_hf_parquet(path: Path | str, images: list[bytes | None], labels: list[int] | None = None,
+                     row_group_size: int = 1000, filesystem: object = None) -> None:
+    """Hugging Face image layout: image struct<bytes, path>, label int64."""
+    cells = [None if b is None else {"bytes": b, "path": f"{i}.png"} for i, b in enumerate(images)]
+    cols: dict[str, object] = {"image": pa.array(cells, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}
+    if labels is not None:
+        cols["label"] = pa.array(labels, pa.int64())
+    pq.write_table(pa.table(cols), str(path), row_group_size=row_group_size, filesystem=filesystem)
+
+
+def random_images(n: int, size: int = 8, channels: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dataset_dir(name: str) -> Path:
+    p = DATASETS / name
+    if not p.is_dir():
+        pytest.skip(f"shared dataset {name!r} not found at {p} (see shared/datasets/README.md)")
+    return p
