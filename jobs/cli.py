@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from jobs.cli_eval import register as _register_eval
 from jobs.images import Policy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -213,6 +214,41 @@ def filter_(
         raise fail(str(e)) from None
     typer.echo(f"kept {stats['kept']} of {stats['rows']} rows ({stats['ood']} OOD, {stats['error']} error, "
                f"{stats['unscored']} not scored) -> {output}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Working directory for data, checkpoint and scores.")] = Path("demo-out"),
+    epochs: Annotated[int, typer.Option(callback=_positive)] = 30,
+) -> None:
+    """Train on scikit-learn's digits, score in- and out-of-distribution shards on embedded Ray, print AUROCs."""
+    import shutil
+
+    from jobs.demo import run
+
+    if out.exists():
+        shutil.rmtree(out)
+    result = run(out, epochs=epochs, echo=typer.echo)
+    if result["exit_code"]:
+        raise typer.Exit(result["exit_code"])
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("docs/benchmarks.md"),
+    rows: Annotated[int, typer.Option(callback=_positive, help="Images in the 1x dataset (10x is also run).")] = 20000,
+    batch_size: Annotated[int, typer.Option(callback=_positive)] = 512,
+    reps: Annotated[int, typer.Option(callback=_positive, help="Timed repetitions per measurement.")] = 5,
+) -> None:
+    """Measure the speed and memory targets and write them to a markdown file."""
+    from jobs.bench import run
+
+    command = "nrm-ood bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nrm-ood bench"
+    run(out, rows, batch_size, reps, typer.echo, command.strip())
+    typer.echo(f"wrote {out}")
+
+
+_register_eval(app)
 
 
 def main() -> None:

@@ -188,13 +188,13 @@ def read_unit(unit: dict[str, Any], spec: ReadSpec) -> dict[str, np.ndarray]:
     }
 
 
-def output_schema(n_layers: int, with_label: bool) -> pa.Schema:
+def output_schema(n_layers: int, with_label: bool, extra: list[str] | None = None) -> pa.Schema:
     f64 = pa.float64()
     fields = [pa.field("id", pa.string()), pa.field("source_path", pa.string()), pa.field("source_row", pa.int64())]
     if with_label:
         fields.append(pa.field("label", pa.int64()))
     fields += [pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field("pred", pa.int64())]
-    fields += [pa.field(c, f64) for c in SCORE_COLUMNS[1:]]
+    fields += [pa.field(c, f64) for c in [*SCORE_COLUMNS[1:], *(extra or [])]]
     fields += [pa.field("latent_prior_layers", pa.list_(pa.float64(), n_layers)),
                pa.field("ood_score", f64), pa.field("is_ood", pa.bool_()), pa.field("model_id", pa.string())]
     return pa.schema(fields)
@@ -214,7 +214,8 @@ class Scorer:
             self.model = nrm.load(path, device=self.device, expect_model_id=checkpoint.model_id)
         self.model_id = checkpoint.model_id
         self.threshold = self.model.config.fitted.threshold
-        self.schema = output_schema(len(self.model.latent_names), with_label)
+        self.columns = [*SCORE_COLUMNS[1:], *self.model.extra_columns]  # float score columns
+        self.schema = output_schema(len(self.model.latent_names), with_label, self.model.extra_columns)
         self.with_label = with_label
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -223,25 +224,22 @@ class Scorer:
         n = len(batch["id"])
         error = [str(e) for e in batch["error"]]
         ok = np.array([not e for e in error], dtype=bool)
-        out: dict[str, np.ndarray] = {c: np.full(n, np.nan) for c in SCORE_COLUMNS[1:]}
+        out: dict[str, np.ndarray] = {c: np.full(n, np.nan) for c in self.columns}
         pred = np.full(n, -1, dtype=np.int64)
         layers = np.full((n, len(self.model.latent_names)), np.nan)
         if ok.any():
             try:
                 x = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
                 cols = {k: v.double().cpu().numpy() for k, v in self.model.score(x).items()}
-                for c in SCORE_COLUMNS[1:]:
+                for c in self.columns:
                     out[c][ok] = cols[c]
                 pred[ok] = cols["pred"].astype(np.int64)
                 layers[ok] = cols["latent_prior_layers"]
-                if self.threshold and self.threshold.score not in SCORE_COLUMNS:
-                    out[self.threshold.score] = np.full(n, np.nan)
-                    out[self.threshold.score][ok] = cols[self.threshold.score]
             except Exception as e:  # a batch the model cannot score: its rows are error rows, the job goes on
                 msg = f"scoring failed: {type(e).__name__}: {e}"
                 error = [err or msg for err in error]
                 ok[:] = False
-        finite = np.isfinite(np.stack([out[c] for c in SCORE_COLUMNS[1:]], 1)).all(1)
+        finite = np.isfinite(np.stack([out[c] for c in self.columns], 1)).all(1)
         for i in np.flatnonzero(ok & ~finite):
             error[i] = "non-finite score (input produced NaN/inf)"
         ok &= finite
@@ -259,6 +257,8 @@ class Scorer:
         arrays["error"] = pa.array([None if k else e for k, e in zip(ok, error, strict=True)], pa.string())
         arrays["pred"] = pa.array(pred, pa.int64(), mask=~ok)
         for c in SCORE_COLUMNS[1:]:
+            arrays[c] = pa.array(out[c], pa.float64(), mask=~ok)
+        for c in self.model.extra_columns:
             arrays[c] = pa.array(out[c], pa.float64(), mask=~ok)
         flat = pa.array(np.where(ok[:, None], layers, 0.0).ravel(), pa.float64())
         arrays["latent_prior_layers"] = pa.FixedSizeListArray.from_arrays(flat, layers.shape[1], mask=pa.array(~ok))

@@ -110,8 +110,10 @@ class Store:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchBucket"):
                 raise StorageError(f"bucket {bucket!r} does not exist (from {uri!r})") from None
-            if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise StorageError(f"access to bucket {bucket!r} denied: check the AWS credentials ({code})") from None
+            if code in ("403", "AccessDenied"):
+                return  # HeadBucket needs an unconditioned s3:ListBucket, which a prefix-scoped policy denies
             raise StorageError(f"bucket {bucket!r}: {code or e}") from None
         except NoCredentialsError:
             raise StorageError(f"no AWS credentials found to read bucket {bucket!r}") from None

@@ -90,6 +90,11 @@ class NRM(nn.Module):
     def latent_names(self) -> list[str]:
         return [self.config.layers[k].name for k in self.bias_layers]  # type: ignore[union-attr]
 
+    @property
+    def extra_columns(self) -> list[str]:
+        """Names of the fitted detector columns (``det_*``, higher = in-distribution) that score() adds."""
+        return []
+
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
         c, h, w = self.input_shape
