@@ -78,7 +78,7 @@ def train(
     width: Annotated[float | None, typer.Option(help="Width multiplier of the preset (default: the preset's).")] = None,
     epochs: Annotated[int, typer.Option(callback=_positive)] = 3,
     batch_size: Annotated[int, typer.Option(callback=_positive)] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 3e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 5e-3,
     recon_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the reconstruction term.")] = 0.1,
     pathnorm_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the path-normalisation term.")] = 0.0,
     normaliser: Annotated[Normaliser, typer.Option(help="Estimator of log Z(y).")] = Normaliser.class_mean,

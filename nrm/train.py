@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 128
-    lr: float = 3e-3  # peak of a one-cycle schedule; AdamW
+    lr: float = 5e-3  # peak of a one-cycle schedule; AdamW
     weight_decay: float = 5e-4
     recon_weight: float = 0.1  # per-value mean squared error of h(0) rendered from the true class
     pathnorm_weight: float = 0.0  # off by default: it slows convergence of the small presets
@@ -143,7 +143,8 @@ def train(
             step += 1
             if step % 20 == 0 or i + cfg.batch_size >= len(order):
                 rec = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": cfg.epochs * steps_per_epoch,
-                       "loss": float(loss), "ce": float(ce), "recon": float(recon),
+                       "loss": float(loss.detach()), "ce": float(ce.detach()),
+                       "recon": float(recon.detach()),
                        "acc": float((logits.argmax(1) == y).float().mean()), "seconds": time.perf_counter() - start}
                 history.append(rec)
                 if progress:

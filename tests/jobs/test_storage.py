@@ -1,0 +1,118 @@
+"""jobs.storage and checkpoint fetching on the local filesystem (no Ray, no S3)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import manifest
+from jobs.pipeline import Checkpoint, JobError
+from jobs.storage import AlreadyCommitted, Store, StorageError, join, split_s3
+
+
+def touch_parquet(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"x": [1]}), path)
+    return path
+
+
+def test_join_and_split() -> None:
+    assert join("s3://b/p/", "/run/", "x.json") == "s3://b/p/run/x.json"
+    assert split_s3("s3://bucket/a/b") == ("bucket", "a/b")
+    assert split_s3("s3://bucket") == ("bucket", "")
+    with pytest.raises(StorageError, match="not an s3://bucket/key URI"):
+        split_s3("s3:///key")
+
+
+def test_local_put_if_absent_commits_once(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run" / "_manifest.json")
+    Store().put_if_absent(uri, b'{"a": 1}')
+    with pytest.raises(AlreadyCommitted, match="already exists"):
+        Store().put_if_absent(uri, b'{"a": 2}')
+    assert Path(uri).read_bytes() == b'{"a": 1}'
+    assert os.listdir(tmp_path / "run") == ["_manifest.json"]  # no temp file left behind
+
+
+def test_manifest_commit_and_committed_runs(tmp_path: Path) -> None:
+    out = str(tmp_path)
+    store = Store()
+    manifest.commit(store, out, "b", {"created": "2024-01-02", "inputs": [{"uri": "u2", "version": "2"}]})
+    manifest.commit(store, out, "a", {"created": "2024-01-03", "inputs": [{"uri": "u1", "version": "1"}]})
+    (tmp_path / "uncommitted" / "attempt-1").mkdir(parents=True)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "_manifest.json").write_text('{"format": "other"}')
+    runs = manifest.committed_runs(store, out)
+    assert [r.run_id for r in runs] == ["b", "a"]  # oldest first
+    assert manifest.covered(runs) == {("u1", "1"), ("u2", "2")}
+    with pytest.raises(AlreadyCommitted):
+        manifest.commit(store, out, "a", {})
+    assert json.loads((tmp_path / "a" / "_manifest.json").read_text())["format"] == "nrm-run-manifest"
+
+
+def test_list_parquet_dir_glob_file(tmp_path: Path) -> None:
+    a = touch_parquet(tmp_path / "d" / "a.parquet")
+    b = touch_parquet(tmp_path / "d" / "sub" / "b.parquet")
+    touch_parquet(tmp_path / "d" / "_SUCCESS.parquet")
+    touch_parquet(tmp_path / "d" / ".hidden.parquet")
+    (tmp_path / "d" / "notes.txt").write_text("x")
+    store = Store()
+    assert [f.uri for f in store.list_parquet(str(tmp_path / "d"))] == [str(a), str(b)]
+    assert [f.uri for f in store.list_parquet(str(tmp_path / "d" / "*.parquet"))] == [str(a)]
+    assert [f.uri for f in store.list_parquet(str(tmp_path / "d" / "**" / "*.parquet"))] == [str(a), str(b)]
+    one = store.list_parquet(str(b))
+    assert [(f.uri, f.size, f.version) for f in one] == [(str(b), b.stat().st_size, str(b.stat().st_mtime_ns))]
+    assert [f.uri for f in store.list_parquet("file://" + str(a))] == [str(a)]
+
+
+def test_list_parquet_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match=f"input path '{tmp_path / 'nope'}' does not exist"):
+        Store().list_parquet(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StorageError, match="no .parquet files found at"):
+        Store().list_parquet(str(tmp_path / "empty"))
+
+
+def test_checkpoint_fetch(tiny_ckpt: Path) -> None:
+    import nrm
+
+    ck = Checkpoint.fetch(Store(), str(tiny_ckpt))
+    assert ck.model_id == nrm.model_id(tiny_ckpt)
+    assert set(ck.files) == {"config.json", "weights.safetensors"}
+
+
+def test_checkpoint_fetch_errors_name_the_uri_not_a_temp_dir(tiny_ckpt: Path, tmp_path: Path) -> None:
+    with pytest.raises(JobError, match="has no config.json"):
+        Checkpoint.fetch(Store(), str(tmp_path / "missing"))
+    w = tiny_ckpt / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(JobError, match="tampered or replaced") as e:
+        Checkpoint.fetch(Store(), str(tiny_ckpt))
+    assert str(tiny_ckpt) in str(e.value) and "nrm-ckpt-" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- bugs
+@pytest.mark.xfail(strict=True, reason="BUG: Store.read_bytes/put_if_absent use Path(uri) without stripping file://, "
+                                       "so file:// checkpoints are 'missing' and manifests land in ./file:/...")
+def test_file_uri_objects(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where the stray ./file:/ tree would be created
+    uri = f"file://{tmp_path}/out/run/_manifest.json"
+    Store().put_if_absent(uri, b"{}")
+    stray = (tmp_path / "file:").exists()
+    assert (tmp_path / "out" / "run" / "_manifest.json").is_file(), f"written elsewhere (./file: exists: {stray})"
+    assert Checkpoint.fetch(Store(), f"file://{tiny_ckpt}").model_id
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: list_parquet hides only basenames starting with _ or ., not files inside "
+                                       "_temporary/ or .staging/ directories (pyarrow's ignore_prefixes rule)")
+def test_list_parquet_skips_hidden_directories(tmp_path: Path) -> None:
+    a = touch_parquet(tmp_path / "a.parquet")
+    touch_parquet(tmp_path / "_temporary" / "0" / "part-0.parquet")
+    touch_parquet(tmp_path / ".staging" / "part-1.parquet")
+    assert [f.uri for f in Store().list_parquet(str(tmp_path))] == [str(a)]
