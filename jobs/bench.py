@@ -10,6 +10,7 @@ Writes a markdown report (docs/benchmarks.md by default) with the command and th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -116,10 +117,8 @@ class PeakRSS:
     def _sample(self) -> int:
         total = 0
         for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
+            with contextlib.suppress(Exception):
                 total += p.memory_info().rss
-            except Exception:
-                pass
         return total
 
     def __enter__(self) -> PeakRSS:
@@ -135,6 +134,30 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self.t.join()
+
+
+def request_counts(log: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        for method in ("GET", "HEAD", "PUT", "POST", "DELETE"):
+            if f'"{method} ' in line:
+                counts[method] = counts.get(method, 0) + 1
+    return counts
+
+
+def decode_throughput(data: Path, shape: tuple[int, int, int]) -> float:
+    """Images/s of Parquet read + PNG decode in this one process (one CPU), as a read task does it."""
+    from jobs.images import Policy
+    from jobs.pipeline import ReadSpec, plan_inputs, read_unit
+    from jobs.storage import Store
+
+    store = Store()
+    plan = plan_inputs(store, store.list_parquet(str(data))[:2], None, None, None)
+    spec = ReadSpec(store, shape, Policy.adapt, plan.columns)
+    t = time.perf_counter()
+    n = sum(len(read_unit({"uri": u.uri, "row_group": u.row_group, "row_start": u.row_start,
+                           "num_rows": u.num_rows}, spec)["id"]) for u in plan.units)
+    return n / (time.perf_counter() - t)
 
 
 def in_memory_throughput(ckpt: Path, data: Path, threads: int, batch: int) -> float:
@@ -167,7 +190,8 @@ def job(ckpt: str, data: str, out: str, batch: int, echo: Echo) -> tuple[dict[st
     return m, mem.peak
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str] | None:
+def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str] | None:
+    """moto's S3 server on 127.0.0.1; its request log (one line per HTTP request) goes to ``log``."""
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
         return None
@@ -176,8 +200,8 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str] | None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -235,11 +259,13 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
         mem_1t = in_memory_throughput(ckpt, root / "data1x", threads, batch)
         mem_all = in_memory_throughput(ckpt, root / "data1x", max(1, int(cpus)), batch)
         echo(f"  in-memory: {mem_1t:.0f} images/s (1 thread), {mem_all:.0f} (all cores)")
+        decode = decode_throughput(root / "data1x", model.input_shape)
+        echo(f"  read + decode: {decode:.0f} images/s per CPU")
         echo("3/4 end-to-end job, local files ...")
         m1, peak1 = job(str(ckpt), str(root / "data1x"), str(root / "out"), batch, echo)
         m10, peak10 = job(str(ckpt), str(root / "data10x"), str(root / "out"), batch, echo)
-        s3 = None
-        moto = start_moto()
+        s3, requests = None, {}
+        moto = start_moto(root / "moto.log")
         if moto is not None:
             echo("   ... and through the S3 endpoint (moto server on 127.0.0.1)")
             proc, url = moto
@@ -256,7 +282,10 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
                     s3c.upload_file(str(f), "nrm-bench", f"model/{f.name}")
                 ray.shutdown()  # workers must see the endpoint variables
                 init_ray(None)
+                before = request_counts(root / "moto.log")
                 s3, _ = job("s3://nrm-bench/model", "s3://nrm-bench/data", "s3://nrm-bench/out", batch, echo)
+                after = request_counts(root / "moto.log")
+                requests = {k: after.get(k, 0) - before.get(k, 0) for k in after}
             finally:
                 for k, v in saved.items():
                     if v is None:
@@ -279,8 +308,18 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
         ips = m["timings"]["images_per_s"]
         lines.append(f"| {label} | {m['rows']['in']} | {ips:.0f} | {ips / mem_1t:.2f} | {ips / mem_all:.2f} | "
                      f"{'yes' if ips / mem_1t >= 0.8 else 'no'} |")
+    if s3 is not None:
+        shards = len(s3["inputs"])
+        total = sum(requests.values())
+        lines += ["", f"S3 requests of that run (moto's request log): {total} in all for {shards} input shards of "
+                  f"{s3['rows']['in'] // max(1, shards)} rows and {len(s3['outputs'])} output files: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(requests.items()))
+                  + f" (~{total / max(1, shards):.1f} requests per input shard, everything included)."]
+    lines += ["", "## 4. Read + decode throughput per CPU", "",
+              f"Parquet row groups read and PNG-decoded by `read_unit` in one process: **{decode:.0f} images/s per CPU** "
+              "(28x28 grayscale)."]
     growth = peak10 / peak1 - 1
-    lines += ["", "## 3. Peak memory at 1x and 10x the dataset (target: flat within 20%)", "",
+    lines += ["", "## 5. Peak memory at 1x and 10x the dataset (target: flat within 20%)", "",
               "Peak RSS of the driver and every Ray process it started (raylet, GCS, workers), sampled every 0.2 s.", "",
               "| dataset | rows | peak RSS (MiB) |", "|---|---|---|",
               f"| 1x | {m1['rows']['in']} | {peak1 / 2**20:.0f} |",

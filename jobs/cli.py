@@ -96,7 +96,7 @@ def train(
 
     import nrm
     from jobs.datasets import DatasetError, load_labelled, probe_shape
-    from jobs.storage import Store, StorageError
+    from jobs.storage import StorageError, Store
 
     store = Store(endpoint_url)
     dev = _device(device)
@@ -206,7 +206,7 @@ def filter_(
 ) -> None:
     """Write the rows of INPUT that the scores keep (status ok and not is_ood), columns unchanged."""
     from jobs.filtering import FilterError, filter_dataset
-    from jobs.storage import Store, StorageError
+    from jobs.storage import StorageError, Store
 
     try:
         stats = filter_dataset(Store(endpoint_url), scores, input, output)

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs import manifest
-from jobs.storage import Store, StorageError, is_s3, join
+from jobs.storage import StorageError, Store, is_s3, join
 
 
 class FilterError(RuntimeError):

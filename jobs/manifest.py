@@ -12,7 +12,7 @@ import platform
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.storage import FileInfo, Store, StorageError, join
+from jobs.storage import FileInfo, StorageError, Store, join
 
 MANIFEST = "_manifest.json"
 FORMAT = "nrm-run-manifest"

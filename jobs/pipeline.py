@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from jobs import manifest
 from jobs.images import Columns, Policy, decode_column, detect_columns
-from jobs.storage import AlreadyCommitted, FileInfo, Store, StorageError, is_s3, join
+from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, is_s3, join
 
 log = logging.getLogger("nrm_ood")
 
@@ -365,9 +365,9 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     if existing is not None:
         return RunResult(run_id, "already-committed", existing, manifest.manifest_uri(opts.output, run_id))
     ckpt = Checkpoint.fetch(store, opts.model)
-    from nrm.config import ModelConfig
-
     import json
+
+    from nrm.config import ModelConfig
 
     cfg = ModelConfig.from_json({k: v for k, v in json.loads(ckpt.files["config.json"]).items() if k != "weights_sha256"})
     try:
