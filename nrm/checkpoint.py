@@ -43,7 +43,7 @@ def save(model: NRM, path: str | os.PathLike[str]) -> str:
     tensors: dict[str, torch.Tensor] = {}
     for layer in model.config.layers:
         if isinstance(layer, Conv | Linear):
-            mod = model.params[layer.name]
+            mod = model.layer(layer.name)
             tensors[f"{layer.name}.weight"] = mod.weight.detach().float().cpu().contiguous()
             bias = mod.bias if mod.bias is not None else torch.zeros(mod.weight.shape[0])
             tensors[f"{layer.name}.bias"] = bias.detach().float().cpu().contiguous()

@@ -91,7 +91,7 @@ def layer_from_dict(d: dict[str, Any], index: int) -> Layer:
     if unknown:
         raise ConfigError(f"{where} ({kind}): unknown parameter(s) {sorted(unknown)}; expected {sorted(names)}")
     try:
-        return cls(**{names[k]: v for k, v in d.items() if k != "type"})  # type: ignore[no-any-return]
+        return cls(**{names[k]: v for k, v in d.items() if k != "type"})
     except TypeError as e:
         raise ConfigError(f"{where} ({kind}): {e}") from None
 
@@ -221,7 +221,7 @@ def validate(cfg: ModelConfig) -> None:
     layers = cfg.layers
     if not layers or not isinstance(layers[-1], Linear):
         raise ConfigError("layers: the last layer must be a 'linear' classifier")
-    names = [getattr(layer, "name", None) for layer in layers if isinstance(layer, Conv | Linear)]
+    names = [layer.name for layer in layers if isinstance(layer, Conv | Linear)]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"layers: duplicate layer names {sorted(dupes)}")

@@ -72,6 +72,8 @@ def from_torch(
                 raise ValueError(f"module #{k} {mod} is in training mode; call module.eval() before from_torch")
             if not layers or not isinstance(layers[-1], Conv):
                 raise ValueError(f"module #{k} {mod}: BatchNorm2d must directly follow a Conv2d to be folded")
+            if mod.running_mean is None or mod.running_var is None:
+                raise ValueError(f"module #{k} {mod} has no running statistics (track_running_stats=False); cannot fold")
             name = layers[-1].name
             w, b = weights[name]
             scale = (mod.weight.detach() if mod.affine else 1.0) / torch.sqrt(mod.running_var + mod.eps)
@@ -110,6 +112,8 @@ def from_torch(
     nrm = NRM(ModelConfig(spec, names, layers))
     with torch.no_grad():
         for name, (w, b) in weights.items():
-            nrm.params[name].weight.copy_(w)
-            nrm.params[name].bias.copy_(b)
+            mod = nrm.layer(name)
+            mod.weight.copy_(w)
+            assert mod.bias is not None  # NRM layers always carry a bias
+            mod.bias.copy_(b)
     return nrm

@@ -57,6 +57,10 @@ class Rendering:
 class NRM(nn.Module):
     """A CNN built from ``ModelConfig.layers`` that is also its own generative renderer."""
 
+    mean: Tensor  # (1, C, 1, 1) buffers: preprocessing and the fitted normaliser
+    std: Tensor
+    log_partition: Tensor  # (K,)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         validate(config)
@@ -89,6 +93,12 @@ class NRM(nn.Module):
     @property
     def latent_names(self) -> list[str]:
         return [self.config.layers[k].name for k in self.bias_layers]  # type: ignore[union-attr]
+
+    def layer(self, name: str) -> nn.Conv2d | nn.Linear:
+        """The torch module holding weight and bias of conv or linear layer ``name``."""
+        mod = self.params[name]
+        assert isinstance(mod, nn.Conv2d | nn.Linear)
+        return mod
 
     @property
     def extra_columns(self) -> list[str]:
@@ -171,13 +181,13 @@ class NRM(nn.Module):
         layers = self.config.layers
         if y is None:
             y = lat.logits.argmax(1)
-        h = self.params[layers[-1].name].weight[y]  # type: ignore[union-attr]  # (N, F) = mu_y
+        h = self.layer(layers[-1].name).weight[y]  # type: ignore[union-attr]  # (N, F) = mu_y
         eta: dict[int, Tensor] = {}
         for k in range(len(layers) - 2, -1, -1):
             layer, a = layers[k], lat.inputs[k]
             if isinstance(layer, Linear):
-                lin = self.params[layer.name]
-                eta[k] = h @ lin.bias  # (N,)
+                lin = self.layer(layer.name)
+                eta[k] = h @ lin.bias if lin.bias is not None else h.new_zeros(h.shape[0])  # (N,)
                 h = h @ lin.weight  # (N, F_in)
             elif isinstance(layer, Flatten):
                 h = h.view(a.shape)
@@ -190,7 +200,7 @@ class NRM(nn.Module):
             elif isinstance(layer, ReLU | LeakyReLU):
                 h = h * lat.gates[k]
             elif isinstance(layer, Conv):
-                conv = self.params[layer.name]
+                conv = self.layer(layer.name)
                 if conv.bias is not None:
                     eta[k] = (h.sum(dim=(2, 3)) * conv.bias).sum(1)  # (N,)
                 else:
@@ -213,7 +223,7 @@ class NRM(nn.Module):
             grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
         eta = []
         for k, g in zip(self.bias_layers, grads[1:], strict=True):
-            bias = self.params[self.config.layers[k].name].bias  # type: ignore[union-attr]
+            bias = self.layer(self.config.layers[k].name).bias  # type: ignore[union-attr]
             if bias is None:
                 eta.append(g.new_zeros(g.shape[0]))
             else:

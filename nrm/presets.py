@@ -29,10 +29,10 @@ def _conv_stack(spec: list[tuple[int, int, int] | str], in_ch: int, width: float
     layers: list[Layer] = []
     c, k = in_ch, 0
     for item in spec:
-        if item == "pool":
+        if isinstance(item, str):  # "pool"
             layers.append(MaxPool(2, 2))
             continue
-        out, kernel, pad = item  # type: ignore[misc]
+        out, kernel, pad = item
         k += 1
         layers += [Conv(f"conv{k}", c, _w(out, width), kernel, 1, pad), ReLU()]
         c = _w(out, width)

@@ -57,10 +57,10 @@ def path_norm(model: NRM) -> Tensor:
     x = torch.ones(1, c, h, w, device=model.mean.device)
     for layer in model.config.layers:
         if isinstance(layer, Conv):
-            conv = model.params[layer.name]
+            conv = model.layer(layer.name)
             x = F.conv2d(x, conv.weight.pow(2), None, layer.stride, layer.padding)
         elif isinstance(layer, Linear):
-            x = x @ model.params[layer.name].weight.pow(2).T
+            x = x @ model.layer(layer.name).weight.pow(2).T
         elif isinstance(layer, MaxPool):
             x = F.max_pool2d(x, layer.kernel, layer.stride)
         elif isinstance(layer, GlobalAvgPool):
