@@ -214,6 +214,8 @@ def filter_(
         raise fail(str(e)) from None
     typer.echo(f"kept {stats['kept']} of {stats['rows']} rows ({stats['ood']} OOD, {stats['error']} error, "
                f"{stats['unscored']} not scored) -> {output}")
+    for uri in stats["skipped"]:
+        typer.echo(f"skipped {uri}: no scored rows in these runs (not scored, or a failed input)")
 
 
 @app.command()

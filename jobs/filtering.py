@@ -51,21 +51,30 @@ def filter_dataset(store: Store, scores: str, input: str, output: str) -> dict[s
         files = store.list_parquet(input)
     except StorageError as e:
         raise FilterError(str(e)) from None
-    stats = {"rows": 0, "kept": 0, "ood": int(pc.sum(pc.fill_null(table["is_ood"], False)).as_py() or 0),
-             "error": int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0), "unscored": 0}
+    stats: dict[str, Any] = {
+        "rows": 0, "kept": 0, "ood": int(pc.sum(pc.fill_null(table["is_ood"], False)).as_py() or 0),
+        "error": int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0), "unscored": 0, "skipped": []}
     out_fs, out_path = store.filesystem(output)
     if not is_s3(output):
         os.makedirs(out_path, exist_ok=True)
+    root = os.path.commonpath([f.uri.split("://", 1)[-1] for f in files]) if len(files) > 1 else None
     for f in files:
+        scored_rows, scored_keep = by_file.get(f.uri, (np.array([], dtype=np.int64), np.array([], dtype=bool)))
+        if len(scored_rows) == 0:  # not covered by these scores (or a failed input): nothing of it is kept
+            stats["skipped"].append(f.uri)
+            continue
         fs, path = store.filesystem(f.uri)
         t = pq.read_table(path, filesystem=fs)
         stats["rows"] += t.num_rows
-        scored_rows, scored_keep = by_file.get(f.uri, (np.array([], dtype=np.int64), np.array([], dtype=bool)))
         mask = np.zeros(t.num_rows, dtype=bool)
         mask[scored_rows[scored_keep]] = True
         stats["unscored"] += t.num_rows - len(np.unique(scored_rows))
         kept = t.filter(pa.array(mask))
         stats["kept"] += kept.num_rows
-        name = os.path.basename(f.uri)
-        pq.write_table(kept, join(out_path, name), filesystem=out_fs)
+        # keep the layout below the input root, so equal basenames in different folders stay apart
+        rel = os.path.relpath(f.uri.split("://", 1)[-1], root) if root else os.path.basename(f.uri)
+        dest = join(out_path, rel)
+        if not is_s3(output):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        pq.write_table(kept, dest, filesystem=out_fs)
     return stats

@@ -87,6 +87,8 @@ def detect_columns(
         raise ValueError(f"id column {id!r} not found; the file has columns {names}")
     if label is not None and label not in names:
         raise ValueError(f"label column {label!r} not found; the file has columns {names}")
+    if label is not None and not pa.types.is_integer(schema.field(label).type):
+        raise ValueError(f"label column {label!r} has type {schema.field(label).type}; expected integer class ids")
     id = id if id is not None else ("id" if "id" in names else None)
     label = label if label is not None else ("label" if "label" in names and pa.types.is_integer(schema.field("label").type) else None)
     return Columns(image, kind, id, label)  # type: ignore[arg-type]
@@ -95,8 +97,12 @@ def detect_columns(
 def _fit(img: Image.Image, shape: tuple[int, int, int], policy: Policy) -> np.ndarray:
     c, h, w = shape
     mode = "L" if c == 1 else "RGB"
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: keep the top 8 bits, do not clip
+        arr16 = np.asarray(img, dtype=np.uint32)
+        img = Image.fromarray((arr16 >> (8 if img.mode.startswith("I;16") else 24)).astype(np.uint8))
     if policy is Policy.strict:
-        have = len(img.getbands()) - (1 if img.mode in ("LA", "RGBA", "PA") else 0)
+        bands = img.palette.mode if img.mode in ("P", "PA") and img.palette is not None else img.mode
+        have = len(bands) - (1 if bands.endswith("A") and bands != "A" else 0)
         if have != c or img.size != (w, h):
             raise RowError(f"image is {img.size[0]}x{img.size[1]} with {have} channel(s) ({img.mode}); "
                            f"the model expects {w}x{h} with {c} (policy strict)")
@@ -133,16 +139,24 @@ def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> np.n
     c, h, w = shape
     if values is None:
         raise RowError("empty image (null pixel array)")
-    arr = np.asarray(values)
-    if arr.dtype == object:
-        raise RowError("pixel array has ragged or non-numeric values")
+    try:
+        arr = np.asarray(values)
+    except ValueError:
+        raise RowError("pixel array has ragged or non-numeric values; expected H*W*C numbers") from None
+    if arr.dtype.kind not in "biuf":
+        raise RowError(f"pixel array has ragged or non-numeric values ({arr.dtype}); expected numbers "
+                       "(uint8 0..255 or floats in [0, 1])")
     if arr.size == 0:
         raise RowError("empty image (zero pixels)")
     if arr.dtype.kind == "f":
         bad = int((~np.isfinite(arr)).sum())
         if bad:
             raise RowError(f"pixel array has {bad} NaN/inf value(s); expected finite values in [0, 1]")
-        arr = np.clip(np.rint(arr * 255.0), 0, 255)
+        if arr.min() < 0 or arr.max() > 1:
+            raise RowError(f"float pixel values span [{arr.min():g}, {arr.max():g}]; expected [0, 1]")
+        arr = np.rint(arr * 255.0)
+    elif arr.min() < 0 or arr.max() > 255:
+        raise RowError(f"integer pixel values span [{arr.min()}, {arr.max()}]; expected 0..255")
     if arr.size == c * h * w:
         return arr.astype(np.uint8).reshape(h, w, c)
     for cc in (1, 3):  # another colour mode of the same size

@@ -170,8 +170,10 @@ def read_unit(unit: dict[str, Any], spec: ReadSpec) -> dict[str, np.ndarray]:
         pixels = np.zeros((n, h, w, c), dtype=np.uint8)
         errors = [f"cannot read row group {rg} of {uri}: {type(e).__name__}: {e}"] * n
     rows = np.arange(start, start + n, dtype=np.int64)
-    ids = (np.array([str(v) for v in table.column(cols.id).to_pylist()], dtype=object)
-           if table is not None and cols.id else np.array([f"{uri}#{r}" for r in rows], dtype=object))
+    ids = np.array([f"{uri}#{r}" for r in rows], dtype=object)  # default, and for null ids
+    if table is not None and cols.id:
+        ids = np.array([d if v is None else str(v) for v, d in zip(table.column(cols.id).to_pylist(), ids, strict=True)],
+                       dtype=object)
     labels, has = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool)
     if table is not None and cols.label:
         vals = table.column(cols.label).to_pylist()
@@ -191,8 +193,7 @@ def read_unit(unit: dict[str, Any], spec: ReadSpec) -> dict[str, np.ndarray]:
 def output_schema(n_layers: int, with_label: bool, extra: list[str] | None = None) -> pa.Schema:
     f64 = pa.float64()
     fields = [pa.field("id", pa.string()), pa.field("source_path", pa.string()), pa.field("source_row", pa.int64())]
-    if with_label:
-        fields.append(pa.field("label", pa.int64()))
+    fields.append(pa.field("label", pa.int64()))  # null where the input has no label
     fields += [pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field("pred", pa.int64())]
     fields += [pa.field(c, f64) for c in [*SCORE_COLUMNS[1:], *(extra or [])]]
     fields += [pa.field("latent_prior_layers", pa.list_(pa.float64(), n_layers)),
@@ -251,8 +252,7 @@ class Scorer:
             "source_path": pa.array(batch["source_path"].tolist(), pa.string()),
             "source_row": pa.array(batch["source_row"], pa.int64()),
         }
-        if self.with_label:
-            arrays["label"] = pa.array(batch["label"], pa.int64(), mask=~batch["has_label"].astype(bool))
+        arrays["label"] = pa.array(batch["label"], pa.int64(), mask=~batch["has_label"].astype(bool))
         arrays["status"] = pa.array(np.where(ok, "ok", "error").tolist(), pa.string())
         arrays["error"] = pa.array([None if k else e for k, e in zip(ok, error, strict=True)], pa.string())
         arrays["pred"] = pa.array(pred, pa.int64(), mask=~ok)
@@ -352,6 +352,8 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     import ray
 
     store = Store(opts.endpoint_url)
+    if not is_s3(opts.output):  # the manifest records absolute URIs, readable from anywhere
+        opts.output = os.path.abspath(opts.output.removeprefix("file://"))
     if opts.batch_size < 1:
         raise JobError(f"--batch-size must be >= 1, got {opts.batch_size}")
     run_id = opts.run_id or new_run_id()

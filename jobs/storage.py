@@ -40,6 +40,27 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def local_path(uri: str) -> str:
+    """A local URI (plain path or file://) as an absolute path."""
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def glob_match(path: str, pattern: str) -> bool:
+    """fnmatch per path component, so '*' never crosses '/' (as a local glob); '**' spans components."""
+    p, q = path.split("/"), pattern.split("/")
+    if "**" in q:
+        i = q.index("**")
+        head, tail = q[:i], q[i + 1 :]
+        return (len(p) >= len(head) + len(tail) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(p, head, strict=False))
+                and all(fnmatch.fnmatchcase(a, b) for a, b in zip(p[len(p) - len(tail):], tail, strict=False)))
+    return len(p) == len(q) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(p, q, strict=True))
+
+
+def hidden(relative: str) -> bool:
+    """Hidden or temporary by convention: any component starting with '_' or '.' (e.g. _temporary/, .staging/)."""
+    return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for p in parts:
@@ -92,9 +113,7 @@ class Store:
         if is_s3(uri):
             bucket, key = split_s3(uri)
             return self.s3fs(), f"{bucket}/{key}".rstrip("/")
-        if uri.startswith("file://"):
-            uri = uri[len("file://"):]
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
+        return pafs.LocalFileSystem(), local_path(uri)
 
     # ------------------------------------------------------------------ listing
     def check_bucket(self, uri: str) -> None:
@@ -139,14 +158,17 @@ class Store:
                 raise StorageError(f"cannot list {uri!r}: {e}") from None
             files = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
             if has_glob:
-                files = [i for i in files if fnmatch.fnmatch(i.path, f"{bucket}/{key}")]
+                files = [i for i in files if glob_match(i.path, f"{bucket}/{key}")]
+            root = f"{bucket}/{base_dir}".rstrip("/")
+            files = [i for i in files if not hidden(i.path[len(root):])]
             out = [self._s3_info(bucket, i.path.split("/", 1)[1], i.size) for i in files]
         else:
-            path = uri[len("file://"):] if uri.startswith("file://") else uri
+            path = local_path(uri)
             if has_glob:
-                paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p)]
+                paths = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p) and not hidden(os.path.basename(p))]
             elif os.path.isdir(path):
-                paths = [str(p) for p in Path(path).rglob("*.parquet") if p.is_file()]
+                paths = [str(p) for p in Path(path).rglob("*.parquet")
+                         if p.is_file() and not hidden(str(p.relative_to(path)))]
             elif os.path.isfile(path):
                 paths = [path]
             else:
@@ -155,7 +177,6 @@ class Store:
             for p in paths:
                 st = os.stat(p)
                 out.append(FileInfo(os.path.abspath(p), st.st_size, str(st.st_mtime_ns)))
-        out = [f for f in out if not os.path.basename(f.uri).startswith(("_", "."))]
         if not out:
             raise StorageError(f"no .parquet files found at {uri!r}")
         return sorted(out, key=lambda f: f.uri)
@@ -178,7 +199,7 @@ class Store:
                 if code in ("NoSuchKey", "404"):
                     raise FileNotFoundError(uri) from None
                 raise StorageError(f"cannot read {uri!r}: {code}") from None
-        return Path(uri).read_bytes()
+        return Path(local_path(uri)).read_bytes()
 
     def exists(self, uri: str) -> bool:
         try:
@@ -203,7 +224,7 @@ class Store:
                     raise AlreadyCommitted(f"{uri} already exists") from None
                 raise StorageError(f"cannot write {uri!r}: {code}") from None
             return
-        path = Path(uri)
+        path = Path(local_path(uri))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:

@@ -23,8 +23,9 @@ def tiny_ckpt(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One embedded Ray runtime (2 CPUs) for the whole session."""
+def ray_local(moto_server: str) -> Iterator[None]:
+    """One embedded Ray runtime (2 CPUs) for the whole session. It depends on moto_server because Ray
+    workers take their environment when Ray starts: they must already see the S3 endpoint."""
     import ray
 
     if not ray.is_initialized():

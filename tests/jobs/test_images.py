@@ -305,7 +305,6 @@ def test_raw_list_with_null_element_is_row_error() -> None:
 
 
 # ---------------------------------------------------------------------------- bugs
-@pytest.mark.xfail(strict=True, reason="BUG: decode_raw casts integers with astype(uint8): 300 wraps to 44, -1 to 255")
 def test_raw_int_out_of_range_is_not_silently_wrapped() -> None:
     vals = [300] + [0] * 63
     try:
@@ -316,13 +315,11 @@ def test_raw_int_out_of_range_is_not_silently_wrapped() -> None:
     assert out.ravel()[0] == 255, f"300 became {out.ravel()[0]}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_raw clips floats outside [0, 1] silently (0..255 floats -> all white)")
 def test_raw_float_outside_unit_range_is_row_error() -> None:
     with pytest.raises(RowError):
         decode_raw([128.0] * 64, GRAY8, Policy.adapt)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: 16-bit PNGs (mode I;16) are clipped, not scaled: mid-grey -> 255")
 def test_16bit_png_is_scaled_to_8bit() -> None:
     data = encode(Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)))
     assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
@@ -330,15 +327,11 @@ def test_16bit_png_is_scaled_to_8bit() -> None:
     assert np.all(np.abs(out.astype(int) - 128) <= 1), f"got {out[0, 0, 0]}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: strict policy counts a palette (P) image as 1 channel, so a colour "
-                                       "palette PNG passes for a grey model and fails for an RGB one")
 def test_strict_counts_palette_channels_by_palette() -> None:
     red = Image.new("RGB", (8, 8), (255, 0, 0)).convert("P")
     assert decode_encoded(encode(red), RGB8, Policy.strict).shape == (8, 8, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: np.asarray raises ValueError (not RowError) on a ragged nested cell, so one "
-                                       "bad row escapes decode_column and fails its whole row group")
 def test_ragged_nested_raw_cell_is_a_row_error_not_a_column_error() -> None:
     rows = [[[7] * 8] * 8, [[7] * 8] * 7 + [[7] * 3]]  # row 1: last image row has 3 values, not 8
     col = pa.array(rows, pa.list_(pa.list_(pa.uint8())))
@@ -347,8 +340,6 @@ def test_ragged_nested_raw_cell_is_a_row_error_not_a_column_error() -> None:
     assert errors[1] is not None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a list<string> raw cell reaches astype(uint8) and raises ValueError, "
-                                       "not RowError, failing the whole row group")
 def test_non_numeric_raw_cell_is_a_row_error() -> None:
     col = pa.array([["x"] * 64], pa.list_(pa.string()))
     _, errors = decode_column(col, "raw", GRAY8, Policy.adapt)

@@ -12,7 +12,7 @@ import pytest
 
 from jobs import manifest
 from jobs.pipeline import Checkpoint, JobError
-from jobs.storage import AlreadyCommitted, Store, StorageError, join, split_s3
+from jobs.storage import AlreadyCommitted, StorageError, Store, join, split_s3
 
 
 def touch_parquet(path: Path) -> Path:
@@ -98,8 +98,6 @@ def test_checkpoint_fetch_errors_name_the_uri_not_a_temp_dir(tiny_ckpt: Path, tm
 
 
 # ---------------------------------------------------------------------------- bugs
-@pytest.mark.xfail(strict=True, reason="BUG: Store.read_bytes/put_if_absent use Path(uri) without stripping file://, "
-                                       "so file:// checkpoints are 'missing' and manifests land in ./file:/...")
 def test_file_uri_objects(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # where the stray ./file:/ tree would be created
     uri = f"file://{tmp_path}/out/run/_manifest.json"
@@ -109,8 +107,6 @@ def test_file_uri_objects(tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.M
     assert Checkpoint.fetch(Store(), f"file://{tiny_ckpt}").model_id
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: list_parquet hides only basenames starting with _ or ., not files inside "
-                                       "_temporary/ or .staging/ directories (pyarrow's ignore_prefixes rule)")
 def test_list_parquet_skips_hidden_directories(tmp_path: Path) -> None:
     a = touch_parquet(tmp_path / "a.parquet")
     touch_parquet(tmp_path / "_temporary" / "0" / "part-0.parquet")

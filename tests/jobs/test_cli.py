@@ -1,0 +1,245 @@
+"""The `nrm-ood` command line through Typer's CliRunner, and once as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from typer.testing import CliRunner
+
+from jobs.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that Rich does not wrap error text
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+def read_scores(out: Path, run_id: str) -> pa.Table:
+    m = json.loads((out / run_id / "_manifest.json").read_text())
+    return pa.concat_tables([pq.read_table(o["uri"]) for o in m["outputs"]])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("cli-ckpt") / "m")
+
+
+@pytest.fixture(scope="module")
+def scored(ckpt: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict[str, Any]:
+    """`nrm-ood score` through CliRunner on two labelled shards; row 2 of a.parquet is corrupt."""
+    root = tmp_path_factory.mktemp("cli")
+    inp, out = root / "in", root / "out"
+    inp.mkdir()
+    imgs: list[bytes | None] = [png_bytes(p) for p in random_images(7, seed=41)]
+    imgs[2] = b"not a png"
+    write_hf_parquet(inp / "a.parquet", imgs, labels=list(range(7)), row_group_size=3)
+    write_hf_parquet(inp / "b.parquet", [png_bytes(p) for p in random_images(5, seed=42)], labels=[10 + i for i in range(5)])
+    result = invoke("score", "--model", str(ckpt), "--input", str(inp), "--output", str(out), "--run-id", "cli1",
+                    "--batch-size", "4")
+    return {"root": root, "in": inp, "out": out, "result": result}
+
+
+# ---------------------------------------------------------------------------- help and parsing
+def test_top_level_help_lists_the_commands() -> None:
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("train", "score", "runs", "filter"):
+        assert cmd in r.stdout
+
+
+def test_no_arguments_shows_help() -> None:
+    r = invoke()
+    assert r.exit_code in (0, 2) and "score" in r.output
+
+
+def test_score_help_documents_the_options() -> None:
+    r = invoke("score", "--help")
+    assert r.exit_code == 0
+    for opt in ("--model", "--input", "--output", "--actors", "--cpus-per-actor", "--batch-size", "--run-id",
+                "--incremental", "--resize-policy", "--image-column", "--endpoint-url"):
+        assert opt in r.stdout, opt
+    assert "adapt" in r.stdout and "strict" in r.stdout
+
+
+@pytest.mark.parametrize(("args", "text"), [
+    (["--batch-size", "0"], "must be >= 1"),
+    (["--actors", "0"], "must be >= 1"),
+    (["--gpus-per-actor", "-1"], "must be >= 0"),
+    (["--cpus-per-actor", "0"], "must be > 0"),
+    (["--resize-policy", "bogus"], "'bogus' is not one of 'adapt', 'strict'"),
+    (["--batch-size", "many"], "Invalid value for '--batch-size'"),
+])
+def test_bad_values_are_usage_errors(tmp_path: Path, args: list[str], text: str) -> None:
+    r = invoke("score", "--model", str(tmp_path / "m"), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+               *args)
+    assert r.exit_code == 2, r.output
+    assert text in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_required_option_is_a_usage_error(tmp_path: Path) -> None:
+    r = invoke("score", "--input", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "--model" in r.output
+
+
+def test_missing_checkpoint_is_one_clear_error_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-ckpt"
+    r = invoke("score", "--model", str(missing), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+               "--run-id", "x")
+    assert r.exit_code == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and str(missing) in lines[0] and "config.json" in lines[0]
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------- score, runs, filter
+@pytest.mark.ray
+def test_score_prints_the_summary(scored: dict[str, Any]) -> None:
+    r = scored["result"]
+    assert r.exit_code == 0, r.output
+    assert "run cli1: 2 input file(s), 12 rows, 0 unreadable file(s)" in r.stdout
+    assert "run cli1: complete" in r.stdout
+    assert "rows 12  ok 11  errors 1" in r.stdout
+    assert f"manifest {scored['out'] / 'cli1' / '_manifest.json'}" in r.stdout
+
+
+@pytest.mark.ray
+def test_score_again_is_already_committed(scored: dict[str, Any], ckpt: Path) -> None:
+    r = invoke("score", "--model", str(ckpt), "--input", str(scored["in"]), "--output", str(scored["out"]),
+               "--run-id", "cli1")
+    assert r.exit_code == 0
+    assert "run cli1 is already committed" in r.stdout
+
+
+@pytest.mark.ray
+def test_runs_lists_the_committed_run(scored: dict[str, Any]) -> None:
+    r = invoke("runs", str(scored["out"]))
+    assert r.exit_code == 0
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("cli1 "))
+    ood = int(pc.sum(read_scores(scored["out"], "cli1")["is_ood"]).as_py())
+    assert line.split()[1:2] == ["complete"]
+    assert line.split()[3:7] == ["12", "11", "1", str(ood)]
+
+
+def test_runs_on_an_empty_output(tmp_path: Path) -> None:
+    r = invoke("runs", str(tmp_path))
+    assert r.exit_code == 0 and "no committed runs under" in r.stdout
+
+
+@pytest.mark.ray
+def test_filter_writes_the_kept_rows(scored: dict[str, Any], tmp_path: Path) -> None:
+    scores = read_scores(scored["out"], "cli1")
+    keep = scores.filter(pc.and_(pc.equal(scores["status"], "ok"), pc.invert(pc.fill_null(scores["is_ood"], True))))
+    expect = sorted(keep["label"].to_pylist())
+    ood = int(pc.sum(scores["is_ood"]).as_py())
+    assert 0 < len(expect) < 11  # the data must exercise both sides
+    r = invoke("filter", "--scores", str(scored["out"] / "cli1"), "--input", str(scored["in"]),
+               "--output", str(tmp_path / "clean"))
+    assert r.exit_code == 0, r.output
+    assert f"kept {len(expect)} of 12 rows ({ood} OOD, 1 error, 0 not scored)" in r.stdout
+    assert sorted(os.listdir(tmp_path / "clean")) == ["a.parquet", "b.parquet"]
+    kept = pa.concat_tables([pq.read_table(tmp_path / "clean" / n) for n in ("a.parquet", "b.parquet")])
+    assert sorted(kept["label"].to_pylist()) == expect  # labels are unique per row: they name the rows
+    src = pa.concat_tables([pq.read_table(scored["in"] / n) for n in ("a.parquet", "b.parquet")])
+    assert kept.schema == src.schema
+    by_label = {row["label"]: row["image"] for row in src.to_pylist()}
+    assert all(row["image"] == by_label[row["label"]] for row in kept.to_pylist())
+
+
+@pytest.mark.ray
+def test_filter_on_the_output_root_reads_every_run(scored: dict[str, Any], tmp_path: Path) -> None:
+    r = invoke("filter", "--scores", str(scored["out"]), "--input", str(scored["in"]),
+               "--output", str(tmp_path / "clean"))
+    assert r.exit_code == 0, r.output
+    assert "of 12 rows" in r.stdout
+
+
+def test_filter_without_a_committed_run_is_one_error_line(tmp_path: Path) -> None:
+    r = invoke("filter", "--scores", str(tmp_path / "out" / "nope"), "--input", str(tmp_path),
+               "--output", str(tmp_path / "clean"))
+    assert r.exit_code == 1
+    assert r.stderr.startswith("error: no committed run at") and "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------------------- incomplete runs
+@pytest.fixture(scope="module")
+def incomplete(ckpt: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("cli-bad")
+    inp, out = root / "in", root / "out"
+    inp.mkdir()
+    write_hf_parquet(inp / "good.parquet", [png_bytes(p) for p in random_images(4, seed=43)], labels=[0] * 4)
+    write_hf_parquet(root / "whole.parquet", [png_bytes(p) for p in random_images(4, seed=44)])
+    data = (root / "whole.parquet").read_bytes()
+    (inp / "trunc.parquet").write_bytes(data[: len(data) - 20])
+    r = invoke("score", "--model", str(ckpt), "--input", str(inp), "--output", str(out), "--run-id", "bad")
+    return {"in": inp, "out": out, "result": r}
+
+
+@pytest.mark.ray
+def test_incomplete_run_exits_3_and_names_the_failed_input(incomplete: dict[str, Any]) -> None:
+    r = incomplete["result"]
+    assert r.exit_code == 3, r.output
+    assert "run bad: incomplete" in r.stdout
+    assert f"failed input {incomplete['in'] / 'trunc.parquet'}: cannot read Parquet footer" in r.stdout
+    m = json.loads((incomplete["out"] / "bad" / "_manifest.json").read_text())
+    assert m["rows"] == {"in": 4, "ok": 4, "error": 0}
+
+
+@pytest.mark.ray
+def test_filter_after_an_incomplete_run_does_not_crash(incomplete: dict[str, Any], tmp_path: Path) -> None:
+    r = invoke("filter", "--scores", str(incomplete["out"] / "bad"), "--input", str(incomplete["in"]),
+               "--output", str(tmp_path / "clean"))
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "trunc.parquet" in r.output
+
+
+@pytest.mark.ray
+def test_filter_keeps_inputs_with_the_same_basename_apart(ckpt: Path, tmp_path: Path, ray_local: None) -> None:
+    inp = tmp_path / "in"
+    for sub, seed in (("x", 45), ("y", 46)):
+        (inp / sub).mkdir(parents=True)
+        write_hf_parquet(inp / sub / "part-0.parquet", [png_bytes(p) for p in random_images(6, seed=seed)],
+                         labels=list(range(6)))
+    r = invoke("score", "--model", str(ckpt), "--input", str(inp), "--output", str(tmp_path / "out"), "--run-id", "dup")
+    assert r.exit_code == 0, r.output
+    r = invoke("filter", "--scores", str(tmp_path / "out" / "dup"), "--input", str(inp),
+               "--output", str(tmp_path / "clean"))
+    assert r.exit_code == 0, r.output
+    kept = int(r.stdout.split("kept ", 1)[1].split()[0])
+    written = sum(pq.read_metadata(p).num_rows for p in (tmp_path / "clean").rglob("*.parquet"))
+    assert written == kept, f"the summary says {kept} rows were kept, {written} are on disk"
+
+
+# ---------------------------------------------------------------------------- the installed console script
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_console_script_scores_in_a_subprocess(ckpt: Path, tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("nrm-ood")
+    assert exe.is_file()
+    (tmp_path / "in").mkdir()
+    write_hf_parquet(tmp_path / "in" / "a.parquet", [png_bytes(p) for p in random_images(6, seed=47)] + [b""],
+                     labels=[1] * 7, row_group_size=4)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([str(exe), "score", "--model", str(ckpt), "--input", str(tmp_path / "in"),
+                        "--output", str(tmp_path / "out"), "--run-id", "sub", "--batch-size", "4"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "rows 7  ok 6  errors 1" in r.stdout
+    m = json.loads((tmp_path / "out" / "sub" / "_manifest.json").read_text())
+    assert m["status"] == "complete" and m["rows"] == {"in": 7, "ok": 6, "error": 1}
+    t = read_scores(tmp_path / "out", "sub")
+    assert t.num_rows == 7 and t.filter(pc.equal(t["status"], "error"))["error"].to_pylist() == [
+        "empty image (no bytes)"]
