@@ -179,9 +179,6 @@ def check_manifest(out: Path, run_id: str) -> None:
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.xfail(DASHBOARD_MISSING is not None, raises=HeadStartFailed, strict=True,
-                   reason="BUG: the dashboard (Jobs API) needs ray[default], but pyproject and the Docker images "
-                          f"install ray[data] only ({DASHBOARD_MISSING}); `ray job submit` has nothing to talk to")
 def test_ray_job_submit_scores_and_commits(tmp_path: Path) -> None:
     ckpt, inp, out = stage(tmp_path)
     wd = tmp_path / "wd"
@@ -203,7 +200,7 @@ def test_ray_job_submit_scores_and_commits(tmp_path: Path) -> None:
         assert r.returncode == 0, logs
         assert "run submitted: complete" in r.stdout, logs
         status = ray_cli(head, "job", "status", "--address", head.dashboard, sub_id, timeout=60)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        assert "succeeded" in (status.stdout + status.stderr).lower()
     check_manifest(out, "submitted")
 
 
