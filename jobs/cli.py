@@ -25,6 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 class Arch(str, enum.Enum):
     auto = "auto"
     gray28 = "gray28"
+    gray28_flat = "gray28-flat"
     rgb32_allconv = "rgb32-allconv"
     rgb32_small = "rgb32-small"
     digits8 = "digits8"
@@ -78,10 +79,10 @@ def train(
     width: Annotated[float | None, typer.Option(help="Width multiplier of the preset (default: the preset's).")] = None,
     epochs: Annotated[int, typer.Option(callback=_positive)] = 3,
     batch_size: Annotated[int, typer.Option(callback=_positive)] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 5e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 1e-2,
     recon_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the reconstruction term.")] = 0.1,
     pathnorm_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the path-normalisation term.")] = 0.0,
-    normaliser: Annotated[Normaliser, typer.Option(help="Estimator of log Z(y).")] = Normaliser.class_mean,
+    normaliser: Annotated[Normaliser, typer.Option(help="Estimator of log Z(y) (nrm.fit; docs/results.md).")] = Normaliser.none,
     test: Annotated[str | None, typer.Option(help="Labelled test Parquet: accuracy is reported, nothing is fitted on it.")] = None,
     limit: Annotated[int | None, typer.Option(callback=_positive, help="Use only the first N training rows.")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
@@ -126,7 +127,7 @@ def train(
     result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=progress)
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
-    report = {"arch": name, "width": width, "train_rows": len(x), "epochs": epochs, "seconds": round(result.seconds, 1),
+    report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
         from nrm.train import accuracy

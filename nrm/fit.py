@@ -28,7 +28,7 @@ from nrm.metrics import threshold_at_tpr
 from nrm.model import NRM
 
 NORMALISERS = ("none", "class_mean", "harmonic")
-DEFAULT_NORMALISER = "class_mean"
+DEFAULT_NORMALISER = "none"
 DEFAULT_THRESHOLD_SCORE = "latent_loglik"
 
 

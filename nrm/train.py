@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 128
-    lr: float = 5e-3  # peak of a one-cycle schedule; AdamW
+    lr: float = 1e-2  # peak of a one-cycle schedule; AdamW (1e-2 beat 3e-3 and 1e-3 on Fashion-MNIST)
     weight_decay: float = 5e-4
     recon_weight: float = 0.1  # per-value mean squared error of h(0) rendered from the true class
     pathnorm_weight: float = 0.0  # off by default: it slows convergence of the small presets
