@@ -1,9 +1,82 @@
-"""`nrm-ood evaluate` and `nrm-ood report` (registered on the main Typer app by ``register``)."""
+"""`nrm-ood evaluate` and `nrm-ood report` (registered on the main Typer app by ``register``).
+
+Thin like jobs/cli.py: parse, call jobs.evaluate / jobs.report, print, exit. Exit codes: 0 done;
+1 cannot proceed (``error: ...`` on stderr); 2 bad usage; 3 (evaluate) written, but some input
+files of a set could not be read (listed in metrics.json).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def _ood_specs(values: list[str]) -> list[str]:
+    from jobs.evaluate import parse_ood
+
+    try:
+        parse_ood(values)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return values
+
+
+def evaluate(
+    model: Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")],
+    in_: Annotated[str, typer.Option("--in", help="In-distribution Parquet: file, directory, glob or s3:// prefix.")],
+    ood: Annotated[list[str], typer.Option(callback=_ood_specs, metavar="NAME=URI",
+                                           help="An OOD set, NAME=URI; repeat for several.")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="Local directory for scores/, metrics.json, metrics.md, "
+                                      "report.html and figures/.")],
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows of each set (files in sorted "
+                                              "order, copied to <out>/inputs/<name>.parquet).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per scoring batch.")] = 512,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")] = None,
+    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Score an in-distribution set and OOD sets with the Ray job; write OOD metrics and an HTML report.
+
+    Runs go to <out>/scores with run ids `in` and `ood-<NAME>`; a committed run is reused."""
+    from jobs.evaluate import EvalOptions, EvaluateError, parse_ood, summary
+    from jobs.evaluate import evaluate as run
+
+    opts = EvalOptions(model, in_, parse_ood(ood), out, limit, batch_size, address, endpoint_url)
+    try:
+        result = run(opts, echo=typer.echo)
+    except EvaluateError as e:
+        raise _fail(str(e)) from None
+    typer.echo(summary(result))
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def report(
+    scores: Annotated[str, typer.Option(help="A committed run (<output>/<run-id>) or an output root (all its runs).")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="Local directory for report.html and report.json.")],
+    input: Annotated[str | None, typer.Option(help="The scored dataset (or where it now lives): shows the most OOD "
+                                              "images with their renderings.")] = None,
+    model: Annotated[str | None, typer.Option(help="Checkpoint for the renderings (default: the run manifest's model).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="How many of the most OOD rows to show.")] = 16,
+    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+) -> None:
+    """Write a self-contained HTML report of an audit run: score distribution, OOD rate per class and
+    per file, the most OOD images and the error rows."""
+    from jobs.report import ReportError, ReportOptions, build_report
+
+    try:
+        build_report(ReportOptions(scores, out, input, model, top, endpoint_url), echo=typer.echo)
+    except ReportError as e:
+        raise _fail(str(e)) from None
+
+
 def register(app: typer.Typer) -> None:
     """Add the evaluation commands to ``app``."""
+    app.command()(evaluate)
+    app.command()(report)
