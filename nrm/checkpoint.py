@@ -45,8 +45,8 @@ def save(model: NRM, path: str | os.PathLike[str]) -> str:
         if isinstance(layer, Conv | Linear):
             mod = model.layer(layer.name)
             tensors[f"{layer.name}.weight"] = mod.weight.detach().float().cpu().contiguous()
-            bias = mod.bias if mod.bias is not None else torch.zeros(mod.weight.shape[0])
-            tensors[f"{layer.name}.bias"] = bias.detach().float().cpu().contiguous()
+            if mod.bias is not None:  # a conv configured with bias=False has none
+                tensors[f"{layer.name}.bias"] = mod.bias.detach().float().cpu().contiguous()
     save_file(tensors, str(p / WEIGHTS))
     mid = model_id(p)
     # The weights' hash is recorded in config.json, so a swapped or edited weights file is detected on load.

@@ -175,6 +175,8 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ConfigError(f"config.json: 'format' is {d.get('format')!r}, expected {FORMAT!r}")
         if d.get("version") != VERSION:
@@ -191,8 +193,11 @@ class ModelConfig:
             spec = InputSpec(
                 int(i["channels"]), int(i["height"]), int(i["width"]), tuple(i["mean"]), tuple(i["std"])
             )
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"config.json: 'input' needs channels, height, width, mean, std ({e})") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"config.json: 'input' needs integer channels, height, width and lists mean, std ({e})"
+                              ) from None
+        if not isinstance(d["classes"], list) or not isinstance(d["layers"], list):
+            raise ConfigError("config.json: 'classes' and 'layers' must be lists")
         layers = [layer_from_dict(x, k) for k, x in enumerate(d["layers"])]
         classes = [str(c) for c in d["classes"]]
         log_z = [float(v) for v in d.get("log_partition") or [0.0] * len(classes)]
@@ -226,9 +231,15 @@ def validate(cfg: ModelConfig) -> None:
     if dupes:
         raise ConfigError(f"layers: duplicate layer names {sorted(dupes)}")
     c, h, w = cfg.input.shape
+    if min(c, h, w) < 1:
+        raise ConfigError(f"input: channels, height and width must be >= 1, got {cfg.input.shape}")
     flat: int | None = None
     for k, layer in enumerate(layers):
         where = f"layers[{k}] ({layer.type})"
+        sizes = {f: getattr(layer, f) for f in ("in_", "out", "kernel", "stride") if hasattr(layer, f)}
+        bad = {f.rstrip("_"): v for f, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad or getattr(layer, "padding", 0) < 0:
+            raise ConfigError(f"{where}: sizes must be positive integers (padding >= 0), got {bad or layer}")
         if isinstance(layer, Conv):
             if flat is not None:
                 raise ConfigError(f"{where}: conv after flatten")

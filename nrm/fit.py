@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from nrm import detectors as D
 from nrm import scores as S
 from nrm.config import Fitted, Threshold
 from nrm.metrics import threshold_at_tpr
@@ -75,11 +76,20 @@ def fit(
     normaliser: str = DEFAULT_NORMALISER,
     threshold_score: str = DEFAULT_THRESHOLD_SCORE,
     tpr: float = 0.95,
+    detector: str | None = None,
+    detector_features: str = D.DEFAULT_FEATURES,
 ) -> Fitted:
     """Fit sigma^2 and log Z(y) on ``train_batches`` and the OOD threshold on held-out ``val_batches``
-    (both in-distribution, normalised). Installs the result on ``model`` and returns it."""
-    if threshold_score not in S.HIGHER_IS_IN or not S.HIGHER_IS_IN[threshold_score]:
+    (both in-distribution, normalised). With ``detector`` (a name in nrm.detectors.DETECTORS) it is
+    fitted on one seeded half of ``val_batches``, and a threshold on its ``det_<name>`` column is set
+    on the other half. Installs the result on ``model`` and returns it."""
+    if detector is not None and detector not in D.DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; expected one of {list(D.DETECTORS)} or None")
+    det_column = D.PREFIX + detector if detector is not None else None
+    if threshold_score != det_column and (threshold_score not in S.HIGHER_IS_IN or not S.HIGHER_IS_IN[threshold_score]
+                                          or threshold_score == "latent_prior_layers"):
         ok = [c for c, up in S.HIGHER_IS_IN.items() if up and c != "latent_prior_layers"]
+        ok += [det_column] if det_column else [D.PREFIX + "<detector> (with detector=...)"]
         raise ValueError(f"threshold score {threshold_score!r} must be a column where higher = in-distribution: {ok}")
     train = collect(model, train_batches)
     d = model.input_shape[0] * model.input_shape[1] * model.input_shape[2]
@@ -88,5 +98,12 @@ def fit(
     fitted = Fitted(sigma2=sigma2, log_partition=[float(v) for v in log_z], normaliser=normaliser)
     apply(model, fitted)
     val = collect(model, val_batches)
+    if detector is not None:
+        fit_idx, thr_idx = D.split_halves(len(val["pred"]))
+        fitted.detector = D.fit(detector, {k: v[fit_idx] for k, v in val.items()}, len(model.config.classes),
+                                detector_features)
+        if threshold_score == det_column:  # the detector's own fitting half would bias its threshold
+            val = {k: v[thr_idx] for k, v in val.items()}
+        val.update(D.score_columns(fitted.detector, val))
     fitted.threshold = Threshold(threshold_score, float(threshold_at_tpr(val[threshold_score].numpy(), tpr)), tpr)
     return fitted

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nrm import detectors as D
 from nrm import scores as S
 from nrm.config import (
     Conv,
@@ -52,6 +53,7 @@ class Rendering:
     y: Tensor  # (N,) class rendered from
     h0: Tensor  # (N, C, H, W) rendered image in normalised input space
     eta_layers: Tensor  # (N, L) b(l)^T (s(l) . h(l)) for each bias layer, bottom-up
+    eta_channels: Tensor | None = None  # (N, sum_l C_l) the same per output channel c: b_c(l) sum_p (s . h)_{c,p}
 
 
 class NRM(nn.Module):
@@ -64,6 +66,7 @@ class NRM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         validate(config)
+        D.column_names(config.fitted.detector)  # an unknown detector name fails here, not at the first score
         self.config = config
         self.params = nn.ModuleDict()
         for layer in config.layers:
@@ -103,7 +106,7 @@ class NRM(nn.Module):
     @property
     def extra_columns(self) -> list[str]:
         """Names of the fitted detector columns (``det_*``, higher = in-distribution) that score() adds."""
-        return []
+        return D.column_names(self.config.fitted.detector)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
@@ -145,7 +148,7 @@ class NRM(nn.Module):
                 x = F.relu(x)
             elif isinstance(layer, LeakyReLU):
                 if lat is not None:
-                    lat.gates[k] = torch.where(x > 0, 1.0, layer.slope).to(x.dtype)
+                    lat.gates[k] = torch.where(x > 0, x.new_tensor(1.0), x.new_tensor(layer.slope))
                 x = F.leaky_relu(x, layer.slope)
             elif isinstance(layer, MaxPool):
                 if lat is not None:
@@ -182,12 +185,12 @@ class NRM(nn.Module):
         if y is None:
             y = lat.logits.argmax(1)
         h = self.layer(layers[-1].name).weight[y]  # type: ignore[union-attr]  # (N, F) = mu_y
-        eta: dict[int, Tensor] = {}
+        eta: dict[int, Tensor] = {}  # per-channel terms (N, C_l); eta_l is their sum
         for k in range(len(layers) - 2, -1, -1):
             layer, a = layers[k], lat.inputs[k]
             if isinstance(layer, Linear):
                 lin = self.layer(layer.name)
-                eta[k] = h @ lin.bias if lin.bias is not None else h.new_zeros(h.shape[0])  # (N,)
+                eta[k] = h * lin.bias if lin.bias is not None else h.new_zeros(h.shape)  # (N, F)
                 h = h @ lin.weight  # (N, F_in)
             elif isinstance(layer, Flatten):
                 h = h.view(a.shape)
@@ -202,14 +205,15 @@ class NRM(nn.Module):
             elif isinstance(layer, Conv):
                 conv = self.layer(layer.name)
                 if conv.bias is not None:
-                    eta[k] = (h.sum(dim=(2, 3)) * conv.bias).sum(1)  # (N,)
+                    eta[k] = h.sum(dim=(2, 3)) * conv.bias  # (N, C)
                 else:
-                    eta[k] = h.new_zeros(h.shape[0])
+                    eta[k] = h.new_zeros(h.shape[:2])
                 templates = torch.einsum("ncp,cq->nqp", h.flatten(2), conv.weight.flatten(1))  # (N, Cin*k*k, P)
                 h = F.fold(
                     templates, a.shape[2:], layer.kernel, padding=layer.padding, stride=layer.stride
                 )  # (N, Cin, H, W)
-        return Rendering(y, h, torch.stack([eta[k] for k in self.bias_layers], dim=1))
+        per_channel = [eta[k] for k in self.bias_layers]
+        return Rendering(y, h, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
 
     def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering]:
         """One vector-Jacobian product of logit_y with respect to x and every bias layer's output."""
@@ -224,11 +228,9 @@ class NRM(nn.Module):
         eta = []
         for k, g in zip(self.bias_layers, grads[1:], strict=True):
             bias = self.layer(self.config.layers[k].name).bias  # type: ignore[union-attr]
-            if bias is None:
-                eta.append(g.new_zeros(g.shape[0]))
-            else:
-                eta.append(((g.sum(dim=(2, 3)) if g.dim() == 4 else g) * bias).sum(1))  # (N,)
-        return logits, Rendering(y, grads[0], torch.stack(eta, dim=1))
+            per_unit = g.sum(dim=(2, 3)) if g.dim() == 4 else g  # (N, C)
+            eta.append(per_unit * bias if bias is not None else torch.zeros_like(per_unit))  # (N, C)
+        return logits, Rendering(y, grads[0], torch.stack([e.sum(1) for e in eta], dim=1), torch.cat(eta, dim=1))
 
     def render(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False) -> Rendering:
         """Fast renderer: h(0) = d logit_y / dx and eta_l = b(l) . d logit_y / dz(l), in one backward
@@ -238,7 +240,7 @@ class NRM(nn.Module):
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
     def score(self, x: Tensor) -> dict[str, Tensor]:
-        """Every per-sample column of the public contract (nrm.scores.COLUMNS) for normalised x."""
+        """Every per-sample column of the public contract (nrm.scores.COLUMNS), then ``extra_columns``, for normalised x."""
         self.check_input(x)
         logits, r = self._vjp(x, None, create_graph=False)
         logits = logits.detach()
@@ -249,6 +251,9 @@ class NRM(nn.Module):
         out["latent_loglik"] = S.latent_loglik(out["latent_prior"], r.y, self.log_partition)
         out["recon_sq_error"] = S.recon_sq_error(x.detach(), r.h0.detach())
         out["loglik_bound"] = S.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
+        # Not a public column: eta_l split by output channel, one input of the detectors (nrm.detectors).
+        out["latent_prior_channels"] = r.eta_channels.detach()  # type: ignore[union-attr]
+        out.update(D.score_columns(fitted.detector, out))  # det_<name> (nrm.detectors), if one is fitted
         return out
 
     def extra_repr(self) -> str:

@@ -21,8 +21,9 @@ HIGHER_IS_IN: dict[str, bool] = {
     "max_logit": True,
     "energy": False,
 }
-# Columns of NRM.score, in output order. pred is the class index y*.
-COLUMNS = ["pred", *HIGHER_IS_IN]
+# Columns of NRM.score, in output order (fitted det_* detector columns follow). pred is the class index y*.
+COLUMNS = ["pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
+           "recon_sq_error", "loglik_bound"]
 
 
 def latent_prior(eta_layers: Tensor) -> Tensor:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nrm.fit import DEFAULT_NORMALISER, DEFAULT_THRESHOLD_SCORE, fit
+from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, PREFIX
+from nrm.fit import DEFAULT_NORMALISER, fit
 from nrm.config import Conv, Flatten, GlobalAvgPool, InputSpec, Linear, MaxPool, ModelConfig
 from nrm.model import NRM
 
@@ -40,7 +41,11 @@ class TrainConfig:
     val_fraction: float = 0.1  # held-out in-distribution split for the threshold (never the test split)
     fit_samples: int = 20000  # training samples used to fit sigma^2 and log Z(y)
     normaliser: str = DEFAULT_NORMALISER
-    threshold_score: str = DEFAULT_THRESHOLD_SCORE
+    # nrm.detectors' winner, fitted on half of the held-out split; its det_ column separates both
+    # low- and high-variance OOD data where latent_loglik fails on one (docs/results-detectors.md)
+    detector: str | None = DEFAULT_DETECTOR
+    threshold_score: str = PREFIX + DEFAULT_DETECTOR
+    detector_features: str = DEFAULT_FEATURES
 
 
 @dataclass
@@ -159,6 +164,8 @@ def train(
         batches(model, images, 512, val_idx),
         normaliser=cfg.normaliser,
         threshold_score=cfg.threshold_score,
+        detector=cfg.detector,
+        detector_features=cfg.detector_features,
     )
     val_acc = accuracy(model, images[val_idx], labels[val_idx])
     return TrainResult(model, history, val_acc, time.perf_counter() - start)

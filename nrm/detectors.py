@@ -1,0 +1,241 @@
+"""Fitted OOD detectors on the NRM's per-sample statistics (issue 7).
+
+The latent prior eta alone is one-sided in the wrong way for half of the OOD sets: low-variance
+inputs (MNIST under a Fashion-MNIST model) get a small eta, high-variance ones (textures) a large
+eta, so "higher eta = in-distribution" fails on the second kind. These detectors instead model the
+in-distribution *distribution* of the statistics, fitted on held-out in-distribution data, and score
+how typical a sample is: too small and too large are both atypical.
+
+Every detector reads a feature vector f(x) (``FEATURE_SETS``, built by :func:`features`):
+
+    eta           f = (eta,)                                   eta = sum_l eta_l (latent_prior)
+    layers        f = (eta_1, ..., eta_L)                      per-layer b(l)^T (s(l) . h(l))
+    layers_recon  f = (eta_1, ..., eta_L, log ||x - h(0)||^2)  plus the log reconstruction error
+    channels      f = (eta_{l,c}) for every bias layer l and output channel c, where
+                  eta_{l,c} = b_c(l) sum_p (s(l) . h(l))_{c,p} and eta_l = sum_c eta_{l,c}
+                  (NRM.score's ``latent_prior_channels``; sum_l C_l values)
+    channels_recon  channels plus log ||x - h(0)||^2
+
+and returns a score where HIGHER = MORE IN-DISTRIBUTION (column ``det_<name>`` of NRM.score):
+
+    typicality   s = -sum_j |f_j - med[y*, j]| / MAD[y*, j]         two-sided, per predicted class
+    mahalanobis  s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*])          class means, shared covariance
+    gmm          s = log sum_m w_m N(f; m_m, S_m)                   small full-covariance GMM (EM)
+
+The fitted state is one JSON-serialisable dict kept in ``ModelConfig.fitted.detector``:
+``{"name": ..., "features": ..., "params": {name: nested lists of floats}}``. docs/results-detectors.md
+compares them on validation OOD data; ``DEFAULT_DETECTOR`` is the winner there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from nrm.model import NRM
+
+FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon")
+DETECTORS = ("typicality", "mahalanobis", "gmm")
+DEFAULT_DETECTOR = "mahalanobis"
+DEFAULT_FEATURES = "layers_recon"
+PREFIX = "det_"
+
+
+class DetectorError(ValueError):
+    """A detector name, feature set or fitted state that cannot be used; the message says which."""
+
+
+# ---------------------------------------------------------------------------- features
+def features(cols: dict[str, Tensor], feature_set: str) -> Tensor:
+    """The detector input f (N, D), float64, from NRM.score columns (see the module docstring)."""
+    if feature_set not in FEATURE_SETS:
+        raise DetectorError(f"unknown detector feature set {feature_set!r}; expected one of {list(FEATURE_SETS)}")
+    if feature_set == "eta":
+        return cols["latent_prior"].double()[:, None]  # (N, 1)
+    key = "latent_prior_layers" if feature_set.startswith("layers") else "latent_prior_channels"
+    eta = cols[key].double()  # (N, L) or (N, sum_l C_l)
+    if not feature_set.endswith("_recon"):
+        return eta
+    log_recon = cols["recon_sq_error"].double().clamp_min(1e-12).log()  # (N,)
+    return torch.cat([eta, log_recon[:, None]], dim=1)  # (N, D + 1)
+
+
+# ---------------------------------------------------------------------------- scores (pure)
+def typicality(f: Tensor, pred: Tensor, median: Tensor, mad: Tensor) -> Tensor:
+    """Two-sided typicality (after Nalisnick et al. 2019): s = -sum_j |f_j - med[y*, j]| / MAD[y*, j].
+
+    f (N, D), pred (N,) = y*, median and mad (K, D) per class. Both tails count as atypical."""
+    return -((f - median[pred]).abs() / mad[pred]).sum(dim=1)
+
+
+def mahalanobis(f: Tensor, pred: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+    """Class-conditional Gaussian with shared covariance (Lee et al. 2018), at the predicted class:
+    s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*]).  f (N, D), means (K, D), precision (D, D)."""
+    d = f - means[pred]  # (N, D)
+    return -((d @ precision) * d).sum(dim=1)
+
+
+def _gmm_terms(f: Tensor, weights: Tensor, means: Tensor, covs: Tensor) -> Tensor:
+    """log w_m + log N(f_i; m_m, S_m) for every component m and sample i: (M, N)."""
+    chol = torch.linalg.cholesky(covs)  # (M, D, D)
+    diff = (f[None] - means[:, None]).transpose(1, 2)  # (M, D, N)
+    z = torch.linalg.solve_triangular(chol, diff, upper=False)  # (M, D, N): L_m^-1 (f - m_m)
+    log_det = 2.0 * torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1)  # (M,)
+    log_n = -0.5 * (z.pow(2).sum(1) + log_det[:, None] + f.shape[1] * math.log(2 * math.pi))  # (M, N)
+    return log_n + weights.log()[:, None]
+
+
+def gmm_loglik(f: Tensor, weights: Tensor, means: Tensor, covs: Tensor) -> Tensor:
+    """Gaussian mixture log-density s = log sum_m w_m N(f; m_m, S_m).
+    f (N, D), weights (M,), means (M, D), covs (M, D, D)."""
+    return torch.logsumexp(_gmm_terms(f, weights, means, covs), dim=0)  # (N,)
+
+
+# ---------------------------------------------------------------------------- fitting
+def _per_class(f: Tensor, pred: Tensor, n_classes: int, stat: Callable[[Tensor], Tensor], min_count: int = 2) -> Tensor:
+    """stat over the samples predicted as each class (K, ...); a class with < min_count gets the pooled stat."""
+    pooled = stat(f)
+    return torch.stack([stat(f[pred == k]) if int((pred == k).sum()) >= min_count else pooled
+                        for k in range(n_classes)])
+
+
+def fit_typicality(f: Tensor, pred: Tensor, n_classes: int) -> dict[str, Any]:
+    """Per-class median and median absolute deviation of each feature (MAD floored at 1e-6 of the
+    pooled MAD, so a constant feature does not divide by zero)."""
+    median = _per_class(f, pred, n_classes, lambda a: a.median(dim=0).values)
+    mad = _per_class(f, pred, n_classes, lambda a: (a - a.median(dim=0).values).abs().median(dim=0).values)
+    floor = (f - f.median(dim=0).values).abs().median(dim=0).values.clamp_min(1e-12) * 1e-6
+    return {"median": median.tolist(), "mad": torch.maximum(mad, floor).tolist()}
+
+
+def fit_mahalanobis(f: Tensor, pred: Tensor, n_classes: int) -> dict[str, Any]:
+    """Class means and the inverse of the pooled within-class covariance (ridge 1e-6 of its trace / D)."""
+    means = _per_class(f, pred, n_classes, lambda a: a.mean(dim=0), min_count=1)  # (K, D)
+    centred = f - means[pred]
+    cov = centred.T @ centred / max(1, len(f) - 1)  # (D, D)
+    ridge = 1e-6 * float(cov.trace()) / cov.shape[0] + 1e-12
+    precision = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype))
+    return {"means": means.tolist(), "precision": precision.tolist()}
+
+
+def fit_gmm(f: Tensor, components: int = 4, iters: int = 100, seed: int = 0, tol: float = 1e-6) -> dict[str, Any]:
+    """EM for a full-covariance Gaussian mixture; means initialised by k-means++ seeding, every
+    covariance regularised by 1e-3 of the data's per-feature variance (scale-free, never singular)."""
+    n, d = f.shape
+    m = max(1, min(components, n // max(2 * d, 1)))  # at least ~2D samples per component
+    gen = torch.Generator().manual_seed(seed)
+    reg = torch.diag(f.var(dim=0).clamp_min(1e-12) * 1e-3) if n > 1 else torch.eye(d, dtype=f.dtype) * 1e-6
+    means = f[torch.randint(n, (1,), generator=gen)]
+    for _ in range(1, m):  # k-means++: next centre with probability proportional to squared distance
+        dist = torch.cdist(f, means).amin(dim=1).pow(2)
+        p = dist / dist.sum() if float(dist.sum()) > 0 else torch.full_like(dist, 1.0 / n)
+        means = torch.cat([means, f[torch.multinomial(p.float(), 1, generator=gen)]])
+    cov0 = (torch.cov(f.T).reshape(d, d) if n > 1 else torch.zeros(d, d, dtype=f.dtype)) + reg
+    covs, weights = cov0.expand(m, d, d).clone(), torch.full((m,), 1.0 / m, dtype=f.dtype)
+    prev = -math.inf
+    for _ in range(iters):
+        comp = _gmm_terms(f, weights, means, covs)  # (M, N)
+        total = torch.logsumexp(comp, dim=0)  # (N,)
+        resp = (comp - total).exp()  # (M, N) E step
+        nk = resp.sum(dim=1).clamp_min(1e-10)  # (M,)
+        weights = nk / n
+        means = resp @ f / nk[:, None]
+        diffs = f[None] - means[:, None]  # (M, N, D)
+        covs = torch.einsum("mn,mnd,mne->mde", resp, diffs, diffs) / nk[:, None, None] + reg
+        ll = float(total.mean())
+        if ll - prev < tol * max(1.0, abs(ll)):
+            break
+        prev = ll
+    return {"weights": weights.tolist(), "means": means.tolist(), "covs": covs.tolist()}
+
+
+# ---------------------------------------------------------------------------- registry
+def _check(name: str) -> None:
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r}; expected one of {list(DETECTORS)}")
+
+
+def fit(name: str, cols: dict[str, Tensor], n_classes: int, feature_set: str = DEFAULT_FEATURES,
+        **options: Any) -> dict[str, Any]:
+    """Fit detector ``name`` on in-distribution NRM.score columns; returns its JSON-serialisable state."""
+    _check(name)
+    f = features(cols, feature_set)
+    if len(f) == 0:
+        raise DetectorError(f"detector {name!r}: no in-distribution samples to fit on")
+    pred = cols["pred"].long()
+    if name == "typicality":
+        params = fit_typicality(f, pred, n_classes)
+    elif name == "mahalanobis":
+        params = fit_mahalanobis(f, pred, n_classes)
+    else:
+        params = fit_gmm(f, **options)
+    return {"name": name, "features": feature_set, "params": params}
+
+
+def column_names(detector: dict[str, Any]) -> list[str]:
+    """The score columns a fitted detector adds: ``det_<name>``, or none when nothing is fitted."""
+    if not detector:
+        return []
+    _check(detector.get("name", ""))
+    return [PREFIX + detector["name"]]
+
+
+def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
+    """The detector's score (N,), higher = more in-distribution, from NRM.score columns."""
+    name = detector.get("name", "")
+    _check(name)
+    try:
+        f, p = features(cols, detector["features"]), detector["params"]
+        t = {k: torch.tensor(v, dtype=torch.float64, device=f.device) for k, v in p.items()}
+        pred = cols["pred"].long()
+        if name == "typicality":
+            s = typicality(f, pred, t["median"], t["mad"])
+        elif name == "mahalanobis":
+            s = mahalanobis(f, pred, t["means"], t["precision"])
+        else:
+            s = gmm_loglik(f, t["weights"], t["means"], t["covs"])
+    except (KeyError, IndexError, RuntimeError) as e:
+        raise DetectorError(f"detector {name!r}: fitted state does not match the score columns ({e})") from None
+    return s.to(cols["latent_prior"].dtype)
+
+
+def score_columns(detector: dict[str, Any], cols: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``{det_<name>: score}`` for a fitted detector, ``{}`` when none is fitted."""
+    return {c: score(detector, cols) for c in column_names(detector)}
+
+
+def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A seeded random split of n held-out samples: (indices to fit the detector on, indices to set
+    the threshold / compare on). With n == 1 both halves are that sample."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if n < 2:
+        return perm, perm
+    return perm[: n // 2], perm[n // 2 :]
+
+
+def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
+          feature_set: str = DEFAULT_FEATURES, tpr: float | None = None, **options: Any) -> dict[str, Any]:
+    """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
+    (normalised, never the test split): half of them fit it, the other half set the threshold on
+    ``det_<name>`` at the checkpoint's TPR (or ``tpr``). Installs both on ``model.config.fitted``;
+    ``nrm.save(model, path)`` then writes them. Returns the detector state."""
+    from nrm.config import Threshold
+    from nrm.fit import collect
+    from nrm.metrics import threshold_at_tpr
+
+    _check(name)
+    cols = collect(model, in_val_batches)
+    fit_idx, thr_idx = split_halves(len(cols["pred"]))
+    det = fit(name, {k: v[fit_idx] for k, v in cols.items()}, len(model.config.classes), feature_set, **options)
+    fitted = model.config.fitted
+    fitted.detector = det
+    old = fitted.threshold
+    rate = tpr if tpr is not None else (old.tpr if old else 0.95)
+    held = score(det, {k: v[thr_idx] for k, v in cols.items()})
+    fitted.threshold = Threshold(PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
+    return det

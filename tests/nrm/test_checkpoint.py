@@ -1,0 +1,299 @@
+"""Checkpoints: a directory with config.json + weights.safetensors. Round trip, the config.json
+contract, every CheckpointError, and that nothing in a checkpoint directory is ever unpickled."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support import make_checkpoint, tiny_config
+
+import nrm
+from nrm.config import Conv, Fitted, ModelConfig, Threshold
+from nrm.fit import apply
+
+
+def read_config(ckpt: Path) -> dict:
+    return json.loads((ckpt / "config.json").read_text())
+
+
+def write_config(ckpt: Path, cfg: dict) -> None:
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+
+def rewrite_weights(ckpt: Path, edit: Callable[[dict[str, torch.Tensor]], None], record_hash: bool = True) -> None:
+    """Edit the tensors and rewrite weights.safetensors; with ``record_hash`` config.json's
+    weights_sha256 is updated too, so the check under test is the one that fires."""
+    tensors = load_file(str(ckpt / "weights.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(ckpt / "weights.safetensors"))
+    if record_hash:
+        cfg = read_config(ckpt)
+        cfg["weights_sha256"] = hashlib.sha256((ckpt / "weights.safetensors").read_bytes()).hexdigest()
+        write_config(ckpt, cfg)
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_same_scores_and_model_id(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = nrm.NRM(tiny_config(channels=3, size=8, classes=4)).eval().requires_grad_(False)
+    apply(model, Fitted(sigma2=0.42, log_partition=[0.1, -0.2, 0.3, 1.5], normaliser="class_mean",
+                        threshold=Threshold("latent_loglik", -1.25, 0.95)))
+    mid = nrm.save(model, tmp_path / "a")
+    assert mid == nrm.model_id(tmp_path / "a")
+    assert mid == hashlib.sha256((tmp_path / "a" / "weights.safetensors").read_bytes()).hexdigest()
+
+    loaded = nrm.load(tmp_path / "a", expect_model_id=mid)
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert loaded.config.to_json() == model.config.to_json()
+    x = torch.randn(7, 3, 8, 8)
+    a, b = model.score(x), loaded.score(x)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    torch.testing.assert_close(loaded.log_partition, torch.tensor([0.1, -0.2, 0.3, 1.5]))
+    # a second save of the loaded model writes the same bytes: the id is stable
+    assert nrm.save(loaded, tmp_path / "b") == mid
+
+
+def test_config_json_keys(tiny_ckpt: Path) -> None:
+    cfg = read_config(tiny_ckpt)
+    assert {"format", "version", "input", "classes", "layers", "sigma2", "log_partition", "threshold",
+            "weights_sha256"} <= set(cfg)
+    assert cfg["format"] == "nrm-checkpoint" and cfg["version"] == 1
+    assert set(cfg["input"]) == {"channels", "height", "width", "mean", "std"}
+    assert (cfg["input"]["channels"], cfg["input"]["height"], cfg["input"]["width"]) == (1, 8, 8)
+    assert cfg["classes"] == ["c0", "c1", "c2"]
+    assert [layer["type"] for layer in cfg["layers"]] == [
+        "conv", "relu", "maxpool", "conv", "relu", "global_avgpool", "flatten", "linear"]
+    assert cfg["layers"][0] == {"type": "conv", "name": "conv1", "in": 1, "out": 4, "kernel": 3, "stride": 1,
+                                "padding": 1, "bias": True}
+    assert cfg["layers"][2] == {"type": "maxpool", "kernel": 2, "stride": 2}
+    assert cfg["layers"][-1] == {"type": "linear", "name": "classifier", "in": 6, "out": 3}
+    assert isinstance(cfg["sigma2"], float) and cfg["sigma2"] > 0
+    assert len(cfg["log_partition"]) == 3
+    assert set(cfg["threshold"]) == {"score", "value", "tpr"}
+    assert cfg["threshold"]["score"] == "latent_loglik" and cfg["threshold"]["tpr"] == 0.95
+    assert cfg["weights_sha256"] == nrm.model_id(tiny_ckpt)
+    assert sorted(load_file(str(tiny_ckpt / "weights.safetensors"))) == [
+        "classifier.bias", "classifier.weight", "conv1.bias", "conv1.weight", "conv2.bias", "conv2.weight"]
+
+
+def test_load_rejects_unexpected_model_id(tiny_ckpt: Path) -> None:
+    with pytest.raises(nrm.CheckpointError, match="sha256"):
+        nrm.load(tiny_ckpt, expect_model_id="0" * 64)
+
+
+# --------------------------------------------------------------------------- bad checkpoints
+
+
+def test_missing_config(tiny_ckpt: Path) -> None:
+    (tiny_ckpt / "config.json").unlink()
+    with pytest.raises(nrm.CheckpointError, match="config.json"):
+        nrm.load(tiny_ckpt)
+
+
+def test_missing_weights(tiny_ckpt: Path) -> None:
+    (tiny_ckpt / "weights.safetensors").unlink()
+    with pytest.raises(nrm.CheckpointError, match="weights.safetensors"):
+        nrm.load(tiny_ckpt)
+
+
+def test_not_a_directory(tmp_path: Path, tiny_ckpt: Path) -> None:
+    with pytest.raises(nrm.CheckpointError, match="not a directory"):
+        nrm.load(tiny_ckpt / "weights.safetensors")
+    with pytest.raises(nrm.CheckpointError, match="not a directory"):
+        nrm.load(tmp_path / "does-not-exist")
+
+
+def test_unknown_layer_type(tiny_ckpt: Path) -> None:
+    cfg = read_config(tiny_ckpt)
+    cfg["layers"][0]["type"] = "conv3d"
+    write_config(tiny_ckpt, cfg)
+    with pytest.raises(nrm.CheckpointError, match=r"layers\[0\].*'conv3d'"):
+        nrm.load(tiny_ckpt)
+
+
+def test_invalid_json(tiny_ckpt: Path) -> None:
+    (tiny_ckpt / "config.json").write_text("{not json")
+    with pytest.raises(nrm.CheckpointError, match="not valid JSON"):
+        nrm.load(tiny_ckpt)
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c.update(format="onnx"), "format"),
+    (lambda c: c.update(version=2), "version"),
+    (lambda c: c.update(sigma2=-1.0), "sigma2"),
+    (lambda c: c.update(log_partition=[0.0]), "log_partition"),
+    (lambda c: c["layers"][3].update({"in": 5}), "conv2"),
+    (lambda c: c["layers"][0].update(dilation=2), "dilation"),
+    (lambda c: c.pop("layers"), "layers"),
+    (lambda c: c.update(extra_key=1), "extra_key"),
+], ids=["format", "version", "sigma2", "log_partition", "in-mismatch", "unknown-param", "no-layers", "unknown-key"])
+def test_invalid_config_values(tiny_ckpt: Path, edit: Callable[[dict], object], match: str) -> None:
+    cfg = read_config(tiny_ckpt)
+    edit(cfg)
+    write_config(tiny_ckpt, cfg)
+    with pytest.raises(nrm.CheckpointError, match=match):
+        nrm.load(tiny_ckpt)
+
+
+def test_weight_shape_mismatch(tiny_ckpt: Path) -> None:
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t["conv2.weight"] = torch.zeros(6, 4, 5, 5)
+
+    rewrite_weights(tiny_ckpt, edit)
+    with pytest.raises(nrm.CheckpointError, match=r"'conv2.weight' has shape \(6, 4, 5, 5\).*\(6, 4, 3, 3\)"):
+        nrm.load(tiny_ckpt)
+
+
+def test_missing_and_extra_tensors(tiny_ckpt: Path) -> None:
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t["conv9.weight"] = t.pop("conv1.weight")
+
+    rewrite_weights(tiny_ckpt, edit)
+    with pytest.raises(nrm.CheckpointError, match=r"missing \['conv1.weight'\].*\['conv9.weight'\]"):
+        nrm.load(tiny_ckpt)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weight(tiny_ckpt: Path, bad: float) -> None:
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t["classifier.bias"][1] = bad
+
+    rewrite_weights(tiny_ckpt, edit)
+    with pytest.raises(nrm.CheckpointError, match="'classifier.bias' has 1 non-finite"):
+        nrm.load(tiny_ckpt)
+
+
+def test_tampered_weights_tensor(tiny_ckpt: Path) -> None:
+    def edit(t: dict[str, torch.Tensor]) -> None:
+        t["conv1.weight"] *= 2
+
+    rewrite_weights(tiny_ckpt, edit, record_hash=False)
+    with pytest.raises(nrm.CheckpointError, match="sha256"):
+        nrm.load(tiny_ckpt)
+
+
+def test_tampered_weights_byte(tiny_ckpt: Path) -> None:
+    data = bytearray((tiny_ckpt / "weights.safetensors").read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's data
+    (tiny_ckpt / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(nrm.CheckpointError, match="sha256"):
+        nrm.load(tiny_ckpt)
+
+
+def test_swapped_weights_from_another_checkpoint(tmp_path: Path) -> None:
+    a = make_checkpoint(tmp_path / "a", seed=0)
+    b = make_checkpoint(tmp_path / "b", seed=1)
+    shutil.copy(b / "weights.safetensors", a / "weights.safetensors")
+    with pytest.raises(nrm.CheckpointError, match="sha256"):
+        nrm.load(a)
+
+
+def test_truncated_weights_without_recorded_hash(tiny_ckpt: Path) -> None:
+    cfg = read_config(tiny_ckpt)
+    del cfg["weights_sha256"]
+    write_config(tiny_ckpt, cfg)
+    data = (tiny_ckpt / "weights.safetensors").read_bytes()
+    (tiny_ckpt / "weights.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(nrm.CheckpointError, match="not a safetensors file"):
+        nrm.load(tiny_ckpt)
+
+
+# --------------------------------------------------------------------------- never unpickle
+
+
+class _Marker:
+    """Unpickling this object creates the file at ``path``: proof that a pickle was executed."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+def _payload(kind: str, marker: Path, tmp: Path) -> bytes:
+    if kind == "pickle":
+        return pickle.dumps({"conv1.weight": _Marker(marker)})
+    f = tmp / "payload.pt"
+    torch.save({"conv1.weight": _Marker(marker)}, f)  # a zip holding data.pkl
+    return f.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch_save"])
+def test_payload_is_live(tmp_path: Path, kind: str) -> None:
+    """The payloads below really run code when unpickled (so their absence of effect means something)."""
+    marker = tmp_path / "pwned"
+    data = _payload(kind, marker, tmp_path)
+    if kind == "pickle":
+        pickle.loads(data)
+    else:
+        (tmp_path / "p.pt").write_bytes(data)
+        torch.load(tmp_path / "p.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch_save"])
+@pytest.mark.parametrize("record_hash", [True, False])
+def test_pickle_as_weights_is_never_executed(tiny_ckpt: Path, tmp_path: Path, kind: str, record_hash: bool) -> None:
+    marker = tmp_path / "pwned"
+    (tiny_ckpt / "weights.safetensors").write_bytes(_payload(kind, marker, tmp_path))
+    if not record_hash:  # get past the hash check, to the safetensors parser
+        cfg = read_config(tiny_ckpt)
+        del cfg["weights_sha256"]
+        write_config(tiny_ckpt, cfg)
+    with pytest.raises(nrm.CheckpointError, match="sha256" if record_hash else "not a safetensors file"):
+        nrm.load(tiny_ckpt)
+    nrm.model_id(tiny_ckpt)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch_save"])
+def test_pytorch_model_bin_beside_is_ignored(tiny_ckpt: Path, tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "pwned"
+    (tiny_ckpt / "pytorch_model.bin").write_bytes(_payload(kind, marker, tmp_path))
+    (tiny_ckpt / "model.pkl").write_bytes(_payload("pickle", marker, tmp_path))
+    nrm.load(tiny_ckpt)  # the valid checkpoint still loads, from safetensors only
+    assert not marker.exists()
+    (tiny_ckpt / "weights.safetensors").unlink()
+    with pytest.raises(nrm.CheckpointError, match="weights.safetensors"):
+        nrm.load(tiny_ckpt)  # and never falls back to the pickle
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- bugs
+
+
+def test_round_trip_conv_without_bias(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    layers = list(cfg.layers)
+    layers[0] = Conv("conv1", 1, 4, 3, 1, 1, bias=False)
+    model = nrm.NRM(ModelConfig(cfg.input, cfg.classes, layers)).eval()
+    nrm.save(model, tmp_path / "c")
+    loaded = nrm.load(tmp_path / "c")
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: [c],  # top level is not an object -> AttributeError
+    lambda c: {**c, "input": {**c["input"], "channels": "one"}},  # int("one") -> plain ValueError
+    lambda c: (c["layers"][0].update(stride=0), c)[1],  # validate: ZeroDivisionError
+    lambda c: (c["layers"][0].update(out=-4), c["layers"][3].update({"in": -4}), c)[2],  # torch RuntimeError
+], ids=["not-an-object", "channels-not-int", "stride-0", "negative-channels"])
+def test_malformed_config_raises_checkpoint_error(tiny_ckpt: Path, edit: Callable[[dict], object]) -> None:
+    write_config(tiny_ckpt, edit(read_config(tiny_ckpt)))  # type: ignore[arg-type]
+    with pytest.raises(nrm.CheckpointError):
+        nrm.load(tiny_ckpt)

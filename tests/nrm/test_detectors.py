@@ -1,0 +1,192 @@
+"""nrm.detectors: each score against its formula, the fits against known data, the checkpoint round
+trip, and the det_ columns of NRM.score."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from support import tiny_config
+
+import nrm
+from nrm import detectors as D
+from nrm.fit import fit
+
+
+def _model(seed: int = 0) -> nrm.NRM:
+    torch.manual_seed(seed)
+    return nrm.NRM(tiny_config(channels=1, size=8, classes=3)).eval().requires_grad_(False)
+
+
+def _data(seed: int, n: int) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- formulas on known tensors
+def test_typicality_formula() -> None:
+    f = torch.tensor([[1.0, 2.0], [5.0, -1.0]], dtype=torch.float64)
+    pred = torch.tensor([0, 1])
+    median = torch.tensor([[0.0, 0.0], [4.0, 1.0]], dtype=torch.float64)
+    mad = torch.tensor([[1.0, 2.0], [0.5, 4.0]], dtype=torch.float64)
+    s = D.typicality(f, pred, median, mad)
+    torch.testing.assert_close(s, torch.tensor([-(1 / 1 + 2 / 2), -(1 / 0.5 + 2 / 4)], dtype=torch.float64))
+    # two-sided: equally far below and above the median score the same
+    lo, hi = torch.tensor([[-3.0, 0.0]], dtype=torch.float64), torch.tensor([[3.0, 0.0]], dtype=torch.float64)
+    z = torch.tensor([0])
+    assert D.typicality(lo, z, median, mad) == D.typicality(hi, z, median, mad)
+
+
+def test_mahalanobis_formula() -> None:
+    f = torch.tensor([[1.0, 1.0], [3.0, 0.0]], dtype=torch.float64)
+    means = torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    precision = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    s = D.mahalanobis(f, torch.tensor([0, 1]), means, precision)
+    # d0 = (1, 1): 2 + 2*0.5 + 1 = 4;  d1 = (2, 0): 2 * 4 = 8
+    torch.testing.assert_close(s, torch.tensor([-4.0, -8.0], dtype=torch.float64))
+
+
+def test_gmm_loglik_formula() -> None:
+    f = torch.tensor([[0.0, 0.0], [1.0, -2.0]], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    one = D.gmm_loglik(f, torch.tensor([1.0], dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64), eye[None])
+    torch.testing.assert_close(one, -0.5 * f.pow(2).sum(1) - math.log(2 * math.pi))
+    # two components: log(w1 N(f; m1, S1) + w2 N(f; m2, S2)), S2 = 4 I
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    m = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    covs = torch.stack([eye, 4 * eye])
+    s = D.gmm_loglik(f, w, m, covs)
+    n1 = torch.exp(-0.5 * f.pow(2).sum(1)) / (2 * math.pi)
+    n2 = torch.exp(-0.5 * (f - m[1]).pow(2).sum(1) / 4) / (2 * math.pi * 4)
+    torch.testing.assert_close(s, torch.log(0.25 * n1 + 0.75 * n2))
+
+
+# --------------------------------------------------------------------------- fits on known data
+def test_fit_typicality_median_and_mad_per_class() -> None:
+    f = torch.tensor([[1.0], [2.0], [4.0], [10.0], [20.0], [30.0]], dtype=torch.float64)
+    pred = torch.tensor([0, 0, 0, 1, 1, 1])
+    p = D.fit_typicality(f, pred, 3)
+    assert p["median"][0] == [2.0] and p["median"][1] == [20.0]
+    assert p["mad"][0] == [1.0] and p["mad"][1] == [10.0]
+    assert p["median"][2] == [7.0] or p["median"][2] == [4.0]  # an empty class gets the pooled median
+
+
+def test_fit_mahalanobis_recovers_means_and_precision() -> None:
+    g = torch.Generator().manual_seed(0)
+    cov = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
+    chol = torch.linalg.cholesky(cov)
+    centres = torch.tensor([[0.0, 0.0], [10.0, -5.0]], dtype=torch.float64)
+    pred = torch.arange(20000) % 2
+    f = centres[pred] + torch.randn(20000, 2, generator=g, dtype=torch.float64) @ chol.T
+    p = D.fit_mahalanobis(f, pred, 2)
+    torch.testing.assert_close(torch.tensor(p["means"], dtype=torch.float64), centres, atol=0.06, rtol=0)
+    torch.testing.assert_close(torch.tensor(p["precision"], dtype=torch.float64), torch.linalg.inv(cov),
+                               atol=0.05, rtol=0)
+
+
+def test_fit_gmm_finds_two_clusters() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(600, 2, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 2, generator=g, dtype=torch.float64) * 0.5 + torch.tensor([8.0, 8.0], dtype=torch.float64)
+    p = D.fit_gmm(torch.cat([a, b]), components=2)
+    w, m = torch.tensor(p["weights"]), torch.tensor(p["means"])
+    order = m[:, 0].argsort()
+    torch.testing.assert_close(w[order], torch.tensor([0.75, 0.25], dtype=w.dtype), atol=0.01, rtol=0)
+    torch.testing.assert_close(m[order], torch.tensor([[0.0, 0.0], [8.0, 8.0]], dtype=m.dtype), atol=0.15, rtol=0)
+
+
+def test_features() -> None:
+    cols = {"latent_prior": torch.tensor([1.0, 2.0]), "latent_prior_layers": torch.tensor([[0.5, 0.5], [1.0, 1.0]]),
+            "latent_prior_channels": torch.tensor([[0.25, 0.25, 0.5], [1.0, 0.0, 1.0]]),
+            "recon_sq_error": torch.tensor([1.0, math.e])}
+    assert D.features(cols, "eta").tolist() == [[1.0], [2.0]]
+    torch.testing.assert_close(D.features(cols, "layers_recon"),
+                               torch.tensor([[0.5, 0.5, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64))
+    assert D.features(cols, "channels").shape == (2, 3)
+    torch.testing.assert_close(D.features(cols, "channels_recon")[:, -1], torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------- the model's columns
+def test_eta_channels_sum_to_eta_layers_and_renderers_agree() -> None:
+    model = _model().double()
+    x = _data(0, 5).double()
+    fast, slow = model.render(x), model.render_explicit(model.encode(x))
+    assert fast.eta_channels is not None and fast.eta_channels.shape == (5, 4 + 6)
+    torch.testing.assert_close(fast.eta_channels, slow.eta_channels)
+    torch.testing.assert_close(torch.stack([fast.eta_channels[:, :4].sum(1), fast.eta_channels[:, 4:].sum(1)], 1),
+                               fast.eta_layers)
+
+
+@pytest.mark.parametrize("name", D.DETECTORS)
+def test_columns_present_and_oriented(name: str) -> None:
+    model = _model()
+    assert model.extra_columns == []
+    assert not any(k.startswith("det_") for k in model.score(_data(0, 4)))
+    D.refit(model, [_data(1, 200), _data(2, 200)], name=name, feature_set="channels_recon")
+    assert model.extra_columns == [f"det_{name}"]
+    th = model.config.fitted.threshold
+    assert th is not None and th.score == f"det_{name}" and th.tpr == 0.95
+    inside, outside = model.score(_data(3, 100)), model.score(_data(4, 100) * 30 + 5)
+    assert inside[f"det_{name}"].shape == (100,) and inside[f"det_{name}"].dtype == torch.float32
+    # higher = more in-distribution: fresh in-distribution samples beat far-off inputs almost always
+    assert (inside[f"det_{name}"].median() > outside[f"det_{name}"].quantile(0.9)).item()
+    kept = (inside[f"det_{name}"] >= th.value).double().mean().item()
+    assert 0.8 < kept <= 1.0
+
+
+@pytest.mark.parametrize("name", D.DETECTORS)
+def test_round_trip_through_checkpoint(name: str, tmp_path: Path) -> None:
+    model = _model()
+    fitted = fit(model, [_data(0, 64)], [_data(1, 120)], detector=name, threshold_score=f"det_{name}")
+    assert fitted.detector["name"] == name and fitted.detector["features"] == D.DEFAULT_FEATURES
+    json.dumps(fitted.detector)  # plain JSON: lists of floats
+    nrm.save(model, tmp_path / "c")
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["detector"]["name"] == name and saved["threshold"]["score"] == f"det_{name}"
+    loaded = nrm.load(tmp_path / "c")
+    assert loaded.extra_columns == [f"det_{name}"]
+    assert loaded.config.to_json() == model.config.to_json()
+    x = _data(2, 9)
+    a, b = model.score(x), loaded.score(x)
+    assert a.keys() == b.keys() and f"det_{name}" in a
+    torch.testing.assert_close(a[f"det_{name}"], b[f"det_{name}"], atol=0, rtol=0)
+
+
+def test_fit_without_detector_is_unchanged() -> None:
+    model = _model()
+    fitted = fit(model, [_data(0, 32)], [_data(1, 32)])
+    assert fitted.detector == {} and model.extra_columns == []
+    assert fitted.threshold is not None and fitted.threshold.score == "latent_loglik"
+
+
+# --------------------------------------------------------------------------- refusals
+def test_unknown_detector_name_is_refused() -> None:
+    cols = _model().score(_data(0, 8))
+    with pytest.raises(ValueError, match=r"unknown detector 'knn'.*typicality.*mahalanobis.*gmm"):
+        D.fit("knn", cols, 3)
+    with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
+        fit(_model(), [_data(0, 8)], [_data(1, 8)], detector="knn")
+    with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
+        D.refit(_model(), [_data(0, 8)], name="knn")
+    with pytest.raises(ValueError, match=r"unknown detector feature set 'pixels'.*channels_recon"):
+        D.fit("mahalanobis", cols, 3, "pixels")
+
+
+def test_checkpoint_with_unknown_detector_is_refused(tmp_path: Path) -> None:
+    model = _model()
+    D.refit(model, [_data(0, 40)])
+    nrm.save(model, tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["detector"]["name"] = "knn"
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm'\]"):
+        nrm.load(tmp_path / "c")
+
+
+def test_threshold_on_det_column_needs_that_detector() -> None:
+    with pytest.raises(ValueError, match=r"threshold score 'det_gmm'"):
+        fit(_model(), [_data(0, 8)], [_data(1, 8)], threshold_score="det_gmm")
+    with pytest.raises(ValueError, match=r"threshold score 'det_gmm'.*det_mahalanobis"):
+        fit(_model(), [_data(0, 8)], [_data(1, 8)], detector="mahalanobis", threshold_score="det_gmm")

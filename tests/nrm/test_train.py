@@ -1,0 +1,117 @@
+"""nrm.train smoke tests on a tiny synthetic 2-class problem: 8x8 images, class 0 has a bright top
+half, class 1 a bright bottom half. Accuracy, falling loss, fitted state, checkpoint round trip,
+determinism under a fixed seed, and the label checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from support import tiny_config
+
+import nrm
+
+
+def two_halves(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (n, 8, 8) and labels (n,): noise in [0, 60) with one half in [180, 256)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    dark = torch.randint(0, 60, (n, 8, 8), generator=g)
+    bright = torch.randint(180, 256, (n, 8, 8), generator=g)
+    top = torch.zeros(n, 8, 8, dtype=torch.bool)
+    top[:, :4] = True
+    lit = torch.where(labels[:, None, None] == 0, top, ~top)
+    return torch.where(lit, bright, dark).to(torch.uint8), labels
+
+
+def quiet(_: dict) -> None:
+    return None
+
+
+@pytest.fixture(scope="module")
+def trained() -> nrm.TrainResult:
+    images, labels = two_halves()
+    cfg = nrm.TrainConfig(epochs=3, batch_size=32, recon_weight=0.1, seed=0)
+    return nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=quiet)
+
+
+def _loss_falls(result: nrm.TrainResult) -> None:
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) >= 3
+    assert losses[-1] < losses[0]
+    assert all(h["recon"] >= 0 for h in result.history)
+    assert result.history[-1]["step"] == result.history[-1]["steps"] == 3 * 8  # 231 train samples / 32
+
+
+def test_trains_to_high_accuracy(trained: nrm.TrainResult) -> None:
+    assert trained.val_accuracy > 0.9
+    _loss_falls(trained)
+    model = trained.model
+    assert not model.training
+    # the preprocessing is the training split's channel statistics, kept by the model
+    images, labels = two_halves()
+    mean = model.config.input.mean[0]
+    assert 0.2 < mean < 0.7 and model.config.input.std[0] > 0.1
+    preds = model(model.preprocess(images)).argmax(1)
+    assert (preds == labels).double().mean().item() > 0.9
+
+
+def test_fitted_state(trained: nrm.TrainResult) -> None:
+    fitted = trained.model.config.fitted
+    assert fitted.sigma2 > 0 and len(fitted.log_partition) == 2
+    assert fitted.threshold is not None
+    column = fitted.threshold.score
+    assert nrm.HIGHER_IS_IN.get(column) is True or column in trained.model.extra_columns
+    # the threshold keeps (at least) its tpr of the in-distribution validation data it was set on
+    images, _ = two_halves()
+    s = trained.model.score(trained.model.preprocess(images))[column]
+    assert (s >= fitted.threshold.value).double().mean().item() >= 0.8
+
+
+def test_round_trip_through_checkpoint(trained: nrm.TrainResult, tmp_path: Path) -> None:
+    mid = nrm.save(trained.model, tmp_path / "ckpt")
+    loaded = nrm.load(tmp_path / "ckpt", expect_model_id=mid)
+    assert loaded.config.to_json() == trained.model.config.to_json()
+    x = trained.model.preprocess(two_halves(16, seed=5)[0])
+    a, b = trained.model.score(x), loaded.score(x)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+
+
+def test_trains_with_path_norm() -> None:
+    images, labels = two_halves(seed=1)
+    cfg = nrm.TrainConfig(epochs=3, batch_size=32, recon_weight=0.1, pathnorm_weight=0.01, seed=1)
+    result = nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=quiet)
+    assert result.val_accuracy > 0.9
+    _loss_falls(result)
+
+
+def test_fixed_seed_gives_identical_weights() -> None:
+    images, labels = two_halves(64, seed=2)
+    cfg = nrm.TrainConfig(epochs=1, batch_size=32, recon_weight=0.1, seed=7)
+    a = nrm.train(tiny_config(classes=2), images, labels, cfg, progress=quiet).model
+    b = nrm.train(tiny_config(classes=2), images, labels, cfg, progress=quiet).model
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert a.config.to_json() == b.config.to_json()
+    c = nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, batch_size=32, seed=8),
+                  progress=quiet).model
+    assert not torch.equal(c.layer("conv1").weight, a.layer("conv1").weight)
+
+
+@pytest.mark.parametrize("bad", [2, -1, 5])
+def test_labels_out_of_range_raise(bad: int) -> None:
+    images, labels = two_halves(16)
+    labels = labels.clone()
+    labels[3] = bad
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1), progress=quiet)
+
+
+def test_length_mismatch_raises() -> None:
+    images, labels = two_halves(16)
+    with pytest.raises(ValueError, match="16 images but 15 labels"):
+        nrm.train(tiny_config(classes=2), images, labels[:15], nrm.TrainConfig(epochs=1), progress=quiet)
