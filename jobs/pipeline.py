@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -32,6 +33,17 @@ log = logging.getLogger("nrm_ood")
 
 SCORE_COLUMNS = ["pred", "max_softmax", "max_logit", "energy", "latent_prior", "latent_loglik",
                  "recon_sq_error", "loglik_bound"]
+
+# Fault tolerance, set here rather than left to Ray Data's defaults (which retry forever): a read task whose
+# worker dies is rerun; a scoring actor whose process dies is restarted and its in-flight batches are redone
+# (a retried write task rewrites its own file name; tests/jobs/test_reliability_faults.py reads back no
+# duplicate id). Bounded, so a batch that kills every process it touches fails the run instead of looping.
+READ_TASK_RETRIES = 4
+ACTOR_RESTARTS = 4
+ACTOR_TASK_RETRIES = 4
+# Test-only fault injection (tests/jobs/test_reliability_faults.py): a path to a file holding N; the first
+# scoring actor to reach its Nth batch deletes the file and kills its own process, exactly once.
+KILL_ACTOR_ENV = "NRM_OOD_TEST_KILL_ACTOR_AT"
 
 
 class JobError(RuntimeError):
@@ -168,7 +180,7 @@ def read_unit(unit: dict[str, Any], spec: ReadSpec) -> dict[str, np.ndarray]:
         c, h, w = spec.shape
         table = None
         pixels = np.zeros((n, h, w, c), dtype=np.uint8)
-        errors = [f"cannot read row group {rg} of {uri}: {type(e).__name__}: {e}"] * n
+        errors = [f"cannot read row group {rg} of {uri}: {type(e).__name__}: {' '.join(str(e).split())}"] * n
     rows = np.arange(start, start + n, dtype=np.int64)
     ids = np.array([f"{uri}#{r}" for r in rows], dtype=object)  # default, and for null ids
     if table is not None and cols.id:
@@ -218,10 +230,27 @@ class Scorer:
         self.columns = [*SCORE_COLUMNS[1:], *self.model.extra_columns]  # float score columns
         self.schema = output_schema(len(self.model.latent_names), with_label, self.model.extra_columns)
         self.with_label = with_label
+        self.batches = 0
+
+    def _fault_injection_hook(self) -> None:
+        """Test-only (KILL_ACTOR_ENV unset in production): die like an OOM-killed or preempted actor would."""
+        path = os.environ.get(KILL_ACTOR_ENV)
+        if not path:
+            return
+        self.batches += 1
+        try:
+            with open(path) as f:
+                if self.batches < int(f.read()):
+                    return
+            os.unlink(path)  # only one actor can win the unlink: the fault fires once
+        except (OSError, ValueError):
+            return
+        os._exit(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
+        self._fault_injection_hook()
         n = len(batch["id"])
         error = [str(e) for e in batch["error"]]
         ok = np.array([not e for e in error], dtype=bool)
@@ -395,18 +424,25 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
         actors, cpa, gpa = pool_size(opts)
         spec = ReadSpec(store, cfg.input.shape, opts.resize_policy, plan.columns)
         ds = ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=len(plan.units))
-        ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1, batch_format="default",
-                            num_cpus=opts.read_cpus)
-        ds = ds.map_batches(
-            Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "with_label": plan.has_label,
-                                           "threads": max(1, round(cpa))},
-            batch_size=opts.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
-        )
+        with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1, batch_format="default",
+                                num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
+            ds = ds.map_batches(
+                Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "with_label": plan.has_label,
+                                               "threads": max(1, round(cpa))},
+                batch_size=opts.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
+                max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
+            )
         fs, path = store.filesystem(attempt_uri)
         if not is_s3(attempt_uri):
             os.makedirs(path, exist_ok=True)
-        ds.write_parquet(path, filesystem=fs)
+        try:
+            ds.write_parquet(path, filesystem=fs)
+        except Exception as e:  # retries exhausted (actor deaths, storage): this attempt is not output
+            _discard(store, attempt_uri)
+            raise JobError(f"scoring failed after retries, nothing was committed: {_one_line(e)}") from None
         outputs, counts = _count_outputs(store, attempt_uri)
     seconds = time.perf_counter() - t0
     if counts["ok"] + counts["error"] != rows_in:
@@ -430,9 +466,25 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     try:
         uri = manifest.commit(store, opts.output, run_id, body)
     except AlreadyCommitted:
-        store.delete_dir(attempt_uri)
+        _discard(store, attempt_uri)
         return RunResult(run_id, "lost-commit-race", body)
+    except StorageError as e:  # the outcome is unknown, so the attempt stays: unlisted, it is not output
+        raise JobError(f"cannot commit run {run_id} ({e}); it is committed only if `nrm-ood runs` lists it") from None
     return RunResult(run_id, body["status"], body, uri)
+
+
+def _discard(store: Store, attempt_uri: str) -> None:
+    """Best-effort removal of an attempt that will never be committed (unlisted, it is not output anyway)."""
+    try:
+        store.delete_dir(attempt_uri)
+    except Exception as e:
+        log.warning("could not remove the uncommitted attempt %s: %s", attempt_uri, _one_line(e))
+
+
+def _one_line(e: BaseException) -> str:
+    """The last non-empty line of an exception's text (Ray wraps the cause in a long traceback)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 def _read_batch(batch: dict[str, np.ndarray], spec: ReadSpec) -> dict[str, np.ndarray]:

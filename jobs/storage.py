@@ -28,6 +28,10 @@ class AlreadyCommitted(StorageError):
     """A create-if-absent write found the object already there."""
 
 
+# S3 error codes that mean the credentials themselves were refused (not a policy denial).
+CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -129,10 +133,19 @@ class Store:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("404", "NoSuchBucket"):
                 raise StorageError(f"bucket {bucket!r} does not exist (from {uri!r})") from None
-            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if code in CREDENTIAL_CODES:
                 raise StorageError(f"access to bucket {bucket!r} denied: check the AWS credentials ({code})") from None
             if code in ("403", "AccessDenied"):
-                return  # HeadBucket needs an unconditioned s3:ListBucket, which a prefix-scoped policy denies
+                # HeadBucket needs an unconditioned s3:ListBucket, which a prefix-scoped policy denies; a HEAD
+                # 403 has no body, so ask once more with a GET whose error code tells bad credentials apart.
+                try:
+                    self.s3().list_objects_v2(Bucket=bucket, Prefix=split_s3(uri)[1], MaxKeys=1)
+                except ClientError as e2:
+                    code2 = e2.response.get("Error", {}).get("Code", "")
+                    if code2 in CREDENTIAL_CODES:
+                        raise StorageError(f"access to bucket {bucket!r} denied: check the AWS credentials "
+                                           f"({code2})") from None
+                return
             raise StorageError(f"bucket {bucket!r}: {code or e}") from None
         except NoCredentialsError:
             raise StorageError(f"no AWS credentials found to read bucket {bucket!r}") from None
@@ -198,6 +211,10 @@ class Store:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code in ("NoSuchKey", "404"):
                     raise FileNotFoundError(uri) from None
+                if code in CREDENTIAL_CODES:
+                    raise StorageError(f"cannot read {uri!r}: the AWS credentials were refused ({code})") from None
+                if code == "NoSuchBucket":
+                    raise StorageError(f"cannot read {uri!r}: bucket {bucket!r} does not exist") from None
                 raise StorageError(f"cannot read {uri!r}: {code}") from None
         return Path(local_path(uri)).read_bytes()
 
@@ -221,6 +238,10 @@ class Store:
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    # A retried put whose first try landed but whose answer was lost also gets 412: same bytes
+                    # (they name this attempt's own output files) mean the object is ours.
+                    if code in ("PreconditionFailed", "412") and self._holds(uri, data):
+                        return
                     raise AlreadyCommitted(f"{uri} already exists") from None
                 raise StorageError(f"cannot write {uri!r}: {code}") from None
             return
@@ -238,6 +259,12 @@ class Store:
                 raise AlreadyCommitted(f"{uri} already exists") from None
         finally:
             os.unlink(tmp)
+
+    def _holds(self, uri: str, data: bytes) -> bool:
+        try:
+            return self.read_bytes(uri) == data
+        except (FileNotFoundError, StorageError):
+            return False
 
     def list_dirs(self, uri: str) -> list[str]:
         """Immediate sub-directories (prefixes) of ``uri``; [] if it does not exist."""
