@@ -143,6 +143,46 @@ def train(
     typer.echo(f"checkpoint written to {out}")
 
 
+class Detector(str, enum.Enum):
+    mahalanobis = "mahalanobis"
+    gmm = "gmm"
+    typicality = "typicality"
+
+
+@app.command("fit-detector")
+def fit_detector(
+    model: Annotated[Path, typer.Option(help="Checkpoint directory to start from.")],
+    data: Annotated[str, typer.Option(help="The model's in-distribution TRAIN Parquet (never the test split).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write (weights unchanged, same model_id).")],
+    detector: Annotated[Detector, typer.Option(help="Detector on the NRM statistics (nrm.detectors).")] = Detector.mahalanobis,
+    features: Annotated[str, typer.Option(help="Feature set (nrm.detectors.features).")] = "channels_recon",
+    seed: Annotated[int, typer.Option(help="Seed `nrm-ood train` used: its held-out rows are the ones used.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Held-out fraction `nrm-ood train` used.")] = 0.1,
+    endpoint_url: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """(Re)fit a detector on an existing checkpoint, on the rows of its training split that
+    `nrm-ood train` held out (same seed and fraction), and make it the checkpoint's threshold score."""
+    import torch
+
+    import nrm
+    from jobs.datasets import DatasetError, load_labelled
+    from jobs.storage import StorageError, Store
+    from nrm.detectors import refit
+
+    try:
+        m = nrm.load(model)
+        x, _ = load_labelled(data, m.input_shape, None, Store(endpoint_url))
+        refit_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
+        xs = torch.from_numpy(x)[refit_rows]
+        refit(m, (m.preprocess(xs[i : i + 512]) for i in range(0, len(xs), 512)), detector.value, features)
+    except (nrm.CheckpointError, StorageError, DatasetError, ValueError) as e:
+        raise fail(str(e)) from None
+    mid = nrm.save(m, out)
+    th = m.config.fitted.threshold
+    typer.echo(f"fitted {detector.value}[{features}] on {len(xs)} held-out rows; threshold {th.score} < {th.value:.4g} "
+               f"flags OOD; wrote {out} (model_id {mid[:12]})")
+
+
 # ---------------------------------------------------------------------------- score
 @app.command()
 def score(

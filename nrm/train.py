@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nrm.config import Conv, Flatten, GlobalAvgPool, InputSpec, Linear, MaxPool, ModelConfig
 from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, PREFIX
 from nrm.fit import DEFAULT_NORMALISER, fit
-from nrm.config import Conv, Flatten, GlobalAvgPool, InputSpec, Linear, MaxPool, ModelConfig
 from nrm.model import NRM
 
 log = logging.getLogger(__name__)

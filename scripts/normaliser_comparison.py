@@ -61,7 +61,7 @@ def main() -> int:
     for method in NORMALISERS:
         log_z = log_partition(fit_s["latent_prior"], fit_s["pred"], k, method)
         for col in ("latent_loglik", "loglik_bound"):
-            def score(s: dict[str, torch.Tensor], col: str = col) -> np.ndarray:
+            def score(s: dict[str, torch.Tensor], col: str = col, log_z: torch.Tensor = log_z) -> np.ndarray:
                 ll = s["latent_prior"].double() - log_z[s["pred"]]
                 return (ll if col == "latent_loglik" else loglik_bound(s["recon_sq_error"].double(), ll, sigma2)).numpy()
 
