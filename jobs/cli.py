@@ -158,6 +158,7 @@ def fit_detector(
     features: Annotated[str, typer.Option(help="Feature set (nrm.detectors.features).")] = "channels_recon",
     seed: Annotated[int, typer.Option(help="Seed `nrm-ood train` used: its held-out rows are the ones used.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Held-out fraction `nrm-ood train` used.")] = 0.1,
+    candidates: Annotated[bool, typer.Option(help="Also keep every other candidate detector as a det_* column.")] = False,
     endpoint_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """(Re)fit a detector on an existing checkpoint, on the rows of its training split that
@@ -174,7 +175,8 @@ def fit_detector(
         x, _ = load_labelled(data, m.input_shape, None, Store(endpoint_url))
         refit_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
         xs = torch.from_numpy(x)[refit_rows]
-        refit(m, (m.preprocess(xs[i : i + 512]) for i in range(0, len(xs), 512)), detector.value, features)
+        refit(m, (m.preprocess(xs[i : i + 512]) for i in range(0, len(xs), 512)), detector.value, features,
+              candidates=candidates)
     except (nrm.CheckpointError, StorageError, DatasetError, ValueError) as e:
         raise fail(str(e)) from None
     mid = nrm.save(m, out)

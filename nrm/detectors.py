@@ -178,11 +178,17 @@ def fit(name: str, cols: dict[str, Tensor], n_classes: int, feature_set: str = D
 
 
 def column_names(detector: dict[str, Any]) -> list[str]:
-    """The score columns a fitted detector adds: ``det_<name>``, or none when nothing is fitted."""
+    """The score columns a fitted detector adds: ``det_<name>``, then ``det_<name>_<features>`` for
+    each fitted candidate kept beside it (``detector["candidates"]``); none when nothing is fitted."""
     if not detector:
         return []
     _check(detector.get("name", ""))
-    return [PREFIX + detector["name"]]
+    return [PREFIX + detector["name"]] + [candidate_column(c) for c in detector.get("candidates", [])]
+
+
+def candidate_column(candidate: dict[str, Any]) -> str:
+    _check(candidate.get("name", ""))
+    return f"{PREFIX}{candidate['name']}_{candidate['features']}"
 
 
 def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
@@ -205,8 +211,13 @@ def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
 
 
 def score_columns(detector: dict[str, Any], cols: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``{det_<name>: score}`` for a fitted detector, ``{}`` when none is fitted."""
-    return {c: score(detector, cols) for c in column_names(detector)}
+    """``{det_<name>: score, det_<name>_<features>: score of each candidate}``; ``{}`` when none is fitted."""
+    if not detector:
+        return {}
+    out = {PREFIX + detector["name"]: score(detector, cols)}
+    for c in detector.get("candidates", []):
+        out[candidate_column(c)] = score(c, cols)
+    return out
 
 
 def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -218,8 +229,14 @@ def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return perm[: n // 2], perm[n // 2 :]
 
 
+# The other candidates of the study (docs/results-detectors.md), kept as named scores by refit(candidates=True).
+CANDIDATES = (("typicality", "eta"), ("typicality", "layers"), ("mahalanobis", "layers_recon"),
+              ("mahalanobis", "channels"), ("gmm", "channels_recon"))
+
+
 def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
-          feature_set: str = DEFAULT_FEATURES, tpr: float | None = None, **options: Any) -> dict[str, Any]:
+          feature_set: str = DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
+          **options: Any) -> dict[str, Any]:
     """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
     (normalised, never the test split): half of them fit it, the other half set the threshold on
     ``det_<name>`` at the checkpoint's TPR (or ``tpr``). Installs both on ``model.config.fitted``;
@@ -231,7 +248,11 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETE
     _check(name)
     cols = collect(model, in_val_batches)
     fit_idx, thr_idx = split_halves(len(cols["pred"]))
-    det = fit(name, {k: v[fit_idx] for k, v in cols.items()}, len(model.config.classes), feature_set, **options)
+    half = {k: v[fit_idx] for k, v in cols.items()}
+    det = fit(name, half, len(model.config.classes), feature_set, **options)
+    if candidates:  # every other candidate as its own named score column, fitted on the same half
+        det["candidates"] = [fit(n, half, len(model.config.classes), f) for n, f in CANDIDATES
+                             if (n, f) != (name, feature_set)]
     fitted = model.config.fitted
     fitted.detector = det
     old = fitted.threshold

@@ -190,3 +190,21 @@ def test_threshold_on_det_column_needs_that_detector() -> None:
         fit(_model(), [_data(0, 8)], [_data(1, 8)], threshold_score="det_gmm")
     with pytest.raises(ValueError, match=r"threshold score 'det_gmm'.*det_mahalanobis"):
         fit(_model(), [_data(0, 8)], [_data(1, 8)], detector="mahalanobis", threshold_score="det_gmm")
+
+
+def test_refit_keeps_every_candidate_as_a_named_score(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nrm.NRM(tiny_config()).eval().requires_grad_(False)
+    x = torch.randn(80, *model.input_shape)
+    D.refit(model, [x[:40], x[40:]], candidates=True)
+    names = [D.PREFIX + "mahalanobis"] + [f"{D.PREFIX}{n}_{f}" for n, f in D.CANDIDATES if (n, f) != ("mahalanobis", "channels_recon")]
+    assert model.extra_columns == names
+    assert model.config.fitted.threshold is not None and model.config.fitted.threshold.score == "det_mahalanobis"
+    cols = model.score(x[:7])
+    assert all(cols[c].shape == (7,) and torch.isfinite(cols[c]).all() for c in names)
+    nrm.save(model, tmp_path / "ck")
+    again = nrm.load(tmp_path / "ck").score(x[:7])
+    for c in names:
+        torch.testing.assert_close(again[c], cols[c], rtol=1e-4, atol=1e-4)
+    # each candidate column is that detector's own score, not the primary's
+    assert not torch.equal(cols["det_typicality_eta"], cols["det_mahalanobis"])
