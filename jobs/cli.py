@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from jobs.cli_errors import fail
 from jobs.cli_eval import register as _register_eval
 from jobs.images import Policy
 
@@ -41,11 +42,6 @@ class Normaliser(str, enum.Enum):
     none = "none"
     class_mean = "class_mean"
     harmonic = "harmonic"
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
 
 
 def _device(d: Device) -> str:

@@ -12,10 +12,7 @@ from typing import Annotated
 
 import typer
 
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
+from jobs.cli_errors import fail
 
 
 def _ood_specs(values: list[str]) -> list[str]:
@@ -51,7 +48,7 @@ def evaluate(
     try:
         result = run(opts, echo=typer.echo)
     except EvaluateError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     typer.echo(summary(result))
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -73,7 +70,7 @@ def report(
     try:
         build_report(ReportOptions(scores, out, input, model, top, endpoint_url), echo=typer.echo)
     except ReportError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 def register(app: typer.Typer) -> None:
