@@ -315,11 +315,11 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
                   f"{s3['rows']['in'] // max(1, shards)} rows and {len(s3['outputs'])} output files: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(requests.items()))
                   + f" (~{total / max(1, shards):.1f} requests per input shard, everything included)."]
-    lines += ["", "## 4. Read + decode throughput per CPU", "",
+    lines += ["", "## 3. Read + decode throughput per CPU", "",
               f"Parquet row groups read and PNG-decoded by `read_unit` in one process: **{decode:.0f} images/s per CPU** "
               "(28x28 grayscale)."]
     growth = peak10 / peak1 - 1
-    lines += ["", "## 5. Peak memory at 1x and 10x the dataset (target: flat within 20%)", "",
+    lines += ["", "## 4. Peak memory at 1x and 10x the dataset (target: flat within 20%)", "",
               "Peak RSS of the driver and every Ray process it started (raylet, GCS, workers), sampled every 0.2 s.", "",
               "| dataset | rows | peak RSS (MiB) |", "|---|---|---|",
               f"| 1x | {m1['rows']['in']} | {peak1 / 2**20:.0f} |",
