@@ -96,15 +96,16 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
     table["set"] = table.source_path.map(lambda p: Path(p).parent.name)
     ind = table[table.set == "in"]
     acc = float((ind.pred == ind.label).mean())
-    cols = ["latent_loglik", "loglik_bound", "recon_sq_error", "max_softmax", "energy"]
+    cols = [*result.model.extra_columns, "latent_loglik", "loglik_bound", "recon_sq_error", "max_softmax", "energy"]
+    up = {c: HIGHER_IS_IN.get(c, True) for c in cols}  # det_* detector columns: higher = in-distribution
     rows = {}
     for name in sorted(s for s in table.set.unique() if s != "in"):
         od = table[table.set == name]
-        rows[name] = {c: metrics.auroc(metrics.orient(ind[c].to_numpy(), HIGHER_IS_IN[c]),
-                                       metrics.orient(od[c].to_numpy(), HIGHER_IS_IN[c])) for c in cols}
+        rows[name] = {c: metrics.auroc(metrics.orient(ind[c].to_numpy(), up[c]),
+                                       metrics.orient(od[c].to_numpy(), up[c])) for c in cols}
     echo(f"\nin-distribution test accuracy: {acc:.3f} ({len(ind)} digits)")
     echo("AUROC, in-distribution = positive (1.0 = perfect separation, 0.5 = chance):")
-    echo(f"{'OOD set':10} " + " ".join(f"{c:>14}" for c in cols))
+    echo(f"{'OOD set':12} " + " ".join(f"{c:>16}" for c in cols))
     for name, r in rows.items():
-        echo(f"{name:10} " + " ".join(f"{r[c]:>14.3f}" for c in cols))
+        echo(f"{name:12} " + " ".join(f"{r[c]:>16.3f}" for c in cols))
     return {"accuracy": acc, "auroc": rows, "run": res.run_id, "exit_code": res.exit_code}

@@ -11,7 +11,6 @@ create-if-absent, is what commits it.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 from jobs import manifest
 from jobs.images import Columns, Policy, decode_column, detect_columns
 from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, is_s3, join
+from nrm.config import ModelConfig
 
 log = logging.getLogger("nrm_ood")
 
@@ -58,6 +58,7 @@ class Checkpoint:
     uri: str
     files: dict[str, bytes]
     model_id: str
+    config: ModelConfig | None = None  # parsed and validated by fetch
 
     @classmethod
     def fetch(cls, store: Store, uri: str) -> Checkpoint:
@@ -77,10 +78,10 @@ class Checkpoint:
         with ck.local() as path:
             try:
                 mid = nrm.model_id(path)
-                nrm.load(path)  # validates config, shapes, finiteness and the recorded hash, before any work
+                config = nrm.load(path).config  # validates config, shapes, finiteness and the hash, before any work
             except nrm.CheckpointError as e:
                 raise JobError(str(e).replace(str(path), uri)) from None
-        return cls(uri, files, mid)
+        return cls(uri, files, mid, config)
 
     def local(self) -> _LocalDir:
         return _LocalDir(self.files)
@@ -118,7 +119,6 @@ class Plan:
     inputs: list[tuple[FileInfo, int]] = field(default_factory=list)  # readable files and their rows
     failed: list[dict[str, str]] = field(default_factory=list)  # {"uri", "error"}
     columns: dict[str, Columns] = field(default_factory=dict)  # per file
-    has_label: bool = False
 
 
 def plan_inputs(store: Store, files: list[FileInfo], image: str | None, id: str | None, label: str | None) -> Plan:
@@ -145,7 +145,6 @@ def plan_inputs(store: Store, files: list[FileInfo], image: str | None, id: str 
         if first is None:
             first = (f.uri, schema)
         plan.columns[f.uri] = cols
-        plan.has_label = plan.has_label or cols.label is not None
         start = 0
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
@@ -202,7 +201,7 @@ def read_unit(unit: dict[str, Any], spec: ReadSpec) -> dict[str, np.ndarray]:
     }
 
 
-def output_schema(n_layers: int, with_label: bool, extra: list[str] | None = None) -> pa.Schema:
+def output_schema(n_layers: int, extra: list[str] | None = None) -> pa.Schema:
     f64 = pa.float64()
     fields = [pa.field("id", pa.string()), pa.field("source_path", pa.string()), pa.field("source_row", pa.int64())]
     fields.append(pa.field("label", pa.int64()))  # null where the input has no label
@@ -216,7 +215,7 @@ def output_schema(n_layers: int, with_label: bool, extra: list[str] | None = Non
 class Scorer:
     """Ray actor: loads the NRM once, scores batches of decoded pixels, returns an Arrow table."""
 
-    def __init__(self, checkpoint: Checkpoint, with_label: bool, threads: int):
+    def __init__(self, checkpoint: Checkpoint, threads: int):
         import torch
 
         import nrm
@@ -228,8 +227,7 @@ class Scorer:
         self.model_id = checkpoint.model_id
         self.threshold = self.model.config.fitted.threshold
         self.columns = [*SCORE_COLUMNS[1:], *self.model.extra_columns]  # float score columns
-        self.schema = output_schema(len(self.model.latent_names), with_label, self.model.extra_columns)
-        self.with_label = with_label
+        self.schema = output_schema(len(self.model.latent_names), self.model.extra_columns)
         self.batches = 0
 
     def _fault_injection_hook(self) -> None:
@@ -396,11 +394,8 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     if existing is not None:
         return RunResult(run_id, "already-committed", existing, manifest.manifest_uri(opts.output, run_id))
     ckpt = Checkpoint.fetch(store, opts.model)
-    import json
-
-    from nrm.config import ModelConfig
-
-    cfg = ModelConfig.from_json({k: v for k, v in json.loads(ckpt.files["config.json"]).items() if k != "weights_sha256"})
+    cfg = ckpt.config
+    assert cfg is not None  # fetch always parses it
     try:
         files = store.list_parquet(opts.input)
     except StorageError as e:
@@ -429,8 +424,7 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
             ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1, batch_format="default",
                                 num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
             ds = ds.map_batches(
-                Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "with_label": plan.has_label,
-                                               "threads": max(1, round(cpa))},
+                Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa))},
                 batch_size=opts.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
                 max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
@@ -531,7 +525,3 @@ def summary(result: RunResult) -> str:
     else:
         lines.append(f"  manifest {result.manifest_uri}")
     return "\n".join(lines)
-
-
-def finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None

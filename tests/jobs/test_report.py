@@ -37,7 +37,7 @@ def score_file(ck: Checkpoint, path: Path) -> pa.Table:
     store = Store()
     plan = plan_inputs(store, store.list_parquet(str(path)), None, None, None)
     spec = ReadSpec(store, (1, 8, 8), Policy.adapt, plan.columns)
-    scorer = Scorer(ck, plan.has_label, 1)
+    scorer = Scorer(ck, 1)
     return pa.concat_tables([scorer(read_unit(asdict(u), spec)) for u in plan.units])
 
 
