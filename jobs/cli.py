@@ -76,7 +76,7 @@ def train(
     epochs: Annotated[int, typer.Option(callback=_positive)] = 3,
     batch_size: Annotated[int, typer.Option(callback=_positive)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 1e-2,
-    recon_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the reconstruction term.")] = 0.1,
+    recon_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the reconstruction term.")] = 1.0,
     pathnorm_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the path-normalisation term.")] = 0.0,
     normaliser: Annotated[Normaliser, typer.Option(help="Estimator of log Z(y) (nrm.fit; docs/results.md).")] = Normaliser.none,
     test: Annotated[str | None, typer.Option(help="Labelled test Parquet: accuracy is reported, nothing is fitted on it.")] = None,
