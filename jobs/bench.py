@@ -78,30 +78,23 @@ def overhead(cfg: ModelConfig, batch: int, reps: int, device: str = "cpu") -> di
 
 
 def _write_shards(root: Path, n: int, shards: int, shape: tuple[int, int, int]) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from PIL import Image
+
+    from jobs.datasets import png_cells, write_hf_parquet
 
     c, h, w = shape
     rng = np.random.default_rng(0)
     per = (n + shards - 1) // shards
-    root.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         m = min(per, n - s * per)
         if m <= 0:
             break
         # smooth random images (closer to real PNG sizes than white noise)
         base = rng.integers(0, 256, (m, h // 4 + 1, w // 4 + 1, c), dtype=np.uint8)
-        cells = []
-        for i in range(m):
-            img = Image.fromarray(base[i].squeeze(-1) if c == 1 else base[i]).resize((w, h), Image.Resampling.BILINEAR)
-            buf = io.BytesIO()
-            img.save(buf, "PNG")
-            cells.append({"bytes": buf.getvalue(), "path": f"{s}-{i}.png"})
-        pq.write_table(pa.table({"image": cells, "label": pa.array(rng.integers(0, 10, m), pa.int64())}),
-                       root / f"part-{s:05d}.parquet", row_group_size=1024)
+        images = np.stack([np.asarray(Image.fromarray(b.squeeze(-1) if c == 1 else b).resize(
+            (w, h), Image.Resampling.BILINEAR)) for b in base])
+        write_hf_parquet(root / f"part-{s:05d}.parquet", png_cells(images, str(s)),
+                         rng.integers(0, 10, m), row_group_size=1024)
 
 
 class PeakRSS:

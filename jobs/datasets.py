@@ -6,7 +6,12 @@ images with the same code as the scoring job, at the size of the given model inp
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.images import Policy, decode_column, detect_columns
@@ -71,3 +76,25 @@ def load_labelled(
     if not images or sum(len(i) for i in images) == 0:
         raise DatasetError(f"no usable labelled images in {uri!r}")
     return np.concatenate(images), np.concatenate(labels)
+
+
+def png_cells(images: np.ndarray, stem: str) -> list[dict[str, Any]]:
+    """uint8 images (N, H, W) or (N, H, W, C) as Hugging Face image cells {bytes: PNG, path}."""
+    from PIL import Image
+
+    cells = []
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(img.squeeze(-1) if img.ndim == 3 and img.shape[-1] == 1 else img).save(buf, "PNG")
+        cells.append({"bytes": buf.getvalue(), "path": f"{stem}-{i}.png"})
+    return cells
+
+
+def write_hf_parquet(path: Path, cells: list[dict[str, Any]], labels: np.ndarray | None = None,
+                     row_group_size: int = 1024) -> None:
+    """One Parquet file in the Hugging Face image layout: image struct<bytes, path> [, label int64]."""
+    cols: dict[str, Any] = {"image": cells}
+    if labels is not None:
+        cols["label"] = pa.array(labels, pa.int64())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path, row_group_size=row_group_size)

@@ -9,15 +9,11 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
 
 SEED = 0
 
@@ -47,23 +43,11 @@ def ood_sets(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"noise": noise, "stripes": stripes, "blocks": blocks}
 
 
-def write_shard(path: Path, images: np.ndarray, labels: np.ndarray | None) -> None:
-    cells = []
-    for i, img in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "PNG")
-        cells.append({"bytes": buf.getvalue(), "path": f"{path.stem}-{i}.png"})
-    cols: dict[str, Any] = {"image": cells}
-    if labels is not None:
-        cols["label"] = pa.array(labels, pa.int64())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(cols), path, row_group_size=256)
-
-
 def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dict[str, Any]:
     import torch
 
     import nrm
+    from jobs.datasets import png_cells, write_hf_parquet
     from jobs.filtering import read_scores
     from jobs.pipeline import ScoreOptions, run_score, summary
     from jobs.storage import Store
@@ -76,9 +60,9 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
     n_train = int(0.7 * len(x))
     tr, te = order[:n_train], order[n_train:]
     data = out / "data"
-    write_shard(data / "in" / "digits-test.parquet", x[te], y[te])
+    write_hf_parquet(data / "in" / "digits-test.parquet", png_cells(x[te], "digits-test"), y[te], 256)
     for name, imgs in ood_sets(len(te), rng).items():
-        write_shard(data / f"ood-{name}" / f"{name}.parquet", imgs, None)
+        write_hf_parquet(data / f"ood-{name}" / f"{name}.parquet", png_cells(imgs, name), None, 256)
     echo(f"wrote {len(te)} in-distribution test digits and 3 OOD shards under {data}")
 
     echo(f"training NRM (digits8) on {len(tr)} digits, {epochs} epochs ...")

@@ -218,13 +218,6 @@ class Store:
                 raise StorageError(f"cannot read {uri!r}: {code}") from None
         return Path(local_path(uri)).read_bytes()
 
-    def exists(self, uri: str) -> bool:
-        try:
-            self.read_bytes(uri)
-            return True
-        except (FileNotFoundError, IsADirectoryError):
-            return False
-
     def put_if_absent(self, uri: str, data: bytes) -> None:
         """Create ``uri`` holding ``data`` only if nothing is there: S3 conditional put
         (If-None-Match '*'), locally an atomic hard link of a complete temp file. Raises AlreadyCommitted."""

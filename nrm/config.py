@@ -147,10 +147,6 @@ class ModelConfig:
     layers: list[Layer]
     fitted: Fitted = field(default_factory=Fitted)
 
-    @property
-    def conv_names(self) -> list[str]:
-        return [layer.name for layer in self.layers if isinstance(layer, Conv)]
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "format": FORMAT,

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import io
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
+
+from jobs.datasets import png_cells, write_hf_parquet
 
 
 def main() -> None:
@@ -23,14 +22,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
-    cells = []
-    for i in range(a.n):
-        px = rng.integers(0, 256, (a.size, a.size, a.channels), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(px.squeeze(-1) if a.channels == 1 else px).save(buf, "PNG")
-        cells.append({"bytes": buf.getvalue(), "path": f"noise-{i}.png"})
-    pq.write_table(pa.table({"image": cells}), a.out)
-
+    images = rng.integers(0, 256, (a.n, a.size, a.size, a.channels), dtype=np.uint8)
+    write_hf_parquet(Path(a.out), png_cells(images, "noise"))
 
 if __name__ == "__main__":
     main()

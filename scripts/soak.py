@@ -13,7 +13,6 @@ no duplicate id, no missing id. Prints a markdown table (docs/reliability.md quo
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile
@@ -30,6 +29,7 @@ from PIL import Image
 
 import nrm
 from jobs.bench import PeakRSS, machine, request_counts, start_moto
+from jobs.datasets import png_cells, write_hf_parquet
 from jobs.pipeline import ScoreOptions, init_ray, run_score
 from jobs.storage import Store
 
@@ -44,16 +44,12 @@ def write_shards(root: Path, rows: int, shards: int, row_group: int) -> int:
         if m <= 0:
             break
         base = rng.integers(0, 256, (m, 3, 3), dtype=np.uint8)
-        cells = []
-        for i in range(m):
-            buf = io.BytesIO()
-            Image.fromarray(base[i]).resize((8, 8), Image.Resampling.BILINEAR).save(buf, "PNG")
-            cells.append({"bytes": buf.getvalue(), "path": f"{s}-{i}.png"})
+        images = np.stack([np.asarray(Image.fromarray(b).resize((8, 8), Image.Resampling.BILINEAR)) for b in base])
+        cells = png_cells(images, str(s))
         if s % 10 == 0 and m > 7:
             cells[7] = {"bytes": b"\x89PNG corrupt", "path": "bad.png"}
             bad += 1
-        pq.write_table(pa.table({"image": cells, "label": pa.array(rng.integers(0, 10, m), pa.int64())}),
-                       root / f"part-{s:05d}.parquet", row_group_size=row_group)
+        write_hf_parquet(root / f"part-{s:05d}.parquet", cells, rng.integers(0, 10, m), row_group_size=row_group)
     return bad
 
 
