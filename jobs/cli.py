@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -58,6 +59,16 @@ def _positive(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise typer.BadParameter(f"must be >= 1, got {value}")
     return value
+
+
+def _named_sets(values: list[str] | None) -> list[str] | None:
+    from jobs.evaluate import parse_ood
+
+    try:
+        parse_ood(values or [], "--val-ood")
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return values
 
 
 def _nonneg(value: float) -> float:
@@ -145,39 +156,70 @@ class Detector(str, enum.Enum):
     typicality = "typicality"
 
 
+# nrm.detectors.FEATURE_SETS spelled out so `--help` does not import torch; a test holds them equal.
+class FeatureSet(str, enum.Enum):
+    eta = "eta"
+    layers = "layers"
+    layers_recon = "layers_recon"
+    channels = "channels"
+    channels_recon = "channels_recon"
+    gates = "gates"
+    gates_recon = "gates_recon"
+    gates_acts = "gates_acts"
+    gates_channels_recon = "gates_channels_recon"
+
+DEFAULT_FEATURES = "gates_acts"  # nrm.detectors.DEFAULT_FEATURES
+
+
 @app.command("fit-detector")
 def fit_detector(
     model: Annotated[Path, typer.Option(help="Checkpoint directory to start from.")],
     data: Annotated[str, typer.Option(help="The model's in-distribution TRAIN Parquet (never the test split).")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (weights unchanged, same model_id).")],
     detector: Annotated[Detector, typer.Option(help="Detector on the NRM statistics (nrm.detectors).")] = Detector.mahalanobis,
-    features: Annotated[str, typer.Option(help="Feature set (nrm.detectors.features).")] = "channels_recon",
+    features: Annotated[FeatureSet, typer.Option(help="Feature set (nrm.detectors.features).")] = FeatureSet(DEFAULT_FEATURES),
     seed: Annotated[int, typer.Option(help="Seed `nrm-ood train` used: its held-out rows are the ones used.")] = 0,
     val_fraction: Annotated[float, typer.Option(help="Held-out fraction `nrm-ood train` used.")] = 0.1,
     candidates: Annotated[bool, typer.Option(help="Also keep every other candidate detector as a det_* column.")] = False,
+    val_ood: Annotated[list[str] | None, typer.Option(
+        callback=_named_sets,
+        help="NAME=PARQUET validation OOD set (repeatable; never a set you report on). With it, --detector and "
+             "--features are not used: the candidate with the best worst-case validation AUROC wins.")] = None,
+    val_ood_limit: Annotated[int, typer.Option(callback=_positive, help="Rows read of each --val-ood set.")] = 2000,
     endpoint_url: Annotated[str | None, typer.Option()] = None,
 ) -> None:
     """(Re)fit a detector on an existing checkpoint, on the rows of its training split that
-    `nrm-ood train` held out (same seed and fraction), and make it the checkpoint's threshold score."""
+    `nrm-ood train` held out (same seed and fraction), and make it the checkpoint's threshold score.
+    With --val-ood the detector is chosen on those validation OOD sets; the table is printed and saved."""
     import torch
 
     import nrm
-    from jobs.datasets import DatasetError, load_labelled
+    from jobs.datasets import DatasetError, load_images, load_labelled
+    from jobs.evaluate import parse_ood
     from jobs.storage import StorageError, Store
     from nrm.detectors import refit
 
+    def batches(px: torch.Tensor) -> Iterator[torch.Tensor]:
+        return (m.preprocess(px[i : i + 512]) for i in range(0, len(px), 512))
+
     try:
         m = nrm.load(model)
-        x, _ = load_labelled(data, m.input_shape, None, Store(endpoint_url))
+        store = Store(endpoint_url)
+        x, _ = load_labelled(data, m.input_shape, None, store)
         refit_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
         xs = torch.from_numpy(x)[refit_rows]
-        refit(m, (m.preprocess(xs[i : i + 512]) for i in range(0, len(xs), 512)), detector.value, features,
-              candidates=candidates)
+        ood = {name: batches(torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)))
+               for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
+        det = refit(m, batches(xs), detector.value, features.value, candidates=candidates, val_ood=ood or None)
     except (nrm.CheckpointError, StorageError, DatasetError, ValueError) as e:
         raise fail(str(e)) from None
     mid = nrm.save(m, out)
     th = m.config.fitted.threshold
-    typer.echo(f"fitted {detector.value}[{features}] on {len(xs)} held-out rows; threshold {th.score} < {th.value:.4g} "
+    assert th is not None
+    for column, row in det.get("selection", {}).items():
+        typer.echo(f"  validation AUROC {column}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
+                   + f" (worst {min(row.values()):.3f})")
+    typer.echo(f"fitted {det['name']}[{det['features']}] on {len(xs)} held-out rows; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
 
 

@@ -48,6 +48,20 @@ def load_labelled(
     policy: Policy = Policy.adapt,
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, H, W, C) and int64 labels (N,) of every decodable, labelled row of ``uri``."""
+    images, labels = _load(uri, shape, limit, store, policy, labelled=True)
+    return images, labels
+
+
+def load_images(
+    uri: str, shape: tuple[int, int, int], limit: int | None = None, store: Store | None = None,
+    policy: Policy = Policy.adapt,
+) -> np.ndarray:
+    """uint8 images (N, H, W, C) of every decodable row of ``uri``; labels are not needed (OOD sets)."""
+    return _load(uri, shape, limit, store, policy, labelled=False)[0]
+
+
+def _load(uri: str, shape: tuple[int, int, int], limit: int | None, store: Store | None, policy: Policy,
+          labelled: bool) -> tuple[np.ndarray, np.ndarray]:
     store = store or Store()
     images, labels, bad = [], [], 0
     n = 0
@@ -56,26 +70,30 @@ def load_labelled(
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
             cols = detect_columns(pf.schema_arrow)
-            if cols.label is None:
+            if labelled and cols.label is None:
                 raise DatasetError(f"{f.uri} has no integer 'label' column; training and evaluation need labels")
-            table = pf.read(columns=[cols.image, cols.label])
+            table = pf.read(columns=[cols.image] + ([cols.label] if labelled else []))
         if limit is not None:
             table = table.slice(0, max(0, limit - n))
         px, errors = decode_column(table.column(cols.image), cols.kind, shape, policy)
-        ok = np.array([e is None for e in errors]) & np.array([v is not None for v in table.column(cols.label).to_pylist()])
+        ok = np.array([e is None for e in errors], dtype=bool)
+        if labelled:
+            ok &= np.array([v is not None for v in table.column(cols.label).to_pylist()], dtype=bool)
+            labels.append(np.asarray(table.column(cols.label).fill_null(-1).to_numpy())[ok].astype(np.int64))
         bad += int((~ok).sum())
         images.append(px[ok])
-        labels.append(np.asarray(table.column(cols.label).fill_null(-1).to_numpy())[ok].astype(np.int64))
         n += table.num_rows
         if limit is not None and n >= limit:
             break
+    what = "labelled images" if labelled else "images"
     if bad:
         import logging
 
-        logging.getLogger("nrm_ood").warning("%s: skipped %d undecodable or unlabelled rows", uri, bad)
+        logging.getLogger("nrm_ood").warning("%s: skipped %d undecodable%s rows", uri, bad,
+                                             " or unlabelled" if labelled else "")
     if not images or sum(len(i) for i in images) == 0:
-        raise DatasetError(f"no usable labelled images in {uri!r}")
-    return np.concatenate(images), np.concatenate(labels)
+        raise DatasetError(f"no usable {what} in {uri!r}")
+    return np.concatenate(images), (np.concatenate(labels) if labelled else np.zeros(0, np.int64))
 
 
 def png_cells(images: np.ndarray, stem: str) -> list[dict[str, Any]]:

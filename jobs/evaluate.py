@@ -63,21 +63,21 @@ class EvaluateError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- options
-def parse_ood(specs: list[str]) -> dict[str, str]:
-    """``["NAME=URI", ...]`` -> {NAME: URI}, in order. Raises ValueError naming the bad entry."""
+def parse_ood(specs: list[str], option: str = "--ood") -> dict[str, str]:
+    """``["NAME=URI", ...]`` -> {NAME: URI}, in order. Raises ValueError naming the bad entry (and ``option``)."""
     out: dict[str, str] = {}
     for s in specs:
         name, eq, uri = s.partition("=")
         name, uri = name.strip(), uri.strip()
         if not eq or not name or not uri:
-            raise ValueError(f"--ood {s!r}: expected NAME=URI, e.g. --ood svhn=s3://bucket/svhn/test/")
+            raise ValueError(f"{option} {s!r}: expected NAME=URI, e.g. {option} svhn=s3://bucket/svhn/test/")
         if not NAME.match(name):
-            raise ValueError(f"--ood {s!r}: NAME {name!r} must be letters, digits, '_', '.', '-' "
+            raise ValueError(f"{option} {s!r}: NAME {name!r} must be letters, digits, '_', '.', '-' "
                              "(starting with a letter or digit, at most 64 characters)")
         if name == IN:
-            raise ValueError(f"--ood {s!r}: NAME {IN!r} is reserved for the in-distribution set")
+            raise ValueError(f"{option} {s!r}: NAME {IN!r} is reserved for the in-distribution set")
         if name in out:
-            raise ValueError(f"--ood {s!r}: NAME {name!r} is given twice")
+            raise ValueError(f"{option} {s!r}: NAME {name!r} is given twice")
         out[name] = uri
     return out
 

@@ -15,6 +15,11 @@ Every detector reads a feature vector f(x) (``FEATURE_SETS``, built by :func:`fe
                   eta_{l,c} = b_c(l) sum_p (s(l) . h(l))_{c,p} and eta_l = sum_c eta_{l,c}
                   (NRM.score's ``latent_prior_channels``; sum_l C_l values)
     channels_recon  channels plus log ||x - h(0)||^2
+    gates         f = (g_{l,c}): the on-rate of the ReLU latents s*(l) of channel c over positions,
+                  g_{l,c} = mean_p 1[z(l)_{c,p} > 0] (NRM.unit_stats; sum_l C_l values)
+    gates_recon   gates plus log ||x - h(0)||^2
+    gates_acts    gates plus a_{l,c} = mean_p max(z(l)_{c,p}, 0), the channel's mean activation
+    gates_channels_recon  gates, channels and log ||x - h(0)||^2
 
 and returns a score where HIGHER = MORE IN-DISTRIBUTION (column ``det_<name>`` of NRM.score):
 
@@ -24,13 +29,14 @@ and returns a score where HIGHER = MORE IN-DISTRIBUTION (column ``det_<name>`` o
 
 The fitted state is one JSON-serialisable dict kept in ``ModelConfig.fitted.detector``:
 ``{"name": ..., "features": ..., "params": {name: nested lists of floats}}``. docs/results-detectors.md
-compares them on validation OOD data; ``DEFAULT_DETECTOR`` is the winner there.
+compares them on validation OOD data; ``DEFAULT_DETECTOR`` is the winner there. Given validation OOD
+sets, :func:`choose` picks the winner for one checkpoint instead (best worst-case validation AUROC).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,10 +45,14 @@ from torch import Tensor
 if TYPE_CHECKING:
     from nrm.model import NRM
 
-FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon")
+FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon", "gates", "gates_recon", "gates_acts",
+                "gates_channels_recon")
+# The score-dict entry behind each part of a feature-set name; "recon" is log ||x - h(0)||^2.
+_PARTS = {"eta": "latent_prior", "layers": "latent_prior_layers", "channels": "latent_prior_channels",
+          "gates": "latent_gates", "acts": "unit_acts", "recon": "recon_sq_error"}
 DETECTORS = ("typicality", "mahalanobis", "gmm")
-DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC, 12 checkpoints (docs/results-detectors.md)
-DEFAULT_FEATURES = "channels_recon"
+DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC over checkpoints (docs/results-detectors.md)
+DEFAULT_FEATURES = "gates_acts"  # ditto, 7 checkpoints incl. CIFAR-10 (channels_recon until the gate features)
 PREFIX = "det_"
 
 
@@ -55,14 +65,13 @@ def features(cols: dict[str, Tensor], feature_set: str) -> Tensor:
     """The detector input f (N, D), float64, from NRM.score columns (see the module docstring)."""
     if feature_set not in FEATURE_SETS:
         raise DetectorError(f"unknown detector feature set {feature_set!r}; expected one of {list(FEATURE_SETS)}")
-    if feature_set == "eta":
-        return cols["latent_prior"].double()[:, None]  # (N, 1)
-    key = "latent_prior_layers" if feature_set.startswith("layers") else "latent_prior_channels"
-    eta = cols[key].double()  # (N, L) or (N, sum_l C_l)
-    if not feature_set.endswith("_recon"):
-        return eta
-    log_recon = cols["recon_sq_error"].double().clamp_min(1e-12).log()  # (N,)
-    return torch.cat([eta, log_recon[:, None]], dim=1)  # (N, D + 1)
+    parts = []
+    for part in feature_set.split("_"):
+        v = cols[_PARTS[part]].double()
+        if part == "recon":
+            v = v.clamp_min(1e-12).log()
+        parts.append(v if v.dim() == 2 else v[:, None])  # (N, D_part)
+    return torch.cat(parts, dim=1)  # (N, D)
 
 
 # ---------------------------------------------------------------------------- scores (pure)
@@ -220,6 +229,36 @@ def score_columns(detector: dict[str, Any], cols: dict[str, Tensor]) -> dict[str
     return out
 
 
+# What choose() searches by default: every detector of the study that fits in seconds.
+SEARCH = (("mahalanobis", "channels_recon"), ("mahalanobis", "gates"), ("mahalanobis", "gates_acts"),
+          ("mahalanobis", "gates_channels_recon"), ("mahalanobis", "layers_recon"),
+          ("typicality", "layers"), ("gmm", "channels_recon"))
+
+
+def choose(fit_cols: dict[str, Tensor], in_cols: dict[str, Tensor], ood_cols: dict[str, dict[str, Tensor]],
+           n_classes: int, search: Iterable[tuple[str, str]] = SEARCH) -> dict[str, Any]:
+    """Fit every (detector, features) of ``search`` on ``fit_cols`` and keep the one whose worst-case
+    AUROC (in-distribution ``in_cols`` positive against each validation OOD set of ``ood_cols``) is
+    highest; ties go to the higher mean. Never pass a test split here: this is the choice.
+    Returns the winner's state with ``"selection": {candidate column: {set: AUROC}}`` added."""
+    from nrm.metrics import auroc
+
+    if not ood_cols:
+        raise DetectorError("choose: no validation OOD sets to choose on")
+    table: dict[str, dict[str, float]] = {}
+    best: tuple[float, float] | None = None
+    winner: dict[str, Any] = {}
+    for name, feature_set in search:
+        state = fit(name, fit_cols, n_classes, feature_set)
+        pos = score(state, in_cols).double().numpy()
+        res = {k: float(auroc(pos, score(state, c).double().numpy())) for k, c in ood_cols.items()}
+        table[candidate_column(state)] = res
+        key = (min(res.values()), sum(res.values()) / len(res))
+        if best is None or key > best:
+            best, winner = key, state
+    return {**winner, "selection": table}
+
+
 def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     """A seeded random split of n held-out samples: (indices to fit the detector on, indices to set
     the threshold / compare on). With n == 1 both halves are that sample."""
@@ -230,16 +269,17 @@ def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 # The other candidates of the study (docs/results-detectors.md), kept as named scores by refit(candidates=True).
-CANDIDATES = (("typicality", "eta"), ("typicality", "layers"), ("mahalanobis", "layers_recon"),
-              ("mahalanobis", "channels"), ("gmm", "channels_recon"))
+CANDIDATES = tuple(dict.fromkeys((("typicality", "eta"), ("mahalanobis", "channels"), *SEARCH)))
 
 
 def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
           feature_set: str = DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
-          **options: Any) -> dict[str, Any]:
+          val_ood: Mapping[str, Iterable[Tensor]] | None = None, **options: Any) -> dict[str, Any]:
     """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
     (normalised, never the test split): half of them fit it, the other half set the threshold on
-    ``det_<name>`` at the checkpoint's TPR (or ``tpr``). Installs both on ``model.config.fitted``;
+    ``det_<name>`` at the checkpoint's TPR (or ``tpr``). With ``val_ood`` ({set name: normalised
+    batches of validation OOD images}) the detector and features are not given but chosen by
+    :func:`choose`, with the second half as the in-distribution side. Installs both on ``model.config.fitted``;
     ``nrm.save(model, path)`` then writes them. Returns the detector state."""
     from nrm.config import Threshold
     from nrm.fit import collect
@@ -249,7 +289,13 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETE
     cols = collect(model, in_val_batches)
     fit_idx, thr_idx = split_halves(len(cols["pred"]))
     half = {k: v[fit_idx] for k, v in cols.items()}
-    det = fit(name, half, len(model.config.classes), feature_set, **options)
+    rest = {k: v[thr_idx] for k, v in cols.items()}
+    if val_ood:
+        ood = {k: collect(model, b) for k, b in val_ood.items()}
+        det = choose(half, rest, ood, len(model.config.classes))
+        name, feature_set = det["name"], det["features"]
+    else:
+        det = fit(name, half, len(model.config.classes), feature_set, **options)
     if candidates:  # every other candidate as its own named score column, fitted on the same half
         det["candidates"] = [fit(n, half, len(model.config.classes), f) for n, f in CANDIDATES
                              if (n, f) != (name, feature_set)]
@@ -257,6 +303,6 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETE
     fitted.detector = det
     old = fitted.threshold
     rate = tpr if tpr is not None else (old.tpr if old else 0.95)
-    held = score(det, {k: v[thr_idx] for k, v in cols.items()})
+    held = score(det, rest)
     fitted.threshold = Threshold(PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
     return det

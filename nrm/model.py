@@ -215,8 +215,9 @@ class NRM(nn.Module):
         per_channel = [eta[k] for k in self.bias_layers]
         return Rendering(y, h, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
 
-    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering]:
-        """One vector-Jacobian product of logit_y with respect to x and every bias layer's output."""
+    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering, list[Tensor]]:
+        """One vector-Jacobian product of logit_y with respect to x and every bias layer's output.
+        Returns the logits, the rendering and the bias layers' pre-activations z(l)."""
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -230,19 +231,36 @@ class NRM(nn.Module):
             bias = self.layer(self.config.layers[k].name).bias  # type: ignore[union-attr]
             per_unit = g.sum(dim=(2, 3)) if g.dim() == 4 else g  # (N, C)
             eta.append(per_unit * bias if bias is not None else torch.zeros_like(per_unit))  # (N, C)
-        return logits, Rendering(y, grads[0], torch.stack([e.sum(1) for e in eta], dim=1), torch.cat(eta, dim=1))
+        rendering = Rendering(y, grads[0], torch.stack([e.sum(1) for e in eta], dim=1), torch.cat(eta, dim=1))
+        return logits, rendering, zs
 
     def render(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False) -> Rendering:
         """Fast renderer: h(0) = d logit_y / dx and eta_l = b(l) . d logit_y / dz(l), in one backward
         pass. ``y`` defaults to y* = argmax; ``create_graph`` lets training differentiate through it."""
         return self._vjp(x, y, create_graph)[1]
 
+    def unit_stats(self, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-channel statistics of the bottom-up pass, over spatial positions p, for every bias layer:
+
+            gate rate  g_{l,c} = mean_p 1[z(l)_{c,p} > 0]       the ReLU latents s*(l), as on-rates
+            act mean   a_{l,c} = mean_p max(z(l)_{c,p}, 0)      the positive part of the activation
+
+        zs are the bias layers' pre-activations z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l)."""
+        rates, means = [], []
+        for z in zs:
+            z = z.detach()
+            dims = (2, 3) if z.dim() == 4 else ()
+            on = (z > 0).to(z.dtype)
+            rates.append(on.mean(dim=dims) if dims else on)  # (N, C)
+            means.append(z.clamp_min(0).mean(dim=dims) if dims else z.clamp_min(0))  # (N, C)
+        return torch.cat(rates, dim=1), torch.cat(means, dim=1)
+
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
     def score(self, x: Tensor) -> dict[str, Tensor]:
         """Every per-sample column of the public contract (nrm.scores.COLUMNS), then ``extra_columns``, for normalised x."""
         self.check_input(x)
-        logits, r = self._vjp(x, None, create_graph=False)
+        logits, r, zs = self._vjp(x, None, create_graph=False)
         logits = logits.detach()
         fitted = self.config.fitted
         out = S.classifier_scores(logits)
@@ -253,6 +271,7 @@ class NRM(nn.Module):
         out["loglik_bound"] = S.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
         # Not a public column: eta_l split by output channel, one input of the detectors (nrm.detectors).
         out["latent_prior_channels"] = r.eta_channels.detach()  # type: ignore[union-attr]
+        out["latent_gates"], out["unit_acts"] = self.unit_stats(zs)  # also detector inputs only
         out.update(D.score_columns(fitted.detector, out))  # det_<name> (nrm.detectors), if one is fitted
         return out
 

@@ -133,7 +133,7 @@ def train(
             x = model.preprocess(images[idx])  # (B, C, H, W)
             y = labels[idx].to(x.device)
             if cfg.recon_weight > 0:
-                logits, r = model._vjp(x, y, create_graph=True)
+                logits, r, _ = model._vjp(x, y, create_graph=True)
                 recon = (x - r.h0).pow(2).mean()
             else:
                 logits, recon = model(x), x.new_zeros(())

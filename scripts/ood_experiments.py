@@ -7,12 +7,16 @@ gray models' data set is given with --in):
   10 %, never trained on) are split in two seeded halves by nrm.detectors.split_halves: the first
   fits every detector, the second is the in-distribution side of the VALIDATION comparison;
   the TEST split is the in-distribution side of the REPORT.
-- OOD, validation: the first --ood-val rows of the other sets' TRAIN splits, and the first half of
-  textures32 (seeded permutation, same as scripts/normaliser_comparison.py).
-- OOD, report: the other sets' TEST splits and the second half of textures32.
+- OOD, validation: the first --ood-val rows of the other sets' TRAIN splits, the first half of
+  textures32 (seeded permutation, same as scripts/normaliser_comparison.py) and --ood-val images of
+  uniform noise drawn with seed 1.
+- OOD, report: the other sets' TEST splits, the second half of textures32 and --noise (the
+  `scripts/make_noise.py` file of the model's size, seed 0), when given.
 
 Choices (the winner) are made on validation AUROCs only: the detector with the best worst-case
-(minimum over OOD sets) validation AUROC, averaged over checkpoints. Prints markdown.
+(minimum over OOD sets) validation AUROC, averaged over checkpoints. The row ``choose`` is the
+per-checkpoint choice of nrm.detectors.choose (what `nrm-ood fit-detector --val-ood` does) on the same
+validation sets. Prints markdown.
 
     python scripts/ood_experiments.py --data /work/shared/datasets \
         --model fmnist=/work/ckpts/fmnist:fashion_mnist --model mnist=/work/ckpts/mnist:mnist ...
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 import nrm
-from jobs.datasets import load_labelled
+from jobs.datasets import load_images, load_labelled
 from nrm import detectors as D
 from nrm import metrics
 from nrm.fit import collect
@@ -51,7 +55,8 @@ def stats(model: nrm.NRM, images: np.ndarray) -> dict[str, torch.Tensor]:
     return collect(model, pre)
 
 
-def splits(model: nrm.NRM, ckpt: Path, ind: str, data: Path, ood_val: int) -> dict[str, dict[str, torch.Tensor]]:
+def splits(model: nrm.NRM, ckpt: Path, ind: str, data: Path, ood_val: int,
+           noise: str | None) -> dict[str, dict[str, torch.Tensor]]:
     """Score columns of every split (see the module docstring), keyed 'in_fit', 'in_val', 'in_test',
     'val:<set>', 'test:<set>'."""
     shape = model.input_shape
@@ -70,6 +75,10 @@ def splits(model: nrm.NRM, ckpt: Path, ind: str, data: Path, ood_val: int) -> di
     tex = load_labelled(str(data / "textures32" / "test"), shape)[0]
     out["val:textures32"] = stats(model, tex[textures_half(len(tex), True)])
     out["test:textures32"] = stats(model, tex[textures_half(len(tex), False)])
+    c, h, w = shape
+    out["val:noise"] = stats(model, np.random.default_rng(1).integers(0, 256, (ood_val, h, w, c), dtype=np.uint8))
+    if noise is not None:
+        out["test:noise"] = stats(model, load_images(str(noise).format(size=h), shape))
     return out
 
 
@@ -94,6 +103,7 @@ def main() -> int:
     ap.add_argument("--model", action="append", required=True, help="NAME=CKPT_DIR:IN_SET (IN_SET in mnist, fashion_mnist, cifar10)")
     ap.add_argument("--ood-val", type=int, default=2000, help="rows of each OOD TRAIN split for validation")
     ap.add_argument("--cache", type=Path, default=None, help="directory to cache score columns in")
+    ap.add_argument("--noise", type=str, default=None, help="report noise Parquet; {size} is the model's image size")
     ap.add_argument("--gmm-components", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -107,7 +117,7 @@ def main() -> int:
         if cache and cache.exists():
             s = torch.load(cache)
         else:
-            s = splits(model, Path(ckpt), ind, args.data, args.ood_val)
+            s = splits(model, Path(ckpt), ind, args.data, args.ood_val, args.noise)
             if cache:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(s, cache)
@@ -117,6 +127,10 @@ def main() -> int:
             opts = {"components": args.gmm_components} if det == "gmm" else {}
             state = D.fit(det, s["in_fit"], k, fs, **opts)
             res[f"{det}[{fs}]"] = aurocs(s, lambda c, st=state: D.score(st, c).double().numpy())
+        val = {key: cols for key, cols in s.items() if key.startswith("val:")}
+        chosen = D.choose(s["in_fit"], s["in_val"], val, k)
+        res[f"choose -> {chosen['name']}[{chosen['features']}]"] = aurocs(
+            s, lambda c, st=chosen: D.score(st, c).double().numpy())
         results[name] = res
     print_tables(results)
     print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU threads)")
@@ -135,7 +149,7 @@ def print_tables(results: dict[str, dict[str, dict[str, float]]]) -> None:
                 vals = [r[k] for k in keys]
                 print(f"| {method} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {min(vals):.3f} |")
             print()
-    methods = [m for m in next(iter(results.values())) if "[" in m]
+    methods = [m for m in next(iter(results.values())) if "[" in m and not m.startswith("choose")]
     score = {m: float(np.mean([min(v for k, v in res[m].items() if k.startswith("val:")) for res in results.values()]))
              for m in methods}
     best = max(score, key=score.__getitem__)

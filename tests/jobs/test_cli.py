@@ -243,3 +243,43 @@ def test_console_script_scores_in_a_subprocess(ckpt: Path, tmp_path: Path) -> No
     t = read_scores(tmp_path / "out", "sub")
     assert t.num_rows == 7 and t.filter(pc.equal(t["status"], "error"))["error"].to_pylist() == [
         "empty image (no bytes)"]
+
+
+# ---------------------------------------------------------------------------- fit-detector
+def test_fit_detector_chooses_on_validation_ood_sets(ckpt: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(300, seed=5)],
+                     labels=[i % 3 for i in range(300)])
+    flat = np.repeat(np.arange(60, dtype=np.uint8)[:, None, None, None] * 4, 64, axis=1).reshape(60, 8, 8, 1)
+    write_hf_parquet(tmp_path / "flat.parquet", [png_bytes(p) for p in flat])  # unlabelled, as OOD sets are
+    out = tmp_path / "fitted"
+    r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path / "train.parquet"), "--out", str(out),
+               "--val-ood", f"flat={tmp_path / 'flat.parquet'}", "--val-fraction", "0.5")
+    assert r.exit_code == 0, r.output
+    det = json.loads((out / "config.json").read_text())["detector"]
+    assert set(det["selection"]["det_mahalanobis_gates"]) == {"flat"}
+    winner = f"det_{det['name']}_{det['features']}"
+    assert min(det["selection"][winner].values()) == max(min(v.values()) for v in det["selection"].values())
+    assert f"validation AUROC {winner}: flat " in r.output
+    assert f"fitted {det['name']}[{det['features']}] on 150 held-out rows; threshold det_{det['name']} <" in r.output
+    assert json.loads((out / "config.json").read_text())["threshold"]["score"] == f"det_{det['name']}"
+
+
+@pytest.mark.parametrize("spec", ["flat", "=x.parquet", "in=x.parquet"])
+def test_fit_detector_refuses_a_bad_val_ood_spec(ckpt: Path, tmp_path: Path, spec: str) -> None:
+    r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+               "--val-ood", spec)
+    assert r.exit_code == 2 and f"--val-ood {spec!r}" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_detector_choices_match_the_library() -> None:
+    from jobs import cli
+    from nrm import detectors as D
+
+    assert {d.value for d in cli.Detector} == set(D.DETECTORS)
+    assert [f.value for f in cli.FeatureSet] == list(D.FEATURE_SETS)
+    assert cli.DEFAULT_FEATURES == D.DEFAULT_FEATURES
+    r = invoke("fit-detector", "--model", "m", "--data", "d", "--out", "o", "--features", "pixels")
+    assert r.exit_code == 2 and "'pixels' is not one of" in r.output and "gates_acts" in r.output

@@ -197,7 +197,7 @@ def test_refit_keeps_every_candidate_as_a_named_score(tmp_path: Path) -> None:
     model = nrm.NRM(tiny_config()).eval().requires_grad_(False)
     x = torch.randn(80, *model.input_shape)
     D.refit(model, [x[:40], x[40:]], candidates=True)
-    names = [D.PREFIX + "mahalanobis"] + [f"{D.PREFIX}{n}_{f}" for n, f in D.CANDIDATES if (n, f) != ("mahalanobis", "channels_recon")]
+    names = [D.PREFIX + "mahalanobis"] + [f"{D.PREFIX}{n}_{f}" for n, f in D.CANDIDATES if (n, f) != ("mahalanobis", D.DEFAULT_FEATURES)]
     assert model.extra_columns == names
     assert model.config.fitted.threshold is not None and model.config.fitted.threshold.score == "det_mahalanobis"
     cols = model.score(x[:7])
@@ -208,3 +208,73 @@ def test_refit_keeps_every_candidate_as_a_named_score(tmp_path: Path) -> None:
         torch.testing.assert_close(again[c], cols[c], rtol=1e-4, atol=1e-4)
     # each candidate column is that detector's own score, not the primary's
     assert not torch.equal(cols["det_typicality_eta"], cols["det_mahalanobis"])
+
+
+# --------------------------------------------------------------------------- latent gate statistics and the choice
+def test_unit_stats_are_the_gates_of_the_bottom_up_pass() -> None:
+    model = _model().double()
+    x = _data(5, 6).double()
+    cols, lat = model.score(x), model.encode(x)
+    pre = [lat.pre_activations[k] for k in model.bias_layers]  # (N, C, H, W) each
+    rates = torch.cat([(z > 0).double().mean(dim=(2, 3)) for z in pre], 1)
+    acts = torch.cat([z.clamp_min(0).mean(dim=(2, 3)) for z in pre], 1)
+    torch.testing.assert_close(cols["latent_gates"], rates, atol=0, rtol=0)
+    torch.testing.assert_close(cols["unit_acts"], acts)
+    # the same gates the explicit renderer multiplies by: s*(l) of the ReLU after each bias layer
+    relu = [k + 1 for k in model.bias_layers]
+    torch.testing.assert_close(rates, torch.cat([lat.gates[k].mean(dim=(2, 3)) for k in relu], 1), atol=0, rtol=0)
+    assert ((rates >= 0) & (rates <= 1)).all() and rates.shape == (6, 4 + 6)
+
+
+def test_gate_feature_sets_concatenate_their_parts() -> None:
+    cols = _model().score(_data(0, 5))
+    g, a = cols["latent_gates"].double(), cols["unit_acts"].double()
+    torch.testing.assert_close(D.features(cols, "gates"), g)
+    torch.testing.assert_close(D.features(cols, "gates_acts"), torch.cat([g, a], 1))
+    f = D.features(cols, "gates_channels_recon")
+    assert f.shape == (5, 10 + 10 + 1)
+    torch.testing.assert_close(f[:, -1], cols["recon_sq_error"].double().log())
+
+
+def _synthetic(seed: int, n: int, shift_gates: float, shift_channels: float) -> dict[str, torch.Tensor]:
+    """Score columns where the gate rates and the per-channel terms can be moved apart independently."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    channels = r(n, 4) + shift_channels
+    return {"pred": torch.zeros(n, dtype=torch.long), "latent_prior": channels.sum(1),
+            "latent_prior_layers": torch.stack([channels[:, :2].sum(1), channels[:, 2:].sum(1)], 1),
+            "latent_prior_channels": channels, "latent_gates": r(n, 3) + shift_gates,
+            "unit_acts": r(n, 3), "recon_sq_error": r(n).exp()}
+
+
+def test_choose_picks_the_features_that_separate_every_validation_set() -> None:
+    fit_cols, in_cols = _synthetic(0, 400, 0, 0), _synthetic(1, 400, 0, 0)
+    # set A moves only the per-channel terms, set B only the gate rates: only features with gates
+    # AND channels catch both, so gates_channels_recon has the best worst case
+    ood = {"a": _synthetic(2, 300, 0, 3.0), "b": _synthetic(3, 300, 3.0, 0)}
+    det = D.choose(fit_cols, in_cols, ood, n_classes=1)
+    assert (det["name"], det["features"]) == ("mahalanobis", "gates_channels_recon")
+    table = det["selection"]
+    assert set(table) == {D.candidate_column({"name": n, "features": f}) for n, f in D.SEARCH}
+    assert table["det_mahalanobis_gates_channels_recon"]["a"] > 0.95
+    assert table["det_mahalanobis_gates_channels_recon"]["b"] > 0.95
+    assert table["det_mahalanobis_gates"]["a"] < 0.6 and table["det_mahalanobis_channels_recon"]["b"] < 0.6
+    # the winner's worst case is the best worst case of the table
+    assert min(table["det_mahalanobis_gates_channels_recon"].values()) == max(min(r.values()) for r in table.values())
+    # only set B: the gates alone are enough and tie on the worst case; the higher mean breaks it
+    only_b = D.choose(fit_cols, in_cols, {"b": ood["b"]}, n_classes=1)
+    assert "gates" in only_b["features"]
+    with pytest.raises(ValueError, match="no validation OOD sets"):
+        D.choose(fit_cols, in_cols, {}, n_classes=1)
+
+
+def test_refit_chooses_on_validation_ood_and_saves_the_table(tmp_path: Path) -> None:
+    model = _model()
+    ood = {"far": [_data(9, 150) * 30 + 5]}
+    det = D.refit(model, [_data(1, 200), _data(2, 200)], val_ood=ood)
+    assert det["selection"].keys() == {D.candidate_column({"name": n, "features": f}) for n, f in D.SEARCH}
+    th = model.config.fitted.threshold
+    assert th is not None and th.score == f"det_{det['name']}" and model.extra_columns == [f"det_{det['name']}"]
+    assert min(det["selection"][D.candidate_column(det)].values()) > 0.9
+    nrm.save(model, tmp_path / "c")
+    assert nrm.load(tmp_path / "c").config.fitted.detector["selection"] == det["selection"]
