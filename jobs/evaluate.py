@@ -197,6 +197,10 @@ def score_sets(opts: EvalOptions, ckpt: Checkpoint, echo: Callable[[str], None] 
                 raise EvaluateError(f"{opts.out} already holds a committed run {rid!r} made by model "
                                     f"{committed['model']['model_id'][:12]}, not {ckpt.model_id[:12]} ({opts.model}); "
                                     f"use a fresh --out or delete {scores_root}/{rid}")
+            if committed["model"].get("config_sha256") != ckpt.config_sha256:
+                raise EvaluateError(f"{opts.out} already holds a committed run {rid!r} made by the same weights "
+                                    f"({ckpt.model_id[:12]}) with a different config.json (threshold or detector "
+                                    f"refitted?); use a fresh --out or delete {scores_root}/{rid}")
             echo(f"set {name}: reusing committed run {rid} ({committed['rows']['in']} rows)")
         else:
             echo(f"set {name}: scoring {source}")
@@ -368,6 +372,14 @@ def metrics_markdown(m: dict[str, Any]) -> str:
     if th:
         lines += [f"Checkpoint threshold: flag OOD when `{th['score']}` < {th['value']:.6g} "
                   f"(fitted to keep {th.get('tpr', 0.95):.0%} of held-out in-distribution data).", ""]
+    det = m["model"].get("detector")
+    if det:
+        lines += [f"`det_{det['name']}` is the checkpoint's fitted detector: {det['name']} on the NRM features "
+                  f"`{det['features']}` (nrm.detectors)" + (", chosen on validation OOD sets (worst-case AUROC):"
+                                                            if det.get("selection") else "."), ""]
+        for column, row in det.get("selection", {}).items():
+            lines.append(f"- {column}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()))
+        lines += [""] if det.get("selection") else []
     acc = m.get("accuracy")
     lines += ["Classifier accuracy on labelled in-distribution rows: "
               + (f"**{acc['accuracy']:.4f}** ({acc['labelled_rows']} rows)." if acc else "no labels."), ""]
@@ -559,7 +571,10 @@ def evaluate(opts: EvalOptions, echo: Callable[[str], None] = print) -> EvalResu
     sets = score_sets(opts, ckpt, echo)
     with ckpt.local() as path:
         model = nrm.load(path, expect_model_id=ckpt.model_id)
-    m = write_evaluation(sets, model, opts.out, {"uri": opts.model, "model_id": ckpt.model_id}, store)
+    det = model.config.fitted.detector
+    info = {"uri": opts.model, "model_id": ckpt.model_id,
+            "detector": {k: det[k] for k in ("name", "features", "selection") if k in det} if det else None}
+    m = write_evaluation(sets, model, opts.out, info, store)
     incomplete = [s.name for s in sets if m["sets"][s.name]["failed_inputs"]]
     return EvalResult(opts.out, m, incomplete)
 

@@ -10,6 +10,7 @@ create-if-absent, is what commits it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -59,6 +60,14 @@ class Checkpoint:
     files: dict[str, bytes]
     model_id: str
     config: ModelConfig | None = None  # parsed and validated by fetch
+
+    @property
+    def config_sha256(self) -> str:
+        """sha256 of config.json: the fitted state (threshold, detector, ...) that model_id, a hash of
+        the weights alone, does not cover."""
+        from nrm.checkpoint import CONFIG
+
+        return hashlib.sha256(self.files[CONFIG]).hexdigest()
 
     @classmethod
     def fetch(cls, store: Store, uri: str) -> Checkpoint:
@@ -445,7 +454,7 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     body = {
         "status": "incomplete" if plan.failed else "complete",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"uri": opts.model, "model_id": ckpt.model_id},
+        "model": {"uri": opts.model, "model_id": ckpt.model_id, "config_sha256": ckpt.config_sha256},
         "input": opts.input,
         "inputs": [manifest.input_entry(f, n) for f, n in plan.inputs],
         "failed_inputs": plan.failed,

@@ -33,6 +33,7 @@ from jobs.evaluate import (
 from jobs.images import Policy
 from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
 from jobs.storage import Store
+from nrm import detectors as D
 
 runner = CliRunner(env={"COLUMNS": "200"})
 LAYERS = ["conv1", "conv2"]  # latent layers of support.tiny_config
@@ -198,8 +199,13 @@ def test_write_evaluation_writes_metrics_figures_and_image_rendering_galleries(c
     model = nrm.load(ckpt)
     sets = scored_sets(ckpt, tmp_path / "data")
     out = tmp_path / "eval"
-    m = write_evaluation(sets, model, out, {"uri": str(ckpt), "model_id": "x"})
+    det = {"name": "mahalanobis", "features": "gates", "selection": {"det_mahalanobis_gates": {"flat": 0.5}}}
+    m = write_evaluation(sets, model, out, {"uri": str(ckpt), "model_id": "x", "detector": det})
     saved = json.loads((out / "metrics.json").read_text())
+    md = (out / "metrics.md").read_text()
+    assert saved["model"]["detector"] == det
+    assert "`det_mahalanobis` is the checkpoint's fitted detector: mahalanobis on the NRM features `gates`" in md
+    assert "\n- det_mahalanobis_gates: flat 0.500\n" in md
     assert saved["sets"]["in"] == m["sets"]["in"]
     assert (saved["sets"]["in"]["rows"], saved["sets"]["in"]["ok"], saved["sets"]["in"]["error"]) == (20, 19, 1)
     assert saved["sets"]["in"]["error_reasons"][0]["rows"] == 1
@@ -269,6 +275,13 @@ def test_evaluate_command_end_to_end_reuses_runs_and_checks_them(ckpt: Path, tmp
     other = runner.invoke(app, [*args[:-4], "--limit", "10", "--batch-size", "16"])
     assert other.exit_code == 1
     assert other.stderr.startswith("error: ") and "first 10 rows" in other.stderr and "fresh --out" in other.stderr
+
+    # same weights (same model_id), refitted state: the committed scores are stale and are not reused
+    model = nrm.load(ckpt)
+    D.refit(model, [model.preprocess(torch.from_numpy(random_images(60, seed=9)))])
+    nrm.save(model, tmp_path / "refit")
+    stale = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "refit"), *args[3:]])
+    assert stale.exit_code == 1 and "same weights" in stale.stderr and "different config.json" in stale.stderr
 
 
 def test_evaluate_command_rejects_bad_ood_and_missing_checkpoint(tmp_path: Path) -> None:
