@@ -28,6 +28,7 @@ import torch
 
 import nrm
 from nrm.config import ModelConfig
+from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, refit
 
 Echo = Callable[[str], None]
 
@@ -74,7 +75,11 @@ def overhead(cfg: ModelConfig, batch: int, reps: int, device: str = "cpu") -> di
         sync()
 
     tp, ts = _time(plain, reps), _time(scored, reps)
-    return {"plain_s": tp, "score_s": ts, "ratio": ts / tp, "images_per_s": batch / ts}
+    # the same with nrm-ood train's default detector fitted (on random inputs: only its cost matters)
+    refit(model, [torch.randn(256, *model.input_shape, device=device) for _ in range(2)])
+    td = _time(scored, reps)
+    return {"plain_s": tp, "score_s": ts, "ratio": ts / tp, "images_per_s": batch / ts, "detector_s": td,
+            "detector_ratio": td / tp}
 
 
 def _write_shards(root: Path, n: int, shards: int, shape: tuple[int, int, int]) -> None:
@@ -216,9 +221,11 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
     lines += ["## 1. NRM scoring time / plain inference time (target <= 2.0x)", "",
               "Same random-initialised CNN, same batch; plain = `model(x)` under no_grad; NRM = `model.score(x)` "
               "(forward + one vector-Jacobian product + score columns). Median of "
-              f"{reps} runs after a warm-up; torch threads {torch.get_num_threads()}.", "",
-              "| model | input | batch | plain (ms) | NRM score (ms) | ratio | NRM images/s | target met |",
-              "|---|---|---|---|---|---|---|---|"]
+              f"{reps} runs after a warm-up; torch threads {torch.get_num_threads()}. The last two columns: "
+              f"the same with `nrm-ood train`'s default detector fitted ({DEFAULT_DETECTOR}[{DEFAULT_FEATURES}]).", "",
+              "| model | input | batch | plain (ms) | NRM score (ms) | ratio | NRM images/s | target met "
+              "| + detector (ms) | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         for name, width in (("gray28", 0.5), ("gray28", 1.0), ("rgb32-small", 1.0), ("rgb32-allconv", 0.5)):
@@ -227,7 +234,8 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
             r = overhead(cfg, b, reps, device)
             lines.append(f"| {name} w{width} ({device}) | {'x'.join(map(str, cfg.input.shape))} | {b} | "
                          f"{r['plain_s'] * 1e3:.1f} | {r['score_s'] * 1e3:.1f} | {r['ratio']:.2f}x | "
-                         f"{r['images_per_s']:.0f} | {'yes' if r['ratio'] <= 2.0 else 'no'} |")
+                         f"{r['images_per_s']:.0f} | {'yes' if r['ratio'] <= 2.0 else 'no'} | "
+                         f"{r['detector_s'] * 1e3:.1f} | {r['detector_ratio']:.2f}x |")
             echo(f"  {name} w{width} {device}: {r['ratio']:.2f}x")
     if not torch.cuda.is_available():
         lines += ["", "No GPU on this machine: GPU images/s are not measured here (see docs/scaling.md)."]

@@ -186,6 +186,12 @@ def fit(name: str, cols: dict[str, Tensor], n_classes: int, feature_set: str = D
     return {"name": name, "features": feature_set, "params": params}
 
 
+def needs_unit_stats(detector: dict[str, Any]) -> bool:
+    """Whether the fitted detector (or a candidate kept beside it) reads ``latent_gates`` / ``unit_acts``."""
+    states = [detector, *detector.get("candidates", [])] if detector else []
+    return any(p in ("gates", "acts") for st in states for p in st.get("features", "").split("_"))
+
+
 def column_names(detector: dict[str, Any]) -> list[str]:
     """The score columns a fitted detector adds: ``det_<name>``, then ``det_<name>_<features>`` for
     each fitted candidate kept beside it (``detector["candidates"]``); none when nothing is fitted."""
@@ -200,13 +206,30 @@ def candidate_column(candidate: dict[str, Any]) -> str:
     return f"{PREFIX}{candidate['name']}_{candidate['features']}"
 
 
+# Fitted parameters as float64 tensors, per params dict and device: converting a D x D precision
+# from JSON lists costs more than scoring a batch. States are replaced when refitted, never mutated.
+_TENSORS: dict[tuple[int, str], tuple[dict[str, Any], dict[str, Tensor]]] = {}
+
+
+def _tensors(params: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+    key = (id(params), str(device))
+    hit = _TENSORS.get(key)
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    t = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in params.items()}
+    if len(_TENSORS) >= 32:
+        _TENSORS.pop(next(iter(_TENSORS)))
+    _TENSORS[key] = (params, t)  # holding params keeps its id from being reused
+    return t
+
+
 def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
     """The detector's score (N,), higher = more in-distribution, from NRM.score columns."""
     name = detector.get("name", "")
     _check(name)
     try:
         f, p = features(cols, detector["features"]), detector["params"]
-        t = {k: torch.tensor(v, dtype=torch.float64, device=f.device) for k, v in p.items()}
+        t = _tensors(p, f.device)
         pred = cols["pred"].long()
         if name == "typicality":
             s = typicality(f, pred, t["median"], t["mad"])

@@ -35,10 +35,11 @@ DEFAULT_THRESHOLD_SCORE = "latent_loglik"
 
 @torch.no_grad()
 def collect(model: NRM, batches: Iterable[Tensor]) -> dict[str, Tensor]:
-    """Concatenate ``model.score`` over normalised batches (on the model's device) into CPU tensors."""
+    """Concatenate ``model.score`` over normalised batches (on the model's device) into CPU tensors, with
+    every detector input (``unit_stats=True``), since fitting may choose any feature set."""
     parts: dict[str, list[Tensor]] = {}
     for x in batches:
-        for k, v in model.score(x).items():
+        for k, v in model.score(x, unit_stats=True).items():
             parts.setdefault(k, []).append(v.cpu())
     if not parts:
         raise ValueError("collect: got no batches")

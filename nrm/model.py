@@ -250,15 +250,17 @@ class NRM(nn.Module):
         for z in zs:
             z = z.detach()
             dims = (2, 3) if z.dim() == 4 else ()
-            on = (z > 0).to(z.dtype)
-            rates.append(on.mean(dim=dims) if dims else on)  # (N, C)
-            means.append(z.clamp_min(0).mean(dim=dims) if dims else z.clamp_min(0))  # (N, C)
+            n = z.shape[2] * z.shape[3] if dims else 1
+            rates.append(z.gt(0).sum(dim=dims, dtype=z.dtype) / n if dims else z.gt(0).to(z.dtype))  # (N, C)
+            means.append(z.clamp_min(0).sum(dim=dims) / n if dims else z.clamp_min(0))  # (N, C)
         return torch.cat(rates, dim=1), torch.cat(means, dim=1)
 
     # ------------------------------------------------------------------ scores
     @torch.no_grad()
-    def score(self, x: Tensor) -> dict[str, Tensor]:
-        """Every per-sample column of the public contract (nrm.scores.COLUMNS), then ``extra_columns``, for normalised x."""
+    def score(self, x: Tensor, unit_stats: bool | None = None) -> dict[str, Tensor]:
+        """Every per-sample column of the public contract (nrm.scores.COLUMNS), then ``extra_columns``, for normalised x.
+        ``unit_stats`` adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`); by default only
+        when the fitted detector reads them (they cost a pass over every activation)."""
         self.check_input(x)
         logits, r, zs = self._vjp(x, None, create_graph=False)
         logits = logits.detach()
@@ -271,7 +273,8 @@ class NRM(nn.Module):
         out["loglik_bound"] = S.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
         # Not a public column: eta_l split by output channel, one input of the detectors (nrm.detectors).
         out["latent_prior_channels"] = r.eta_channels.detach()  # type: ignore[union-attr]
-        out["latent_gates"], out["unit_acts"] = self.unit_stats(zs)  # also detector inputs only
+        if unit_stats or (unit_stats is None and D.needs_unit_stats(fitted.detector)):
+            out["latent_gates"], out["unit_acts"] = self.unit_stats(zs)  # also detector inputs only
         out.update(D.score_columns(fitted.detector, out))  # det_<name> (nrm.detectors), if one is fitted
         return out
 

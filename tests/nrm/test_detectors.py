@@ -120,11 +120,15 @@ def test_eta_channels_sum_to_eta_layers_and_renderers_agree() -> None:
 
 
 @pytest.mark.parametrize("name", D.DETECTORS)
-def test_columns_present_and_oriented(name: str) -> None:
+@pytest.mark.parametrize("features", ["channels_recon", "gates_acts"])
+def test_columns_present_and_oriented(name: str, features: str) -> None:
     model = _model()
     assert model.extra_columns == []
-    assert not any(k.startswith("det_") for k in model.score(_data(0, 4)))
-    D.refit(model, [_data(1, 200), _data(2, 200)], name=name, feature_set="channels_recon")
+    plain = model.score(_data(0, 4))
+    assert not any(k.startswith("det_") for k in plain)
+    assert "latent_gates" not in plain  # computed only when a detector reads them
+    D.refit(model, [_data(1, 200), _data(2, 200)], name=name, feature_set=features)
+    assert ("latent_gates" in model.score(_data(0, 4))) == (features == "gates_acts")
     assert model.extra_columns == [f"det_{name}"]
     th = model.config.fitted.threshold
     assert th is not None and th.score == f"det_{name}" and th.tpr == 0.95
@@ -214,7 +218,7 @@ def test_refit_keeps_every_candidate_as_a_named_score(tmp_path: Path) -> None:
 def test_unit_stats_are_the_gates_of_the_bottom_up_pass() -> None:
     model = _model().double()
     x = _data(5, 6).double()
-    cols, lat = model.score(x), model.encode(x)
+    cols, lat = model.score(x, unit_stats=True), model.encode(x)
     pre = [lat.pre_activations[k] for k in model.bias_layers]  # (N, C, H, W) each
     rates = torch.cat([(z > 0).double().mean(dim=(2, 3)) for z in pre], 1)
     acts = torch.cat([z.clamp_min(0).mean(dim=(2, 3)) for z in pre], 1)
@@ -227,7 +231,7 @@ def test_unit_stats_are_the_gates_of_the_bottom_up_pass() -> None:
 
 
 def test_gate_feature_sets_concatenate_their_parts() -> None:
-    cols = _model().score(_data(0, 5))
+    cols = _model().score(_data(0, 5), unit_stats=True)
     g, a = cols["latent_gates"].double(), cols["unit_acts"].double()
     torch.testing.assert_close(D.features(cols, "gates"), g)
     torch.testing.assert_close(D.features(cols, "gates_acts"), torch.cat([g, a], 1))
