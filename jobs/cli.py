@@ -168,6 +168,7 @@ class FeatureSet(str, enum.Enum):
     gates_acts = "gates_acts"
     gates_channels_recon = "gates_channels_recon"
 
+
 DEFAULT_FEATURES = "gates_acts"  # nrm.detectors.DEFAULT_FEATURES
 
 

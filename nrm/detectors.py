@@ -52,7 +52,7 @@ _PARTS = {"eta": "latent_prior", "layers": "latent_prior_layers", "channels": "l
           "gates": "latent_gates", "acts": "unit_acts", "recon": "recon_sq_error"}
 DETECTORS = ("typicality", "mahalanobis", "gmm")
 DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC over checkpoints (docs/results-detectors.md)
-DEFAULT_FEATURES = "gates_acts"  # ditto, 7 checkpoints incl. CIFAR-10 (channels_recon until the gate features)
+DEFAULT_FEATURES = "gates_acts"  # ditto, round 2: 8 checkpoints incl. two CIFAR-10 (round 1: channels_recon)
 PREFIX = "det_"
 
 
