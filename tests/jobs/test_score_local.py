@@ -136,7 +136,8 @@ def test_model_id_and_threshold_columns(hf_run: dict[str, Any], ckpt: Path) -> N
     sha = hashlib.sha256((ckpt / "weights.safetensors").read_bytes()).hexdigest()
     th = json.loads((ckpt / "config.json").read_text())["threshold"]
     assert th["score"] == "latent_loglik"
-    assert m["model"] == {"uri": str(ckpt), "model_id": sha}
+    config_sha = hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest()
+    assert m["model"] == {"uri": str(ckpt), "model_id": sha, "config_sha256": config_sha}
     assert m["threshold"]["value"] == th["value"]
     assert {r["model_id"] for r in t} == {sha}
     ok = [r for r in t if r["status"] == "ok"]
