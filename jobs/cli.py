@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from jobs.cli_errors import fail
+from jobs.cli_eval import named_sets
 from jobs.cli_eval import register as _register_eval
 from jobs.images import Policy
 
@@ -59,16 +60,6 @@ def _positive(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise typer.BadParameter(f"must be >= 1, got {value}")
     return value
-
-
-def _named_sets(values: list[str] | None) -> list[str] | None:
-    from jobs.evaluate import parse_ood
-
-    try:
-        parse_ood(values or [], "--val-ood")
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    return values
 
 
 def _nonneg(value: float) -> float:
@@ -183,7 +174,7 @@ def fit_detector(
     val_fraction: Annotated[float, typer.Option(help="Held-out fraction `nrm-ood train` used.")] = 0.1,
     candidates: Annotated[bool, typer.Option(help="Also keep every other candidate detector as a det_* column.")] = False,
     val_ood: Annotated[list[str] | None, typer.Option(
-        callback=_named_sets,
+        callback=named_sets("--val-ood"),
         help="NAME=PARQUET validation OOD set (repeatable; never a set you report on). With it, --detector and "
              "--features are not used: the candidate with the best worst-case validation AUROC wins.")] = None,
     val_ood_limit: Annotated[int, typer.Option(callback=_positive, help="Rows read of each --val-ood set.")] = 2000,

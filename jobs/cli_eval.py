@@ -7,6 +7,7 @@ files of a set could not be read (listed in metrics.json).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,20 +16,25 @@ import typer
 from jobs.cli_errors import fail
 
 
-def _ood_specs(values: list[str]) -> list[str]:
-    from jobs.evaluate import parse_ood
+def named_sets(option: str) -> Callable[[list[str] | None], list[str] | None]:
+    """A Typer callback that checks repeated ``option NAME=URI`` values at parse time (jobs.evaluate.parse_ood)."""
 
-    try:
-        parse_ood(values)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    return values
+    def check(values: list[str] | None) -> list[str] | None:
+        from jobs.evaluate import parse_ood
+
+        try:
+            parse_ood(values or [], option)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        return values
+
+    return check
 
 
 def evaluate(
     model: Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")],
     in_: Annotated[str, typer.Option("--in", help="In-distribution Parquet: file, directory, glob or s3:// prefix.")],
-    ood: Annotated[list[str], typer.Option(callback=_ood_specs, metavar="NAME=URI",
+    ood: Annotated[list[str], typer.Option(callback=named_sets("--ood"), metavar="NAME=URI",
                                            help="An OOD set, NAME=URI; repeat for several.")],
     out: Annotated[Path, typer.Option(file_okay=False, help="Local directory for scores/, metrics.json, metrics.md, "
                                       "report.html and figures/.")],

@@ -48,8 +48,7 @@ def load_labelled(
     policy: Policy = Policy.adapt,
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, H, W, C) and int64 labels (N,) of every decodable, labelled row of ``uri``."""
-    images, labels = _load(uri, shape, limit, store, policy, labelled=True)
-    return images, labels
+    return _load(uri, shape, limit, store, policy, labelled=True)
 
 
 def load_images(

@@ -248,11 +248,9 @@ class NRM(nn.Module):
         zs are the bias layers' pre-activations z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l)."""
         rates, means = [], []
         for z in zs:
-            z = z.detach()
-            dims = (2, 3) if z.dim() == 4 else ()
-            n = z.shape[2] * z.shape[3] if dims else 1
-            rates.append(z.gt(0).sum(dim=dims, dtype=z.dtype) / n if dims else z.gt(0).to(z.dtype))  # (N, C)
-            means.append(z.clamp_min(0).sum(dim=dims) / n if dims else z.clamp_min(0))  # (N, C)
+            z = z.detach().flatten(2) if z.dim() == 4 else z.detach()[:, :, None]  # (N, C, P); P = 1 for linear
+            rates.append(z.gt(0).sum(dim=2, dtype=z.dtype) / z.shape[2])  # (N, C)
+            means.append(z.clamp_min(0).sum(dim=2) / z.shape[2])  # (N, C)
         return torch.cat(rates, dim=1), torch.cat(means, dim=1)
 
     # ------------------------------------------------------------------ scores

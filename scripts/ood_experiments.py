@@ -78,7 +78,7 @@ def splits(model: nrm.NRM, ckpt: Path, ind: str, data: Path, ood_val: int,
     c, h, w = shape
     out["val:noise"] = stats(model, np.random.default_rng(3).integers(0, 256, (ood_val, h, w, c), dtype=np.uint8))
     if noise is not None:
-        out["test:noise"] = stats(model, load_images(str(noise).format(size=h), shape))
+        out["test:noise"] = stats(model, load_images(noise.format(size=h), shape))
     return out
 
 
