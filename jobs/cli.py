@@ -34,6 +34,13 @@ class Arch(str, enum.Enum):
     digits8 = "digits8"
 
 
+# nrm.train.AUGMENTATIONS spelled out so `--help` does not import torch; a test holds them equal.
+class Augment(str, enum.Enum):
+    none = "none"
+    crop = "crop"
+    flip_crop = "flip-crop"
+
+
 class Device(str, enum.Enum):
     auto = "auto"
     cpu = "cpu"
@@ -85,6 +92,7 @@ def train(
     limit: Annotated[int | None, typer.Option(callback=_positive, help="Use only the first N training rows.")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
     seed: Annotated[int, typer.Option()] = 0,
+    augment: Annotated[Augment, typer.Option(help="Augment training batches: random shifts (crop), plus left-right mirroring (flip-crop, natural images only).")] = Augment.none,
     endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
 ) -> None:
     """Train an NRM on labelled images and write a checkpoint (config.json + weights.safetensors)."""
@@ -121,11 +129,12 @@ def train(
         sys.stderr.flush()
 
     tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
-                         pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value)
+                         pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
+                         augment=augment.value)
     result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=progress)
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
-    report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "seconds": round(result.seconds, 1),
+    report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
         from nrm.train import accuracy

@@ -427,10 +427,11 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
         init_ray(opts.address)
         actors, cpa, gpa = pool_size(opts)
         spec = ReadSpec(store, cfg.input.shape, opts.resize_policy, plan.columns)
-        ds = ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=len(plan.units))
+        ds: ray.data.Dataset = ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=len(plan.units))
         with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1, batch_format="default",
+            ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
+                                batch_format="default",
                                 num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
             ds = ds.map_batches(
                 Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa))},
@@ -451,7 +452,7 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     if counts["ok"] + counts["error"] != rows_in:
         raise JobError(f"row accounting failed: {rows_in} rows in, {counts['ok']} ok + {counts['error']} error out; "
                        "nothing was committed")
-    body = {
+    body: dict[str, Any] = {
         "status": "incomplete" if plan.failed else "complete",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"uri": opts.model, "model_id": ckpt.model_id, "config_sha256": ckpt.config_sha256},

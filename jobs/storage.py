@@ -206,7 +206,7 @@ class Store:
 
             bucket, key = split_s3(uri)
             try:
-                return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+                return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return,unused-ignore]
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code in ("NoSuchKey", "404"):
@@ -275,4 +275,4 @@ class Store:
             fs.delete_dir(path)
 
     def read_json(self, uri: str) -> dict[str, Any]:
-        return json.loads(self.read_bytes(uri))  # type: ignore[no-any-return]
+        return json.loads(self.read_bytes(uri))  # type: ignore[no-any-return,unused-ignore]

@@ -46,6 +46,11 @@ class TrainConfig:
     detector: str | None = DEFAULT_DETECTOR
     threshold_score: str = PREFIX + DEFAULT_DETECTOR
     detector_features: str = DEFAULT_FEATURES
+    # label-preserving augmentation of each training batch: "none", "crop" (shift by up to
+    # crop_pad pixels, zero padding = the mean colour) or "flip-crop" (also mirror left-right;
+    # right for natural images such as CIFAR-10, wrong for digits)
+    augment: str = "none"
+    crop_pad: int = 4
 
 
 @dataclass
@@ -82,6 +87,33 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(x.mean(0).tolist()), tuple(x.std(0).clamp_min(1e-3).tolist())
 
 
+AUGMENTATIONS = ("none", "crop", "flip-crop")
+
+
+def augment(x: Tensor, mode: str, pad: int, gen: torch.Generator) -> Tensor:
+    """Randomly mirror (mode "flip-crop") and shift (both modes) each image of a normalised batch.
+
+    x: (B, C, H, W). The shift is a crop of the zero-padded image at a random offset in
+    [0, 2 * pad] per axis, so content moves by up to ``pad`` pixels and zeros fill in."""
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
+    if mode == "none":
+        return x
+    b, _, h, w = x.shape
+    if mode == "flip-crop":
+        flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)  # (B,)
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if pad <= 0:
+        return x
+    xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)  # (B, H)
+    cols = dx[:, None] + torch.arange(w, device=x.device)  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return xp[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+
 def batches(model: NRM, images: Tensor, size: int, order: Tensor | None = None) -> Iterator[Tensor]:
     """Normalised batches of ``images`` (uint8) on the model's device, in ``order`` if given."""
     idx = order if order is not None else torch.arange(len(images))
@@ -107,6 +139,8 @@ def train(
     cfg = cfg or TrainConfig()
     if len(images) != len(labels):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+    if cfg.augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {cfg.augment!r}; expected one of {AUGMENTATIONS}")
     if labels.min() < 0 or labels.max() >= len(config.classes):
         raise ValueError(f"labels must lie in [0, {len(config.classes)}), got [{int(labels.min())}, {int(labels.max())}]")
     start = time.perf_counter()
@@ -130,7 +164,7 @@ def train(
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
-            x = model.preprocess(images[idx])  # (B, C, H, W)
+            x = augment(model.preprocess(images[idx]), cfg.augment, cfg.crop_pad, gen)  # (B, C, H, W)
             y = labels[idx].to(x.device)
             if cfg.recon_weight > 0:
                 logits, r, _ = model._vjp(x, y, create_graph=True)

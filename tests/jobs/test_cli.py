@@ -245,6 +245,30 @@ def test_console_script_scores_in_a_subprocess(ckpt: Path, tmp_path: Path) -> No
         "empty image (no bytes)"]
 
 
+# ---------------------------------------------------------------------------- train
+def test_train_writes_a_checkpoint_and_its_report(tmp_path: Path) -> None:
+    import nrm
+
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(200, seed=6)],
+                     labels=[i % 3 for i in range(200)])
+    out = tmp_path / "ckpt"
+    r = invoke("train", "--data", str(tmp_path / "train.parquet"), "--test", str(tmp_path / "train.parquet"),
+               "--out", str(out), "--epochs", "1", "--recon-weight", "0", "--augment", "crop", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["arch"] == "digits8" and report["augment"] == "crop" and report["train_rows"] == 200
+    assert report["test_rows"] == 200 and 0.0 <= report["test_accuracy"] <= 1.0
+    model = nrm.load(out)
+    assert model.input_shape == (1, 8, 8) and len(model.config.classes) == 3
+    assert report["model_id"] == nrm.model_id(out)
+
+
+def test_train_refuses_an_unknown_augmentation(tmp_path: Path) -> None:
+    r = invoke("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--augment", "rotate")
+    assert r.exit_code == 2 and "'rotate' is not one of" in r.output and "flip-crop" in r.output
+    assert not (tmp_path / "o").exists()
+
+
 # ---------------------------------------------------------------------------- fit-detector
 def test_fit_detector_chooses_on_validation_ood_sets(ckpt: Path, tmp_path: Path) -> None:
     import numpy as np
@@ -277,9 +301,11 @@ def test_fit_detector_refuses_a_bad_val_ood_spec(ckpt: Path, tmp_path: Path, spe
 def test_detector_choices_match_the_library() -> None:
     from jobs import cli
     from nrm import detectors as D
+    from nrm.train import AUGMENTATIONS
 
     assert {d.value for d in cli.Detector} == set(D.DETECTORS)
     assert [f.value for f in cli.FeatureSet] == list(D.FEATURE_SETS)
     assert cli.DEFAULT_FEATURES == D.DEFAULT_FEATURES
+    assert [a.value for a in cli.Augment] == list(AUGMENTATIONS)
     r = invoke("fit-detector", "--model", "m", "--data", "d", "--out", "o", "--features", "pixels")
     assert r.exit_code == 2 and "'pixels' is not one of" in r.output and "gates_acts" in r.output

@@ -115,3 +115,43 @@ def test_length_mismatch_raises() -> None:
     images, labels = two_halves(16)
     with pytest.raises(ValueError, match="16 images but 15 labels"):
         nrm.train(tiny_config(classes=2), images, labels[:15], nrm.TrainConfig(epochs=1), progress=quiet)
+
+
+def test_augment_shifts_and_mirrors_within_bounds() -> None:
+    from nrm.train import augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(64 * 2 * 5 * 5, dtype=torch.float).reshape(64, 2, 5, 5) + 1  # no zeros in the input
+    assert augment(x, "none", 2, g) is x
+    shifted = augment(x, "crop", 2, g)
+    assert shifted.shape == x.shape
+    seen = set()
+    for a, b in zip(x, shifted, strict=True):
+        # each output is the input moved by (dy, dx) in [-2, 2]^2 with zeros filling in
+        hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.equal(b, torch.roll(a, (dy, dx), (1, 2)) * _window(dy, dx, 5))]
+        assert len(hits) == 1, hits
+        seen.add(hits[0])
+    assert len(seen) > 10  # offsets vary per image
+    mirrored = augment(x, "flip-crop", 0, g)
+    flipped = [torch.equal(b, a.flip(2)) for a, b in zip(x, mirrored, strict=True)]
+    assert all(f or torch.equal(b, a) for f, a, b in zip(flipped, x, mirrored, strict=True))
+    assert 10 < sum(flipped) < 54  # about half are mirrored
+    with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
+        augment(x, "rotate", 2, g)
+
+
+def _window(dy: int, dx: int, n: int) -> torch.Tensor:
+    """1 where a roll by (dy, dx) of an n x n image brings in real pixels, 0 where it wraps around."""
+    rows = torch.arange(n) - dy
+    cols = torch.arange(n) - dx
+    return (((rows >= 0) & (rows < n))[:, None] & ((cols >= 0) & (cols < n))[None, :]).float()
+
+
+def test_training_with_augmentation_still_learns() -> None:
+    images, labels = two_halves()
+    cfg = nrm.TrainConfig(epochs=3, batch_size=32, recon_weight=0.0, seed=0, augment="crop", crop_pad=1)
+    result = nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=quiet)
+    assert result.val_accuracy > 0.9
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
+        nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, augment="mixup"), progress=quiet)
