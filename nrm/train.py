@@ -141,6 +141,8 @@ def train(
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
     if cfg.augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {cfg.augment!r}; expected one of {AUGMENTATIONS}")
+    if cfg.crop_pad < 0:
+        raise ValueError(f"crop_pad must be >= 0 pixels, got {cfg.crop_pad}")
     if labels.min() < 0 or labels.max() >= len(config.classes):
         raise ValueError(f"labels must lie in [0, {len(config.classes)}), got [{int(labels.min())}, {int(labels.max())}]")
     start = time.perf_counter()

@@ -155,3 +155,6 @@ def test_training_with_augmentation_still_learns() -> None:
     assert result.val_accuracy > 0.9
     with pytest.raises(ValueError, match="unknown augmentation 'mixup'"):
         nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, augment="mixup"), progress=quiet)
+    with pytest.raises(ValueError, match="crop_pad must be >= 0 pixels, got -1"):
+        nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, augment="crop", crop_pad=-1),
+                  progress=quiet)
