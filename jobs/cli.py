@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -199,19 +198,17 @@ def fit_detector(
     from jobs.evaluate import parse_ood
     from jobs.storage import StorageError, Store
     from nrm.detectors import refit
-
-    def batches(px: torch.Tensor) -> Iterator[torch.Tensor]:
-        return (m.preprocess(px[i : i + 512]) for i in range(0, len(px), 512))
+    from nrm.train import batches
 
     try:
         m = nrm.load(model)
         store = Store(endpoint_url)
         x, _ = load_labelled(data, m.input_shape, None, store)
         refit_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
-        xs = torch.from_numpy(x)[refit_rows]
-        ood = {name: batches(torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)))
+        ood = {name: batches(m, torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)), 512)
                for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
-        det = refit(m, batches(xs), detector.value, features.value, candidates=candidates, val_ood=ood or None)
+        det = refit(m, batches(m, torch.from_numpy(x), 512, refit_rows), detector.value, features.value,
+                    candidates=candidates, val_ood=ood or None)
     except (nrm.CheckpointError, StorageError, DatasetError, ValueError) as e:
         raise fail(str(e)) from None
     mid = nrm.save(m, out)
@@ -220,7 +217,7 @@ def fit_detector(
     for column, row in det.get("selection", {}).items():
         typer.echo(f"  validation AUROC {column}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                    + f" (worst {min(row.values()):.3f})")
-    typer.echo(f"fitted {det['name']}[{det['features']}] on {len(xs)} held-out rows; threshold {th.score} < {th.value:.4g} "
+    typer.echo(f"fitted {det['name']}[{det['features']}] on {len(refit_rows)} held-out rows; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
 
 

@@ -90,20 +90,27 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
 AUGMENTATIONS = ("none", "crop", "flip-crop")
 
 
+def check_augment(mode: str, pad: int) -> None:
+    """Raise ValueError naming a bad augmentation mode or crop padding."""
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
+    if pad < 0:
+        raise ValueError(f"crop_pad must be >= 0 pixels, got {pad}")
+
+
 def augment(x: Tensor, mode: str, pad: int, gen: torch.Generator) -> Tensor:
     """Randomly mirror (mode "flip-crop") and shift (both modes) each image of a normalised batch.
 
     x: (B, C, H, W). The shift is a crop of the zero-padded image at a random offset in
     [0, 2 * pad] per axis, so content moves by up to ``pad`` pixels and zeros fill in."""
-    if mode not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
+    check_augment(mode, pad)
     if mode == "none":
         return x
     b, _, h, w = x.shape
     if mode == "flip-crop":
         flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)  # (B,)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if pad <= 0:
+    if pad == 0:
         return x
     xp = F.pad(x, (pad, pad, pad, pad))  # (B, C, H + 2p, W + 2p)
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
@@ -139,10 +146,7 @@ def train(
     cfg = cfg or TrainConfig()
     if len(images) != len(labels):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
-    if cfg.augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {cfg.augment!r}; expected one of {AUGMENTATIONS}")
-    if cfg.crop_pad < 0:
-        raise ValueError(f"crop_pad must be >= 0 pixels, got {cfg.crop_pad}")
+    check_augment(cfg.augment, cfg.crop_pad)
     if labels.min() < 0 or labels.max() >= len(config.classes):
         raise ValueError(f"labels must lie in [0, {len(config.classes)}), got [{int(labels.min())}, {int(labels.max())}]")
     start = time.perf_counter()
