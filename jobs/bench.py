@@ -28,7 +28,8 @@ import torch
 
 import nrm
 from nrm.config import ModelConfig
-from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, refit
+from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES
+from nrm.fit import refit
 
 Echo = Callable[[str], None]
 
