@@ -82,7 +82,11 @@ def _unfitted(cls: str) -> PosthocError:
                         f"or rebuild it with {cls}.from_tensors(saved_tensors, **saved_options)")
 
 
-def _state(tensors: dict[str, Tensor], cls: str, names: tuple[str, ...]) -> list[Tensor]:
+def _state(tensors: dict[str, Tensor], cls: str, names: tuple[str, ...], options: dict[str, Any],
+           allowed: tuple[str, ...] = ()) -> list[Tensor]:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise PosthocError(f"{cls}.from_tensors: unknown options {unknown}; expected a subset of {list(allowed)}")
     missing = [n for n in names if n not in tensors]
     if missing:
         raise PosthocError(f"{cls}.from_tensors: missing tensors {missing}; expected {list(names)}, "
@@ -114,7 +118,8 @@ def knn_distance(queries: Tensor, bank: Tensor, k: int, chunk_size: int = 1024) 
         z = f / ||f||,   d_k(z) = || z - b_(k) ||,   ||z - b||^2 = 2 - 2 z.b   (unit vectors)
 
     queries (N, F), bank (M, F) -> d_k (N,), in the bank's dtype. The queries go ``chunk_size`` at a
-    time, so the peak extra memory is chunk_size x M similarities, not N x M."""
+    time, so the peak extra memory is about two chunk_size x M similarity matrices (the product and
+    topk's work space), not N x M."""
     z = queries.to(bank.dtype)
     z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
     out = torch.empty(z.shape[0], dtype=bank.dtype, device=bank.device)
@@ -205,7 +210,7 @@ class MahalanobisPenultimate:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], **options: Any) -> MahalanobisPenultimate:
-        means, precision = _state(tensors, cls.__name__, ("means", "precision"))
+        means, precision = _state(tensors, cls.__name__, ("means", "precision"), options)
         return cls(means.double(), precision.double())
 
 
@@ -255,7 +260,7 @@ class KNN:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], **options: Any) -> KNN:
-        (bank,) = _state(tensors, cls.__name__, ("bank",))
+        (bank,) = _state(tensors, cls.__name__, ("bank",), options, ("k", "chunk_size"))
         return cls(bank, **options)
 
 
@@ -321,7 +326,7 @@ class ViM:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], **options: Any) -> ViM:
-        origin, basis, alpha = _state(tensors, cls.__name__, ("origin", "residual_basis", "alpha"))
+        origin, basis, alpha = _state(tensors, cls.__name__, ("origin", "residual_basis", "alpha"), options)
         return cls(origin.double(), basis.double(), alpha.double().reshape(()))
 
 

@@ -175,3 +175,11 @@ def test_vim_refuses_logits_with_another_row_count() -> None:
     det = fitted(d)["vim"]
     with pytest.raises(PosthocError, match=r"features has shape \(5, 8\) and logits shape \(4, 3\)"):
         det.score(d["features"][:5], d["logits"][:4])
+
+
+def test_rebuilding_names_missing_tensors_and_unknown_options() -> None:
+    det = fitted(toy())["knn"]
+    with pytest.raises(PosthocError, match=r"missing tensors \['bank'\]"):
+        KNN.from_tensors({})
+    with pytest.raises(PosthocError, match=r"unknown options \['kk'\]; expected a subset of \['k', 'chunk_size'\]"):
+        KNN.from_tensors(det.tensors(), kk=3)
