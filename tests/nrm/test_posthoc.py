@@ -108,7 +108,7 @@ def test_vim_alpha_matches_the_mean_max_logit_over_the_mean_residual() -> None:
     _, vecs = np.linalg.eigh(x.T @ x / len(x))
     res = np.linalg.norm(x @ vecs[:, :-3], axis=1)  # residual outside the top 3
     alpha = d["logits"].numpy().max(axis=1).mean() / res.mean()
-    assert float(det.alpha) == pytest.approx(alpha, rel=1e-10)
+    assert det.alpha is not None and float(det.alpha) == pytest.approx(alpha, rel=1e-10)
     np.testing.assert_allclose(det.score(d["features"], d["logits"]).numpy(),
                                logsumexp(d["logits"].numpy(), axis=1) - alpha * res, rtol=1e-9)
 
