@@ -61,6 +61,8 @@ def evaluate(
         sets, groups = group_sets(parse_ood(ood or []), parse_ood(near or [], "--near"), parse_ood(far or [], "--far"))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    if not sets:
+        raise typer.BadParameter("give at least one OOD set: --near, --far or --ood NAME=URI")
     opts = EvalOptions(model, in_, sets, out, limit, batch_size, address, endpoint_url, groups=groups)
     try:
         result = run(opts, echo=typer.echo)

@@ -361,3 +361,8 @@ def test_evaluate_command_refuses_a_set_name_in_two_groups(tmp_path: Path) -> No
     r = runner.invoke(app, ["evaluate", "--model", "m", "--in", "x", "--near", "a=/p", "--far", "a=/q",
                             "--out", str(tmp_path)])
     assert r.exit_code == 2 and "NAME 'a' is also given to --near" in r.output
+
+
+def test_evaluate_command_needs_an_ood_set(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["evaluate", "--model", "m", "--in", "x", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "give at least one OOD set: --near, --far or --ood" in r.output
