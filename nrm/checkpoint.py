@@ -21,11 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nrm.config import ConfigError, ModelConfig
+from nrm.config import FITTED_PREFIXES, ConfigError, ModelConfig
 from nrm.model import NRM
 
 CONFIG = "config.json"
-DETECTOR_PREFIX = "detector."
 WEIGHTS = "weights.safetensors"
 
 
@@ -46,7 +45,8 @@ def save(model: NRM, path: str | os.PathLike[str]) -> str:
     """Write ``model`` to directory ``path`` (created); returns its model_id."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    config, tensors = model.config.to_json()
+    config, fitted = model.config.to_json()
+    tensors = {k: v.cpu().contiguous() for k, v in fitted.items()}
     for node in model.config.nodes:
         for pname, t in model.node_params(node.name).items():
             tensors[f"{node.name}.{pname}"] = t.detach().float().cpu().contiguous()
@@ -85,11 +85,11 @@ def load(
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {str(p)!r}: {WEIGHTS} is not a safetensors file ({e})") from None
     try:
-        cfg = ModelConfig.from_json(raw, {k: v for k, v in tensors.items() if k.startswith(DETECTOR_PREFIX)})
+        cfg = ModelConfig.from_json(raw, {k: v for k, v in tensors.items() if k.startswith(FITTED_PREFIXES)})
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {str(p)!r}: {e}") from None
     model = NRM(cfg)
-    _load_weights(model, {k: v for k, v in tensors.items() if not k.startswith(DETECTOR_PREFIX)}, p)
+    _load_weights(model, {k: v for k, v in tensors.items() if not k.startswith(FITTED_PREFIXES)}, p)
     if not math.isfinite(cfg.fitted.sigma2):
         raise CheckpointError(f"checkpoint {str(p)!r}: sigma2 is not finite")
     return model.to(device).eval().requires_grad_(False)

@@ -17,11 +17,13 @@ from torch import Tensor
 
 from nrm.graph import GraphError, Node, chain, infer_shapes
 from nrm.ops import OpError, op_from_dict
+from nrm.posthoc import REGISTRY, PosthocError
 
 FORMAT = "nrm-checkpoint"
 VERSION = 2
 READS = (1, 2)
 TENSOR_REF = "$tensor"  # {"$tensor": key}: a detector array stored in weights.safetensors under key
+FITTED_PREFIXES = ("detector.", "posthoc.")  # weights.safetensors keys of fitted arrays, not of the network
 
 
 class ConfigError(ValueError):
@@ -70,6 +72,7 @@ class Fitted:
     normaliser: str = "none"  # which estimator produced log_partition (nrm.fit.NORMALISERS)
     threshold: Threshold | None = None
     detector: dict[str, Any] = field(default_factory=dict)  # extra fitted OOD detectors (nrm.detectors)
+    posthoc: dict[str, Any] = field(default_factory=dict)  # name -> fitted post-hoc baseline (nrm.posthoc)
 
 
 @dataclass
@@ -96,6 +99,12 @@ class ModelConfig:
         }
         if self.fitted.detector:
             out["detector"] = _detector_refs(self.fitted.detector, "detector", tensors)
+        if self.fitted.posthoc:
+            out["posthoc"] = {}
+            for name, det in self.fitted.posthoc.items():
+                keys = {k: f"posthoc.{name}.{k}" for k in det.tensors()}
+                tensors.update({keys[k]: v.contiguous() for k, v in det.tensors().items()})
+                out["posthoc"][name] = {"options": det.options(), "tensors": {k: {TENSOR_REF: v} for k, v in keys.items()}}
         return out, tensors
 
     @classmethod
@@ -110,7 +119,7 @@ class ModelConfig:
             raise ConfigError(f"config.json: 'version' is {version!r}, this nrm reads {list(READS)}")
         graph_key = "nodes" if version == 2 else "layers"
         known = {"format", "version", "input", "classes", graph_key, "sigma2", "log_partition", "normaliser",
-                 "threshold", "detector"}
+                 "threshold", "detector", "posthoc"}
         if unknown := sorted(set(d) - known):
             raise ConfigError(f"config.json: unknown key(s) {unknown}; expected {sorted(known)}")
         for key in ("input", "classes", graph_key):
@@ -169,7 +178,25 @@ def _fitted(d: dict[str, Any], n_classes: int, tensors: dict[str, Tensor]) -> Fi
         normaliser=str(d.get("normaliser", "none")),
         threshold=Threshold(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95))) if th else None,
         detector=_detector_tensors(dict(d.get("detector") or {}), tensors),
+        posthoc=_posthoc(d.get("posthoc") or {}, tensors),
     )
+
+
+def _posthoc(raw: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Rebuild the fitted post-hoc baselines from their options and referenced arrays."""
+    out = {}
+    for name, entry in raw.items():
+        cls = REGISTRY.get(name)
+        if cls is None:
+            raise ConfigError(f"config.json: unknown post-hoc detector {name!r}; expected one of {sorted(REGISTRY)}")
+        refs = {k: v[TENSOR_REF] for k, v in entry.get("tensors", {}).items()}
+        if missing := sorted(v for v in refs.values() if v not in tensors):
+            raise ConfigError(f"config.json: post-hoc {name!r} arrays {missing} are not in weights.safetensors")
+        try:
+            out[name] = cls.from_tensors({k: tensors[v] for k, v in refs.items()}, **entry.get("options", {}))
+        except PosthocError as e:
+            raise ConfigError(f"config.json: post-hoc {name!r}: {e}") from None
+    return out
 
 
 def _detector_refs(det: dict[str, Any], prefix: str, out: dict[str, Tensor]) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def from_torch(
         for node in nodes:
             for pname, t in nrm.node_params(node.name).items():
                 t.copy_(tensors[node.name][pname])
-    return nrm.eval()
+    return nrm.eval().requires_grad_(False)
 
 
 class _Converter:

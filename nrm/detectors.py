@@ -184,19 +184,31 @@ def fit(name: str, cols: dict[str, Tensor], n_classes: int, feature_set: str = D
     return {"name": name, "features": feature_set, "params": params}
 
 
+RENDER_PARTS = frozenset({"eta", "layers", "channels", "recon"})  # feature parts that need the top-down pass
+
+
+def states(detector: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Score column -> fitted state: ``det_<name>``, then ``det_<name>_<features>`` for each fitted
+    candidate kept beside it (``detector["candidates"]``); {} when nothing is fitted."""
+    if not detector:
+        return {}
+    _check(detector.get("name", ""))
+    return {PREFIX + detector["name"]: detector, **{candidate_column(c): c for c in detector.get("candidates", [])}}
+
+
+def parts(state: dict[str, Any]) -> set[str]:
+    """The feature parts a fitted state reads (eta, layers, channels, gates, acts, recon)."""
+    return set(state.get("features", "").split("_")) - {""}
+
+
 def needs_unit_stats(detector: dict[str, Any]) -> bool:
     """Whether the fitted detector (or a candidate kept beside it) reads ``latent_gates`` / ``unit_acts``."""
-    states = [detector, *detector.get("candidates", [])] if detector else []
-    return any(p in ("gates", "acts") for st in states for p in st.get("features", "").split("_"))
+    return any(parts(st) & {"gates", "acts"} for st in states(detector).values())
 
 
 def column_names(detector: dict[str, Any]) -> list[str]:
-    """The score columns a fitted detector adds: ``det_<name>``, then ``det_<name>_<features>`` for
-    each fitted candidate kept beside it (``detector["candidates"]``); none when nothing is fitted."""
-    if not detector:
-        return []
-    _check(detector.get("name", ""))
-    return [PREFIX + detector["name"]] + [candidate_column(c) for c in detector.get("candidates", [])]
+    """The score columns a fitted detector adds (see :func:`states`)."""
+    return list(states(detector))
 
 
 def candidate_column(candidate: dict[str, Any]) -> str:
@@ -224,17 +236,12 @@ def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
             s = gmm_loglik(f, t["weights"], t["means"], t["covs"])
     except (KeyError, IndexError, RuntimeError) as e:
         raise DetectorError(f"detector {name!r}: fitted state does not match the score columns ({e})") from None
-    return s.to(cols["latent_prior"].dtype)
+    return s.float()
 
 
-def score_columns(detector: dict[str, Any], cols: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``{det_<name>: score, det_<name>_<features>: score of each candidate}``; ``{}`` when none is fitted."""
-    if not detector:
-        return {}
-    out = {PREFIX + detector["name"]: score(detector, cols)}
-    for c in detector.get("candidates", []):
-        out[candidate_column(c)] = score(c, cols)
-    return out
+def score_columns(detector: dict[str, Any], cols: dict[str, Tensor], want: set[str] | None = None) -> dict[str, Tensor]:
+    """``{column: score}`` for every fitted state of :func:`states` (only the ``want`` columns, if given)."""
+    return {c: score(st, cols) for c, st in states(detector).items() if want is None or c in want}
 
 
 # What choose() searches by default: every detector of the study that fits in seconds.

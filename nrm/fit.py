@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from nrm import detectors as D
+from nrm import posthoc as P
 from nrm import scores as S
 from nrm.config import Fitted, Threshold
 from nrm.metrics import threshold_at_tpr
@@ -142,3 +143,21 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DE
     held = D.score(det, rest)
     fitted.threshold = Threshold(D.PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
     return det
+
+
+@torch.no_grad()
+def fit_posthoc(model: NRM, batches: Iterable[Tensor], labels: Tensor, knn_k: int = 50,
+                vim_dim: int | None = None) -> dict[str, Any]:
+    """Fit the field's post-hoc baselines (nrm.posthoc: Mahalanobis on the penultimate features,
+    KNN, ViM) on in-distribution TRAINING batches (normalised) with their true ``labels``, and
+    install them on ``model.config.fitted.posthoc``; ``nrm.save`` writes their arrays. Returns them."""
+    feats, logits = zip(*(model.penultimate(x) for x in batches), strict=True)
+    f, lg = torch.cat(feats).cpu(), torch.cat(logits).cpu()
+    if len(f) != len(labels):
+        raise ValueError(f"fit_posthoc: {len(f)} images but {len(labels)} labels")
+    head = model.node_params(model.classifier.name)
+    weight = head["weight"].detach().double().cpu()
+    bias = head.get("bias", torch.zeros(weight.shape[0])).detach().double().cpu()
+    fitted = P.fit_all(f, lg, labels.long().cpu(), weight, bias, len(model.config.classes), knn_k=knn_k, vim_dim=vim_dim)
+    model.config.fitted.posthoc = dict(fitted)
+    return model.config.fitted.posthoc

@@ -18,6 +18,7 @@ from typing import Any
 from nrm.ops import Linear, Op, OpError, Shape, op_from_dict, out_shape
 
 INPUT = "input"
+RESERVED = ("detector", "posthoc")  # checkpoint keys of fitted arrays start with these
 
 
 class GraphError(ValueError):
@@ -69,8 +70,9 @@ def infer_shapes(nodes: Sequence[Node], input_shape: Shape, n_classes: int) -> d
     for node in nodes:
         if node.name in shapes:
             raise GraphError(f"node {node.name!r}: duplicate name")
-        if "/" in node.name or not node.name:
-            raise GraphError(f"node {node.name!r}: names must be non-empty and hold no '/'")
+        if "/" in node.name or not node.name or node.name.split(".")[0] in RESERVED:
+            raise GraphError(f"node {node.name!r}: names must be non-empty, hold no '/' and not start with "
+                             f"{' or '.join(RESERVED)}")
         missing = [i for i in node.inputs if i not in shapes]
         if missing:
             raise GraphError(f"node {node.name!r} ({node.op.type}): input(s) {missing} are not defined before it")

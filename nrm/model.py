@@ -17,7 +17,10 @@ logit_y* = <h(0), x> + sum_l eta_l + c_y* with them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,20 @@ from nrm import detectors as D
 from nrm import scores as S
 from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """TF32 matmuls and convolutions on CUDA for the duration (restored after)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _key(name: str) -> str:
@@ -85,6 +102,9 @@ class NRM(nn.Module):
         self.bias_nodes = [n.name for n in config.nodes[:-1] if n.op.has_bias()]
         self._last_use = self._plan_frees(config.nodes)
         self._index = {n.name: k for k, n in enumerate(config.nodes)}
+        self.precision = "fp32"  # see set_precision
+        self.channels_last = False  # see use_channels_last
+        self._feats = torch.empty(0)
 
     def _init_params(self, node: Node) -> nn.Module:
         """torch's own default initialisation of conv and linear (kaiming-uniform weight, bias uniform in
@@ -136,11 +156,6 @@ class NRM(nn.Module):
     def classifier(self) -> Node:
         return self.config.nodes[-1]
 
-    @property
-    def extra_columns(self) -> list[str]:
-        """Names of the fitted detector columns (``det_*``, higher = in-distribution) that score() adds."""
-        return D.column_names(self.config.fitted.detector)
-
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
         c, h, w = self.input_shape
@@ -161,15 +176,20 @@ class NRM(nn.Module):
             raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
 
     # ------------------------------------------------------------------ bottom-up
-    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor]]:
-        """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``) and the
-        bias nodes' outputs z(l) (always: the autograd renderer differentiates with respect to them)."""
+    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor], Tensor]:
+        """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``), the
+        bias nodes' outputs z(l) (always: the autograd renderer differentiates with respect to them)
+        and the penultimate features (the classifier's input, for the post-hoc detectors)."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         values: dict[str, Tensor] = {INPUT: x}
         latents: dict[str, Tensor] = {}
         zs: list[Tensor] = []
         bias = set(self.bias_nodes)
         for k, node in enumerate(self.config.nodes):
             xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
+            if k == len(self.config.nodes) - 1:
+                self._feats = xs[0].flatten(1)  # (N, F) penultimate features
             if keep:
                 out, lat = node.op.encode(xs, p)
                 if lat is not None:
@@ -183,11 +203,19 @@ class NRM(nn.Module):
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
         logits = values[self.classifier.name]
-        return logits, (Latents(logits, values, latents) if keep else None), zs
+        return logits, (Latents(logits, values, latents) if keep else None), zs, self._feats
 
     def forward(self, x: Tensor) -> Tensor:
         """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
-        return self._run(x, keep=False)[0]
+        with self.autocast():
+            return self._run(x, keep=False)[0]
+
+    @torch.no_grad()
+    def penultimate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(features (N, F), logits (N, K)): the classifier's input and output, forward pass only."""
+        with self.autocast():
+            logits, _, _, feats = self._run(x, keep=False)
+        return feats.float(), logits.float()
 
     def encode(self, x: Tensor) -> Latents:
         """Bottom-up pass that keeps the latent variables z* = {s*(l), t*(l)} and every node's output."""
@@ -226,20 +254,20 @@ class NRM(nn.Module):
             return Rendering(y, h0, zero, zero)
         return Rendering(y, h0, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
 
-    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering, list[Tensor]]:
+    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering, list[Tensor], Tensor]:
         """One vector-Jacobian product of logit_y with respect to x and every bias node's output.
-        Returns the logits, the rendering and the bias nodes' outputs z(l)."""
+        Returns the logits, the rendering, the bias nodes' outputs z(l) and the penultimate features."""
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits, _, zs = self._run(x, keep=False)
+            logits, _, zs, feats = self._run(x, keep=False)
             if y is None:
                 y = logits.detach().argmax(1)
             picked = logits.gather(1, y[:, None]).sum()
             grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
         eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]
                for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
-        return logits, self._rendering(y, grads[0], eta), zs
+        return logits, self._rendering(y, grads[0], eta), zs, feats
 
     def _bias_param(self, name: str) -> str:
         return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
@@ -263,27 +291,102 @@ class NRM(nn.Module):
             means.append(z.clamp_min(0).sum(dim=2) / z.shape[2])  # (N, C)
         return torch.cat(rates, dim=1), torch.cat(means, dim=1)
 
+    # ------------------------------------------------------------------ precision and layout
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The numeric precision of every pass: ``self.precision`` fp32 (default), bf16 or fp16
+        (torch.autocast on the model's device), or tf32 (float32 storage, TF32 matmuls and convs on
+        CUDA; plain float32 on a CPU)."""
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.mean.device.type, dtype=dtype)
+        if self.precision == "tf32":
+            return _tf32()
+        return contextlib.nullcontext()
+
+    def set_precision(self, precision: str) -> NRM:
+        """Score in ``precision`` (one of PRECISIONS); returns self."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    def use_channels_last(self, on: bool = True) -> NRM:
+        """Keep 4-D weights and activations channels-last (NHWC): the faster layout for convs on CPUs
+        with oneDNN and on tensor-core GPUs. Returns self."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)  # type: ignore[call-overload,no-any-return]
+
     # ------------------------------------------------------------------ scores
+    @property
+    def extra_columns(self) -> list[str]:
+        """The fitted columns score() adds after nrm.scores.COLUMNS, all higher = in-distribution: the
+        detectors on NRM statistics (``det_*``), then the post-hoc baselines (nrm.posthoc)."""
+        return [*D.column_names(self.config.fitted.detector), *self.posthoc_columns]
+
+    @property
+    def posthoc_columns(self) -> list[str]:
+        return [type(d).column for d in self.config.fitted.posthoc.values()]
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column score() can make, in output order."""
+        return [*S.COLUMNS, *self.extra_columns]
+
+    def _wanted(self, columns: list[str] | None) -> set[str] | None:
+        if columns is None:
+            return None
+        if unknown := [c for c in columns if c not in self.columns]:
+            raise ValueError(f"unknown score column(s) {unknown}; this model makes {self.columns}")
+        return set(columns)
+
+    def needs_rendering(self, columns: list[str] | None = None) -> bool:
+        """Whether ``columns`` (default: all) need the top-down pass (one backward); the others,
+        pred, max_softmax, max_logit, energy, det_* on gates/acts and the post-hoc baselines, are
+        made by the forward pass alone."""
+        want = self._wanted(columns)
+        if want is None:
+            return True
+        dets = [st for c, st in D.states(self.config.fitted.detector).items() if c in want]
+        return bool(want & S.RENDERED) or any(D.parts(st) & D.RENDER_PARTS for st in dets)
+
     @torch.no_grad()
-    def score(self, x: Tensor, unit_stats: bool | None = None) -> dict[str, Tensor]:
-        """Every per-sample column of the public contract (nrm.scores.COLUMNS), then ``extra_columns``, for normalised x.
-        ``unit_stats`` adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`); by default only
-        when the fitted detector reads them (they cost a pass over every activation)."""
+    def score(self, x: Tensor, columns: list[str] | None = None, unit_stats: bool | None = None) -> dict[str, Tensor]:
+        """Per-sample score columns of normalised x (N, C, H, W): by default every column of
+        ``self.columns`` plus the detectors' internal inputs; given ``columns``, exactly those, computed
+        with only what they need (no backward pass unless :meth:`needs_rendering`). ``unit_stats``
+        adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`); by default only when a fitted
+        detector reads them (they cost a pass over every activation)."""
         self.check_input(x)
-        logits, r, zs = self._vjp(x, None, create_graph=False)
-        logits = logits.detach()
-        fitted = self.config.fitted
+        want = self._wanted(columns)
+        with self.autocast():
+            if self.needs_rendering(columns):
+                logits, r, zs, feats = self._vjp(x, None, create_graph=False)
+            else:
+                (logits, _, zs, feats), r = self._run(x, keep=False), None
+        logits = logits.detach().float()
         out = S.classifier_scores(logits)
-        out["latent_prior_layers"] = r.eta_layers.detach()
-        out["latent_prior"] = S.latent_prior(r.eta_layers.detach())
+        if r is not None:
+            out.update(self._rendered_scores(x, r))
+        det = self.config.fitted.detector
+        if unit_stats or (unit_stats is None and any(D.parts(st) & {"gates", "acts"} for c, st in D.states(det).items()
+                                                     if want is None or c in want)):
+            out["latent_gates"], out["unit_acts"] = (v.float() for v in self.unit_stats(zs))  # detector inputs only
+        out.update(D.score_columns(det, out, want))  # det_<name> (nrm.detectors), if one is fitted
+        for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
+            if want is None or type(d).column in want:
+                out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
+        return out if want is None else {c: out[c] for c in columns or []}
+
+    def _rendered_scores(self, x: Tensor, r: Rendering) -> dict[str, Tensor]:
+        """The columns of the top-down pass: eta per layer and in all, the latent log-likelihood,
+        the reconstruction error and the bound, and (internal) eta per channel for the detectors."""
+        fitted = self.config.fitted
+        eta_layers = r.eta_layers.detach().float()
+        out = {"latent_prior_layers": eta_layers, "latent_prior": S.latent_prior(eta_layers)}
         out["latent_loglik"] = S.latent_loglik(out["latent_prior"], r.y, self.log_partition)
-        out["recon_sq_error"] = S.recon_sq_error(x.detach(), r.h0.detach())
+        out["recon_sq_error"] = S.recon_sq_error(x.detach().float(), r.h0.detach().float())
         out["loglik_bound"] = S.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
-        # Not a public column: eta_l split by output channel, one input of the detectors (nrm.detectors).
-        out["latent_prior_channels"] = r.eta_channels.detach()  # type: ignore[union-attr]
-        if unit_stats or (unit_stats is None and D.needs_unit_stats(fitted.detector)):
-            out["latent_gates"], out["unit_acts"] = self.unit_stats(zs)  # also detector inputs only
-        out.update(D.score_columns(fitted.detector, out))  # det_<name> (nrm.detectors), if one is fitted
+        out["latent_prior_channels"] = r.eta_channels.detach().float()  # type: ignore[union-attr]
         return out
 
     def extra_repr(self) -> str:

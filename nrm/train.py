@@ -176,7 +176,7 @@ def train(
             x = augment(model.preprocess(images[idx]), cfg.augment, cfg.crop_pad, gen)  # (B, C, H, W)
             y = labels[idx].to(x.device)
             if cfg.recon_weight > 0:
-                logits, r, _ = model._vjp(x, y, create_graph=True)
+                logits, r, _, _ = model._vjp(x, y, create_graph=True)
                 recon = (x - r.h0).pow(2).mean()
             else:
                 logits, recon = model(x), x.new_zeros(())
