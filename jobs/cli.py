@@ -200,6 +200,7 @@ def fit_detector(
              "--features are not used: the candidate with the best worst-case validation AUROC wins.")] = None,
     val_ood_limit: Annotated[int, typer.Option(callback=_positive, help="Rows read of each --val-ood set.")] = 2000,
     endpoint_url: Annotated[str | None, typer.Option()] = None,
+    baselines: Annotated[bool, typer.Option(help="Also fit the field's post-hoc baselines (Mahalanobis on the penultimate features, KNN k=50, ViM: columns mahalanobis_feat, knn, vim) on the training rows that were not held out.")] = False,
 ) -> None:
     """(Re)fit a detector on an existing checkpoint, on the rows of its training split that
     `nrm-ood train` held out (same seed and fraction), and make it the checkpoint's threshold score.
@@ -216,8 +217,13 @@ def fit_detector(
     try:
         m = nrm.load(model)
         store = Store(endpoint_url)
-        x, _ = load_labelled(data, m.input_shape, None, store)
-        refit_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
+        x, y = load_labelled(data, m.input_shape, None, store)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        refit_rows, train_rows = perm[: max(1, int(len(x) * val_fraction))], perm[max(1, int(len(x) * val_fraction)):]
+        if baselines:
+            from nrm.fit import fit_posthoc
+
+            fit_posthoc(m, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
         ood = {name: batches(m, torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)), 512)
                for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
         det = refit(m, batches(m, torch.from_numpy(x), 512, refit_rows), detector.value, features.value,
@@ -232,6 +238,8 @@ def fit_detector(
                    + f" (worst {min(row.values()):.3f})")
     typer.echo(f"fitted {det['name']}[{det['features']}] on {len(refit_rows)} held-out rows; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
+    if baselines:
+        typer.echo(f"fitted the post-hoc baselines {', '.join(m.posthoc_columns)} on {len(train_rows)} training rows")
 
 
 # ---------------------------------------------------------------------------- score
@@ -327,19 +335,32 @@ def demo(
         raise typer.Exit(result["exit_code"])
 
 
+class BenchSection(str, enum.Enum):
+    speed = "speed"
+    precision = "precision"
+    job = "job"
+
+
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("docs/benchmarks.md"),
-    rows: Annotated[int, typer.Option(callback=_positive, help="Images in the 1x dataset (10x is also run).")] = 20000,
-    batch_size: Annotated[int, typer.Option(callback=_positive)] = 512,
+    out: Annotated[Path | None, typer.Option(help="Also write the report to this markdown file (e.g. docs/benchmarks.md); by default it is only printed.")] = None,
+    rows: Annotated[int, typer.Option(callback=_positive, help="Images in the job's 1x dataset (10x is also run).")] = 20000,
+    batch_size: Annotated[int, typer.Option(callback=_positive, help="CPU batch size (a GPU runs 512 and 4096).")] = 512,
     reps: Annotated[int, typer.Option(callback=_positive, help="Timed repetitions per measurement.")] = 5,
+    section: Annotated[list[BenchSection] | None, typer.Option(help="Run only these sections (repeatable): speed (NRM/plain ratios), precision, job (end to end, memory). Default: all.")] = None,
+    shared: Annotated[Path | None, typer.Option(help="The shared folder with models/cifar10-resnet and datasets/ (default ../shared when it exists): the pretrained ResNets and the precision AUROC.")] = None,
 ) -> None:
-    """Measure the speed and memory targets and write them to a markdown file."""
+    """Measure the speed and memory targets; print the report (and write it with --out)."""
     from jobs.bench import run
 
     command = "nrm-ood bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nrm-ood bench"
-    run(out, rows, batch_size, reps, typer.echo, command.strip())
-    typer.echo(f"wrote {out}")
+    if shared is None and Path("../shared").is_dir():
+        shared = Path("../shared")
+    sections = tuple(s.value for s in section) if section else tuple(s.value for s in BenchSection)
+    text = run(out, rows, batch_size, reps, typer.echo, command.strip(), sections, shared)
+    typer.echo(text)
+    if out is not None:
+        typer.echo(f"wrote {out}")
 
 
 _register_eval(app)

@@ -43,6 +43,7 @@ from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError, ScoreOptions, run_score
 from jobs.storage import StorageError, Store, is_s3
 from nrm import metrics
+from nrm.posthoc import REGISTRY as POSTHOC
 from nrm.scores import HIGHER_IS_IN
 
 IN = "in"
@@ -296,6 +297,8 @@ def score_columns(table: pa.Table, layer_names: list[str]) -> dict[str, tuple[bo
     for f in table.schema:
         if f.name.startswith("det_") and pa.types.is_floating(f.type):
             out[f.name] = (True, _column(table, f.name, ok))
+    for cls in POSTHOC.values():  # the field's post-hoc baselines, when the checkpoint has them fitted
+        add(cls.column)
     return out
 
 

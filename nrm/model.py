@@ -31,7 +31,6 @@ from nrm import scores as S
 from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
 
-
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
 
 
