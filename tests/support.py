@@ -79,3 +79,13 @@ def dataset_dir(name: str) -> Path:
     if not p.is_dir():
         pytest.skip(f"shared dataset {name!r} not found at {p} (see shared/datasets/README.md)")
     return p
+
+
+def assert_same_config(a: ModelConfig, b: ModelConfig) -> None:
+    """Two configs serialise alike: equal config.json contents and bit-equal detector tensors."""
+    (ja, ta), (jb, tb) = a.to_json(), b.to_json()
+    assert ja == jb
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype == torch.float64, k
+        assert torch.equal(ta[k], tb[k]), k

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from support import make_checkpoint, tiny_config
+from support import assert_same_config, make_checkpoint, tiny_config
 
 import nrm
-from nrm.config import Conv, Fitted, ModelConfig, Threshold
+from nrm.config import Fitted, ModelConfig, Threshold
 from nrm.fit import apply
+from nrm.graph import Node
+from nrm.ops import Conv
 
 
 def read_config(ckpt: Path) -> dict:
@@ -55,7 +57,7 @@ def test_round_trip_same_scores_and_model_id(tmp_path: Path) -> None:
     loaded = nrm.load(tmp_path / "a", expect_model_id=mid)
     assert not loaded.training
     assert not any(p.requires_grad for p in loaded.parameters())
-    assert loaded.config.to_json() == model.config.to_json()
+    assert_same_config(loaded.config, model.config)
     x = torch.randn(7, 3, 8, 8)
     a, b = model.score(x), loaded.score(x)
     assert a.keys() == b.keys()
@@ -68,18 +70,22 @@ def test_round_trip_same_scores_and_model_id(tmp_path: Path) -> None:
 
 def test_config_json_keys(tiny_ckpt: Path) -> None:
     cfg = read_config(tiny_ckpt)
-    assert {"format", "version", "input", "classes", "layers", "sigma2", "log_partition", "threshold",
+    assert {"format", "version", "input", "classes", "nodes", "sigma2", "log_partition", "threshold",
             "weights_sha256"} <= set(cfg)
-    assert cfg["format"] == "nrm-checkpoint" and cfg["version"] == 1
+    assert "layers" not in cfg
+    assert cfg["format"] == "nrm-checkpoint" and cfg["version"] == 2
     assert set(cfg["input"]) == {"channels", "height", "width", "mean", "std"}
     assert (cfg["input"]["channels"], cfg["input"]["height"], cfg["input"]["width"]) == (1, 8, 8)
     assert cfg["classes"] == ["c0", "c1", "c2"]
-    assert [layer["type"] for layer in cfg["layers"]] == [
+    assert [node["op"] for node in cfg["nodes"]] == [
         "conv", "relu", "maxpool", "conv", "relu", "global_avgpool", "flatten", "linear"]
-    assert cfg["layers"][0] == {"type": "conv", "name": "conv1", "in": 1, "out": 4, "kernel": 3, "stride": 1,
-                                "padding": 1, "bias": True}
-    assert cfg["layers"][2] == {"type": "maxpool", "kernel": 2, "stride": 2}
-    assert cfg["layers"][-1] == {"type": "linear", "name": "classifier", "in": 6, "out": 3}
+    assert cfg["nodes"][0] == {"name": "conv1", "op": "conv", "inputs": ["input"], "attrs": {
+        "in": 1, "out": 4, "kernel": [3, 3], "stride": [1, 1], "padding": [1, 1], "dilation": [1, 1], "groups": 1,
+        "bias": True}}
+    assert cfg["nodes"][2] == {"name": "maxpool1", "op": "maxpool", "inputs": ["relu1"], "attrs": {
+        "kernel": [2, 2], "stride": [2, 2], "padding": [0, 0], "dilation": [1, 1], "ceil_mode": False}}
+    assert cfg["nodes"][-1] == {"name": "classifier", "op": "linear", "inputs": ["flatten1"],
+                                "attrs": {"in": 6, "out": 3, "bias": True}}
     assert isinstance(cfg["sigma2"], float) and cfg["sigma2"] > 0
     assert len(cfg["log_partition"]) == 3
     assert set(cfg["threshold"]) == {"score", "value", "tpr"}
@@ -116,11 +122,11 @@ def test_not_a_directory(tmp_path: Path, tiny_ckpt: Path) -> None:
         nrm.load(tmp_path / "does-not-exist")
 
 
-def test_unknown_layer_type(tiny_ckpt: Path) -> None:
+def test_unknown_op_type(tiny_ckpt: Path) -> None:
     cfg = read_config(tiny_ckpt)
-    cfg["layers"][0]["type"] = "conv3d"
+    cfg["nodes"][0]["op"] = "conv3d"
     write_config(tiny_ckpt, cfg)
-    with pytest.raises(nrm.CheckpointError, match=r"layers\[0\].*'conv3d'"):
+    with pytest.raises(nrm.CheckpointError, match=r"node 'conv1'.*'conv3d'"):
         nrm.load(tiny_ckpt)
 
 
@@ -132,14 +138,14 @@ def test_invalid_json(tiny_ckpt: Path) -> None:
 
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda c: c.update(format="onnx"), "format"),
-    (lambda c: c.update(version=2), "version"),
+    (lambda c: c.update(version=3), "version"),
     (lambda c: c.update(sigma2=-1.0), "sigma2"),
     (lambda c: c.update(log_partition=[0.0]), "log_partition"),
-    (lambda c: c["layers"][3].update({"in": 5}), "conv2"),
-    (lambda c: c["layers"][0].update(dilation=2), "dilation"),
-    (lambda c: c.pop("layers"), "layers"),
+    (lambda c: c["nodes"][3]["attrs"].update({"in": 5}), "conv2"),
+    (lambda c: c["nodes"][0]["attrs"].update(dilatation=2), "dilatation"),
+    (lambda c: c.pop("nodes"), "nodes"),
     (lambda c: c.update(extra_key=1), "extra_key"),
-], ids=["format", "version", "sigma2", "log_partition", "in-mismatch", "unknown-param", "no-layers", "unknown-key"])
+], ids=["format", "version", "sigma2", "log_partition", "in-mismatch", "unknown-param", "no-nodes", "unknown-key"])
 def test_invalid_config_values(tiny_ckpt: Path, edit: Callable[[dict], object], match: str) -> None:
     cfg = read_config(tiny_ckpt)
     edit(cfg)
@@ -278,9 +284,9 @@ def test_pytorch_model_bin_beside_is_ignored(tiny_ckpt: Path, tmp_path: Path, ki
 
 def test_round_trip_conv_without_bias(tmp_path: Path) -> None:
     cfg = tiny_config()
-    layers = list(cfg.layers)
-    layers[0] = Conv("conv1", 1, 4, 3, 1, 1, bias=False)
-    model = nrm.NRM(ModelConfig(cfg.input, cfg.classes, layers)).eval()
+    nodes = list(cfg.nodes)
+    nodes[0] = Node("conv1", Conv(1, 4, 3, 1, 1, bias_=False), nodes[0].inputs)
+    model = nrm.NRM(ModelConfig(cfg.input, cfg.classes, nodes)).eval()
     nrm.save(model, tmp_path / "c")
     loaded = nrm.load(tmp_path / "c")
     x = torch.randn(3, 1, 8, 8)
@@ -290,10 +296,114 @@ def test_round_trip_conv_without_bias(tmp_path: Path) -> None:
 @pytest.mark.parametrize("edit", [
     lambda c: [c],  # top level is not an object -> AttributeError
     lambda c: {**c, "input": {**c["input"], "channels": "one"}},  # int("one") -> plain ValueError
-    lambda c: (c["layers"][0].update(stride=0), c)[1],  # validate: ZeroDivisionError
-    lambda c: (c["layers"][0].update(out=-4), c["layers"][3].update({"in": -4}), c)[2],  # torch RuntimeError
+    lambda c: (c["nodes"][0]["attrs"].update(stride=0), c)[1],  # validate: ZeroDivisionError
+    lambda c: (c["nodes"][0]["attrs"].update(out=-4), c["nodes"][3]["attrs"].update({"in": -4}), c)[2],
 ], ids=["not-an-object", "channels-not-int", "stride-0", "negative-channels"])
 def test_malformed_config_raises_checkpoint_error(tiny_ckpt: Path, edit: Callable[[dict], object]) -> None:
     write_config(tiny_ckpt, edit(read_config(tiny_ckpt)))  # type: ignore[arg-type]
     with pytest.raises(nrm.CheckpointError):
+        nrm.load(tiny_ckpt)
+
+
+# --------------------------------------------------------------------------- format version 2
+
+
+def test_v2_nodes_hold_op_inputs_and_attrs(tmp_path: Path) -> None:
+    """A graph with a residual add: each node's inputs name the nodes it reads."""
+    cfg = nrm.preset("resnet-cifar", width=0.25, classes=3, depth=8)
+    nrm.save(nrm.NRM(cfg), tmp_path / "r")
+    saved = read_config(tmp_path / "r")
+    assert saved["version"] == 2 and "layers" not in saved
+    add = next(n for n in saved["nodes"] if n["op"] == "add")
+    assert add == {"name": "layer1.0.add", "op": "add", "inputs": ["layer1.0.conv2", "relu1"], "attrs": {}}
+    assert [n["name"] for n in saved["nodes"]] == [n.name for n in cfg.nodes]
+
+
+def test_detector_arrays_live_in_safetensors_and_round_trip_exactly(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from nrm.fit import refit
+
+    model = nrm.load(tiny_ckpt)
+    det = refit(model, [torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(0))], name="mahalanobis",
+                feature_set="gates")
+    nrm.save(model, tmp_path / "d")
+    saved = read_config(tmp_path / "d")
+    assert saved["detector"]["params"] == {"means": {"$tensor": "detector.means"},
+                                           "precision": {"$tensor": "detector.precision"}}
+    tensors = load_file(str(tmp_path / "d" / "weights.safetensors"))
+    assert tensors["detector.means"].dtype == torch.float64
+    assert torch.equal(tensors["detector.means"], det["params"]["means"])
+    loaded = nrm.load(tmp_path / "d").config.fitted.detector
+    for key in ("means", "precision"):
+        assert loaded["params"][key].dtype == torch.float64
+        assert torch.equal(loaded["params"][key], det["params"][key]), key
+
+
+def test_detector_array_missing_from_safetensors(tiny_ckpt: Path) -> None:
+    cfg = read_config(tiny_ckpt)
+    cfg["detector"] = {"name": "mahalanobis", "features": "gates",
+                       "params": {"means": {"$tensor": "detector.means"}, "precision": {"$tensor": "detector.precision"}}}
+    del cfg["weights_sha256"]
+    write_config(tiny_ckpt, cfg)
+    with pytest.raises(nrm.CheckpointError, match=r"detector array 'detector.means' is not in weights.safetensors"):
+        nrm.load(tiny_ckpt)
+
+
+V1_MEANS = [[0.25, 0.5, 0.75, 1.0], [1.0, 0.0, 0.5, 0.5]]
+V1_PRECISION = [[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.5], [0.0, 0.0, 0.5, 1.0]]
+
+
+def _write_v1(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint in format version 1, written by hand: a layer list and a detector as float lists."""
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    weights = {"conv1.weight": torch.randn(4, 1, 3, 3, generator=g), "conv1.bias": torch.randn(4, generator=g),
+               "classifier.weight": torch.randn(2, 4, generator=g), "classifier.bias": torch.randn(2, generator=g)}
+    save_file(weights, str(path / "weights.safetensors"))
+    write_config(path, {
+        "format": "nrm-checkpoint", "version": 1,
+        "input": {"channels": 1, "height": 6, "width": 6, "mean": [0.5], "std": [0.25]},
+        "classes": ["a", "b"],
+        "layers": [{"type": "conv", "name": "conv1", "in": 1, "out": 4, "kernel": 3, "stride": 1, "padding": 1,
+                    "bias": True},
+                   {"type": "relu"}, {"type": "maxpool", "kernel": 2, "stride": 2}, {"type": "global_avgpool"},
+                   {"type": "flatten"}, {"type": "linear", "name": "classifier", "in": 4, "out": 2}],
+        "sigma2": 0.5, "log_partition": [0.0, 0.0], "normaliser": "none", "threshold": None,
+        "detector": {"name": "mahalanobis", "features": "gates",
+                     "params": {"means": V1_MEANS, "precision": V1_PRECISION}},
+    })
+    return weights
+
+
+def test_version_1_checkpoint_loads_and_scores(tmp_path: Path) -> None:
+    weights = _write_v1(tmp_path / "v1")
+    model = nrm.load(tmp_path / "v1")
+    assert [n.name for n in model.config.nodes] == ["conv1", "relu1", "maxpool1", "global_avgpool1", "flatten1",
+                                                    "classifier"]
+    assert torch.equal(model.node_params("conv1")["weight"], weights["conv1.weight"])
+    x = torch.randn(5, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    cols = model.score(x)
+    # det_mahalanobis by hand: -(f - mu_pred)^T P (f - mu_pred), f the conv1 gates' on-rates
+    z = torch.nn.functional.conv2d(x, weights["conv1.weight"], weights["conv1.bias"], padding=1)
+    f = (z > 0).double().mean(dim=(2, 3))
+    d = f - torch.tensor(V1_MEANS, dtype=torch.float64)[cols["pred"]]
+    expected = -torch.einsum("ni,ij,nj->n", d, torch.tensor(V1_PRECISION, dtype=torch.float64), d)
+    torch.testing.assert_close(cols["det_mahalanobis"], expected.float())
+    # saved again, it is a version-2 checkpoint with the arrays in safetensors
+    nrm.save(model, tmp_path / "v2")
+    assert read_config(tmp_path / "v2")["version"] == 2
+    assert torch.equal(load_file(str(tmp_path / "v2" / "weights.safetensors"))["detector.precision"],
+                       torch.tensor(V1_PRECISION, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda c: c["nodes"][4].update(inputs=["relu9"]), r"node 'relu2' \(relu\): input\(s\) \['relu9'\] are not defined"),
+    (lambda c: c["nodes"][3]["attrs"].update({"in": 5}), r"node 'conv2': conv expects \(C=5, H, W\)"),
+    (lambda c: c["nodes"][1].update(name="conv1"), r"node 'conv1': duplicate name"),
+    (lambda c: c["nodes"][2].update(inputs=["conv1", "relu1"]), r"node 'maxpool1'.*takes 1 input"),
+], ids=["undefined-input", "in-channels", "duplicate", "arity"])
+def test_graph_error_in_config_names_the_node(tiny_ckpt: Path, edit: Callable[[dict], object], match: str) -> None:
+    cfg = read_config(tiny_ckpt)
+    edit(cfg)
+    write_config(tiny_ckpt, cfg)
+    with pytest.raises(nrm.CheckpointError, match=match):
         nrm.load(tiny_ckpt)

@@ -15,10 +15,10 @@ from nrm.fit import NORMALISERS, fit, log_partition
 def _model(seed: int = 0) -> nrm.NRM:
     torch.manual_seed(seed)
     model = nrm.NRM(tiny_config(channels=1, size=8, classes=3)).eval().requires_grad_(False)
-    clf = model.layer("classifier")
+    clf = model.node_params("classifier")
     with torch.no_grad():  # spread the predictions over the classes: sharper, centred logits
-        clf.weight.mul_(20.0)
-        clf.bias.sub_(model(_data(99, 200)).mean(0))
+        clf["weight"].mul_(20.0)
+        clf["bias"].sub_(model(_data(99, 200)).mean(0))
     return model
 
 

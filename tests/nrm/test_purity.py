@@ -29,6 +29,6 @@ def test_nrm_imports_no_edge_dependencies(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["file"].endswith("__init__.py")
-    assert {"nrm.checkpoint", "nrm.config", "nrm.convert", "nrm.fit", "nrm.metrics", "nrm.model",
-            "nrm.presets", "nrm.scores", "nrm.train"} <= set(result["submodules"])
+    assert {"nrm.checkpoint", "nrm.config", "nrm.convert", "nrm.fit", "nrm.graph", "nrm.metrics", "nrm.model",
+            "nrm.ops", "nrm.presets", "nrm.scores", "nrm.train"} <= set(result["submodules"])
     assert result["loaded"] == []

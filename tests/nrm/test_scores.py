@@ -32,6 +32,9 @@ def test_higher_is_in_directions() -> None:
         "max_softmax": True,
         "max_logit": True,
         "energy": False,
+        "mahalanobis_feat": True,
+        "knn": True,
+        "vim": True,
     }
     assert set(S.COLUMNS) == EXPECTED_COLUMNS and S.COLUMNS[0] == "pred" and len(S.COLUMNS) == len(EXPECTED_COLUMNS)
     assert nrm.COLUMNS is S.COLUMNS and nrm.HIGHER_IS_IN is S.HIGHER_IS_IN
@@ -112,7 +115,7 @@ def test_score_columns_shapes_dtypes(model: nrm.NRM) -> None:
     assert set(out) >= EXPECTED_COLUMNS  # the public columns; score() may add more after them
     assert all(v.shape[0] == 5 for v in out.values())
     assert out["pred"].dtype == torch.int64 and out["pred"].shape == (5,)
-    assert out["latent_prior_layers"].shape == (5, len(model.bias_layers)) == (5, 2)
+    assert out["latent_prior_layers"].shape == (5, len(model.bias_nodes)) == (5, 2)
     for col in EXPECTED_COLUMNS - {"pred", "latent_prior_layers"}:
         assert out[col].shape == (5,), col
         assert out[col].dtype == torch.float32, col
@@ -155,11 +158,11 @@ def test_score_latent_loglik_per_class_with_forced_predictions(model: nrm.NRM) -
     log_z = torch.tensor([100.0, 200.0, 300.0])
     apply(model, Fitted(log_partition=log_z.tolist()))
     x = torch.randn(4, 1, 8, 8)
-    clf = model.layer("classifier")
+    bias = model.node_params("classifier")["bias"]
     for k in range(3):
         with torch.no_grad():
-            clf.bias.zero_()
-            clf.bias[k] = 1e4
+            bias.zero_()
+            bias[k] = 1e4
         out = model.score(x)
         assert out["pred"].tolist() == [k] * 4
         torch.testing.assert_close(out["latent_loglik"], out["latent_prior"] - log_z[k])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tiny_config
+from support import assert_same_config, tiny_config
 
 import nrm
 
@@ -72,7 +72,7 @@ def test_fitted_state(trained: nrm.TrainResult) -> None:
 def test_round_trip_through_checkpoint(trained: nrm.TrainResult, tmp_path: Path) -> None:
     mid = nrm.save(trained.model, tmp_path / "ckpt")
     loaded = nrm.load(tmp_path / "ckpt", expect_model_id=mid)
-    assert loaded.config.to_json() == trained.model.config.to_json()
+    assert_same_config(loaded.config, trained.model.config)
     x = trained.model.preprocess(two_halves(16, seed=5)[0])
     a, b = trained.model.score(x), loaded.score(x)
     for k in a:
@@ -96,10 +96,10 @@ def test_fixed_seed_gives_identical_weights() -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
-    assert a.config.to_json() == b.config.to_json()
+    assert_same_config(a.config, b.config)
     c = nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, batch_size=32, seed=8),
                   progress=quiet).model
-    assert not torch.equal(c.layer("conv1").weight, a.layer("conv1").weight)
+    assert not torch.equal(c.node_params("conv1")["weight"], a.node_params("conv1")["weight"])
 
 
 @pytest.mark.parametrize("bad", [2, -1, 5])
@@ -158,3 +158,30 @@ def test_training_with_augmentation_still_learns() -> None:
     with pytest.raises(ValueError, match="crop_pad must be >= 0 pixels, got -1"):
         nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, augment="crop", crop_pad=-1),
                   progress=quiet)
+
+
+# --------------------------------------------------------------------------- the resnet-cifar preset
+
+
+def test_resnet_cifar_depth_8_trains_a_step() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 32, 32, 3), generator=g, dtype=torch.uint8)
+    labels = torch.arange(16) % 2
+    cfg = nrm.preset("resnet-cifar", width=0.25, classes=2, depth=8)
+    assert [n.name for n in cfg.nodes if n.op.type == "add"] == ["layer1.0.add", "layer2.0.add", "layer3.0.add"]
+    before = nrm.NRM(cfg)
+    torch.manual_seed(0)
+    result = nrm.train(cfg, images, labels, nrm.TrainConfig(epochs=1, batch_size=16, seed=0), progress=quiet)
+    assert result.history and torch.isfinite(torch.tensor(result.history[-1]["loss"]))
+    assert result.model.latent_names == before.latent_names
+
+
+@pytest.mark.parametrize("depth", [21, 2])
+def test_resnet_cifar_bad_depth_names_the_value(depth: int) -> None:
+    with pytest.raises(ValueError, match=rf"6n \+ 2.*got {depth}$"):
+        nrm.preset("resnet-cifar", classes=2, depth=depth)
+
+
+def test_depth_is_refused_for_other_presets() -> None:
+    with pytest.raises(ValueError, match="depth is an option of resnet-cifar only, not of 'gray28'"):
+        nrm.preset("gray28", depth=20)
