@@ -21,7 +21,6 @@ where they came from), and that copy is what gets scored.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,7 @@ from jobs import figures as F
 from jobs import manifest
 from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError, ScoreOptions, run_score
-from jobs.storage import StorageError, Store, is_s3
+from jobs.storage import StorageError, Store, absolute
 from nrm import metrics
 from nrm.scores import HIGHER_IS_IN
 
@@ -218,14 +217,6 @@ def score_sets(opts: EvalOptions, ckpt: Checkpoint, echo: Callable[[str], None] 
             raise EvaluateError(f"set {name}: {e}") from None
         out.append(ScoredSet(name, rid, given, table, committed, limit))
     return out
-
-
-def absolute(uri: str) -> str:
-    """Local paths made absolute (manifests then name the same input from any working directory)."""
-    if is_s3(uri):
-        return uri
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return os.path.abspath(path)
 
 
 # ---------------------------------------------------------------------------- metrics (pure)

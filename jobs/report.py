@@ -33,7 +33,7 @@ from jobs import manifest
 from jobs.evaluate import GALLERY, error_reasons, extreme_rows, ok_mask
 from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError
-from jobs.storage import StorageError, Store, is_s3
+from jobs.storage import StorageError, Store, absolute
 
 
 class ReportError(RuntimeError):
@@ -94,8 +94,7 @@ def locate(paths: list[str], files: list[str], scored_input: str | None) -> dict
     have = set(files)
     root = None
     if scored_input:
-        root = scored_input if is_s3(scored_input) else os.path.abspath(scored_input.removeprefix("file://"))
-        root = root.rstrip("/")
+        root = absolute(scored_input).rstrip("/")
     out: dict[str, str | None] = {}
     for p in paths:
         if p in have:
