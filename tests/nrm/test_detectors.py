@@ -70,7 +70,7 @@ def test_fit_typicality_median_and_mad_per_class() -> None:
     p = D.fit_typicality(f, pred, 3)
     assert p["median"][0] == [2.0] and p["median"][1] == [20.0]
     assert p["mad"][0] == [1.0] and p["mad"][1] == [10.0]
-    assert p["median"][2] == [7.0] or p["median"][2] == [4.0]  # an empty class gets the pooled median
+    assert p["median"][2] == [4.0]  # an empty class gets the pooled median, the lower middle value (torch.median)
 
 
 def test_fit_mahalanobis_recovers_means_and_precision() -> None:
