@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 
 from jobs.images import Policy, decode_column, detect_columns
 from jobs.storage import Store
+from nrm import metrics
 
 DPI = 100
 
@@ -62,23 +63,12 @@ def histogram(title: str, xlabel: str, series: dict[str, np.ndarray], threshold:
     return _png(fig)
 
 
-def roc_points(score_in: np.ndarray, score_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) at v = +inf and every distinct pooled score, descending; scores oriented higher = in.
-
-    TPR(v) = #{score_in >= v} / n_in,  FPR(v) = #{score_out >= v} / n_out  (nrm.metrics' convention)."""
-    t = np.unique(np.concatenate([score_in, score_out]))[::-1]
-    si, so = np.sort(score_in), np.sort(score_out)
-    tpr = (si.size - np.searchsorted(si, t, side="left")) / si.size
-    fpr = (so.size - np.searchsorted(so, t, side="left")) / so.size
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
-
-
 def roc(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> bytes:
     """ROC curves: name -> (oriented in-distribution scores, oriented OOD scores, AUROC)."""
     fig = Figure(figsize=(4.8, 4.4))
     ax = fig.add_subplot()
     for name, (s_in, s_out, auc) in curves.items():
-        fpr, tpr = roc_points(s_in, s_out)
+        fpr, tpr = metrics._roc(s_in, s_out)  # the ROC points nrm.metrics integrates: one builder
         ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} ({auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.axhline(0.95, color="k", linestyle="--", linewidth=0.8)
