@@ -44,18 +44,43 @@ def data_uri(png: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------- plots
+TAIL = 0.01  # a histogram's axis spans the 1st-99th percentiles when a heavy tail would squeeze the bulk
+
+
+def view(pooled: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
+    """The x-range of a histogram: the data's full range, unless its 1st-99th percentile span is under a
+    fifth of it (a heavy tail, e.g. 0 to 100,000 with the bulk and the threshold near 500); then that
+    span. Either way widened to include ``threshold``."""
+    lo, hi = float(pooled.min()), float(pooled.max())
+    qlo, qhi = (float(q) for q in np.quantile(pooled, [TAIL, 1 - TAIL]))
+    if qhi - qlo < 0.2 * (hi - lo):
+        lo, hi = qlo, qhi
+    if threshold is not None and np.isfinite(threshold):
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    pad = 0.02 * (hi - lo) or 0.5
+    return lo - pad, hi + pad
+
+
 def histogram(title: str, xlabel: str, series: dict[str, np.ndarray], threshold: float | None = None,
               note: str = "") -> bytes:
-    """Overlaid step histograms (density, shared bins) of each named series; a dashed line at ``threshold``."""
+    """Overlaid step histograms (density, shared bins) of each named series; a dashed line at ``threshold``.
+
+    The axis is ``view``'s range; values beyond it are drawn in the end bins and counted in the title."""
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
     pooled = np.concatenate([v for v in series.values() if v.size] or [np.zeros(1)])
-    bins = np.histogram_bin_edges(pooled, bins=min(60, max(10, int(np.sqrt(pooled.size)))))
+    lo, hi = view(pooled, threshold)
+    bins = np.linspace(lo, hi, min(60, max(10, int(np.sqrt(pooled.size)))) + 1)
     for name, v in series.items():
         if v.size:
-            ax.hist(v, bins=bins.tolist(), density=True, histtype="step", linewidth=1.5, label=f"{name} (n={v.size})")
+            ax.hist(np.clip(v, lo, hi), bins=bins.tolist(), density=True, histtype="step", linewidth=1.5,
+                    label=f"{name} (n={v.size})")
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}")
+    outside = int(np.sum((pooled < lo) | (pooled > hi)))
+    if outside:
+        note = "; ".join(filter(None, [note, f"{outside} of {pooled.size} values beyond the axis, drawn in the end bins"]))
+    ax.set_xlim(lo, hi)
     ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
@@ -128,6 +153,17 @@ def gallery(title: str, images: np.ndarray, renders: np.ndarray | None, captions
                 axes[1, 0].set_ylabel("rendering h0", fontsize=8)
     fig.suptitle(title, fontsize=9)
     return _png(fig)
+
+
+def caption(row: dict[str, Any], classes: Sequence[str] | None, error: str | None = None) -> str:
+    """A gallery caption: ood_score, the predicted class and, when the row has one, the true label."""
+    def name(c: Any) -> str:
+        return str(classes[c]) if classes and isinstance(c, int) and 0 <= c < len(classes) else str(c)
+
+    lines = [f"{row['ood_score']:.3g}" + ("" if error is None else " (unreadable)"), f"pred {name(row.get('pred'))}"]
+    if row.get("label") is not None:
+        lines.append(f"label {name(row['label'])}")
+    return "\n".join(lines)
 
 
 def _show(ax: Any, img: np.ndarray) -> None:
