@@ -290,7 +290,7 @@ def filter_(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Working directory for data, checkpoint and scores.")] = Path("demo-out"),
-    epochs: Annotated[int, at_least(1, "Training passes over the 1,257 training digits (30: about 20 s of training, under a minute "
+    epochs: Annotated[int, at_least(1, "Training passes over the 1,257 training digits (30: about 20 s of training, about a minute "
                                         "for the whole demo on 2 cores).")] = 30,
 ) -> None:
     """Train on scikit-learn's digits, score in- and out-of-distribution shards on embedded Ray, print AUROCs."""

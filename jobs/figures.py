@@ -17,6 +17,7 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,45 +46,73 @@ def data_uri(png: bytes) -> str:
 
 # ---------------------------------------------------------------------------- plots
 TAIL = 0.01  # a histogram's axis spans the 1st-99th percentiles when a heavy tail would squeeze the bulk
+DECADES = 1.5  # a one-signed range wider than this many powers of ten is drawn on a symmetric-log axis
 
 
-def view(pooled: np.ndarray, threshold: float | None = None) -> tuple[float, float]:
-    """The x-range of a histogram: the data's full range, unless its 1st-99th percentile span is under a
-    fifth of it (a heavy tail, e.g. 0 to 100,000 with the bulk and the threshold near 500); then that
-    span. Either way widened to include ``threshold``."""
+@dataclass(frozen=True)
+class View:
+    """A histogram's x-axis: its range and, for magnitudes over many decades, symlog's linear threshold."""
+
+    lo: float
+    hi: float
+    linthresh: float | None = None  # None: a linear axis
+
+    def bins(self, n: int) -> np.ndarray:
+        """``n`` bins of equal width on the axis as drawn (log-spaced in magnitude on a symlog axis)."""
+        if self.linthresh is None:
+            return np.linspace(self.lo, self.hi, n + 1)
+        c = self.linthresh
+        ulo, uhi = (float(np.sign(v) * np.log10(1 + abs(v) / c)) for v in (self.lo, self.hi))
+        u = np.linspace(ulo, uhi, n + 1)
+        return np.sign(u) * c * (10 ** np.abs(u) - 1)
+
+
+def view(pooled: np.ndarray, threshold: float | None = None) -> View:
+    """The x-axis of a histogram of ``pooled``, so that the bulk and ``threshold`` are both visible.
+
+    The range is the data's, or its 1st-99th percentiles when those span under a fifth of it (a heavy
+    tail: 0 to 100,000 with the bulk and the threshold near 500); always widened to ``threshold``. When
+    the values have one sign and their magnitudes still span more than ``DECADES`` powers of ten (a
+    Mahalanobis distance: -2e6 in-distribution, -8e7 far out), the axis is symmetric-log."""
     lo, hi = float(pooled.min()), float(pooled.max())
     qlo, qhi = (float(q) for q in np.quantile(pooled, [TAIL, 1 - TAIL]))
     if qhi - qlo < 0.2 * (hi - lo):
         lo, hi = qlo, qhi
     if threshold is not None and np.isfinite(threshold):
         lo, hi = min(lo, threshold), max(hi, threshold)
+    small, large = sorted((abs(lo), abs(hi)))
+    if lo * hi > 0 and large > small * 10**DECADES:
+        return View(lo, hi, small)
     pad = 0.02 * (hi - lo) or 0.5
-    return lo - pad, hi + pad
+    return View(lo - pad, hi + pad)
 
 
 def histogram(title: str, xlabel: str, series: dict[str, np.ndarray], threshold: float | None = None,
               note: str = "") -> bytes:
-    """Overlaid step histograms (density, shared bins) of each named series; a dashed line at ``threshold``.
-
-    The axis is ``view``'s range; values beyond it are drawn in the end bins and counted in the title."""
+    """Overlaid step histograms (shared bins, each series' fraction of rows per bin) of each named series;
+    a dashed line at ``threshold``. The axis is ``view``'s; values beyond it are drawn in the end bins
+    and counted in the title."""
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
     pooled = np.concatenate([v for v in series.values() if v.size] or [np.zeros(1)])
-    lo, hi = view(pooled, threshold)
-    bins = np.linspace(lo, hi, min(60, max(10, int(np.sqrt(pooled.size)))) + 1)
+    axis = view(pooled, threshold)
+    bins = axis.bins(min(60, max(10, int(np.sqrt(pooled.size)))))
     for name, v in series.items():
         if v.size:
-            ax.hist(np.clip(v, lo, hi), bins=bins.tolist(), density=True, histtype="step", linewidth=1.5,
-                    label=f"{name} (n={v.size})")
+            ax.hist(np.clip(v, axis.lo, axis.hi), bins=bins.tolist(), weights=np.full(v.size, 1.0 / v.size),
+                    histtype="step", linewidth=1.5, label=f"{name} (n={v.size})")
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}")
-    outside = int(np.sum((pooled < lo) | (pooled > hi)))
+    outside = int(np.sum((pooled < axis.lo) | (pooled > axis.hi)))
     if outside:
         note = "; ".join(filter(None, [note, f"{outside} of {pooled.size} values beyond the axis, drawn in the end bins"]))
-    ax.set_xlim(lo, hi)
+    if axis.linthresh is not None:
+        ax.set_xscale("symlog", linthresh=axis.linthresh)
+        xlabel += " (symmetric log scale)"
+    ax.set_xlim(axis.lo, axis.hi)
     ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    ax.set_ylabel("fraction of the set per bin")
     ax.legend(fontsize=8)
     return _png(fig)
 

@@ -318,12 +318,20 @@ def test_the_threshold_score_comes_first_and_marked_in_every_table(ckpt: Path, t
 def test_histogram_view_keeps_the_bulk_and_the_threshold_visible_under_a_heavy_tail() -> None:
     bulk = np.linspace(400.0, 600.0, 990)
     tail = np.linspace(1e4, 1e5, 10)  # 1% of the values, up to 100,000
-    lo, hi = F.view(np.concatenate([bulk, tail]), threshold=516.0)
-    assert 390 < lo < 400 and 600 < hi < 1000  # the 1st-99th percentiles, not 0..100,000
-    lo, hi = F.view(np.concatenate([bulk, tail]), threshold=-50.0)
-    assert lo < -50 and hi < 1000  # widened to the threshold
-    lo, hi = F.view(bulk)  # no heavy tail: the full range
-    assert lo < 400 < 600 < hi < 610
+    v = F.view(np.concatenate([bulk, tail]), threshold=516.0)
+    assert 390 < v.lo < 400 and 600 < v.hi < 1000 and v.linthresh is None  # the 1st-99th percentiles
+    v = F.view(np.concatenate([bulk, tail]), threshold=-50.0)
+    assert v.lo < -50 and v.hi < 1000  # widened to the threshold
+    v = F.view(bulk)  # no heavy tail: the full range
+    assert v.lo < 400 < 600 < v.hi < 610 and v.linthresh is None
+
+
+def test_histogram_view_is_symlog_over_many_decades_of_one_sign() -> None:
+    v = F.view(np.concatenate([np.linspace(-3e6, -1e6, 500), np.linspace(-8e7, -1e7, 500)]), threshold=-3.3e6)
+    assert (v.lo, v.hi, v.linthresh) == (-8e7, -1e6, 1e6)
+    edges = v.bins(4)  # equal widths in log10(1 + |x| / 1e6): the middle edge at 1e6 (sqrt(81 * 2) - 1)
+    assert edges[0] == pytest.approx(-8e7) and edges[-1] == pytest.approx(-1e6)
+    assert np.all(np.diff(edges) > 0) and edges[2] == pytest.approx(-1e6 * (np.sqrt(81 * 2) - 1))
 
 
 def test_gallery_captions_show_the_true_label_when_there_is_one() -> None:
