@@ -11,7 +11,7 @@ import enum
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -135,32 +135,41 @@ def train(
     typer.echo(f"training {name} (width {width or 'default'}) on {len(x)} images {tuple(x.shape[1:])}, "
                f"{classes} classes, device {dev}; loaded in {time.perf_counter() - t0:.1f}s")
 
-    def progress(rec: dict[str, float]) -> None:
-        sys.stderr.write(f"\repoch {rec['epoch']}/{rec['epochs']} step {rec['step']}/{rec['steps']} "
-                         f"loss {rec['loss']:.3f} ce {rec['ce']:.3f} recon {rec['recon']:.3f} acc {rec['acc']:.3f} "
-                         f"{rec['seconds']:.0f}s")
-        sys.stderr.flush()
-
     tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value)
-    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=progress)
+    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress)
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
     report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
-        from nrm.train import accuracy
-
-        try:
-            xt, yt = load_labelled(test, result.model.input_shape, None, store)
-        except (StorageError, DatasetError) as e:
-            raise fail(str(e)) from None
-        report["test_rows"] = len(xt)
-        report["test_accuracy"] = round(accuracy(result.model, torch.from_numpy(xt), torch.from_numpy(yt)), 4)
+        report.update(_test_accuracy(test, result.model, store))
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"checkpoint written to {out}")
+
+
+def _progress(rec: dict[str, float]) -> None:
+    sys.stderr.write(f"\repoch {rec['epoch']}/{rec['epochs']} step {rec['step']}/{rec['steps']} "
+                     f"loss {rec['loss']:.3f} ce {rec['ce']:.3f} recon {rec['recon']:.3f} acc {rec['acc']:.3f} "
+                     f"{rec['seconds']:.0f}s")
+    sys.stderr.flush()
+
+
+def _test_accuracy(test: str, model: Any, store: Any) -> dict[str, Any]:
+    """{"test_rows", "test_accuracy"} of ``model`` on the labelled Parquet ``test`` (nothing is fitted on it)."""
+    import torch
+
+    from jobs.datasets import DatasetError, load_labelled
+    from jobs.storage import StorageError
+    from nrm.train import accuracy
+
+    try:
+        xt, yt = load_labelled(test, model.input_shape, None, store)
+    except (StorageError, DatasetError) as e:
+        raise fail(str(e)) from None
+    return {"test_rows": len(xt), "test_accuracy": round(accuracy(model, torch.from_numpy(xt), torch.from_numpy(yt)), 4)}
 
 
 @app.command("fit-detector")

@@ -52,8 +52,6 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
     from jobs.filtering import read_scores
     from jobs.pipeline import ScoreOptions, run_score, summary
     from jobs.storage import Store
-    from nrm import metrics
-    from nrm.scores import HIGHER_IS_IN
 
     rng = np.random.default_rng(SEED)
     x, y = digits()
@@ -81,17 +79,26 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
     table["set"] = table.source_path.map(lambda p: Path(p).parent.name)
     ind = table[table.set == "in"]
     acc = float((ind.pred == ind.label).mean())
+    echo(f"\nin-distribution test accuracy: {acc:.3f} ({len(ind)} digits)")
     th = result.model.config.fitted.threshold
     assert th is not None  # nrm.train fits it
-    cols = list(dict.fromkeys([th.score, *result.model.extra_columns, "latent_loglik", "loglik_bound", "recon_sq_error",
-                               "max_softmax", "energy"]))
+    rows = auroc_table(table, [th.score, *result.model.extra_columns], th, echo)
+    return {"accuracy": acc, "auroc": rows, "run": res.run_id, "exit_code": res.exit_code, "threshold_score": th.score}
+
+
+def auroc_table(table: Any, first: list[str], th: Any, echo: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Print and return the AUROC of each score per OOD set; the threshold score (``th.score``) leads, marked."""
+    from nrm import metrics
+    from nrm.scores import HIGHER_IS_IN
+
+    cols = list(dict.fromkeys([*first, "latent_loglik", "loglik_bound", "recon_sq_error", "max_softmax", "energy"]))
     up = {c: HIGHER_IS_IN.get(c, True) for c in cols}  # det_* detector columns: higher = in-distribution
+    ind = table[table.set == "in"]
     rows = {}
     for name in sorted(s for s in table.set.unique() if s != "in"):
         od = table[table.set == name]
         rows[name] = {c: metrics.auroc(metrics.orient(ind[c].to_numpy(), up[c]),
                                        metrics.orient(od[c].to_numpy(), up[c])) for c in cols}
-    echo(f"\nin-distribution test accuracy: {acc:.3f} ({len(ind)} digits)")
     echo("AUROC, in-distribution = positive (1.0 = perfect separation, 0.5 = chance):")
     heads = [c + ("*" if c == th.score else "") for c in cols]
     echo(f"{'OOD set':12} " + " ".join(f"{c:>16}" for c in heads))
@@ -101,7 +108,7 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
          f"(keeps {th.tpr:.0%} of held-out training digits).")
     for line in below_chance(table, rows, th.score):
         echo(line)
-    return {"accuracy": acc, "auroc": rows, "run": res.run_id, "exit_code": res.exit_code, "threshold_score": th.score}
+    return rows
 
 
 def below_chance(table: Any, rows: dict[str, dict[str, float]], detector: str) -> list[str]:
