@@ -28,7 +28,8 @@ import torch
 
 import nrm
 from nrm.config import ModelConfig
-from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, refit
+from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES
+from nrm.fit import refit
 
 Echo = Callable[[str], None]
 
@@ -60,26 +61,200 @@ def random_model(cfg: ModelConfig, device: str = "cpu") -> nrm.NRM:
     return nrm.NRM(cfg).to(device).eval().requires_grad_(False)
 
 
-def overhead(cfg: ModelConfig, batch: int, reps: int, device: str = "cpu") -> dict[str, float]:
-    model = random_model(cfg, device)
-    x = torch.randn(batch, *model.input_shape, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+def fastest(fns: dict[str, Callable[[], Any]], reps: int) -> tuple[float, str]:
+    """(median seconds, label) of the fastest of ``fns``: plain inference is always the best we can do."""
+    times = {label: _time(fn, reps) for label, fn in fns.items()}
+    label = min(times, key=lambda k: times[k])
+    return times[label], label
 
-    def plain() -> None:
-        with torch.no_grad():
-            model(x)
-        sync()
 
-    def scored() -> None:
-        model.score(x)
-        sync()
+def plain_variants(module: torch.nn.Module, x: torch.Tensor, sync: Callable[[], None]) -> dict[str, Callable[[], Any]]:
+    """The user's torch module as it runs fastest: as given, with BatchNorm fused into the convs
+    (torch.fx's own fusion, where the module traces), in either memory format."""
+    import copy
 
-    tp, ts = _time(plain, reps), _time(scored, reps)
-    # the same with nrm-ood train's default detector fitted (on random inputs: only its cost matters)
+    variants: dict[str, torch.nn.Module] = {"as given": module}
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        variants["BN fused"] = fuse(copy.deepcopy(module))
+    except Exception:  # noqa: BLE001 - a module fx cannot trace keeps its unfused forward
+        pass
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    fns: dict[str, Callable[[], Any]] = {}
+    for label, mod in variants.items():
+        mcl = copy.deepcopy(mod).to(memory_format=torch.channels_last)
+
+        def run(m: torch.nn.Module = mod, inp: torch.Tensor = x) -> None:
+            with torch.no_grad():
+                m(inp)
+            sync()
+
+        def run_cl(m: torch.nn.Module = mcl, inp: torch.Tensor = xcl) -> None:
+            with torch.no_grad():
+                m(inp)
+            sync()
+
+        fns[label] = run
+        fns[f"{label}, channels_last"] = run_cl
+    return fns
+
+
+FORWARD_ONLY = ["pred", "max_softmax", "max_logit", "energy", "det_mahalanobis", "mahalanobis_feat", "knn", "vim"]
+
+
+def fit_for_cost(model: nrm.NRM, bank: int = 45000) -> None:
+    """Fit the default detector and the post-hoc baselines on random data of the real sizes (a KNN
+    bank of ``bank`` rows, as a CIFAR-10 training split gives): only their cost is measured."""
+    from nrm import posthoc as P
+
+    device = model.mean.device
     refit(model, [torch.randn(256, *model.input_shape, device=device) for _ in range(2)])
-    td = _time(scored, reps)
-    return {"plain_s": tp, "score_s": ts, "ratio": ts / tp, "images_per_s": batch / ts, "detector_s": td,
-            "detector_ratio": td / tp}
+    f, logits = model.penultimate(torch.randn(512, *model.input_shape, device=device))
+    feats = f[torch.randint(len(f), (bank,))].cpu() + 0.01 * torch.randn(bank, f.shape[1])
+    head = model.node_params(model.classifier.name)
+    labels = torch.arange(bank) % len(model.config.classes)
+    model.config.fitted.posthoc = P.fit_all(feats, logits.cpu()[torch.randint(len(f), (bank,))], labels,
+                                            head["weight"].double().cpu(), head["bias"].double().cpu(),
+                                            len(model.config.classes))
+
+
+def overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
+    """NRM score time / plain inference time, both at their fastest memory format; and the same for
+    the forward-only columns. ``plain_module`` is the user's own module (or the NRM itself for a preset)."""
+    device = model.mean.device
+    x = torch.randn(batch, *model.input_shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tp, plain_label = fastest(plain_variants(plain_module, x, sync), reps)
+    fit_for_cost(model)
+    res: dict[str, Any] = {"plain_s": tp, "plain": plain_label}
+    for label, cols in (("score", None), ("forward", FORWARD_ONLY)):
+        fns = {}
+        for cl in (False, True):
+            model.use_channels_last(cl)
+
+            def run(cols: list[str] | None = cols, m: nrm.NRM = model) -> None:
+                m.score(x, columns=cols)
+                sync()
+
+            fns["channels_last" if cl else "contiguous"] = run
+            res[f"{label}_s_{'cl' if cl else 'nchw'}"] = _time(run, reps)
+        res[f"{label}_s"] = min(res[f"{label}_s_nchw"], res[f"{label}_s_cl"])
+        res[f"{label}_ratio"] = res[f"{label}_s"] / tp
+    model.use_channels_last(False)
+    res["images_per_s"] = batch / res["score_s"]
+    return res
+
+
+def bench_models(device: str, shared: Path | None) -> list[tuple[str, nrm.NRM, torch.nn.Module]]:
+    """(label, NRM, the module plain inference runs) for every preset and the CIFAR ResNets: the
+    shared pretrained ones converted when ``shared`` holds them, else the resnet-cifar preset."""
+    out: list[tuple[str, nrm.NRM, torch.nn.Module]] = []
+    for name, width in (("gray28", 0.5), ("gray28", 1.0), ("rgb32-small", 1.0), ("rgb32-allconv", 0.5)):
+        m = random_model(nrm.preset(name, width), device)
+        out.append((f"{name} w{width}", m, m))
+    src = shared / "models" / "cifar10-resnet" if shared else None
+    for depth in (20, 56):
+        if src is not None and (src / f"resnet{depth}.safetensors").is_file():
+            from jobs.convert import build_module, read_weights
+
+            user = build_module(f"{src / 'resnet.py'}:resnet{depth}")
+            user.load_state_dict(read_weights(src / f"resnet{depth}.safetensors"))
+            user = user.eval().to(device)
+            out.append((f"ResNet-{depth} (pretrained, converted)", nrm.from_torch(user, (3, 32, 32)).to(device), user))
+        else:
+            m = random_model(nrm.preset("resnet-cifar", 1.0, depth=depth), device)
+            out.append((f"resnet-cifar depth {depth} (preset)", m, m))
+    return out
+
+
+def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
+    lines = ["## 1. NRM score / plain inference (targets: <= 2.0x full score, <= 1.15x forward-only columns)", "",
+             "Plain = the network's own torch module at its fastest: for the ResNets the user's `resnet.py` module "
+             "with BatchNorm fused by torch.fx and the faster memory format; for the presets the NRM's own forward "
+             "(which is the module), in the faster format. Full score = `model.score(x)`: forward + one "
+             "vector-Jacobian product + every column, with `nrm-ood train`'s default detector "
+             f"({DEFAULT_DETECTOR}[{DEFAULT_FEATURES}]) and the post-hoc baselines fitted (KNN bank 45,000 rows). "
+             f"Forward-only = `model.score(x, columns=[{', '.join(FORWARD_ONLY)}])`. Median of {reps} runs after a "
+             f"warm-up; torch threads {torch.get_num_threads()}.", "",
+             "| model | device | batch | plain (ms) | plain variant | full score (ms) | ratio | forward-only (ms) "
+             "| ratio | NRM images/s | targets met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for device in devices:
+        batches = [batch] if device == "cpu" else [512, 4096]
+        for label, model, plain in bench_models(device, shared):
+            for b in batches:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                r = overhead(model, plain, b, reps)
+                met = r["score_ratio"] <= 2.0 and r["forward_ratio"] <= 1.15
+                mem = f"; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
+                lines.append(f"| {label} | {device} | {b} | {r['plain_s'] * 1e3:.1f} | {r['plain']} | "
+                             f"{r['score_s'] * 1e3:.1f} | {r['score_ratio']:.2f}x | {r['forward_s'] * 1e3:.1f} | "
+                             f"{r['forward_ratio']:.2f}x | {r['images_per_s']:.0f}{mem} | {'yes' if met else 'no'} |")
+                echo(f"  {label} {device} b{b}: full {r['score_ratio']:.2f}x, forward-only {r['forward_ratio']:.2f}x")
+    if "cuda" not in devices:
+        lines += ["", "No GPU on this machine: GPU figures come from `scripts/gpu_check.sh` on a machine with one."]
+    return lines
+
+
+def precision_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
+    """Speed of the full score per precision on ResNet-20, and (with the shared data) the change in AUROC."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    label, model, _ = bench_models(device, shared)[4]  # ResNet-20
+    x = torch.randn(batch, *model.input_shape, device=device)
+    auroc = precision_auroc(model, shared, device) if shared else {}
+    lines = ["## 2. Reduced precision (`--precision`)", "",
+             f"{label}, {device}, batch {batch}, full score, channels_last; AUROC of `latent_prior` and `max_logit` "
+             "(CIFAR-10 test, first 2,000 rows, against textures32's report half and MNIST as RGB, first 2,000 rows) "
+             "with the same fitted state.", "",
+             "| precision | full score (ms) | speed vs fp32 | AUROC textures32 latent_prior / max_logit | "
+             "AUROC MNIST latent_prior / max_logit |", "|---|---|---|---|---|"]
+    model.use_channels_last(True)
+    base = None
+    for p in ("fp32", "bf16", "fp16", "tf32"):
+        model.set_precision(p)
+        try:
+            t = _time(lambda: model.score(x), reps)
+        except RuntimeError as e:  # a precision this device cannot run
+            lines.append(f"| {p} | not available ({str(e).splitlines()[0][:80]}) | | | |")
+            continue
+        base = base or t
+        cells = [_auroc_cell(auroc.get(p, {}), name) for name in ("textures32", "mnist")]
+        lines.append(f"| {p} | {t * 1e3:.1f} | {base / t:.2f}x | {cells[0]} | {cells[1]} |")
+        echo(f"  {p}: {t * 1e3:.1f} ms")
+    model.set_precision("fp32")
+    return lines
+
+
+def _auroc_cell(a: dict[str, dict[str, float]], name: str) -> str:
+    return " / ".join(f"{a[name][c]:.4f}" for c in ("latent_prior", "max_logit")) if name in a else "-"
+
+
+def precision_auroc(model: nrm.NRM, shared: Path, device: str) -> dict[str, dict[str, dict[str, float]]]:
+    """precision -> OOD set -> column -> AUROC, on the shared sets (empty when they are absent)."""
+    from jobs.datasets import load_images
+    from nrm.metrics import auroc
+
+    data = shared / "datasets"
+    sets = {"in": data / "cifar10" / "test", "textures32": data / "textures32" / "test", "mnist": data / "mnist" / "test"}
+    if not all(p.is_dir() for p in sets.values()):
+        return {}
+    xs = {k: model.preprocess(torch.from_numpy(load_images(str(v), model.input_shape, 2000))) for k, v in sets.items()}
+    order = np.random.default_rng(0).permutation(len(xs["textures32"]))  # scripts/split_textures.py's report half
+    xs["textures32"] = xs["textures32"][torch.from_numpy(np.sort(order[len(order) // 2 :]))]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for p in ("fp32", "bf16", "fp16", "tf32"):
+        model.set_precision(p)
+        try:
+            cols = {k: {c: torch.cat([model.score(v[i : i + 256], columns=[c])[c] for i in range(0, len(v), 256)])
+                        for c in ("latent_prior", "max_logit")} for k, v in xs.items()}
+        except RuntimeError:
+            continue
+        out[p] = {k: {c: float(auroc(cols["in"][c].double().numpy(), cols[k][c].double().numpy()))
+                      for c in ("latent_prior", "max_logit")} for k in ("textures32", "mnist")}
+    model.set_precision("fp32")
+    return out
 
 
 def _write_shards(root: Path, n: int, shards: int, shape: tuple[int, int, int]) -> None:
@@ -211,34 +386,35 @@ def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     return None
 
 
-def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -> str:
-    from jobs.pipeline import init_ray
+SECTIONS = ("speed", "precision", "job")
 
+
+def run(out_md: Path | None, n: int, batch: int, reps: int, echo: Echo, command: str,
+        sections: tuple[str, ...] = SECTIONS, shared: Path | None = None) -> str:
+    """Run the chosen ``sections`` and return the markdown report; write it to ``out_md`` when given."""
     lines = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
              f"Machine: {machine()}.", ""]
-    # 1. overhead ---------------------------------------------------------------------------
-    echo("1/4 NRM scoring vs plain inference ...")
-    lines += ["## 1. NRM scoring time / plain inference time (target <= 2.0x)", "",
-              "Same random-initialised CNN, same batch; plain = `model(x)` under no_grad; NRM = `model.score(x)` "
-              "(forward + one vector-Jacobian product + score columns). Median of "
-              f"{reps} runs after a warm-up; torch threads {torch.get_num_threads()}. The last two columns: "
-              f"the same with `nrm-ood train`'s default detector fitted ({DEFAULT_DETECTOR}[{DEFAULT_FEATURES}]).", "",
-              "| model | input | batch | plain (ms) | NRM score (ms) | ratio | NRM images/s | target met "
-              "| + detector (ms) | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        for name, width in (("gray28", 0.5), ("gray28", 1.0), ("rgb32-small", 1.0), ("rgb32-allconv", 0.5)):
-            cfg = nrm.preset(name, width)
-            b = batch if device == "cpu" else 1024
-            r = overhead(cfg, b, reps, device)
-            lines.append(f"| {name} w{width} ({device}) | {'x'.join(map(str, cfg.input.shape))} | {b} | "
-                         f"{r['plain_s'] * 1e3:.1f} | {r['score_s'] * 1e3:.1f} | {r['ratio']:.2f}x | "
-                         f"{r['images_per_s']:.0f} | {'yes' if r['ratio'] <= 2.0 else 'no'} | "
-                         f"{r['detector_s'] * 1e3:.1f} | {r['detector_ratio']:.2f}x |")
-            echo(f"  {name} w{width} {device}: {r['ratio']:.2f}x")
-    if not torch.cuda.is_available():
-        lines += ["", "No GPU on this machine: GPU images/s are not measured here (see docs/scaling.md)."]
+    if "speed" in sections:
+        echo("NRM scoring vs plain inference ...")
+        lines += speed_section(devices, batch, reps, shared, echo) + [""]
+    if "precision" in sections:
+        echo("reduced precision ...")
+        lines += precision_section(batch, reps, shared, echo) + [""]
+    if "job" in sections:
+        lines += job_sections(n, batch, echo)
+    text = "\n".join(lines) + "\n"
+    if out_md is not None:
+        out_md.parent.mkdir(parents=True, exist_ok=True)
+        out_md.write_text(text)
+    return text
+
+
+def job_sections(n: int, batch: int, echo: Echo) -> list[str]:
+    """End-to-end job throughput (local and S3), read + decode throughput, peak memory at 1x and 10x."""
+    from jobs.pipeline import init_ray
+
+    lines: list[str] = []
     # 2./3. end to end ----------------------------------------------------------------------
     init_ray(None)
     import ray
@@ -253,7 +429,7 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
         xs = torch.randn(256, *model.input_shape)
         fit(model, [xs], [xs])
         nrm.save(model, ckpt)
-        echo(f"2/4 writing {n} and {10 * n} generated 28x28 PNG images ...")
+        echo(f"writing {n} and {10 * n} generated 28x28 PNG images ...")
         _write_shards(root / "data1x", n, 8, model.input_shape)
         _write_shards(root / "data10x", 10 * n, 40, model.input_shape)
         threads = 1  # what each actor gets on this machine (cpus_per_actor 1)
@@ -262,7 +438,7 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
         echo(f"  in-memory: {mem_1t:.0f} images/s (1 thread), {mem_all:.0f} (all cores)")
         decode = decode_throughput(root / "data1x", model.input_shape)
         echo(f"  read + decode: {decode:.0f} images/s per CPU")
-        echo("3/4 end-to-end job, local files ...")
+        echo("end-to-end job, local files ...")
         m1, peak1 = job(str(ckpt), str(root / "data1x"), str(root / "out"), batch, echo)
         m10, peak10 = job(str(ckpt), str(root / "data10x"), str(root / "out"), batch, echo)
         s3, requests = None, {}
@@ -294,7 +470,7 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
                     else:
                         os.environ[k] = v
                 proc.terminate()
-    lines += ["", "## 2. End-to-end job throughput / in-memory scoring throughput (target >= 0.8)", "",
+    lines += ["", "## 3. End-to-end job throughput / in-memory scoring throughput (target >= 0.8)", "",
               f"Generated 28x28 grayscale PNG shards (HF image layout), gray28 w0.5 checkpoint, batch {batch}, "
               f"embedded Ray with {cpus:g} CPUs: 1 scoring actor x 1 CPU (torch threads 1) + read/decode tasks at 0.5 CPU. "
               "Job time includes planning, Ray start-up of the pipeline, decode, score, Parquet write and the manifest.", "",
@@ -316,17 +492,14 @@ def run(out_md: Path, n: int, batch: int, reps: int, echo: Echo, command: str) -
                   f"{s3['rows']['in'] // max(1, shards)} rows and {len(s3['outputs'])} output files: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(requests.items()))
                   + f" (~{total / max(1, shards):.1f} requests per input shard, everything included)."]
-    lines += ["", "## 3. Read + decode throughput per CPU", "",
+    lines += ["", "## 4. Read + decode throughput per CPU", "",
               f"Parquet row groups read and PNG-decoded by `read_unit` in one process: **{decode:.0f} images/s per CPU** "
               "(28x28 grayscale)."]
     growth = peak10 / peak1 - 1
-    lines += ["", "## 4. Peak memory at 1x and 10x the dataset (target: flat within 20%)", "",
+    lines += ["", "## 5. Peak memory at 1x and 10x the dataset (target: flat within 20%)", "",
               "Peak RSS of the driver and every Ray process it started (raylet, GCS, workers), sampled every 0.2 s.", "",
               "| dataset | rows | peak RSS (MiB) |", "|---|---|---|",
               f"| 1x | {m1['rows']['in']} | {peak1 / 2**20:.0f} |",
               f"| 10x | {m10['rows']['in']} | {peak10 / 2**20:.0f} |", "",
               f"Growth 1x -> 10x: {growth:+.1%} ({'met' if abs(growth) <= 0.2 else 'not met'}).", ""]
-    text = "\n".join(lines) + "\n"
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    out_md.write_text(text)
-    return text
+    return lines

@@ -36,6 +36,7 @@ class Arch(str, enum.Enum):
     rgb32_allconv = "rgb32-allconv"
     rgb32_small = "rgb32-small"
     digits8 = "digits8"
+    resnet_cifar = "resnet-cifar"
 
 
 class Augment(str, enum.Enum):
@@ -107,8 +108,10 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the held-out split, the initial weights and the batch order.")] = 0,
     augment: Annotated[Augment, typer.Option(help="Augment training batches: random shifts (crop), plus left-right mirroring (flip-crop, natural images only).")] = Augment.none,
     endpoint_url: EndpointUrl = None,
+    depth: Annotated[int | None, at_least(8, "Depth 6n+2 of the resnet-cifar preset (default 20).")] = None,
+    init: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Fine-tune this checkpoint (e.g. from `nrm-ood convert`) instead of a preset: its graph, weights and normalisation are kept.")] = None,
 ) -> None:
-    """Train an NRM on labelled images and write a checkpoint (config.json + weights.safetensors)."""
+    """Train an NRM on labelled images (or fine-tune one with --init) and write a checkpoint directory."""
     import json
     import time
 
@@ -120,25 +123,35 @@ def train(
 
     store = Store(endpoint_url)
     dev = _device(device)
+    if init is not None and (arch is not Arch.auto or width is not None or depth is not None):
+        raise fail("--init fine-tunes the checkpoint's own network; drop --arch, --width and --depth")
     try:
-        shape = probe_shape(data, store)
+        start = nrm.load(init) if init is not None else None
+        shape = start.input_shape if start is not None else probe_shape(data, store)
         name = arch.value if arch is not Arch.auto else {(1, 28, 28): "gray28", (3, 32, 32): "rgb32-small",
                                                          (1, 8, 8): "digits8"}.get(shape)
-        if name is None:
+        if start is not None:
+            name = f"init:{init}"
+        elif name is None:
             raise fail(f"no preset for images of shape {shape}; give --arch")
         t0 = time.perf_counter()
-        x, y = load_labelled(data, nrm.preset(name).input.shape, limit, store)
+        x, y = load_labelled(data, shape, limit, store)
     except (StorageError, DatasetError, ValueError) as e:
         raise fail(str(e)) from None
     classes = int(y.max()) + 1
-    cfg = nrm.preset(name, width, classes=classes)
+    if start is not None and classes > len(start.config.classes):
+        raise fail(f"--data has labels up to {classes - 1}, but checkpoint {init} has {len(start.config.classes)} classes")
+    try:
+        cfg = start.config if start is not None else nrm.preset(name, width, classes=classes, depth=depth)
+    except ValueError as e:
+        raise fail(str(e)) from None
     typer.echo(f"training {name} (width {width or 'default'}) on {len(x)} images {tuple(x.shape[1:])}, "
                f"{classes} classes, device {dev}; loaded in {time.perf_counter() - t0:.1f}s")
 
     tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value)
-    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress)
+    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start)
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
     report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value, "seconds": round(result.seconds, 1),
@@ -188,6 +201,7 @@ def fit_detector(
              "--features are not used: the candidate with the best worst-case validation AUROC wins.")] = None,
     val_ood_limit: Annotated[int, at_least(1, "Rows read of each --val-ood set.")] = 2000,
     endpoint_url: EndpointUrl = None,
+    baselines: Annotated[bool, typer.Option(help="Also fit the field's post-hoc baselines (Mahalanobis on the penultimate features, KNN k=50, ViM: columns mahalanobis_feat, knn, vim) on the training rows that were not held out.")] = False,
 ) -> None:
     """(Re)fit a detector on an existing checkpoint, on the rows of its training split that
     `nrm-ood train` held out (same seed and fraction), and make it the checkpoint's threshold score.
@@ -198,14 +212,19 @@ def fit_detector(
     from jobs.datasets import DatasetError, load_images, load_labelled
     from jobs.evaluate import parse_ood
     from jobs.storage import StorageError, Store
-    from nrm.detectors import refit
+    from nrm.fit import refit
     from nrm.train import batches
 
     try:
         m = nrm.load(model)
         store = Store(endpoint_url)
-        x, _ = load_labelled(data, m.input_shape, None, store)
-        refit_rows = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
+        x, y = load_labelled(data, m.input_shape, None, store)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        refit_rows, train_rows = perm[: max(1, int(len(x) * val_fraction))], perm[max(1, int(len(x) * val_fraction)):]
+        if baselines:
+            from nrm.fit import fit_posthoc
+
+            fit_posthoc(m, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
         ood = {name: batches(m, torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)), 512)
                for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
         det = refit(m, batches(m, torch.from_numpy(x), 512, refit_rows), detector.value, features.value,
@@ -220,6 +239,8 @@ def fit_detector(
                    + f" (worst {min(row.values()):.3f})")
     typer.echo(f"fitted {det['name']}[{det['features']}] on {len(refit_rows)} held-out rows; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
+    if baselines:
+        typer.echo(f"fitted the post-hoc baselines {', '.join(m.posthoc_columns)} on {len(train_rows)} training rows")
 
 
 # ---------------------------------------------------------------------------- score
@@ -317,25 +338,80 @@ def demo(
 BENCH_DOC = "docs/benchmarks.md"
 
 
+class BenchSection(str, enum.Enum):
+    speed = "speed"
+    precision = "precision"
+    job = "job"
+
+
 @app.command()
 def bench(
-    out: Annotated[Path, typer.Option(help="Markdown file to write.")] = Path("benchmarks.md"),
-    write_docs: Annotated[bool, typer.Option(help=f"Write the tracked {BENCH_DOC} instead of --out.")] = False,
-    rows: Annotated[int, at_least(1, "Images in the 1x dataset (10x is also run).")] = 20000,
-    batch_size: BatchSize = 512,
+    out: Annotated[Path | None, typer.Option(help="Also write the report to this markdown file; by default it is only printed.")] = None,
+    write_docs: Annotated[bool, typer.Option(help=f"Write the tracked {BENCH_DOC} (instead of --out).")] = False,
+    rows: Annotated[int, at_least(1, "Images in the job's 1x dataset (10x is also run).")] = 20000,
+    batch_size: Annotated[int, at_least(1, "CPU batch size (a GPU runs 512 and 4096).")] = 512,
     reps: Annotated[int, at_least(1, "Timed repetitions per measurement.")] = 5,
+    section: Annotated[list[BenchSection] | None, typer.Option(help="Run only these sections (repeatable): speed (NRM/plain ratios), precision, job (end to end, memory). Default: all.")] = None,
+    shared: Annotated[Path | None, typer.Option(help="The shared folder with models/cifar10-resnet and datasets/ (default ../shared when it exists): the pretrained ResNets and the precision AUROC.")] = None,
 ) -> None:
-    """Measure the speed and memory targets and write them to a markdown file (benchmarks.md here;
-    the project's docs/benchmarks.md only with --write-docs)."""
+    """Measure the speed and memory targets; print the report (write it with --out, or --write-docs)."""
     from jobs.bench import run
 
     out = Path(BENCH_DOC) if write_docs else out
     command = "nrm-ood bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nrm-ood bench"
-    run(out, rows, batch_size, reps, typer.echo, command.strip())
-    typer.echo(f"wrote {out}")
+    if shared is None and Path("../shared").is_dir():
+        shared = Path("../shared")
+    sections = tuple(s.value for s in section) if section else tuple(s.value for s in BenchSection)
+    text = run(out, rows, batch_size, reps, typer.echo, command.strip(), sections, shared)
+    typer.echo(text)
+    if out is not None:
+        typer.echo(f"wrote {out}")
 
 
 _register_eval(app)
+
+
+def _floats(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _shape(value: str) -> str:
+    parts = value.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"expected C,H,W (three positive integers), got {value!r}")
+    return value
+
+
+@app.command()
+def convert(
+    module: Annotated[str, typer.Option(help="The model's Python file and factory, path/to/file.py:factory (called with no arguments).")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="Checkpoint directory to write.")],
+    input_shape: Annotated[str, typer.Option(callback=_shape, help="C,H,W of the model's input, e.g. 3,32,32.")],
+    weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="State dict: .safetensors, or .pt/.pth (read with torch.load(weights_only=True)).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Per-channel mean of [0, 1] pixels the model was trained with, e.g. 0.485,0.456,0.406 (default 0).")] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225 (default 1).")] = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names in logit order (default 0..K-1).")] = None,
+) -> None:
+    """Convert your own piecewise-linear PyTorch classifier (ReLU, max-pool, residual adds, ...) into an NRM checkpoint."""
+    from jobs.convert import ConvertError
+    from jobs.convert import convert as run_convert
+    from nrm.config import ConfigError
+    from nrm.convert import ConversionError
+
+    shape = tuple(int(v) for v in input_shape.split(","))
+    try:
+        model, mid = run_convert(module, weights, shape, _floats(mean), _floats(std),  # type: ignore[arg-type]
+                                 classes.split(",") if classes else None, out)
+    except (ConvertError, ConversionError, ConfigError) as e:
+        raise fail(str(e)) from None
+    typer.echo(f"converted {module}: {len(model.config.nodes)} nodes, {len(model.latent_names)} latent layers, "
+               f"{len(model.config.classes)} classes; checkpoint {out} (model_id {mid[:12]})")
+    typer.echo(f"next: nrm-ood fit-detector --model {out} --data <in-distribution train split> --out {out}")
 
 
 def main() -> None:

@@ -19,10 +19,16 @@ from jobs.cli_options import Address, BatchSize, EndpointUrl, ModelUri, at_least
 def evaluate(
     model: ModelUri,
     in_: Annotated[str, typer.Option("--in", help="In-distribution Parquet: file, directory, glob or s3:// prefix.")],
-    ood: Annotated[list[str], typer.Option(callback=named_sets("--ood"), metavar="NAME=URI",
-                                           help="An OOD set, NAME=URI; repeat for several.")],
     out: Annotated[Path, typer.Option(file_okay=False, help="Local directory for scores/, metrics.json, metrics.md, "
                                       "report.html and figures/.")],
+    near: Annotated[list[str] | None, typer.Option(callback=named_sets("--near"), metavar="NAME=URI",
+                                                   help="A near-OOD set, NAME=URI; repeat for several. Its group's "
+                                                   "mean AUROC and FPR@95TPR are reported.")] = None,
+    far: Annotated[list[str] | None, typer.Option(callback=named_sets("--far"), metavar="NAME=URI",
+                                                  help="A far-OOD set, NAME=URI; repeat for several. Its group's "
+                                                  "mean AUROC and FPR@95TPR are reported.")] = None,
+    ood: Annotated[list[str] | None, typer.Option(callback=named_sets("--ood"), metavar="NAME=URI",
+                                                  help="An OOD set in no group, NAME=URI; repeat for several.")] = None,
     limit: Annotated[int | None, at_least(1, "Use only the first N rows of each set (files in sorted "
                                               "order, copied to <out>/inputs/<name>.parquet).")] = None,
     batch_size: BatchSize = 512,
@@ -31,11 +37,18 @@ def evaluate(
 ) -> None:
     """Score an in-distribution set and OOD sets with the Ray job; write OOD metrics and an HTML report.
 
-    Runs go to <out>/scores with run ids `in` and `ood-<NAME>`; a committed run is reused."""
-    from jobs.evaluate import EvalOptions, EvaluateError, parse_ood, summary
+    Give at least one OOD set (--near, --far or --ood). Runs go to <out>/scores with run ids `in` and
+    `ood-<NAME>`; a committed run is reused."""
+    from jobs.evaluate import EvalOptions, EvaluateError, group_sets, parse_ood, summary
     from jobs.evaluate import evaluate as run
 
-    opts = EvalOptions(model, in_, parse_ood(ood), out, limit, batch_size, address, endpoint_url)
+    try:
+        sets, groups = group_sets(parse_ood(ood or []), parse_ood(near or [], "--near"), parse_ood(far or [], "--far"))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if not sets:
+        raise typer.BadParameter("give at least one OOD set: --near, --far or --ood NAME=URI")
+    opts = EvalOptions(model, in_, sets, out, limit, batch_size, address, endpoint_url, groups=groups)
     try:
         result = run(opts, echo=typer.echo)
     except EvaluateError as e:

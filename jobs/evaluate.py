@@ -14,6 +14,13 @@ and input), so a re-run with one more ``--ood`` scores only the new set. Then, o
   galleries of the most and least OOD rows of each set (by the ``ood_score`` column) with the
   model's rendering h(0) under each image. Tables list the checkpoint's threshold score (the one
   that decides ``is_ood``) first, marked.
+* near / far groups (OpenOOD style: ``--near NAME=URI`` and ``--far NAME=URI``; ``--ood`` sets stay
+  ungrouped): for each group, the mean AUROC and mean FPR@95TPR over its sets for every score column
+  (``nrm.metrics.group_means``; a score missing on any set of the group has no mean), in
+  ``metrics.json`` ("groups"), ``metrics.md``, ``report.html`` and on screen;
+* ``report.html`` with PNG figures in ``figures/`` beside it: score histograms, ROC curves, AUROC by
+  layer of the per-layer latent terms, and galleries of the most and least OOD rows of each set
+  (by the ``ood_score`` column) with the model's rendering h(0) under each image.
 
 ``--limit N`` keeps the first N rows of each set: files in sorted URI order (as the job lists
 them), rows in file order, copied to ``<out>/inputs/<name>.parquet`` (with ``<name>.json`` saying
@@ -40,6 +47,7 @@ from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError, ScoreOptions, run_score
 from jobs.storage import StorageError, Store, absolute
 from nrm import metrics
+from nrm.posthoc import REGISTRY as POSTHOC
 from nrm.scores import HIGHER_IS_IN
 
 IN = "in"
@@ -49,6 +57,8 @@ KEY_SCORES = ["latent_loglik", "loglik_bound", "recon_sq_error", "max_softmax", 
 METRICS = [("auroc", "AUROC"), ("aupr_in", "AUPR-in"), ("aupr_out", "AUPR-out"), ("fpr95", "FPR@95TPR"),
            ("detection_error", "Det. error")]
 GALLERY = 8  # images per gallery strip
+GROUPS = ("near", "far")  # OpenOOD's OOD groups, each a CLI option; --ood sets belong to none
+GROUP_METRICS = [("auroc", "AUROC"), ("fpr95", "FPR@95TPR")]  # averaged over each group's sets
 CONVENTION = (
     "In-distribution = positive class. Every score is oriented so that higher = more in-distribution "
     "before the metrics (scores where higher = more OOD are negated; column 'used as'). "
@@ -83,6 +93,23 @@ def parse_ood(specs: list[str], option: str = "--ood") -> dict[str, str]:
     return out
 
 
+def group_sets(ood: dict[str, str], near: dict[str, str], far: dict[str, str]
+               ) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Parsed --ood, --near, --far -> (every OOD set NAME -> URI: near, far, then ungrouped; the
+    non-empty groups "near"/"far" -> NAMEs). A NAME given to two options is a ValueError naming both."""
+    options = {"--near": near, "--far": far, "--ood": ood}
+    sets: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for option, named in options.items():
+        for name, uri in named.items():
+            if name in seen:
+                raise ValueError(f"{option} {name}={uri}: NAME {name!r} is also given to {seen[name]}; "
+                                 "each OOD set needs its own NAME")
+            seen[name] = option
+            sets[name] = uri
+    return sets, {g: list(named) for g, named in zip(GROUPS, (near, far), strict=True) if named}
+
+
 @dataclass
 class EvalOptions:
     model: str
@@ -93,6 +120,7 @@ class EvalOptions:
     batch_size: int = 512
     address: str | None = None
     endpoint_url: str | None = None
+    groups: dict[str, list[str]] = field(default_factory=dict)  # "near"/"far" -> NAMEs of ood
 
 
 @dataclass
@@ -105,6 +133,7 @@ class ScoredSet:
     table: pa.Table
     manifest: dict[str, Any] = field(default_factory=dict)
     limit: dict[str, Any] | None = None  # the --limit copy's record, when one was made
+    group: str | None = None  # "near", "far" or None (ungrouped --ood set, or the in-distribution set)
 
 
 @dataclass
@@ -264,6 +293,8 @@ def score_columns(table: pa.Table, layer_names: list[str]) -> dict[str, tuple[bo
     for f in table.schema:
         if f.name.startswith("det_") and pa.types.is_floating(f.type):
             out[f.name] = (True, _column(table, f.name, ok))
+    for cls in POSTHOC.values():  # the field's post-hoc baselines, when the checkpoint has them fitted
+        add(cls.column)
     return out
 
 
@@ -340,7 +371,7 @@ def set_summary(s: ScoredSet) -> dict[str, Any]:
             "ok": int(ok.sum()), "error": int(t.num_rows - ok.sum()),
             "flagged_ood": int(np.sum(flagged)), "flagged_ood_rate": float(np.mean(flagged)) if ok.any() else None,
             "error_reasons": error_reasons(t), "failed_inputs": failed,
-            "limit": (s.limit or {}).get("limit")}
+            "limit": (s.limit or {}).get("limit"), "group": s.group}
 
 
 def build_metrics(sets: list[ScoredSet], layer_names: list[str], model_info: dict[str, Any]) -> dict[str, Any]:
@@ -359,6 +390,7 @@ def build_metrics(sets: list[ScoredSet], layer_names: list[str], model_info: dic
         "sets": {s.name: set_summary(s) for s in sets},
         "accuracy": accuracy(ind.table),
         **table,
+        "groups": group_table(sets, table["metrics"]),
     }
 
 
@@ -372,6 +404,37 @@ def key_scores(m: dict[str, Any]) -> list[str]:
 def score_label(sc: dict[str, Any]) -> str:
     """A score's name in the tables, marked when it is the one that decides ``is_ood``."""
     return f"{sc['name']} (default: decides is_ood)" if sc.get("default") else sc["name"]
+
+
+def group_table(sets: list[ScoredSet], per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{group: {"sets": [NAME...], "auroc": {score: mean or None}, "fpr95": {score: mean or None}}} over
+    the OOD sets of each group (nrm.metrics.group_means), groups in the order of their first set."""
+    groups: dict[str, list[str]] = {}
+    for s in sets[1:]:
+        if s.group:
+            groups.setdefault(s.group, []).append(s.name)
+    means = {k: metrics.group_means({o: {c: (v or {}).get(k) for c, v in row.items()} for o, row in per_set.items()},
+                                    groups) for k, _ in GROUP_METRICS}
+    return {g: {"sets": names, **{k: means[k][g] for k, _ in GROUP_METRICS}} for g, names in groups.items()}
+
+
+def group_rows(m: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The group means as one table: header [score, used as, <group> AUROC, <group> FPR@95TPR, ...] and
+    one row per score column (a value is None where the score has no mean)."""
+    groups = m.get("groups") or {}
+    header = ["score", "used as", *[f"{g} {h}" for g in groups for _, h in GROUP_METRICS]]
+    rows = [[sc["name"], sc["used_as"], *[groups[g][k].get(sc["name"]) for g in groups for k, _ in GROUP_METRICS]]
+            for sc in m["scores"]]
+    return header, rows
+
+
+GROUP_NOTE = ("Mean over the OOD sets of each group ({sets}). FPR@95TPR = fraction of OOD samples accepted "
+              "when 95% of in-distribution samples are accepted (TPR 95%, in-distribution positive). "
+              "A score missing on any set of a group has no mean.")
+
+
+def group_note(m: dict[str, Any]) -> str:
+    return GROUP_NOTE.format(sets="; ".join(f"{g}: {', '.join(v['sets'])}" for g, v in m["groups"].items()))
 
 
 # ---------------------------------------------------------------------------- metrics.md
@@ -416,6 +479,13 @@ def metrics_markdown(m: dict[str, Any]) -> str:
             vals = [m["metrics"][o].get(sc["name"]) for o in oods]
             lines.append(f"| {_md(score_label(sc))} | {sc['used_as']} | "
                          + " | ".join(f"{v['auroc']:.4f}" if v else "–" for v in vals) + " |")
+        lines.append("")
+    if m.get("groups"):
+        header, rows = group_rows(m)
+        lines += ["## Near / far OOD group means", "", group_note(m), "", "| " + " | ".join(header) + " |",
+                  "|---|---|" + "---:|" * (len(header) - 2)]
+        lines += ["| " + " | ".join([*r[:2], *(f"{v:.4f}" if v is not None else "–" for v in r[2:])]) + " |"
+                  for r in rows]
         lines.append("")
     for o in oods:
         lines += [f"## {o}", "", "| score | used as | " + " | ".join(h for _, h in METRICS) + " |",
@@ -491,6 +561,9 @@ def tables_html(m: dict[str, Any], model_info: dict[str, Any]) -> list[str]:
             ["score", "used as", *oods],
             [[score_label(sc), sc["used_as"], *[(m["metrics"][o].get(sc["name"]) or {}).get("auroc") for o in oods]]
              for sc in m["scores"]]))
+        if m["groups"]:
+            body.append("<h2>Near / far OOD group means</h2>" + f'<p class="note">{F.esc(group_note(m))}</p>'
+                        + F.table(*group_rows(m)))
         for o in oods:
             body.append(f"<h3>{F.esc(o)}</h3>" + F.table(
                 ["score", "used as", *[h for _, h in METRICS]],
@@ -601,7 +674,7 @@ def evaluate(opts: EvalOptions, echo: Callable[[str], None] = print) -> EvalResu
     if opts.limit is not None and opts.limit < 1:
         raise EvaluateError(f"--limit must be >= 1, got {opts.limit}")
     if not opts.ood:
-        raise EvaluateError("give at least one --ood NAME=URI")
+        raise EvaluateError("give at least one OOD set: --ood, --near or --far NAME=URI")
     opts = replace(opts, out=opts.out.resolve())
     opts.out.mkdir(parents=True, exist_ok=True)
     store = Store(opts.endpoint_url)
@@ -609,7 +682,8 @@ def evaluate(opts: EvalOptions, echo: Callable[[str], None] = print) -> EvalResu
         ckpt = Checkpoint.fetch(store, opts.model)
     except JobError as e:
         raise EvaluateError(str(e)) from None
-    sets = score_sets(opts, ckpt, echo)
+    group_of = {name: g for g, names in opts.groups.items() for name in names}
+    sets = [replace(s, group=group_of.get(s.name)) for s in score_sets(opts, ckpt, echo)]
     with ckpt.local() as path:
         model = nrm.load(path, expect_model_id=ckpt.model_id)
     det = model.config.fitted.detector
@@ -637,6 +711,13 @@ def summary(result: EvalResult) -> str:
     if th:
         lines.append(f"* decides is_ood: flagged when {th['score']} < {th['value']:.6g} (the checkpoint's threshold); "
                      "every score is in metrics.md")
+    if m["groups"]:
+        header, rows = group_rows(m)
+        width = max(len(r[0]) for r in rows)
+        lines.append(group_note(m))
+        lines.append(f"{header[0]:{width}} " + " ".join(f"{h:>16}" for h in header[2:]))
+        lines += [f"{r[0]:{width}} " + " ".join(f"{v:>16.4f}" if v is not None else f"{'-':>16}" for v in r[2:])
+                  for r in rows]
     for name in result.incomplete:
         lines.append(f"set {name}: some input files could not be read (listed in metrics.json)")
     return "\n".join(lines)

@@ -1,5 +1,10 @@
 """Checkpoints: a directory with config.json and weights.safetensors. Nothing is ever unpickled.
 
+config.json is the graph and the fitted state (format version 2; version 1 still loads);
+weights.safetensors holds every tensor: ``<node>.<param>`` for the network (node names are module
+paths, so a converted ResNet keeps keys like ``layer1.0.conv1.weight``) and ``detector.*`` for the
+fitted detector's arrays.
+
 ``model_id`` is the sha256 of weights.safetensors: the job records it with every scored row, and
 ``load(path, expect_model_id=...)`` refuses a weights file whose hash does not match.
 """
@@ -16,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nrm.config import ConfigError, Conv, Linear, ModelConfig
+from nrm.config import FITTED_PREFIXES, ConfigError, ModelConfig
 from nrm.model import NRM
 
 CONFIG = "config.json"
@@ -40,17 +45,15 @@ def save(model: NRM, path: str | os.PathLike[str]) -> str:
     """Write ``model`` to directory ``path`` (created); returns its model_id."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for layer in model.config.layers:
-        if isinstance(layer, Conv | Linear):
-            mod = model.layer(layer.name)
-            tensors[f"{layer.name}.weight"] = mod.weight.detach().float().cpu().contiguous()
-            if mod.bias is not None:  # a conv configured with bias=False has none
-                tensors[f"{layer.name}.bias"] = mod.bias.detach().float().cpu().contiguous()
+    config, fitted = model.config.to_json()
+    tensors = {k: v.cpu().contiguous() for k, v in fitted.items()}
+    for node in model.config.nodes:
+        for pname, t in model.node_params(node.name).items():
+            tensors[f"{node.name}.{pname}"] = t.detach().float().cpu().contiguous()
     save_file(tensors, str(p / WEIGHTS))
     mid = model_id(p)
     # The weights' hash is recorded in config.json, so a swapped or edited weights file is detected on load.
-    (p / CONFIG).write_text(json.dumps({**model.config.to_json(), "weights_sha256": mid}, indent=2) + "\n")
+    (p / CONFIG).write_text(json.dumps({**config, "weights_sha256": mid}, indent=2) + "\n")
     return mid
 
 
@@ -70,12 +73,9 @@ def load(
         )
     try:
         raw = json.loads((p / CONFIG).read_text())
-        recorded = raw.pop("weights_sha256", None) if isinstance(raw, dict) else None
-        cfg = ModelConfig.from_json(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {str(p)!r}: {CONFIG} is not valid JSON ({e})") from None
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {str(p)!r}: {e}") from None
+    recorded = raw.pop("weights_sha256", None) if isinstance(raw, dict) else None
     if recorded is not None and (actual := model_id(p)) != recorded:
         raise CheckpointError(
             f"checkpoint {str(p)!r}: {WEIGHTS} has sha256 {actual}, but config.json records {recorded} (tampered or replaced)"
@@ -84,22 +84,34 @@ def load(
         tensors = load_file(str(p / WEIGHTS))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {str(p)!r}: {WEIGHTS} is not a safetensors file ({e})") from None
+    try:
+        cfg = ModelConfig.from_json(raw, {k: v for k, v in tensors.items() if k.startswith(FITTED_PREFIXES)})
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {str(p)!r}: {e}") from None
     model = NRM(cfg)
-    expected = {k: v.shape for k, v in model.params.state_dict().items()}
+    _load_weights(model, {k: v for k, v in tensors.items() if not k.startswith(FITTED_PREFIXES)}, p)
+    if not math.isfinite(cfg.fitted.sigma2):
+        raise CheckpointError(f"checkpoint {str(p)!r}: sigma2 is not finite")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _load_weights(model: NRM, tensors: dict[str, torch.Tensor], p: Path) -> None:
+    """Copy ``<node>.<param>`` tensors into the model; every mismatch names the tensor."""
+    expected = {f"{n.name}.{k}": shape for n in model.config.nodes for k, shape in n.op.params().items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise CheckpointError(f"checkpoint {str(p)!r}: {WEIGHTS} is missing {missing} / has unexpected {extra}")
     for key, shape in expected.items():
         t = tensors[key]
-        if t.shape != shape:
+        if tuple(t.shape) != tuple(shape):
             raise CheckpointError(
                 f"checkpoint {str(p)!r}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}"
             )
         if not torch.isfinite(t).all():
             bad = int((~torch.isfinite(t)).sum())
             raise CheckpointError(f"checkpoint {str(p)!r}: tensor {key!r} has {bad} non-finite value(s)")
-    model.params.load_state_dict(tensors)
-    if not math.isfinite(cfg.fitted.sigma2):
-        raise CheckpointError(f"checkpoint {str(p)!r}: sigma2 is not finite")
-    return model.to(device).eval().requires_grad_(False)
+    with torch.no_grad():
+        for key in expected:
+            node, pname = key.rsplit(".", 1)
+            model.node_params(node)[pname].copy_(tensors[key])

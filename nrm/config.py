@@ -1,99 +1,33 @@
-"""Typed configuration of an NRM: the layer vocabulary, the input spec and the fitted state.
+"""Typed configuration of an NRM: the graph, the input spec and the fitted state.
 
-The checkpoint's ``config.json`` is the serialisation of :class:`ModelConfig` and nothing more.
-Every layer is one small frozen dataclass; ``layer_from_dict`` is the only place that turns JSON
-back into them, so an unknown type or a missing parameter fails here with a message that names it.
+The checkpoint's ``config.json`` is the serialisation of :class:`ModelConfig` and nothing more; its
+tensors (weights and the fitted detector's arrays) live in weights.safetensors. Format version 2
+holds a graph (``nodes``, nrm.graph); version 1 held a plain layer list and still loads: each layer
+becomes one node reading the previous one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nrm.graph import GraphError, Node, chain, infer_shapes
+from nrm.ops import OpError, op_from_dict
+from nrm.posthoc import REGISTRY, PosthocError
 
 FORMAT = "nrm-checkpoint"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+TENSOR_REF = "$tensor"  # {"$tensor": key}: a detector array stored in weights.safetensors under key
+FITTED_PREFIXES = ("detector.", "posthoc.")  # weights.safetensors keys of fitted arrays, not of the network
 
 
 class ConfigError(ValueError):
     """A config or checkpoint that does not describe a valid NRM; the message says what and where."""
-
-
-@dataclass(frozen=True)
-class Conv:
-    name: str
-    in_: int
-    out: int
-    kernel: int
-    stride: int = 1
-    padding: int = 0
-    bias: bool = True
-    type: ClassVar[str] = "conv"
-
-
-@dataclass(frozen=True)
-class ReLU:
-    type: ClassVar[str] = "relu"
-
-
-@dataclass(frozen=True)
-class LeakyReLU:
-    slope: float = 0.01
-    type: ClassVar[str] = "leaky_relu"
-
-
-@dataclass(frozen=True)
-class MaxPool:
-    kernel: int
-    stride: int
-    type: ClassVar[str] = "maxpool"
-
-
-@dataclass(frozen=True)
-class GlobalAvgPool:
-    type: ClassVar[str] = "global_avgpool"
-
-
-@dataclass(frozen=True)
-class Flatten:
-    type: ClassVar[str] = "flatten"
-
-
-@dataclass(frozen=True)
-class Linear:
-    name: str
-    in_: int
-    out: int
-    type: ClassVar[str] = "linear"
-
-
-Layer = Conv | ReLU | LeakyReLU | MaxPool | GlobalAvgPool | Flatten | Linear
-LAYER_TYPES: dict[str, type] = {
-    cls.type: cls for cls in (Conv, ReLU, LeakyReLU, MaxPool, GlobalAvgPool, Flatten, Linear)
-}
-
-
-def layer_to_dict(layer: Layer) -> dict[str, Any]:
-    # "in" is a Python keyword, so the dataclass field is in_ and the JSON key is "in".
-    return {"type": layer.type, **{k.rstrip("_"): v for k, v in asdict(layer).items()}}
-
-
-def layer_from_dict(d: dict[str, Any], index: int) -> Layer:
-    where = f"layers[{index}]"
-    if not isinstance(d, dict) or "type" not in d:
-        raise ConfigError(f"{where}: expected an object with a 'type', got {d!r}")
-    kind = d["type"]
-    cls = LAYER_TYPES.get(kind)
-    if cls is None:
-        raise ConfigError(f"{where}: unknown layer type {kind!r}; expected one of {sorted(LAYER_TYPES)}")
-    names = {f.name.rstrip("_"): f.name for f in fields(cls)}
-    unknown = set(d) - set(names) - {"type"}
-    if unknown:
-        raise ConfigError(f"{where} ({kind}): unknown parameter(s) {sorted(unknown)}; expected {sorted(names)}")
-    try:
-        return cls(**{names[k]: v for k, v in d.items() if k != "type"})
-    except TypeError as e:
-        raise ConfigError(f"{where} ({kind}): {e}") from None
 
 
 @dataclass(frozen=True)
@@ -138,127 +72,170 @@ class Fitted:
     normaliser: str = "none"  # which estimator produced log_partition (nrm.fit.NORMALISERS)
     threshold: Threshold | None = None
     detector: dict[str, Any] = field(default_factory=dict)  # extra fitted OOD detectors (nrm.detectors)
+    posthoc: dict[str, Any] = field(default_factory=dict)  # name -> fitted post-hoc baseline (nrm.posthoc)
 
 
 @dataclass
 class ModelConfig:
     input: InputSpec
     classes: list[str]
-    layers: list[Layer]
+    nodes: list[Node]
     fitted: Fitted = field(default_factory=Fitted)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """(config.json contents, the detector tensors it references by key)."""
+        tensors: dict[str, Tensor] = {}
         out: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
-            "input": {
-                "channels": self.input.channels,
-                "height": self.input.height,
-                "width": self.input.width,
-                "mean": list(self.input.mean),
-                "std": list(self.input.std),
-            },
+            "input": {"channels": self.input.channels, "height": self.input.height, "width": self.input.width,
+                      "mean": list(self.input.mean), "std": list(self.input.std)},
             "classes": list(self.classes),
-            "layers": [layer_to_dict(layer) for layer in self.layers],
+            "nodes": [n.to_dict() for n in self.nodes],
             "sigma2": self.fitted.sigma2,
             "log_partition": list(self.fitted.log_partition),
             "normaliser": self.fitted.normaliser,
             "threshold": asdict(self.fitted.threshold) if self.fitted.threshold else None,
         }
         if self.fitted.detector:
-            out["detector"] = self.fitted.detector
-        return out
+            out["detector"] = _detector_refs(self.fitted.detector, "detector", tensors)
+        if self.fitted.posthoc:
+            out["posthoc"] = {}
+            for name, det in self.fitted.posthoc.items():
+                keys = {k: f"posthoc.{name}.{k}" for k in det.tensors()}
+                tensors.update({keys[k]: v.contiguous() for k, v in det.tensors().items()})
+                out["posthoc"][name] = {"options": det.options(), "tensors": {k: {TENSOR_REF: v} for k, v in keys.items()}}
+        return out, tensors
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ModelConfig:
+    def from_json(cls, d: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> ModelConfig:
+        """Parse config.json (version 1 or 2); ``tensors`` resolves the detector's array references."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
             raise ConfigError(f"config.json: 'format' is {d.get('format')!r}, expected {FORMAT!r}")
-        if d.get("version") != VERSION:
-            raise ConfigError(f"config.json: 'version' is {d.get('version')!r}, this nrm reads {VERSION}")
-        known = {"format", "version", "input", "classes", "layers", "sigma2", "log_partition", "normaliser",
-                 "threshold", "detector"}
+        version = d.get("version")
+        if version not in READS:
+            raise ConfigError(f"config.json: 'version' is {version!r}, this nrm reads {list(READS)}")
+        graph_key = "nodes" if version == 2 else "layers"
+        known = {"format", "version", "input", "classes", graph_key, "sigma2", "log_partition", "normaliser",
+                 "threshold", "detector", "posthoc"}
         if unknown := sorted(set(d) - known):
             raise ConfigError(f"config.json: unknown key(s) {unknown}; expected {sorted(known)}")
-        for key in ("input", "classes", "layers"):
+        for key in ("input", "classes", graph_key):
             if key not in d:
                 raise ConfigError(f"config.json: missing key {key!r}")
-        try:
-            i = d["input"]
-            spec = InputSpec(
-                int(i["channels"]), int(i["height"]), int(i["width"]), tuple(i["mean"]), tuple(i["std"])
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"config.json: 'input' needs integer channels, height, width and lists mean, std ({e})"
-                              ) from None
-        if not isinstance(d["classes"], list) or not isinstance(d["layers"], list):
-            raise ConfigError("config.json: 'classes' and 'layers' must be lists")
-        layers = [layer_from_dict(x, k) for k, x in enumerate(d["layers"])]
+        if not isinstance(d["classes"], list) or not isinstance(d[graph_key], list):
+            raise ConfigError(f"config.json: 'classes' and {graph_key!r} must be lists")
         classes = [str(c) for c in d["classes"]]
-        log_z = [float(v) for v in d.get("log_partition") or [0.0] * len(classes)]
-        if len(log_z) != len(classes):
-            raise ConfigError(
-                f"config.json: 'log_partition' has {len(log_z)} values, expected one per class ({len(classes)})"
-            )
-        sigma2 = float(d.get("sigma2", 1.0))
-        if not (math.isfinite(sigma2) and sigma2 > 0):
-            raise ConfigError(f"config.json: 'sigma2' must be a positive finite number, got {sigma2!r}")
-        th = d.get("threshold")
-        fitted = Fitted(
-            sigma2=sigma2,
-            log_partition=log_z,
-            normaliser=str(d.get("normaliser", "none")),
-            threshold=Threshold(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95))) if th else None,
-            detector=dict(d.get("detector") or {}),
-        )
-        cfg = cls(spec, classes, layers, fitted)
+        nodes = _nodes_v2(d["nodes"]) if version == 2 else _nodes_v1(d["layers"])
+        cfg = cls(_input_spec(d["input"]), classes, nodes, _fitted(d, len(classes), tensors or {}))
         validate(cfg)
         return cfg
 
 
-def validate(cfg: ModelConfig) -> None:
-    """Check that the layer list is a ReLU CNN ending in one linear classifier with matching sizes."""
-    layers = cfg.layers
-    if not layers or not isinstance(layers[-1], Linear):
-        raise ConfigError("layers: the last layer must be a 'linear' classifier")
-    names = [layer.name for layer in layers if isinstance(layer, Conv | Linear)]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise ConfigError(f"layers: duplicate layer names {sorted(dupes)}")
-    c, h, w = cfg.input.shape
-    if min(c, h, w) < 1:
+def _input_spec(i: Any) -> InputSpec:
+    try:
+        return InputSpec(int(i["channels"]), int(i["height"]), int(i["width"]), tuple(i["mean"]), tuple(i["std"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"config.json: 'input' needs integer channels, height, width and lists mean, std ({e})"
+                          ) from None
+
+
+def _nodes_v2(raw: list[Any]) -> list[Node]:
+    try:
+        return [Node.from_dict(x, k) for k, x in enumerate(raw)]
+    except GraphError as e:
+        raise ConfigError(f"config.json: {e}") from None
+
+
+def _nodes_v1(raw: list[Any]) -> list[Node]:
+    """Version 1: a layer list; conv and linear layers carried their names."""
+    items: list[Any] = []
+    for k, layer in enumerate(raw):
+        if not isinstance(layer, dict) or "type" not in layer:
+            raise ConfigError(f"config.json: layers[{k}]: expected an object with a 'type', got {layer!r}")
+        attrs = {a: v for a, v in layer.items() if a not in ("type", "name")}
+        try:
+            op = op_from_dict(str(layer["type"]), attrs)
+        except OpError as e:
+            raise ConfigError(f"config.json: layers[{k}]: {e}") from None
+        items.append((layer["name"], op) if "name" in layer else op)
+    return chain(*items)
+
+
+def _fitted(d: dict[str, Any], n_classes: int, tensors: dict[str, Tensor]) -> Fitted:
+    log_z = [float(v) for v in d.get("log_partition") or [0.0] * n_classes]
+    if len(log_z) != n_classes:
+        raise ConfigError(f"config.json: 'log_partition' has {len(log_z)} values, expected one per class ({n_classes})")
+    sigma2 = float(d.get("sigma2", 1.0))
+    if not (math.isfinite(sigma2) and sigma2 > 0):
+        raise ConfigError(f"config.json: 'sigma2' must be a positive finite number, got {sigma2!r}")
+    th = d.get("threshold")
+    return Fitted(
+        sigma2=sigma2,
+        log_partition=log_z,
+        normaliser=str(d.get("normaliser", "none")),
+        threshold=Threshold(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95))) if th else None,
+        detector=_detector_tensors(dict(d.get("detector") or {}), tensors),
+        posthoc=_posthoc(d.get("posthoc") or {}, tensors),
+    )
+
+
+def _posthoc(raw: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Rebuild the fitted post-hoc baselines from their options and referenced arrays."""
+    out = {}
+    for name, entry in raw.items():
+        cls = REGISTRY.get(name)
+        if cls is None:
+            raise ConfigError(f"config.json: unknown post-hoc detector {name!r}; expected one of {sorted(REGISTRY)}")
+        refs = {k: v[TENSOR_REF] for k, v in entry.get("tensors", {}).items()}
+        if missing := sorted(v for v in refs.values() if v not in tensors):
+            raise ConfigError(f"config.json: post-hoc {name!r} arrays {missing} are not in weights.safetensors")
+        try:
+            out[name] = cls.from_tensors({k: tensors[v] for k, v in refs.items()}, **entry.get("options", {}))
+        except PosthocError as e:
+            raise ConfigError(f"config.json: post-hoc {name!r}: {e}") from None
+    return out
+
+
+def _detector_refs(det: dict[str, Any], prefix: str, out: dict[str, Tensor]) -> dict[str, Any]:
+    """The detector state with every array of its ``params`` (and its candidates') replaced by a
+    reference; the arrays go to ``out``."""
+    res = dict(det)
+    if "params" in det:
+        res["params"] = {}
+        for k, v in det["params"].items():
+            key = f"{prefix}.{k}"
+            out[key] = torch.as_tensor(v, dtype=torch.float64).contiguous()
+            res["params"][k] = {TENSOR_REF: key}
+    if "candidates" in det:
+        res["candidates"] = [_detector_refs(c, f"{prefix}.candidates.{i}", out) for i, c in enumerate(det["candidates"])]
+    return res
+
+
+def _detector_tensors(det: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """Inverse of _detector_refs; version-1 float lists become tensors too."""
+    if "params" in det:
+        params = {}
+        for k, v in det["params"].items():
+            if isinstance(v, dict) and TENSOR_REF in v:
+                if v[TENSOR_REF] not in tensors:
+                    raise ConfigError(f"config.json: detector array {v[TENSOR_REF]!r} is not in weights.safetensors")
+                params[k] = tensors[v[TENSOR_REF]].double()
+            else:
+                params[k] = torch.tensor(v, dtype=torch.float64)
+        det = {**det, "params": params}
+    if "candidates" in det:
+        det["candidates"] = [_detector_tensors(c, tensors) for c in det["candidates"]]
+    return det
+
+
+def validate(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Check the graph against the input and the classes; returns every node's per-sample shape."""
+    if min(cfg.input.shape) < 1:
         raise ConfigError(f"input: channels, height and width must be >= 1, got {cfg.input.shape}")
-    flat: int | None = None
-    for k, layer in enumerate(layers):
-        where = f"layers[{k}] ({layer.type})"
-        sizes = {f: getattr(layer, f) for f in ("in_", "out", "kernel", "stride") if hasattr(layer, f)}
-        bad = {f.rstrip("_"): v for f, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
-        if bad or getattr(layer, "padding", 0) < 0:
-            raise ConfigError(f"{where}: sizes must be positive integers (padding >= 0), got {bad or layer}")
-        if isinstance(layer, Conv):
-            if flat is not None:
-                raise ConfigError(f"{where}: conv after flatten")
-            if layer.in_ != c:
-                raise ConfigError(f"{where} {layer.name!r}: 'in' is {layer.in_}, but the input has {c} channels")
-            h = (h + 2 * layer.padding - layer.kernel) // layer.stride + 1
-            w = (w + 2 * layer.padding - layer.kernel) // layer.stride + 1
-            c = layer.out
-        elif isinstance(layer, MaxPool):
-            h = (h - layer.kernel) // layer.stride + 1
-            w = (w - layer.kernel) // layer.stride + 1
-        elif isinstance(layer, GlobalAvgPool):
-            h = w = 1
-        elif isinstance(layer, Flatten):
-            flat = c * h * w
-        elif isinstance(layer, Linear):
-            size = flat if flat is not None else None
-            if size is None:
-                raise ConfigError(f"{where}: 'linear' needs a 'flatten' before it")
-            if layer.in_ != size:
-                raise ConfigError(f"{where} {layer.name!r}: 'in' is {layer.in_}, but {size} features arrive")
-            flat = layer.out
-        if h < 1 or w < 1:
-            raise ConfigError(f"{where}: the feature map shrinks to {h}x{w} for input {cfg.input.shape}")
-    if flat != len(cfg.classes):
-        raise ConfigError(f"layers: the classifier has {flat} outputs but there are {len(cfg.classes)} classes")
+    try:
+        return infer_shapes(cfg.nodes, cfg.input.shape, len(cfg.classes))
+    except GraphError as e:
+        raise ConfigError(str(e)) from None

@@ -27,8 +27,9 @@ and returns a score where HIGHER = MORE IN-DISTRIBUTION (column ``det_<name>`` o
     mahalanobis  s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*])          class means, shared covariance
     gmm          s = log sum_m w_m N(f; m_m, S_m)                   small full-covariance GMM (EM)
 
-The fitted state is one JSON-serialisable dict kept in ``ModelConfig.fitted.detector``:
-``{"name": ..., "features": ..., "params": {name: nested lists of floats}}``. docs/results-detectors.md
+The fitted state is one dict kept in ``ModelConfig.fitted.detector``:
+``{"name": ..., "features": ..., "params": {name: float64 tensor}}``; the checkpoint writes the
+tensors to weights.safetensors and references them from config.json. docs/results-detectors.md
 compares them on validation OOD data; ``DEFAULT_DETECTOR`` is the winner there. Given validation OOD
 sets, :func:`choose` picks the winner for one checkpoint instead (best worst-case validation AUROC).
 """
@@ -36,14 +37,11 @@ sets, :func:`choose` picks the winner for one checkpoint instead (best worst-cas
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from nrm.model import NRM
 
 FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon", "gates", "gates_recon", "gates_acts",
                 "gates_channels_recon")
@@ -119,7 +117,7 @@ def fit_typicality(f: Tensor, pred: Tensor, n_classes: int) -> dict[str, Any]:
     median = _per_class(f, pred, n_classes, lambda a: a.median(dim=0).values)
     mad = _per_class(f, pred, n_classes, lambda a: (a - a.median(dim=0).values).abs().median(dim=0).values)
     floor = (f - f.median(dim=0).values).abs().median(dim=0).values.clamp_min(1e-12) * 1e-6
-    return {"median": median.tolist(), "mad": torch.maximum(mad, floor).tolist()}
+    return {"median": median, "mad": torch.maximum(mad, floor)}
 
 
 def fit_mahalanobis(f: Tensor, pred: Tensor, n_classes: int) -> dict[str, Any]:
@@ -129,7 +127,7 @@ def fit_mahalanobis(f: Tensor, pred: Tensor, n_classes: int) -> dict[str, Any]:
     cov = centred.T @ centred / max(1, len(f) - 1)  # (D, D)
     ridge = 1e-6 * float(cov.trace()) / cov.shape[0] + 1e-12
     precision = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype))
-    return {"means": means.tolist(), "precision": precision.tolist()}
+    return {"means": means, "precision": precision}
 
 
 def fit_gmm(f: Tensor, components: int = 8, iters: int = 100, seed: int = 0, tol: float = 1e-6) -> dict[str, Any]:
@@ -160,7 +158,7 @@ def fit_gmm(f: Tensor, components: int = 8, iters: int = 100, seed: int = 0, tol
         if ll - prev < tol * max(1.0, abs(ll)):
             break
         prev = ll
-    return {"weights": weights.tolist(), "means": means.tolist(), "covs": covs.tolist()}
+    return {"weights": weights, "means": means, "covs": covs}
 
 
 # ---------------------------------------------------------------------------- registry
@@ -186,19 +184,31 @@ def fit(name: str, cols: dict[str, Tensor], n_classes: int, feature_set: str = D
     return {"name": name, "features": feature_set, "params": params}
 
 
+RENDER_PARTS = frozenset({"eta", "layers", "channels", "recon"})  # feature parts that need the top-down pass
+
+
+def states(detector: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Score column -> fitted state: ``det_<name>``, then ``det_<name>_<features>`` for each fitted
+    candidate kept beside it (``detector["candidates"]``); {} when nothing is fitted."""
+    if not detector:
+        return {}
+    _check(detector.get("name", ""))
+    return {PREFIX + detector["name"]: detector, **{candidate_column(c): c for c in detector.get("candidates", [])}}
+
+
+def parts(state: dict[str, Any]) -> set[str]:
+    """The feature parts a fitted state reads (eta, layers, channels, gates, acts, recon)."""
+    return set(state.get("features", "").split("_")) - {""}
+
+
 def needs_unit_stats(detector: dict[str, Any]) -> bool:
     """Whether the fitted detector (or a candidate kept beside it) reads ``latent_gates`` / ``unit_acts``."""
-    states = [detector, *detector.get("candidates", [])] if detector else []
-    return any(p in ("gates", "acts") for st in states for p in st.get("features", "").split("_"))
+    return any(parts(st) & {"gates", "acts"} for st in states(detector).values())
 
 
 def column_names(detector: dict[str, Any]) -> list[str]:
-    """The score columns a fitted detector adds: ``det_<name>``, then ``det_<name>_<features>`` for
-    each fitted candidate kept beside it (``detector["candidates"]``); none when nothing is fitted."""
-    if not detector:
-        return []
-    _check(detector.get("name", ""))
-    return [PREFIX + detector["name"]] + [candidate_column(c) for c in detector.get("candidates", [])]
+    """The score columns a fitted detector adds (see :func:`states`)."""
+    return list(states(detector))
 
 
 def candidate_column(candidate: dict[str, Any]) -> str:
@@ -206,21 +216,8 @@ def candidate_column(candidate: dict[str, Any]) -> str:
     return f"{PREFIX}{candidate['name']}_{candidate['features']}"
 
 
-# Fitted parameters as float64 tensors, per params dict and device: converting a D x D precision
-# from JSON lists costs more than scoring a batch. States are replaced when refitted, never mutated.
-_TENSORS: dict[tuple[int, str], tuple[dict[str, Any], dict[str, Tensor]]] = {}
-
-
 def _tensors(params: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    key = (id(params), str(device))
-    hit = _TENSORS.get(key)
-    if hit is not None and hit[0] is params:
-        return hit[1]
-    t = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in params.items()}
-    if len(_TENSORS) >= 32:
-        _TENSORS.pop(next(iter(_TENSORS)))
-    _TENSORS[key] = (params, t)  # holding params keeps its id from being reused
-    return t
+    return {k: torch.as_tensor(v, dtype=torch.float64).to(device) for k, v in params.items()}
 
 
 def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
@@ -239,17 +236,12 @@ def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
             s = gmm_loglik(f, t["weights"], t["means"], t["covs"])
     except (KeyError, IndexError, RuntimeError) as e:
         raise DetectorError(f"detector {name!r}: fitted state does not match the score columns ({e})") from None
-    return s.to(cols["latent_prior"].dtype)
+    return s.float()
 
 
-def score_columns(detector: dict[str, Any], cols: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``{det_<name>: score, det_<name>_<features>: score of each candidate}``; ``{}`` when none is fitted."""
-    if not detector:
-        return {}
-    out = {PREFIX + detector["name"]: score(detector, cols)}
-    for c in detector.get("candidates", []):
-        out[candidate_column(c)] = score(c, cols)
-    return out
+def score_columns(detector: dict[str, Any], cols: dict[str, Tensor], want: set[str] | None = None) -> dict[str, Tensor]:
+    """``{column: score}`` for every fitted state of :func:`states` (only the ``want`` columns, if given)."""
+    return {c: score(st, cols) for c, st in states(detector).items() if want is None or c in want}
 
 
 # What choose() searches by default: every detector of the study that fits in seconds.
@@ -291,41 +283,5 @@ def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return perm[: n // 2], perm[n // 2 :]
 
 
-# The other candidates of the study (docs/results-detectors.md), kept as named scores by refit(candidates=True).
+# The other candidates of the study (docs/results-detectors.md), kept as named scores by nrm.fit.refit(candidates=True).
 CANDIDATES = tuple(dict.fromkeys((("typicality", "eta"), ("mahalanobis", "channels"), *SEARCH)))
-
-
-def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
-          feature_set: str = DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
-          val_ood: Mapping[str, Iterable[Tensor]] | None = None, **options: Any) -> dict[str, Any]:
-    """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
-    (normalised, never the test split): half of them fit it, the other half set the threshold on
-    ``det_<name>`` at the checkpoint's TPR (or ``tpr``). With ``val_ood`` ({set name: normalised
-    batches of validation OOD images}) the detector and features are not given but chosen by
-    :func:`choose`, with the second half as the in-distribution side. Installs both on ``model.config.fitted``;
-    ``nrm.save(model, path)`` then writes them. Returns the detector state."""
-    from nrm.config import Threshold
-    from nrm.fit import collect
-    from nrm.metrics import threshold_at_tpr
-
-    _check(name)
-    cols = collect(model, in_val_batches)
-    fit_idx, thr_idx = split_halves(len(cols["pred"]))
-    half = {k: v[fit_idx] for k, v in cols.items()}
-    rest = {k: v[thr_idx] for k, v in cols.items()}
-    if val_ood:
-        ood = {k: collect(model, b) for k, b in val_ood.items()}
-        det = choose(half, rest, ood, len(model.config.classes))
-        name, feature_set = det["name"], det["features"]
-    else:
-        det = fit(name, half, len(model.config.classes), feature_set, **options)
-    if candidates:  # every other candidate as its own named score column, fitted on the same half
-        det["candidates"] = [fit(n, half, len(model.config.classes), f) for n, f in CANDIDATES
-                             if (n, f) != (name, feature_set)]
-    fitted = model.config.fitted
-    fitted.detector = det
-    old = fitted.threshold
-    rate = tpr if tpr is not None else (old.tpr if old else 0.95)
-    held = score(det, rest)
-    fitted.threshold = Threshold(PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
-    return det

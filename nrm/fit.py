@@ -17,12 +17,14 @@ is that one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from nrm import detectors as D
+from nrm import posthoc as P
 from nrm import scores as S
 from nrm.config import Fitted, Threshold
 from nrm.metrics import threshold_at_tpr
@@ -108,3 +110,54 @@ def fit(
         val.update(D.score_columns(fitted.detector, val))
     fitted.threshold = Threshold(threshold_score, float(threshold_at_tpr(val[threshold_score].numpy(), tpr)), tpr)
     return fitted
+
+
+def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DETECTOR,
+          feature_set: str = D.DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
+          val_ood: Mapping[str, Iterable[Tensor]] | None = None, **options: Any) -> dict[str, Any]:
+    """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
+    (normalised, never the test split): half of them fit it, the other half set the threshold on
+    ``det_<name>`` at the checkpoint's TPR (or ``tpr``). With ``val_ood`` ({set name: normalised
+    batches of validation OOD images}) the detector and features are not given but chosen by
+    :func:`nrm.detectors.choose`, with the second half as the in-distribution side. Installs both on ``model.config.fitted``;
+    ``nrm.save(model, path)`` then writes them. Returns the detector state."""
+    if name not in D.DETECTORS:
+        raise D.DetectorError(f"unknown detector {name!r}; expected one of {list(D.DETECTORS)}")
+    cols = collect(model, in_val_batches)
+    fit_idx, thr_idx = D.split_halves(len(cols["pred"]))
+    half = {k: v[fit_idx] for k, v in cols.items()}
+    rest = {k: v[thr_idx] for k, v in cols.items()}
+    if val_ood:
+        ood = {k: collect(model, b) for k, b in val_ood.items()}
+        det = D.choose(half, rest, ood, len(model.config.classes))
+        name, feature_set = det["name"], det["features"]
+    else:
+        det = D.fit(name, half, len(model.config.classes), feature_set, **options)
+    if candidates:  # every other candidate as its own named score column, fitted on the same half
+        det["candidates"] = [D.fit(n, half, len(model.config.classes), f) for n, f in D.CANDIDATES
+                             if (n, f) != (name, feature_set)]
+    fitted = model.config.fitted
+    fitted.detector = det
+    old = fitted.threshold
+    rate = tpr if tpr is not None else (old.tpr if old else 0.95)
+    held = D.score(det, rest)
+    fitted.threshold = Threshold(D.PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
+    return det
+
+
+@torch.no_grad()
+def fit_posthoc(model: NRM, batches: Iterable[Tensor], labels: Tensor, knn_k: int = 50,
+                vim_dim: int | None = None) -> dict[str, Any]:
+    """Fit the field's post-hoc baselines (nrm.posthoc: Mahalanobis on the penultimate features,
+    KNN, ViM) on in-distribution TRAINING batches (normalised) with their true ``labels``, and
+    install them on ``model.config.fitted.posthoc``; ``nrm.save`` writes their arrays. Returns them."""
+    feats, logits = zip(*(model.penultimate(x) for x in batches), strict=True)
+    f, lg = torch.cat(feats).cpu(), torch.cat(logits).cpu()
+    if len(f) != len(labels):
+        raise ValueError(f"fit_posthoc: {len(f)} images but {len(labels)} labels")
+    head = model.node_params(model.classifier.name)
+    weight = head["weight"].detach().double().cpu()
+    bias = head.get("bias", torch.zeros(weight.shape[0])).detach().double().cpu()
+    fitted = P.fit_all(f, lg, labels.long().cpu(), weight, bias, len(model.config.classes), knn_k=knn_k, vim_dim=vim_dim)
+    model.config.fitted.posthoc = dict(fitted)
+    return model.config.fitted.posthoc

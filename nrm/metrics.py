@@ -21,6 +21,7 @@ names the argument, its shape and what was expected. Every metric returns a Pyth
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "auroc",
     "detection_error",
     "fpr_at_tpr",
+    "group_means",
     "ood_metrics",
     "orient",
     "threshold_at_tpr",
@@ -247,3 +249,31 @@ def ood_metrics(score_in: Any, score_out: Any) -> dict[str, float]:
         "fpr95": fpr_at_tpr(s_in, s_out, 0.95),
         "detection_error": detection_error(s_in, s_out),
     }
+
+
+def group_means(per_set: Mapping[str, Mapping[str, float | None]],
+                groups: Mapping[str, Sequence[str]]) -> dict[str, dict[str, float | None]]:
+    """The mean of one metric over the OOD sets of each group (OpenOOD's near-OOD / far-OOD averages).
+
+        mean[g][c] = 1/|g| sum_{s in g} per_set[s][c]
+
+    for every column ``c`` that a set of group ``g`` has, in first-seen order. A column that is
+    missing, None or non-finite on any set of the group gets None: a mean over fewer sets than the
+    group names would not be comparable with the other columns. A group that is empty or names a set
+    absent from ``per_set`` is a ``ValueError`` that names it.
+    """
+    out: dict[str, dict[str, float | None]] = {}
+    for group, names in groups.items():
+        if not names:
+            raise ValueError(f"group {group!r} has no sets; expected at least one of {sorted(per_set)}")
+        unknown = [n for n in names if n not in per_set]
+        if unknown:
+            raise ValueError(f"group {group!r} names sets {unknown} that have no metrics; known sets: {sorted(per_set)}")
+        columns = dict.fromkeys(c for n in names for c in per_set[n])  # ordered union
+        means: dict[str, float | None] = {}
+        for c in columns:
+            vals = [per_set[n].get(c) for n in names]
+            ok = all(v is not None and np.isfinite(v) for v in vals)
+            means[c] = float(np.mean(np.asarray(vals, dtype=np.float64))) if ok else None
+        out[group] = means
+    return out

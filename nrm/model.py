@@ -1,20 +1,26 @@
-"""The Neural Rendering Model: a ReLU/max-pool CNN read both ways.
+"""The Neural Rendering Model: a piecewise-linear network (ReLU, max-pool) read both ways.
 
 Bottom-up (``encode``) it is an ordinary classifier that also records its latent variables: the
 ReLU gates s*(l) and the max-pool switches t*(l). Top-down (``render``) it draws an image from the
-class template mu_y* through the transposed weights of the same layers, eq. (1) of the seed:
+class template mu_y* through the transposed weights of the same network, eq. (1) of the seed:
 
     h(l-1) = sum_p T(t*(l, p)) B(l, p) W(l)^T (s*(l, p) h(l, p))
 
-``score`` turns both passes into the per-sample columns of nrm.scores. Two renderers exist:
-``render_explicit`` follows eq. (1) literally (fold of per-position templates, scatter to the
-switches); ``render`` takes one vector-Jacobian product, since for a piecewise-linear network
-h(0) = d logit_y* / dx. Tests hold them equal in float64.
+The network is a graph of ops (nrm.graph, nrm.ops: conv, linear, relu, max-pool, average pool,
+add, concat, slice, pad, ...), so residual and concatenating networks are NRMs too. ``score`` turns
+both passes into the per-sample columns of nrm.scores. Two renderers exist: ``render_explicit``
+walks the graph backwards with each op's adjoint (eq. 1 generalised); ``render`` takes one
+vector-Jacobian product, since for a piecewise-linear network h(0) = d logit_y* / dx and
+eta_l = b(l) . d logit_y* / dz(l). Tests hold them equal in float64, and the completeness identity
+logit_y* = <h(0), x> + sum_l eta_l + c_y* with them.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,28 +28,40 @@ from torch import Tensor, nn
 
 from nrm import detectors as D
 from nrm import scores as S
-from nrm.config import (
-    Conv,
-    Flatten,
-    GlobalAvgPool,
-    LeakyReLU,
-    Linear,
-    MaxPool,
-    ModelConfig,
-    ReLU,
-    validate,
-)
+from nrm.config import ModelConfig, validate
+from nrm.graph import INPUT, Node
+
+PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    """TF32 matmuls and convolutions on CUDA for the duration (restored after)."""
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _key(name: str) -> str:
+    """A node name as a torch module key (torch forbids '.' there)."""
+    return name.replace(".", "/")
 
 
 @dataclass
 class Latents:
-    """What the bottom-up pass keeps; lists are indexed like ``config.layers``."""
+    """What the bottom-up pass keeps, by node name."""
 
     logits: Tensor  # (N, K)
-    inputs: list[Tensor]  # input of every layer (N, C, H, W) or (N, F)
-    gates: dict[int, Tensor]  # relu index -> s*(l): 1 where the unit fired, else 0 (or the leaky slope)
-    switches: dict[int, Tensor]  # maxpool index -> t*(l): flat argmax positions (N, C, H', W')
-    pre_activations: dict[int, Tensor]  # conv / hidden-linear index -> z = W a + b
+    values: dict[str, Tensor]  # every node's output, and the input under nrm.graph.INPUT
+    latents: dict[str, Tensor]  # relu / leaky_relu node -> gate s*(l); maxpool node -> switches t*(l)
+
+    @property
+    def pre_activations(self) -> dict[str, Tensor]:
+        """Alias kept for readers of the bias layers' outputs z(l): use ``values[name]``."""
+        return self.values
 
 
 @dataclass
@@ -52,12 +70,12 @@ class Rendering:
 
     y: Tensor  # (N,) class rendered from
     h0: Tensor  # (N, C, H, W) rendered image in normalised input space
-    eta_layers: Tensor  # (N, L) b(l)^T (s(l) . h(l)) for each bias layer, bottom-up
+    eta_layers: Tensor  # (N, L) b(l)^T (s(l) . h(l)) for each bias layer, in graph order
     eta_channels: Tensor | None = None  # (N, sum_l C_l) the same per output channel c: b_c(l) sum_p (s . h)_{c,p}
 
 
 class NRM(nn.Module):
-    """A CNN built from ``ModelConfig.layers`` that is also its own generative renderer."""
+    """A piecewise-linear network built from ``ModelConfig.nodes`` that is also its own generative renderer."""
 
     mean: Tensor  # (1, C, 1, 1) buffers: preprocessing and the fitted normaliser
     std: Tensor
@@ -65,17 +83,13 @@ class NRM(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        validate(config)
+        self.shapes = validate(config)  # per-sample output shape of every node
         D.column_names(config.fitted.detector)  # an unknown detector name fails here, not at the first score
         self.config = config
         self.params = nn.ModuleDict()
-        for layer in config.layers:
-            if isinstance(layer, Conv):
-                self.params[layer.name] = nn.Conv2d(
-                    layer.in_, layer.out, layer.kernel, layer.stride, layer.padding, bias=layer.bias
-                )
-            elif isinstance(layer, Linear):
-                self.params[layer.name] = nn.Linear(layer.in_, layer.out)
+        for node in config.nodes:
+            if node.op.params():
+                self.params[_key(node.name)] = self._init_params(node)
         spec = config.input
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, -1, 1, 1), persistent=False)
@@ -83,10 +97,49 @@ class NRM(nn.Module):
             "log_partition", torch.tensor(config.fitted.log_partition or [0.0] * len(config.classes)),
             persistent=False,
         )
-        # Layers whose bias is a latent prior parameter b(l): every conv and every linear but the classifier.
-        self.bias_layers = [
-            k for k, layer in enumerate(config.layers[:-1]) if isinstance(layer, Conv | Linear)
-        ]
+        # Nodes whose bias is a latent prior parameter b(l): every biased op but the classifier.
+        self.bias_nodes = [n.name for n in config.nodes[:-1] if n.op.has_bias()]
+        self._last_use = self._plan_frees(config.nodes)
+        self._index = {n.name: k for k, n in enumerate(config.nodes)}
+        self.precision = "fp32"  # see set_precision
+        self.channels_last = False  # see use_channels_last
+        self._feats = torch.empty(0)
+
+    def _init_params(self, node: Node) -> nn.Module:
+        """torch's own default initialisation of conv and linear (kaiming-uniform weight, bias uniform in
+        +-1/sqrt(fan_in)), unit scale and zero shift for an affine op."""
+        holder = nn.Module()
+        fan_in = 1
+        for pname, shape in node.op.params().items():
+            t = torch.empty(shape)
+            if pname == "weight":
+                nn.init.kaiming_uniform_(t, a=5**0.5)
+                fan_in = nn.init._calculate_fan_in_and_fan_out(t)[0]
+            elif pname == "bias":
+                nn.init.uniform_(t, -(fan_in**-0.5), fan_in**-0.5)
+            else:
+                nn.init.constant_(t, 1.0 if pname == "scale" else 0.0)
+            holder.register_parameter(pname, nn.Parameter(t))
+        return holder
+
+    @staticmethod
+    def _plan_frees(nodes: list[Node]) -> dict[int, list[str]]:
+        """node index -> values no later node reads (the plain forward drops them there)."""
+        last: dict[str, int] = {}
+        for k, n in enumerate(nodes):
+            for i in n.inputs:
+                last[i] = k
+        frees: dict[int, list[str]] = {}
+        for name, k in last.items():
+            frees.setdefault(k, []).append(name)
+        return frees
+
+    def node_params(self, name: str) -> dict[str, Tensor]:
+        """The tensors of node ``name`` by param name (weight, bias, scale, shift); {} for none."""
+        key = _key(name)
+        if key not in self.params:
+            return {}
+        return dict(self.params[key].named_parameters())
 
     # ------------------------------------------------------------------ preprocessing
     @property
@@ -95,18 +148,12 @@ class NRM(nn.Module):
 
     @property
     def latent_names(self) -> list[str]:
-        return [self.config.layers[k].name for k in self.bias_layers]  # type: ignore[union-attr]
-
-    def layer(self, name: str) -> nn.Conv2d | nn.Linear:
-        """The torch module holding weight and bias of conv or linear layer ``name``."""
-        mod = self.params[name]
-        assert isinstance(mod, nn.Conv2d | nn.Linear)
-        return mod
+        """The bias nodes' names (module paths of a converted network), in graph order."""
+        return list(self.bias_nodes)
 
     @property
-    def extra_columns(self) -> list[str]:
-        """Names of the fitted detector columns (``det_*``, higher = in-distribution) that score() adds."""
-        return D.column_names(self.config.fitted.detector)
+    def classifier(self) -> Node:
+        return self.config.nodes[-1]
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
@@ -128,111 +175,101 @@ class NRM(nn.Module):
             raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
 
     # ------------------------------------------------------------------ bottom-up
-    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor]]:
-        """The one bottom-up loop. Returns logits, the latents (when ``keep``) and the pre-activations
-        of the bias layers (always: the autograd renderer differentiates with respect to them)."""
-        lat = Latents(x, [], {}, {}, {}) if keep else None
+    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor], Tensor]:
+        """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``), the
+        bias nodes' outputs z(l) (always: the autograd renderer differentiates with respect to them)
+        and the penultimate features (the classifier's input, for the post-hoc detectors)."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        values: dict[str, Tensor] = {INPUT: x}
+        latents: dict[str, Tensor] = {}
         zs: list[Tensor] = []
-        for k, layer in enumerate(self.config.layers):
-            if lat is not None:
-                lat.inputs.append(x)
-            if isinstance(layer, Conv | Linear):
-                x = self.params[layer.name](x)
-                if k in self.bias_layers:
-                    zs.append(x)
-                    if lat is not None:
-                        lat.pre_activations[k] = x
-            elif isinstance(layer, ReLU):
+        bias = set(self.bias_nodes)
+        for k, node in enumerate(self.config.nodes):
+            xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
+            if k == len(self.config.nodes) - 1:
+                self._feats = xs[0].flatten(1)  # (N, F) penultimate features
+            if keep:
+                out, lat = node.op.encode(xs, p)
                 if lat is not None:
-                    lat.gates[k] = (x > 0).to(x.dtype)
-                x = F.relu(x)
-            elif isinstance(layer, LeakyReLU):
-                if lat is not None:
-                    lat.gates[k] = torch.where(x > 0, x.new_tensor(1.0), x.new_tensor(layer.slope))
-                x = F.leaky_relu(x, layer.slope)
-            elif isinstance(layer, MaxPool):
-                if lat is not None:
-                    x, lat.switches[k] = F.max_pool2d(x, layer.kernel, layer.stride, return_indices=True)
-                else:
-                    x = F.max_pool2d(x, layer.kernel, layer.stride)
-            elif isinstance(layer, GlobalAvgPool):
-                x = x.mean(dim=(2, 3), keepdim=True)
-            elif isinstance(layer, Flatten):
-                x = x.flatten(1)
-        if lat is not None:
-            lat.logits = x
-        return x, lat, zs
+                    latents[node.name] = lat
+            else:
+                out = node.op.forward(xs, p)
+            values[node.name] = out
+            if node.name in bias:
+                zs.append(out)
+            if not keep:
+                for name in self._last_use.get(k, ()):
+                    del values[name]  # nothing later reads it
+        logits = values[self.classifier.name]
+        return logits, (Latents(logits, values, latents) if keep else None), zs, self._feats
 
     def forward(self, x: Tensor) -> Tensor:
         """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
-        return self._run(x, keep=False)[0]
+        with self.autocast():
+            return self._run(x, keep=False)[0]
+
+    @torch.no_grad()
+    def penultimate(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(features (N, F), logits (N, K)): the classifier's input and output, forward pass only."""
+        with self.autocast():
+            logits, _, _, feats = self._run(x, keep=False)
+        return feats.float(), logits.float()
 
     def encode(self, x: Tensor) -> Latents:
-        """Bottom-up pass that keeps the latent variables z* = {s*(l), t*(l)}."""
+        """Bottom-up pass that keeps the latent variables z* = {s*(l), t*(l)} and every node's output."""
         return self._run(x, keep=True)[1]  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ top-down
     def render_explicit(self, lat: Latents, y: Tensor | None = None) -> Rendering:
-        """Eq. (1) literally: start from h(L) = mu_y (classifier row) and walk the layers in reverse.
-
-        conv: each position p of h(l) draws its template W^T h(l, p) (C_in*k*k values), and fold
-        places it at p (B(l, p)) and sums overlaps; maxpool: each value goes to its switch t*(l)
-        (scatter-add, so overlapping windows are exact); relu: multiply by the gate s*(l); global
-        average pool: spread evenly; eta_l = sum over channels and positions of b(l) . h at that
-        layer's output.
+        """Eq. (1) literally, generalised to a graph: start from the class template at the classifier
+        and walk the nodes in reverse, each op's adjoint at the latents of the forward pass (conv:
+        every position draws its template W^T h and the templates are placed and summed; relu: the
+        gate s*(l); max-pool: each value to its switch t*(l); add: h to every input; concat: split;
+        pad: crop; slice: scatter back; average pool: spread evenly). A node read by several others
+        sums what they send it. eta_l = sum over channels and positions of b(l) . h at node l's output.
         """
-        layers = self.config.layers
         if y is None:
             y = lat.logits.argmax(1)
-        h = self.layer(layers[-1].name).weight[y]  # type: ignore[union-attr]  # (N, F) = mu_y
-        eta: dict[int, Tensor] = {}  # per-channel terms (N, C_l); eta_l is their sum
-        for k in range(len(layers) - 2, -1, -1):
-            layer, a = layers[k], lat.inputs[k]
-            if isinstance(layer, Linear):
-                lin = self.layer(layer.name)
-                eta[k] = h * lin.bias if lin.bias is not None else h.new_zeros(h.shape)  # (N, F)
-                h = h @ lin.weight  # (N, F_in)
-            elif isinstance(layer, Flatten):
-                h = h.view(a.shape)
-            elif isinstance(layer, GlobalAvgPool):
-                h = h.expand(a.shape) / (a.shape[2] * a.shape[3])
-            elif isinstance(layer, MaxPool):
-                n, c = h.shape[:2]
-                flat = torch.zeros(n, c, a.shape[2] * a.shape[3], dtype=h.dtype, device=h.device)
-                h = flat.scatter_add(2, lat.switches[k].flatten(2), h.flatten(2)).view(a.shape)
-            elif isinstance(layer, ReLU | LeakyReLU):
-                h = h * lat.gates[k]
-            elif isinstance(layer, Conv):
-                conv = self.layer(layer.name)
-                if conv.bias is not None:
-                    eta[k] = h.sum(dim=(2, 3)) * conv.bias  # (N, C)
-                else:
-                    eta[k] = h.new_zeros(h.shape[:2])
-                templates = torch.einsum("ncp,cq->nqp", h.flatten(2), conv.weight.flatten(1))  # (N, Cin*k*k, P)
-                h = F.fold(
-                    templates, a.shape[2:], layer.kernel, padding=layer.padding, stride=layer.stride
-                )  # (N, Cin, H, W)
-        per_channel = [eta[k] for k in self.bias_layers]
-        return Rendering(y, h, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
+        h: dict[str, Tensor] = {self.classifier.name: F.one_hot(y, len(self.config.classes)).to(lat.logits.dtype)}
+        eta: dict[str, Tensor] = {}  # per-channel terms (N, C_l); eta_l is their sum
+        bias = set(self.bias_nodes)
+        for node in reversed(self.config.nodes):
+            g = h.pop(node.name, None)
+            if g is None:  # nothing downstream depends on this node
+                continue
+            p = self.node_params(node.name)
+            if node.name in bias:
+                eta[node.name] = _per_channel(g) * p[node.op.bias]  # type: ignore[index]
+            xs = [lat.values[i] for i in node.inputs]
+            for name, part in zip(node.inputs, node.op.adjoint(g, xs, p, lat.latents.get(node.name)), strict=True):
+                h[name] = h[name] + part if name in h else part
+        per_channel = [eta.get(n, lat.logits.new_zeros(len(y), self.shapes[n][0])) for n in self.bias_nodes]
+        return self._rendering(y, h[INPUT], per_channel)
 
-    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering, list[Tensor]]:
-        """One vector-Jacobian product of logit_y with respect to x and every bias layer's output.
-        Returns the logits, the rendering and the bias layers' pre-activations z(l)."""
+    def _rendering(self, y: Tensor, h0: Tensor, per_channel: list[Tensor]) -> Rendering:
+        if not per_channel:  # no bias node: eta is zero
+            zero = h0.new_zeros(len(y), 0)
+            return Rendering(y, h0, zero, zero)
+        return Rendering(y, h0, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
+
+    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering, list[Tensor], Tensor]:
+        """One vector-Jacobian product of logit_y with respect to x and every bias node's output.
+        Returns the logits, the rendering, the bias nodes' outputs z(l) and the penultimate features."""
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits, _, zs = self._run(x, keep=False)
+            logits, _, zs, feats = self._run(x, keep=False)
             if y is None:
                 y = logits.detach().argmax(1)
             picked = logits.gather(1, y[:, None]).sum()
             grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
-        eta = []
-        for k, g in zip(self.bias_layers, grads[1:], strict=True):
-            bias = self.layer(self.config.layers[k].name).bias  # type: ignore[union-attr]
-            per_unit = g.sum(dim=(2, 3)) if g.dim() == 4 else g  # (N, C)
-            eta.append(per_unit * bias if bias is not None else torch.zeros_like(per_unit))  # (N, C)
-        rendering = Rendering(y, grads[0], torch.stack([e.sum(1) for e in eta], dim=1), torch.cat(eta, dim=1))
-        return logits, rendering, zs
+        eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]
+               for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
+        return logits, self._rendering(y, grads[0], eta), zs, feats
+
+    def _bias_param(self, name: str) -> str:
+        return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
 
     def render(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False) -> Rendering:
         """Fast renderer: h(0) = d logit_y / dx and eta_l = b(l) . d logit_y / dz(l), in one backward
@@ -240,12 +277,12 @@ class NRM(nn.Module):
         return self._vjp(x, y, create_graph)[1]
 
     def unit_stats(self, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-channel statistics of the bottom-up pass, over spatial positions p, for every bias layer:
+        """Per-channel statistics of the bottom-up pass, over spatial positions p, for every bias node:
 
             gate rate  g_{l,c} = mean_p 1[z(l)_{c,p} > 0]       the ReLU latents s*(l), as on-rates
             act mean   a_{l,c} = mean_p max(z(l)_{c,p}, 0)      the positive part of the activation
 
-        zs are the bias layers' pre-activations z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l)."""
+        zs are the bias nodes' outputs z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l)."""
         rates, means = [], []
         for z in zs:
             z = z.detach().flatten(2) if z.dim() == 4 else z.detach()[:, :, None]  # (N, C, P); P = 1 for linear
@@ -253,28 +290,108 @@ class NRM(nn.Module):
             means.append(z.clamp_min(0).sum(dim=2) / z.shape[2])  # (N, C)
         return torch.cat(rates, dim=1), torch.cat(means, dim=1)
 
+    # ------------------------------------------------------------------ precision and layout
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The numeric precision of every pass: ``self.precision`` fp32 (default), bf16 or fp16
+        (torch.autocast on the model's device), or tf32 (float32 storage, TF32 matmuls and convs on
+        CUDA; plain float32 on a CPU)."""
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.mean.device.type, dtype=dtype)
+        if self.precision == "tf32":
+            return _tf32()
+        return contextlib.nullcontext()
+
+    def set_precision(self, precision: str) -> NRM:
+        """Score in ``precision`` (one of PRECISIONS); returns self."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    def use_channels_last(self, on: bool = True) -> NRM:
+        """Keep 4-D weights and activations channels-last (NHWC): the faster layout for convs on CPUs
+        with oneDNN and on tensor-core GPUs. Returns self."""
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)  # type: ignore[call-overload,no-any-return]
+
     # ------------------------------------------------------------------ scores
+    @property
+    def extra_columns(self) -> list[str]:
+        """The fitted columns score() adds after nrm.scores.COLUMNS, all higher = in-distribution: the
+        detectors on NRM statistics (``det_*``), then the post-hoc baselines (nrm.posthoc)."""
+        return [*D.column_names(self.config.fitted.detector), *self.posthoc_columns]
+
+    @property
+    def posthoc_columns(self) -> list[str]:
+        return [type(d).column for d in self.config.fitted.posthoc.values()]
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column score() can make, in output order."""
+        return [*S.COLUMNS, *self.extra_columns]
+
+    def _wanted(self, columns: list[str] | None) -> set[str] | None:
+        if columns is None:
+            return None
+        if unknown := [c for c in columns if c not in self.columns]:
+            raise ValueError(f"unknown score column(s) {unknown}; this model makes {self.columns}")
+        return set(columns)
+
+    def needs_rendering(self, columns: list[str] | None = None) -> bool:
+        """Whether ``columns`` (default: all) need the top-down pass (one backward); the others,
+        pred, max_softmax, max_logit, energy, det_* on gates/acts and the post-hoc baselines, are
+        made by the forward pass alone."""
+        want = self._wanted(columns)
+        if want is None:
+            return True
+        dets = [st for c, st in D.states(self.config.fitted.detector).items() if c in want]
+        return bool(want & S.RENDERED) or any(D.parts(st) & D.RENDER_PARTS for st in dets)
+
     @torch.no_grad()
-    def score(self, x: Tensor, unit_stats: bool | None = None) -> dict[str, Tensor]:
-        """Every per-sample column of the public contract (nrm.scores.COLUMNS), then ``extra_columns``, for normalised x.
-        ``unit_stats`` adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`); by default only
-        when the fitted detector reads them (they cost a pass over every activation)."""
+    def score(self, x: Tensor, columns: list[str] | None = None, unit_stats: bool | None = None) -> dict[str, Tensor]:
+        """Per-sample score columns of normalised x (N, C, H, W): by default every column of
+        ``self.columns`` plus the detectors' internal inputs; given ``columns``, exactly those, computed
+        with only what they need (no backward pass unless :meth:`needs_rendering`). ``unit_stats``
+        adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`); by default only when a fitted
+        detector reads them (they cost a pass over every activation)."""
         self.check_input(x)
-        logits, r, zs = self._vjp(x, None, create_graph=False)
-        logits = logits.detach()
-        fitted = self.config.fitted
+        want = self._wanted(columns)
+        with self.autocast():
+            if self.needs_rendering(columns):
+                logits, r, zs, feats = self._vjp(x, None, create_graph=False)
+            else:
+                (logits, _, zs, feats), r = self._run(x, keep=False), None
+        logits = logits.detach().float()
         out = S.classifier_scores(logits)
-        out["latent_prior_layers"] = r.eta_layers.detach()
-        out["latent_prior"] = S.latent_prior(r.eta_layers.detach())
+        if r is not None:
+            out.update(self._rendered_scores(x, r))
+        det = self.config.fitted.detector
+        if unit_stats or (unit_stats is None and any(D.parts(st) & {"gates", "acts"} for c, st in D.states(det).items()
+                                                     if want is None or c in want)):
+            out["latent_gates"], out["unit_acts"] = (v.float() for v in self.unit_stats(zs))  # detector inputs only
+        out.update(D.score_columns(det, out, want))  # det_<name> (nrm.detectors), if one is fitted
+        for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
+            if want is None or type(d).column in want:
+                out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
+        return out if want is None else {c: out[c] for c in columns or []}
+
+    def _rendered_scores(self, x: Tensor, r: Rendering) -> dict[str, Tensor]:
+        """The columns of the top-down pass: eta per layer and in all, the latent log-likelihood,
+        the reconstruction error and the bound, and (internal) eta per channel for the detectors."""
+        fitted = self.config.fitted
+        eta_layers = r.eta_layers.detach().float()
+        out = {"latent_prior_layers": eta_layers, "latent_prior": S.latent_prior(eta_layers)}
         out["latent_loglik"] = S.latent_loglik(out["latent_prior"], r.y, self.log_partition)
-        out["recon_sq_error"] = S.recon_sq_error(x.detach(), r.h0.detach())
+        out["recon_sq_error"] = S.recon_sq_error(x.detach().float(), r.h0.detach().float())
         out["loglik_bound"] = S.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
-        # Not a public column: eta_l split by output channel, one input of the detectors (nrm.detectors).
-        out["latent_prior_channels"] = r.eta_channels.detach()  # type: ignore[union-attr]
-        if unit_stats or (unit_stats is None and D.needs_unit_stats(fitted.detector)):
-            out["latent_gates"], out["unit_acts"] = self.unit_stats(zs)  # also detector inputs only
-        out.update(D.score_columns(fitted.detector, out))  # det_<name> (nrm.detectors), if one is fitted
+        out["latent_prior_channels"] = r.eta_channels.detach().float()  # type: ignore[union-attr]
         return out
 
     def extra_repr(self) -> str:
         return f"input={self.input_shape}, classes={len(self.config.classes)}, latent_layers={self.latent_names}"
+
+
+def _per_channel(g: Tensor) -> Tensor:
+    """Sum over positions: (N, C, H, W) -> (N, C); flat features (N, F) stay as they are."""
+    return g.flatten(2).sum(dim=2) if g.dim() > 2 else g

@@ -1,20 +1,12 @@
-"""Named architectures. Each preset is a function (width multiplier, classes) -> layer list."""
+"""Named architectures: a registry of functions (width multiplier, classes, ...) -> ModelConfig."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from nrm.config import (
-    Conv,
-    Flatten,
-    GlobalAvgPool,
-    InputSpec,
-    Layer,
-    Linear,
-    MaxPool,
-    ModelConfig,
-    ReLU,
-)
+from nrm.config import InputSpec, ModelConfig
+from nrm.graph import INPUT, Node, chain
+from nrm.ops import Add, Conv, Flatten, GlobalAvgPool, Linear, MaxPool, Op, Pad, ReLU, Slice
 
 
 def _w(channels: int, width: float) -> int:
@@ -22,11 +14,11 @@ def _w(channels: int, width: float) -> int:
 
 
 def _conv_stack(spec: list[tuple[int, int, int] | str], in_ch: int, width: float, classes: int,
-                size: int = 0) -> list[Layer]:
+                size: int = 0) -> list[Node]:
     """spec items: (out_channels, kernel, padding) for conv+relu, or "pool" for a 2x2 max-pool.
     ``size`` 0: global average pool + linear; else the map is size x size and the classifier reads
     it whole (flatten + linear), so each class template mu_y keeps a spatial layout."""
-    layers: list[Layer] = []
+    layers: list[Op | tuple[str, Op]] = []
     c, k = in_ch, 0
     for item in spec:
         if isinstance(item, str):  # "pool"
@@ -34,11 +26,11 @@ def _conv_stack(spec: list[tuple[int, int, int] | str], in_ch: int, width: float
             continue
         out, kernel, pad = item
         k += 1
-        layers += [Conv(f"conv{k}", c, _w(out, width), kernel, 1, pad), ReLU()]
+        layers += [(f"conv{k}", Conv(c, _w(out, width), kernel, 1, pad)), ReLU()]
         c = _w(out, width)
     if size:
-        return [*layers, Flatten(), Linear("classifier", c * size * size, classes)]
-    return [*layers, GlobalAvgPool(), Flatten(), Linear("classifier", c, classes)]
+        return chain(*layers, Flatten(), ("classifier", Linear(c * size * size, classes)))
+    return chain(*layers, GlobalAvgPool(), Flatten(), ("classifier", Linear(c, classes)))
 
 
 def gray28(width: float = 0.5, classes: int = 10) -> ModelConfig:
@@ -84,20 +76,62 @@ def digits8(width: float = 1.0, classes: int = 10) -> ModelConfig:
     return ModelConfig(InputSpec(1, 8, 8, (0.5,), (0.5,)), [str(i) for i in range(classes)], layers)
 
 
+def resnet_cifar(width: float = 1.0, classes: int = 10, depth: int = 20) -> ModelConfig:
+    """32x32 RGB, the CIFAR ResNet of He et al. (2016): depth 6n + 2 (20, 32, 44, 56, 110), three
+    stages of n basic blocks at 16, 32 and 64 channels (times ``width``), "option A" shortcuts
+    (strided subsampling plus zero channel padding), global average pooling and a linear classifier.
+    Trained here without BatchNorm (the NRM's convs carry biases); nrm.from_torch folds a user's
+    BatchNorm into the same graph. Node names follow the original module paths (layer1.0.conv1)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth}")
+    blocks = (depth - 2) // 6
+    nodes: list[Node] = []
+
+    def add(name: str, op: Op, *inputs: str) -> str:
+        nodes.append(Node(name, op, inputs))
+        return name
+
+    c = _w(16, width)
+    x = add("relu1", ReLU(), add("conv1", Conv(3, c, 3, 1, 1), INPUT))
+    for stage, planes in enumerate((16, 32, 64), start=1):
+        out = _w(planes, width)
+        for b in range(blocks):
+            stride = 2 if stage > 1 and b == 0 else 1
+            p = f"layer{stage}.{b}"
+            h = add(f"{p}.relu1", ReLU(), add(f"{p}.conv1", Conv(c, out, 3, stride, 1), x))
+            h = add(f"{p}.conv2", Conv(out, out, 3, 1, 1), h)
+            short = x
+            if stride != 1 or c != out:  # option A: x[:, :, ::2, ::2] then zero channels on both sides
+                sub = add(f"{p}.shortcut.slice", Slice((0, 0, 0), (c, 10**9, 10**9), (1, stride, stride)), x)
+                short = add(f"{p}.shortcut.pad", Pad((0, 0, 0, 0, (out - c) // 2, out - c - (out - c) // 2)), sub)
+            x = add(f"{p}.relu2", ReLU(), add(f"{p}.add", Add(), h, short))
+            c = out
+    x = add("flatten", Flatten(), add("avgpool", GlobalAvgPool(), x))
+    add("linear", Linear(c, classes), x)
+    return ModelConfig(InputSpec(3, 32, 32, (0.5,) * 3, (0.5,) * 3), [str(i) for i in range(classes)], nodes)
+
+
 PRESETS: dict[str, Callable[..., ModelConfig]] = {
     "gray28": gray28,
     "gray28-flat": gray28_flat,
     "rgb32-allconv": rgb32_allconv,
     "rgb32-small": rgb32_small,
     "digits8": digits8,
+    "resnet-cifar": resnet_cifar,
 }
 
 
-def preset(name: str, width: float | None = None, classes: int = 10) -> ModelConfig:
-    """Build a named preset; ``width`` None keeps the preset's default width."""
+def preset(name: str, width: float | None = None, classes: int = 10, depth: int | None = None) -> ModelConfig:
+    """Build a named preset; ``width`` None keeps the preset's default width; ``depth`` is for the
+    ResNet preset only."""
     if name not in PRESETS:
         raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(PRESETS)}")
     if width is not None and not width > 0:
         raise ValueError(f"width multiplier must be > 0, got {width}")
     fn = PRESETS[name]
-    return fn(classes=classes) if width is None else fn(width=width, classes=classes)
+    extra: dict[str, object] = {} if width is None else {"width": width}
+    if depth is not None:
+        if name != "resnet-cifar":
+            raise ValueError(f"depth is an option of resnet-cifar only, not of {name!r}")
+        extra["depth"] = depth
+    return fn(classes=classes, **extra)

@@ -20,7 +20,13 @@ HIGHER_IS_IN: dict[str, bool] = {
     "max_softmax": True,
     "max_logit": True,
     "energy": False,
+    # the field's post-hoc baselines on the penultimate features (nrm.posthoc), when fitted
+    "mahalanobis_feat": True,
+    "knn": True,
+    "vim": True,
 }
+# Columns that need the top-down pass (one vector-Jacobian product); the rest of COLUMNS need the forward only.
+RENDERED = frozenset({"latent_prior_layers", "latent_prior", "latent_loglik", "recon_sq_error", "loglik_bound"})
 # Columns of NRM.score, in output order (fitted det_* detector columns follow). pred is the class index y*.
 COLUMNS = ["pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
            "recon_sq_error", "loglik_bound"]

@@ -10,6 +10,7 @@ computed in one pass of an all-ones input through the network with squared weigh
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nrm.config import Conv, Flatten, GlobalAvgPool, InputSpec, Linear, MaxPool, ModelConfig
+from nrm.config import InputSpec, ModelConfig
 from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, PREFIX
 from nrm.fit import DEFAULT_NORMALISER, fit
+from nrm.graph import INPUT
 from nrm.model import NRM
 
 log = logging.getLogger(__name__)
@@ -62,22 +64,14 @@ class TrainResult:
 
 
 def path_norm(model: NRM) -> Tensor:
-    """PN = sum over paths of prod_l w_l^2: all-ones input through |W|^2, no bias, gates open."""
+    """PN = sum over paths of prod_l w_l^2: all-ones input through the graph with squared weights
+    (and scales) and zero biases. Every value stays >= 0, so every gate is open."""
     c, h, w = model.input_shape
-    x = torch.ones(1, c, h, w, device=model.mean.device)
-    for layer in model.config.layers:
-        if isinstance(layer, Conv):
-            conv = model.layer(layer.name)
-            x = F.conv2d(x, conv.weight.pow(2), None, layer.stride, layer.padding)
-        elif isinstance(layer, Linear):
-            x = x @ model.layer(layer.name).weight.pow(2).T
-        elif isinstance(layer, MaxPool):
-            x = F.max_pool2d(x, layer.kernel, layer.stride)
-        elif isinstance(layer, GlobalAvgPool):
-            x = x.mean(dim=(2, 3), keepdim=True)
-        elif isinstance(layer, Flatten):
-            x = x.flatten(1)
-    return x.sum()
+    values = {INPUT: torch.ones(1, c, h, w, device=model.mean.device)}
+    for node in model.config.nodes:
+        p = {k: v.pow(2) if k in ("weight", "scale") else torch.zeros_like(v) for k, v in model.node_params(node.name).items()}
+        values[node.name] = node.op.forward([values[i] for i in node.inputs], p)
+    return values[model.classifier.name].sum()
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -140,10 +134,16 @@ def train(
     labels: Tensor,
     cfg: TrainConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    init: NRM | None = None,
 ) -> TrainResult:
     """Train an NRM of architecture ``config`` on uint8 ``images`` (N, H, W[, C]) and int ``labels``,
-    then fit sigma^2, log Z(y) and the threshold (nrm.fit). ``progress`` gets a dict every 20 steps."""
+    then fit sigma^2, log Z(y) and the threshold (nrm.fit). ``progress`` gets a dict every 20 steps.
+
+    With ``init`` (a loaded or converted NRM) it is fine-tuned instead: its graph, weights and input
+    normalisation are kept (``config`` is ignored), and its fitted state is fitted anew."""
     cfg = cfg or TrainConfig()
+    if init is not None:
+        config = init.config
     if len(images) != len(labels):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
     check_augment(cfg.augment, cfg.crop_pad)
@@ -155,10 +155,13 @@ def train(
     perm = torch.randperm(len(images), generator=gen)
     n_val = max(1, int(len(images) * cfg.val_fraction))
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    mean, std = channel_stats(images[train_idx[:20000]])
-    spec = config.input
-    config = replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))
-    model = NRM(config).to(cfg.device)
+    if init is not None:  # fine-tune: the user's normalisation stays, the copy learns
+        model = copy.deepcopy(init).to(cfg.device).requires_grad_(True)
+    else:
+        mean, std = channel_stats(images[train_idx[:20000]])
+        spec = config.input
+        config = replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))
+        model = NRM(config).to(cfg.device)
     labels = labels.long()
     steps_per_epoch = (len(train_idx) + cfg.batch_size - 1) // cfg.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -173,7 +176,7 @@ def train(
             x = augment(model.preprocess(images[idx]), cfg.augment, cfg.crop_pad, gen)  # (B, C, H, W)
             y = labels[idx].to(x.device)
             if cfg.recon_weight > 0:
-                logits, r, _ = model._vjp(x, y, create_graph=True)
+                logits, r, _, _ = model._vjp(x, y, create_graph=True)
                 recon = (x - r.h0).pow(2).mean()
             else:
                 logits, recon = model(x), x.new_zeros(())

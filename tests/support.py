@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 import nrm
-from nrm.config import Conv, Flatten, GlobalAvgPool, InputSpec, Linear, MaxPool, ModelConfig, ReLU
+from nrm.config import InputSpec, ModelConfig
+from nrm.graph import chain
+from nrm.ops import Conv, Flatten, GlobalAvgPool, Linear, MaxPool, ReLU
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 FAKE_KEY_ID = "AKIAFAKEFAKEFAKE1234"
@@ -26,8 +28,8 @@ FAKE_SECRET = "fakeSecret/DoNotLeak+0123456789abcdefghij"
 
 
 def tiny_config(channels: int = 1, size: int = 8, classes: int = 3) -> ModelConfig:
-    layers = [Conv("conv1", channels, 4, 3, 1, 1), ReLU(), MaxPool(2, 2), Conv("conv2", 4, 6, 3, 1, 1), ReLU(),
-              GlobalAvgPool(), Flatten(), Linear("classifier", 6, classes)]
+    layers = chain(("conv1", Conv(channels, 4, 3, 1, 1)), ReLU(), MaxPool(2, 2), ("conv2", Conv(4, 6, 3, 1, 1)), ReLU(),
+                   GlobalAvgPool(), Flatten(), ("classifier", Linear(6, classes)))
     return ModelConfig(InputSpec(channels, size, size, (0.5,) * channels, (0.25,) * channels),
                        [f"c{i}" for i in range(classes)], layers)
 

@@ -89,16 +89,25 @@ def test_help_shows_the_range_that_is_enforced(command: str, option: str, shown:
     assert shown in line, line
 
 
-@pytest.mark.parametrize(("args", "target"), [([], "benchmarks.md"), (["--write-docs"], "docs/benchmarks.md"),
-                                              (["--out", "b/x.md"], "b/x.md")])
-def test_bench_writes_docs_only_when_asked(monkeypatch: pytest.MonkeyPatch, args: list[str], target: str) -> None:
+@pytest.mark.parametrize(("args", "target"), [(["--write-docs"], "docs/benchmarks.md"), (["--out", "b/x.md"], "b/x.md")])
+def test_bench_writes_a_file_only_when_asked(monkeypatch: pytest.MonkeyPatch, args: list[str], target: str) -> None:
     import jobs.bench
 
     seen: list[Path] = []
-    monkeypatch.setattr(jobs.bench, "run", lambda out, *a: seen.append(out))
+    monkeypatch.setattr(jobs.bench, "run", lambda out, *a: seen.append(out) or "report")
     r = invoke("bench", *args)
     assert r.exit_code == 0, r.output
     assert seen == [Path(target)] and f"wrote {target}" in r.stdout
+
+
+def test_bench_by_default_prints_the_report_and_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.bench
+
+    seen: list[Path | None] = []
+    monkeypatch.setattr(jobs.bench, "run", lambda out, *a: seen.append(out) or "# the report")
+    r = invoke("bench")
+    assert r.exit_code == 0, r.output
+    assert seen == [None] and "# the report" in r.stdout and "wrote" not in r.stdout
 
 
 def test_score_help_documents_the_options() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ from jobs.evaluate import (
     ScoredSet,
     accuracy,
     error_reasons,
+    group_sets,
     metrics_markdown,
     metrics_table,
     parse_ood,
@@ -89,6 +90,15 @@ def test_parse_ood_accepts_name_uri_pairs_and_names_bad_ones() -> None:
             parse_ood([bad])
     with pytest.raises(ValueError, match="twice"):
         parse_ood(["a=x", "a=y"])
+
+
+def test_group_sets_orders_near_far_then_ungrouped_and_refuses_a_name_in_two_options() -> None:
+    sets, groups = group_sets({"u": "/u"}, {"a": "/a", "b": "/b"}, {"c": "/c"})
+    assert list(sets.items()) == [("a", "/a"), ("b", "/b"), ("c", "/c"), ("u", "/u")]
+    assert groups == {"near": ["a", "b"], "far": ["c"]}
+    assert group_sets({"u": "/u"}, {}, {}) == ({"u": "/u"}, {})
+    with pytest.raises(ValueError, match=r"--far a=/x: NAME 'a' is also given to --near"):
+        group_sets({}, {"a": "/a"}, {"a": "/x"})
 
 
 def test_score_columns_name_layers_and_keep_ok_rows_only() -> None:
@@ -235,6 +245,34 @@ def test_write_evaluation_writes_metrics_figures_and_image_rendering_galleries(c
     assert two_rows[1] > 1.5 * one_row[1] - 20  # a second row of renderings under the images
 
 
+def test_group_means_go_to_metrics_files_report_and_screen(ckpt: Path, tmp_path: Path) -> None:
+    ind, flat = scored_sets(ckpt, tmp_path / "data")
+    extra = {}
+    for name, px in (("noise", random_images(12, seed=9)), ("black", np.zeros((12, 8, 8, 1), np.uint8))):
+        path = tmp_path / "data" / f"{name}.parquet"
+        write_hf_parquet(path, [png_bytes(p) for p in px])
+        extra[name] = ScoredSet(name, name, str(path), score_file(ckpt, path), {"input": str(path)})
+    sets = [ind, replace(flat, group="near"), replace(extra["noise"], group="near"), replace(extra["black"], group="far")]
+    m = write_evaluation(sets, nrm.load(ckpt), tmp_path / "eval", {"uri": str(ckpt), "model_id": "x"})
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {g: v["sets"] for g, v in saved["groups"].items()} == {"near": ["flat", "noise"], "far": ["black"]}
+    per = saved["metrics"]
+    for sc in (s["name"] for s in saved["scores"]):
+        for k in ("auroc", "fpr95"):
+            assert saved["groups"]["near"][k][sc] == pytest.approx((per["flat"][sc][k] + per["noise"][sc][k]) / 2)
+            assert saved["groups"]["far"][k][sc] == per["black"][sc][k]
+    energy = [f"{saved['groups'][g][k]['energy']:.4f}" for g in ("near", "far") for k in ("auroc", "fpr95")]
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "## Near / far OOD group means" in md and "near: flat, noise; far: black" in md
+    assert "| energy | -score (higher = OOD) | " + " | ".join(energy) + " |" in md
+    assert "when 95% of in-distribution samples are accepted" in md
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "Near / far OOD group means" in html and "near FPR@95TPR" in html
+    screen = summary(EvalResult(tmp_path / "eval", m, []))
+    assert re.search(r"score +near AUROC +near FPR@95TPR +far AUROC +far FPR@95TPR\n", screen)
+    assert re.search(r"^energy +" + " +".join(energy) + "$", screen, re.M)
+
+
 # ---------------------------------------------------------------------------- the command, on Ray
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_local")
@@ -338,3 +376,38 @@ def test_gallery_captions_show_the_true_label_when_there_is_one() -> None:
     row = {"ood_score": 1.234, "pred": 1, "label": 0}
     assert F.caption(row, ["cat", "dog"]) == "1.23\npred dog\nlabel cat"
     assert F.caption({"ood_score": 2.0, "pred": 1, "label": None}, None, "gone") == "2 (unreadable)\npred 1"
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_local")
+def test_evaluate_command_reports_near_and_far_group_means(ckpt: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_hf_parquet(data / "in.parquet", [png_bytes(p) for p in random_images(24, seed=1)], labels=[0] * 24)
+    write_hf_parquet(data / "noise.parquet", [png_bytes(p) for p in random_images(16, seed=3)])
+    write_hf_parquet(data / "flat.parquet", [png_bytes(p) for p in np.full((16, 8, 8, 1), 255, np.uint8)])
+    write_hf_parquet(data / "black.parquet", [png_bytes(p) for p in np.zeros((16, 8, 8, 1), np.uint8)])
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", "--model", str(ckpt), "--in", str(data / "in.parquet"),
+                            "--near", f"noise={data / 'noise.parquet'}", "--far", f"flat={data / 'flat.parquet'}",
+                            "--far", f"black={data / 'black.parquet'}", "--out", str(out), "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert {g: v["sets"] for g, v in m["groups"].items()} == {"near": ["noise"], "far": ["flat", "black"]}
+    assert {n: s["group"] for n, s in m["sets"].items()} == {"in": None, "noise": "near", "flat": "far", "black": "far"}
+    far = (m["metrics"]["flat"]["energy"]["auroc"] + m["metrics"]["black"]["energy"]["auroc"]) / 2
+    assert m["groups"]["far"]["auroc"]["energy"] == pytest.approx(far)
+    assert "near: noise; far: flat, black" in r.output
+    assert re.search(rf"^energy +{m['groups']['near']['auroc']['energy']:.4f} +[0-9.]+ +{far:.4f} ", r.output, re.M)
+    assert "## Near / far OOD group means" in (out / "metrics.md").read_text()
+
+
+def test_evaluate_command_refuses_a_set_name_in_two_groups(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["evaluate", "--model", "m", "--in", "x", "--near", "a=/p", "--far", "a=/q",
+                            "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "NAME 'a' is also given to --near" in r.output
+
+
+def test_evaluate_command_needs_an_ood_set(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["evaluate", "--model", "m", "--in", "x", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "give at least one OOD set: --near, --far or --ood" in r.output

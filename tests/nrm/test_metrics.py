@@ -18,6 +18,7 @@ from nrm.metrics import (
     auroc,
     detection_error,
     fpr_at_tpr,
+    group_means,
     ood_metrics,
     orient,
     threshold_at_tpr,
@@ -247,3 +248,17 @@ def test_metrics_module_imports_no_heavy_or_edge_dependencies() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_group_means_average_each_column_over_the_sets_of_each_group() -> None:
+    per_set = {"a": {"x": 0.9, "y": 0.5}, "b": {"x": 0.7, "y": None}, "c": {"x": 0.2, "y": 0.4}}
+    got = group_means(per_set, {"near": ["a", "b"], "far": ["c", "a"]})
+    assert got == {"near": {"x": pytest.approx(0.8), "y": None},  # y is missing on b: no partial mean
+                   "far": {"x": pytest.approx(0.55), "y": pytest.approx(0.45)}}
+
+
+def test_group_means_name_an_unknown_set_and_an_empty_group() -> None:
+    with pytest.raises(ValueError, match=r"group 'near' names sets \['d'\] that have no metrics"):
+        group_means({"a": {"x": 1.0}}, {"near": ["a", "d"]})
+    with pytest.raises(ValueError, match=r"group 'far' has no sets"):
+        group_means({"a": {"x": 1.0}}, {"far": []})
