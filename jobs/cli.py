@@ -11,19 +11,24 @@ import enum
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from jobs.cli_errors import fail
-from jobs.cli_eval import named_sets
 from jobs.cli_eval import register as _register_eval
+from jobs.cli_options import Address, BatchSize, EndpointUrl, ModelUri, at_least, named_sets
 from jobs.images import Policy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Score image datasets for out-of-distribution samples with the Neural Rendering Model.")
 
 
+# Choices that name library constants. They are spelled out here because importing any nrm module
+# imports torch (nrm/__init__.py does) and `nrm-ood --help` must not; tests/jobs/test_cli.py
+# (test_cli_choices_match_the_library) holds each equal to its source:
+# Arch = "auto" + nrm.presets.PRESETS, Augment = nrm.train.AUGMENTATIONS, Normaliser = nrm.fit.NORMALISERS,
+# Detector = nrm.detectors.DETECTORS, FeatureSet = nrm.detectors.FEATURE_SETS, the defaults likewise.
 class Arch(str, enum.Enum):
     auto = "auto"
     gray28 = "gray28"
@@ -34,23 +39,44 @@ class Arch(str, enum.Enum):
     resnet_cifar = "resnet-cifar"
 
 
-# nrm.train.AUGMENTATIONS spelled out so `--help` does not import torch; a test holds them equal.
 class Augment(str, enum.Enum):
     none = "none"
     crop = "crop"
     flip_crop = "flip-crop"
 
 
-class Device(str, enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 class Normaliser(str, enum.Enum):
     none = "none"
     class_mean = "class_mean"
     harmonic = "harmonic"
+
+
+class Detector(str, enum.Enum):
+    mahalanobis = "mahalanobis"
+    gmm = "gmm"
+    typicality = "typicality"
+
+
+class FeatureSet(str, enum.Enum):
+    eta = "eta"
+    layers = "layers"
+    layers_recon = "layers_recon"
+    channels = "channels"
+    channels_recon = "channels_recon"
+    gates = "gates"
+    gates_recon = "gates_recon"
+    gates_acts = "gates_acts"
+    gates_channels_recon = "gates_channels_recon"
+
+
+DEFAULT_DETECTOR = Detector.mahalanobis  # nrm.detectors.DEFAULT_DETECTOR
+DEFAULT_FEATURES = FeatureSet.gates_acts  # nrm.detectors.DEFAULT_FEATURES
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def _device(d: Device) -> str:
@@ -63,18 +89,6 @@ def _device(d: Device) -> str:
     return d.value
 
 
-def _positive(value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise typer.BadParameter(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg(value: float) -> float:
-    if value < 0:
-        raise typer.BadParameter(f"must be >= 0, got {value}")
-    return value
-
-
 # ---------------------------------------------------------------------------- train
 @app.command()
 def train(
@@ -82,19 +96,19 @@ def train(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
     arch: Annotated[Arch, typer.Option(help="Architecture preset; auto picks by the images' size.")] = Arch.auto,
     width: Annotated[float | None, typer.Option(help="Width multiplier of the preset (default: the preset's).")] = None,
-    epochs: Annotated[int, typer.Option(callback=_positive)] = 3,
-    batch_size: Annotated[int, typer.Option(callback=_positive)] = 128,
+    epochs: Annotated[int, at_least(1, "Passes over the training rows.")] = 3,
+    batch_size: Annotated[int, at_least(1, "Images per training step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 1e-2,
-    recon_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the reconstruction term.")] = 1.0,
-    pathnorm_weight: Annotated[float, typer.Option(callback=_nonneg, help="Weight of the path-normalisation term.")] = 0.0,
+    recon_weight: Annotated[float, at_least(0, "Weight of the reconstruction term.")] = 1.0,
+    pathnorm_weight: Annotated[float, at_least(0, "Weight of the path-normalisation term.")] = 0.0,
     normaliser: Annotated[Normaliser, typer.Option(help="Estimator of log Z(y) (nrm.fit; docs/results.md).")] = Normaliser.none,
     test: Annotated[str | None, typer.Option(help="Labelled test Parquet: accuracy is reported, nothing is fitted on it.")] = None,
-    limit: Annotated[int | None, typer.Option(callback=_positive, help="Use only the first N training rows.")] = None,
-    device: Annotated[Device, typer.Option()] = Device.auto,
-    seed: Annotated[int, typer.Option()] = 0,
+    limit: Annotated[int | None, at_least(1, "Use only the first N training rows.")] = None,
+    device: Annotated[Device, typer.Option(help="auto: cuda when torch sees a GPU, else cpu.")] = Device.auto,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out split, the initial weights and the batch order.")] = 0,
     augment: Annotated[Augment, typer.Option(help="Augment training batches: random shifts (crop), plus left-right mirroring (flip-crop, natural images only).")] = Augment.none,
-    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
-    depth: Annotated[int | None, typer.Option(min=8, help="Depth 6n+2 of the resnet-cifar preset (default 20).")] = None,
+    endpoint_url: EndpointUrl = None,
+    depth: Annotated[int | None, at_least(8, "Depth 6n+2 of the resnet-cifar preset (default 20).")] = None,
     init: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Fine-tune this checkpoint (e.g. from `nrm-ood convert`) instead of a preset: its graph, weights and normalisation are kept.")] = None,
 ) -> None:
     """Train an NRM on labelled images (or fine-tune one with --init) and write a checkpoint directory."""
@@ -134,54 +148,41 @@ def train(
     typer.echo(f"training {name} (width {width or 'default'}) on {len(x)} images {tuple(x.shape[1:])}, "
                f"{classes} classes, device {dev}; loaded in {time.perf_counter() - t0:.1f}s")
 
-    def progress(rec: dict[str, float]) -> None:
-        sys.stderr.write(f"\repoch {rec['epoch']}/{rec['epochs']} step {rec['step']}/{rec['steps']} "
-                         f"loss {rec['loss']:.3f} ce {rec['ce']:.3f} recon {rec['recon']:.3f} acc {rec['acc']:.3f} "
-                         f"{rec['seconds']:.0f}s")
-        sys.stderr.flush()
-
     tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value)
-    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=progress, init=start)
+    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start)
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
     report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
-        from nrm.train import accuracy
-
-        try:
-            xt, yt = load_labelled(test, result.model.input_shape, None, store)
-        except (StorageError, DatasetError) as e:
-            raise fail(str(e)) from None
-        report["test_rows"] = len(xt)
-        report["test_accuracy"] = round(accuracy(result.model, torch.from_numpy(xt), torch.from_numpy(yt)), 4)
+        report.update(_test_accuracy(test, result.model, store))
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"checkpoint written to {out}")
 
 
-class Detector(str, enum.Enum):
-    mahalanobis = "mahalanobis"
-    gmm = "gmm"
-    typicality = "typicality"
+def _progress(rec: dict[str, float]) -> None:
+    sys.stderr.write(f"\repoch {rec['epoch']}/{rec['epochs']} step {rec['step']}/{rec['steps']} "
+                     f"loss {rec['loss']:.3f} ce {rec['ce']:.3f} recon {rec['recon']:.3f} acc {rec['acc']:.3f} "
+                     f"{rec['seconds']:.0f}s")
+    sys.stderr.flush()
 
 
-# nrm.detectors.FEATURE_SETS spelled out so `--help` does not import torch; a test holds them equal.
-class FeatureSet(str, enum.Enum):
-    eta = "eta"
-    layers = "layers"
-    layers_recon = "layers_recon"
-    channels = "channels"
-    channels_recon = "channels_recon"
-    gates = "gates"
-    gates_recon = "gates_recon"
-    gates_acts = "gates_acts"
-    gates_channels_recon = "gates_channels_recon"
+def _test_accuracy(test: str, model: Any, store: Any) -> dict[str, Any]:
+    """{"test_rows", "test_accuracy"} of ``model`` on the labelled Parquet ``test`` (nothing is fitted on it)."""
+    import torch
 
+    from jobs.datasets import DatasetError, load_labelled
+    from jobs.storage import StorageError
+    from nrm.train import accuracy
 
-DEFAULT_FEATURES = "gates_acts"  # nrm.detectors.DEFAULT_FEATURES
+    try:
+        xt, yt = load_labelled(test, model.input_shape, None, store)
+    except (StorageError, DatasetError) as e:
+        raise fail(str(e)) from None
+    return {"test_rows": len(xt), "test_accuracy": round(accuracy(model, torch.from_numpy(xt), torch.from_numpy(yt)), 4)}
 
 
 @app.command("fit-detector")
@@ -189,17 +190,17 @@ def fit_detector(
     model: Annotated[Path, typer.Option(help="Checkpoint directory to start from.")],
     data: Annotated[str, typer.Option(help="The model's in-distribution TRAIN Parquet (never the test split).")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (weights unchanged, same model_id).")],
-    detector: Annotated[Detector, typer.Option(help="Detector on the NRM statistics (nrm.detectors).")] = Detector.mahalanobis,
-    features: Annotated[FeatureSet, typer.Option(help="Feature set (nrm.detectors.features).")] = FeatureSet(DEFAULT_FEATURES),
+    detector: Annotated[Detector, typer.Option(help="Detector on the NRM statistics (nrm.detectors).")] = DEFAULT_DETECTOR,
+    features: Annotated[FeatureSet, typer.Option(help="Feature set (nrm.detectors.features).")] = DEFAULT_FEATURES,
     seed: Annotated[int, typer.Option(help="Seed `nrm-ood train` used: its held-out rows are the ones used.")] = 0,
-    val_fraction: Annotated[float, typer.Option(help="Held-out fraction `nrm-ood train` used.")] = 0.1,
+    val_fraction: Annotated[float, at_least(0, "Held-out fraction `nrm-ood train` used.", strict=True)] = 0.1,
     candidates: Annotated[bool, typer.Option(help="Also keep every other candidate detector as a det_* column.")] = False,
     val_ood: Annotated[list[str] | None, typer.Option(
         callback=named_sets("--val-ood"),
         help="NAME=PARQUET validation OOD set (repeatable; never a set you report on). With it, --detector and "
              "--features are not used: the candidate with the best worst-case validation AUROC wins.")] = None,
-    val_ood_limit: Annotated[int, typer.Option(callback=_positive, help="Rows read of each --val-ood set.")] = 2000,
-    endpoint_url: Annotated[str | None, typer.Option()] = None,
+    val_ood_limit: Annotated[int, at_least(1, "Rows read of each --val-ood set.")] = 2000,
+    endpoint_url: EndpointUrl = None,
     baselines: Annotated[bool, typer.Option(help="Also fit the field's post-hoc baselines (Mahalanobis on the penultimate features, KNN k=50, ViM: columns mahalanobis_feat, knn, vim) on the training rows that were not held out.")] = False,
 ) -> None:
     """(Re)fit a detector on an existing checkpoint, on the rows of its training split that
@@ -245,27 +246,25 @@ def fit_detector(
 # ---------------------------------------------------------------------------- score
 @app.command()
 def score(
-    model: Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")],
+    model: ModelUri,
     input: Annotated[str, typer.Option(help="Parquet file, directory, glob or s3:// prefix.")],
     output: Annotated[str, typer.Option(help="Output directory or s3:// prefix; the run goes to <output>/<run-id>/.")],
-    actors: Annotated[int | None, typer.Option(callback=_positive, help="Scoring actors (default: one per GPU, else as the CPUs allow).")] = None,
-    gpus_per_actor: Annotated[float, typer.Option(callback=_nonneg, help="GPUs per actor (fractions share a GPU).")] = 0.0,
-    cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor (fractions allowed).")] = 1.0,
-    batch_size: Annotated[int, typer.Option(callback=_positive, help="Images per scoring batch.")] = 512,
+    actors: Annotated[int | None, at_least(1, "Scoring actors (default: one per GPU, else as the CPUs allow).")] = None,
+    gpus_per_actor: Annotated[float, at_least(0, "GPUs per actor (fractions share a GPU).")] = 0.0,
+    cpus_per_actor: Annotated[float, at_least(0, "CPUs per actor (fractions allowed).", strict=True)] = 1.0,
+    batch_size: BatchSize = 512,
     run_id: Annotated[str | None, typer.Option(help="Run id (default: time-stamped). A committed id is never redone.")] = None,
     incremental: Annotated[bool, typer.Option(help="Score only input files no committed run under --output covers.")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")] = None,
+    address: Address = None,
     image_column: Annotated[str | None, typer.Option(help="Image column (default: guessed).")] = None,
     id_column: Annotated[str | None, typer.Option(help="Id column (default: 'id', else <file>#<row>).")] = None,
     label_column: Annotated[str | None, typer.Option(help="Label column (default: 'label' if present).")] = None,
     resize_policy: Annotated[Policy, typer.Option(help="adapt: convert mode and resize to the model; strict: mismatches are error rows.")] = Policy.adapt,
-    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+    endpoint_url: EndpointUrl = None,
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
     from jobs.pipeline import JobError, ScoreOptions, run_score, summary
 
-    if cpus_per_actor <= 0:
-        raise typer.BadParameter(f"must be > 0, got {cpus_per_actor}", param_hint="--cpus-per-actor")
     opts = ScoreOptions(model, input, output, run_id, actors, gpus_per_actor, cpus_per_actor, batch_size,
                         incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url)
     try:
@@ -279,8 +278,8 @@ def score(
 
 @app.command()
 def runs(
-    output: Annotated[str, typer.Argument(help="Output directory or s3:// prefix given to `score`.")],
-    endpoint_url: Annotated[str | None, typer.Option()] = None,
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="Output directory or s3:// prefix given to `score`.")],
+    endpoint_url: EndpointUrl = None,
 ) -> None:
     """List the committed runs under OUTPUT."""
     from jobs.manifest import committed_runs
@@ -302,7 +301,7 @@ def filter_(
     scores: Annotated[str, typer.Option(help="A committed run (<output>/<run-id>) or an output root (all its runs).")],
     input: Annotated[str, typer.Option(help="The dataset that was scored.")],
     output: Annotated[str, typer.Option(help="Where to write the in-distribution subset (Parquet).")],
-    endpoint_url: Annotated[str | None, typer.Option()] = None,
+    endpoint_url: EndpointUrl = None,
 ) -> None:
     """Write the rows of INPUT that the scores keep (status ok and not is_ood), columns unchanged."""
     from jobs.filtering import FilterError, filter_dataset
@@ -321,7 +320,8 @@ def filter_(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Working directory for data, checkpoint and scores.")] = Path("demo-out"),
-    epochs: Annotated[int, typer.Option(callback=_positive)] = 30,
+    epochs: Annotated[int, at_least(1, "Training passes over the 1,257 training digits (30: about 20 s of training, about a minute "
+                                        "for the whole demo on 2 cores).")] = 30,
 ) -> None:
     """Train on scikit-learn's digits, score in- and out-of-distribution shards on embedded Ray, print AUROCs."""
     import shutil
@@ -335,6 +335,9 @@ def demo(
         raise typer.Exit(result["exit_code"])
 
 
+BENCH_DOC = "docs/benchmarks.md"
+
+
 class BenchSection(str, enum.Enum):
     speed = "speed"
     precision = "precision"
@@ -343,16 +346,18 @@ class BenchSection(str, enum.Enum):
 
 @app.command()
 def bench(
-    out: Annotated[Path | None, typer.Option(help="Also write the report to this markdown file (e.g. docs/benchmarks.md); by default it is only printed.")] = None,
-    rows: Annotated[int, typer.Option(callback=_positive, help="Images in the job's 1x dataset (10x is also run).")] = 20000,
-    batch_size: Annotated[int, typer.Option(callback=_positive, help="CPU batch size (a GPU runs 512 and 4096).")] = 512,
-    reps: Annotated[int, typer.Option(callback=_positive, help="Timed repetitions per measurement.")] = 5,
+    out: Annotated[Path | None, typer.Option(help="Also write the report to this markdown file; by default it is only printed.")] = None,
+    write_docs: Annotated[bool, typer.Option(help=f"Write the tracked {BENCH_DOC} (instead of --out).")] = False,
+    rows: Annotated[int, at_least(1, "Images in the job's 1x dataset (10x is also run).")] = 20000,
+    batch_size: Annotated[int, at_least(1, "CPU batch size (a GPU runs 512 and 4096).")] = 512,
+    reps: Annotated[int, at_least(1, "Timed repetitions per measurement.")] = 5,
     section: Annotated[list[BenchSection] | None, typer.Option(help="Run only these sections (repeatable): speed (NRM/plain ratios), precision, job (end to end, memory). Default: all.")] = None,
     shared: Annotated[Path | None, typer.Option(help="The shared folder with models/cifar10-resnet and datasets/ (default ../shared when it exists): the pretrained ResNets and the precision AUROC.")] = None,
 ) -> None:
-    """Measure the speed and memory targets; print the report (and write it with --out)."""
+    """Measure the speed and memory targets; print the report (write it with --out, or --write-docs)."""
     from jobs.bench import run
 
+    out = Path(BENCH_DOC) if write_docs else out
     command = "nrm-ood bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nrm-ood bench"
     if shared is None and Path("../shared").is_dir():
         shared = Path("../shared")

@@ -7,32 +7,17 @@ files of a set could not be read (listed in metrics.json).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from jobs.cli_errors import fail
-
-
-def named_sets(option: str) -> Callable[[list[str] | None], list[str] | None]:
-    """A Typer callback that checks repeated ``option NAME=URI`` values at parse time (jobs.evaluate.parse_ood)."""
-
-    def check(values: list[str] | None) -> list[str] | None:
-        from jobs.evaluate import parse_ood
-
-        try:
-            parse_ood(values or [], option)
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from None
-        return values
-
-    return check
+from jobs.cli_options import Address, BatchSize, EndpointUrl, ModelUri, at_least, named_sets
 
 
 def evaluate(
-    model: Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")],
+    model: ModelUri,
     in_: Annotated[str, typer.Option("--in", help="In-distribution Parquet: file, directory, glob or s3:// prefix.")],
     out: Annotated[Path, typer.Option(file_okay=False, help="Local directory for scores/, metrics.json, metrics.md, "
                                       "report.html and figures/.")],
@@ -44,11 +29,11 @@ def evaluate(
                                                   "mean AUROC and FPR@95TPR are reported.")] = None,
     ood: Annotated[list[str] | None, typer.Option(callback=named_sets("--ood"), metavar="NAME=URI",
                                                   help="An OOD set in no group, NAME=URI; repeat for several.")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows of each set (files in sorted "
+    limit: Annotated[int | None, at_least(1, "Use only the first N rows of each set (files in sorted "
                                               "order, copied to <out>/inputs/<name>.parquet).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per scoring batch.")] = 512,
-    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")] = None,
-    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+    batch_size: BatchSize = 512,
+    address: Address = None,
+    endpoint_url: EndpointUrl = None,
 ) -> None:
     """Score an in-distribution set and OOD sets with the Ray job; write OOD metrics and an HTML report.
 
@@ -79,8 +64,8 @@ def report(
     input: Annotated[str | None, typer.Option(help="The scored dataset (or where it now lives): shows the most OOD "
                                               "images with their renderings.")] = None,
     model: Annotated[str | None, typer.Option(help="Checkpoint for the renderings (default: the run manifest's model).")] = None,
-    top: Annotated[int, typer.Option(min=1, help="How many of the most OOD rows to show.")] = 16,
-    endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+    top: Annotated[int, at_least(1, "How many of the most OOD rows to show.")] = 16,
+    endpoint_url: EndpointUrl = None,
 ) -> None:
     """Write a self-contained HTML report of an audit run: score distribution, OOD rate per class and
     per file, the most OOD images and the error rows."""

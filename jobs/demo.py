@@ -4,7 +4,8 @@
 2. OOD shards generated here: uniform noise, stripes, and letter-like blocks (random rectangles);
 3. train a small NRM (preset digits8) and write its checkpoint;
 4. score every shard with the Ray Data job on embedded Ray, commit the run;
-5. print the run summary and an AUROC table per OOD set (in-distribution = positive).
+5. print the run summary and an AUROC table per OOD set (in-distribution = positive), the score that
+   decides ``is_ood`` first and marked, and why latent_loglik is below chance where it is.
 """
 
 from __future__ import annotations
@@ -51,8 +52,6 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
     from jobs.filtering import read_scores
     from jobs.pipeline import ScoreOptions, run_score, summary
     from jobs.storage import Store
-    from nrm import metrics
-    from nrm.scores import HIGHER_IS_IN
 
     rng = np.random.default_rng(SEED)
     x, y = digits()
@@ -80,16 +79,47 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
     table["set"] = table.source_path.map(lambda p: Path(p).parent.name)
     ind = table[table.set == "in"]
     acc = float((ind.pred == ind.label).mean())
-    cols = [*result.model.extra_columns, "latent_loglik", "loglik_bound", "recon_sq_error", "max_softmax", "energy"]
+    echo(f"\nin-distribution test accuracy: {acc:.3f} ({len(ind)} digits)")
+    th = result.model.config.fitted.threshold
+    assert th is not None  # nrm.train fits it
+    rows = auroc_table(table, [th.score, *result.model.extra_columns], th, echo)
+    return {"accuracy": acc, "auroc": rows, "run": res.run_id, "exit_code": res.exit_code, "threshold_score": th.score}
+
+
+def auroc_table(table: Any, first: list[str], th: Any, echo: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """Print and return the AUROC of each score per OOD set; the threshold score (``th.score``) leads, marked."""
+    from nrm import metrics
+    from nrm.scores import HIGHER_IS_IN
+
+    cols = list(dict.fromkeys([*first, "latent_loglik", "loglik_bound", "recon_sq_error", "max_softmax", "energy"]))
     up = {c: HIGHER_IS_IN.get(c, True) for c in cols}  # det_* detector columns: higher = in-distribution
+    ind = table[table.set == "in"]
     rows = {}
     for name in sorted(s for s in table.set.unique() if s != "in"):
         od = table[table.set == name]
         rows[name] = {c: metrics.auroc(metrics.orient(ind[c].to_numpy(), up[c]),
                                        metrics.orient(od[c].to_numpy(), up[c])) for c in cols}
-    echo(f"\nin-distribution test accuracy: {acc:.3f} ({len(ind)} digits)")
     echo("AUROC, in-distribution = positive (1.0 = perfect separation, 0.5 = chance):")
-    echo(f"{'OOD set':12} " + " ".join(f"{c:>16}" for c in cols))
+    heads = [c + ("*" if c == th.score else "") for c in cols]
+    echo(f"{'OOD set':12} " + " ".join(f"{c:>16}" for c in heads))
     for name, r in rows.items():
         echo(f"{name:12} " + " ".join(f"{r[c]:>16.3f}" for c in cols))
-    return {"accuracy": acc, "auroc": rows, "run": res.run_id, "exit_code": res.exit_code}
+    echo(f"* decides is_ood: a row is flagged when {th.score} < {th.value:.4g}, the checkpoint's threshold "
+         f"(keeps {th.tpr:.0%} of held-out training digits).")
+    for line in below_chance(table, rows, th.score):
+        echo(line)
+    return rows
+
+
+def below_chance(table: Any, rows: dict[str, dict[str, float]], detector: str) -> list[str]:
+    """Why latent_loglik ranks some OOD sets as *more* in-distribution than the digits (AUROC < 0.5), with
+    the medians that show it: those sets switch the ReLU gates on harder, so their latent prior is higher."""
+    low = [name for name, r in rows.items() if r.get("latent_loglik", 0.5) < 0.5]
+    if not low:
+        return []
+    med = table.groupby("set").latent_prior.median()
+    return [f"latent_loglik is below chance on {', '.join(low)}: their saturated 0/255 patterns drive the ReLU "
+            f"units harder than the digits, so the latent prior eta is higher (median "
+            + ", ".join(f"{n} {med[n]:.3g}" for n in low) + f" against {med['in']:.3g} for the digits) and the "
+            "likelihood ranks them as more typical. A likelihood is not a typicality test (docs/results-detectors.md, "
+            f"'The problem'); {detector} models which units fire and how strongly, not how high eta is."]

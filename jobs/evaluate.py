@@ -9,6 +9,11 @@ and input), so a re-run with one more ``--ood`` scores only the new set. Then, o
   (nrm.metrics: in-distribution = positive, scores oriented higher = in-distribution) for every
   score column and every OOD set, the direction each score was used in, the classifier's accuracy
   on labelled in-distribution rows, row counts and error rows;
+* ``report.html``, self-contained (figures embedded as ``data:`` URIs; the same PNGs also in
+  ``figures/``): score histograms, ROC curves, AUROC by layer of the per-layer latent terms, and
+  galleries of the most and least OOD rows of each set (by the ``ood_score`` column) with the
+  model's rendering h(0) under each image. Tables list the checkpoint's threshold score (the one
+  that decides ``is_ood``) first, marked.
 * near / far groups (OpenOOD style: ``--near NAME=URI`` and ``--far NAME=URI``; ``--ood`` sets stay
   ungrouped): for each group, the mean AUROC and mean FPR@95TPR over its sets for every score column
   (``nrm.metrics.group_means``; a score missing on any set of the group has no mean), in
@@ -25,7 +30,6 @@ where they came from), and that copy is what gets scored.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -41,7 +45,7 @@ from jobs import figures as F
 from jobs import manifest
 from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError, ScoreOptions, run_score
-from jobs.storage import StorageError, Store, is_s3
+from jobs.storage import StorageError, Store, absolute
 from nrm import metrics
 from nrm.posthoc import REGISTRY as POSTHOC
 from nrm.scores import HIGHER_IS_IN
@@ -246,14 +250,6 @@ def score_sets(opts: EvalOptions, ckpt: Checkpoint, echo: Callable[[str], None] 
     return out
 
 
-def absolute(uri: str) -> str:
-    """Local paths made absolute (manifests then name the same input from any working directory)."""
-    if is_s3(uri):
-        return uri
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return os.path.abspath(path)
-
-
 # ---------------------------------------------------------------------------- metrics (pure)
 def _column(table: pa.Table, name: str, mask: np.ndarray) -> np.ndarray:
     return pc.fill_null(table[name].cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)[mask]
@@ -379,8 +375,14 @@ def set_summary(s: ScoredSet) -> dict[str, Any]:
 
 
 def build_metrics(sets: list[ScoredSet], layer_names: list[str], model_info: dict[str, Any]) -> dict[str, Any]:
+    """metrics_table plus the sets, accuracy and threshold; the checkpoint's threshold score (the one
+    that decides ``is_ood``) is the first entry of "scores" and the only one with "default": true."""
     ind = sets[0]
     table = metrics_table(ind.table, {s.name: s.table for s in sets[1:]}, layer_names)
+    default = (ind.manifest.get("threshold") or {}).get("score")
+    table["scores"] = sorted(table["scores"], key=lambda sc: sc["name"] != default)  # stable: the rest keep their order
+    for sc in table["scores"]:
+        sc["default"] = sc["name"] == default
     return {
         "convention": CONVENTION,
         "model": model_info,
@@ -390,6 +392,18 @@ def build_metrics(sets: list[ScoredSet], layer_names: list[str], model_info: dic
         **table,
         "groups": group_table(sets, table["metrics"]),
     }
+
+
+def key_scores(m: dict[str, Any]) -> list[str]:
+    """The scores drawn and printed: the default (threshold) score first, then those of KEY_SCORES present."""
+    names = [sc["name"] for sc in m["scores"]]
+    first = [sc["name"] for sc in m["scores"] if sc.get("default")]
+    return [*first, *(k for k in KEY_SCORES if k in names and k not in first)]
+
+
+def score_label(sc: dict[str, Any]) -> str:
+    """A score's name in the tables, marked when it is the one that decides ``is_ood``."""
+    return f"{sc['name']} (default: decides is_ood)" if sc.get("default") else sc["name"]
 
 
 def group_table(sets: list[ScoredSet], per_set: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -431,7 +445,8 @@ def metrics_markdown(m: dict[str, Any]) -> str:
     th = m.get("threshold")
     if th:
         lines += [f"Checkpoint threshold: flag OOD when `{th['score']}` < {th['value']:.6g} "
-                  f"(fitted to keep {th.get('tpr', 0.95):.0%} of held-out in-distribution data).", ""]
+                  f"(fitted to keep {th.get('tpr', 0.95):.0%} of held-out in-distribution data); it is the first row "
+                  "of the tables below.", ""]
     det = m["model"].get("detector")
     if det:
         lines += [f"`det_{det['name']}` is the checkpoint's fitted detector: {det['name']} on the NRM features "
@@ -462,7 +477,7 @@ def metrics_markdown(m: dict[str, Any]) -> str:
                   "|---|---|" + "---:|" * len(oods)]
         for sc in m["scores"]:
             vals = [m["metrics"][o].get(sc["name"]) for o in oods]
-            lines.append(f"| {sc['name']} | {sc['used_as']} | "
+            lines.append(f"| {_md(score_label(sc))} | {sc['used_as']} | "
                          + " | ".join(f"{v['auroc']:.4f}" if v else "–" for v in vals) + " |")
         lines.append("")
     if m.get("groups"):
@@ -477,7 +492,7 @@ def metrics_markdown(m: dict[str, Any]) -> str:
                   "|---|---|" + "---:|" * len(METRICS)]
         for sc in m["scores"]:
             v = m["metrics"][o].get(sc["name"])
-            lines.append(f"| {sc['name']} | {sc['used_as']} | "
+            lines.append(f"| {_md(score_label(sc))} | {sc['used_as']} | "
                          + " | ".join(f"{v[k]:.4f}" if v else "–" for k, _ in METRICS) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -488,29 +503,52 @@ def _md(s: str) -> str:
 
 
 # ---------------------------------------------------------------------------- report.html
+class Figures:
+    """The PNG figures of one report: each saved under ``figures/`` and embedded in the page as a
+    ``data:`` URI, so report.html opens on its own (like `nrm-ood report`'s)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.written: dict[str, list[str]] = {"histograms": [], "roc": [], "layers": [], "gallery": []}
+
+    def add(self, kind: str, name: str, png: bytes, alt: str) -> str:
+        """Save ``png`` as figures/``name``; return the <img> that embeds it."""
+        (self.folder / name).write_bytes(png)
+        self.written[kind].append(f"figures/{name}")
+        return F.img(F.data_uri(png), alt)
+
+
 def write_evaluation(sets: list[ScoredSet], model: Any, out: Path, model_info: dict[str, Any],
                      store: Store | None = None) -> dict[str, Any]:
-    """Write metrics.json, metrics.md, report.html and figures/ for scored ``sets`` (``sets[0]`` is the
-    in-distribution set). ``model`` is the loaded NRM, used for layer names and renderings."""
-    store = store or Store()
+    """Write metrics.json, metrics.md, report.html (self-contained) and figures/ for scored ``sets``
+    (``sets[0]`` is the in-distribution set). ``model`` is the loaded NRM, used for layer names and renderings."""
     out.mkdir(parents=True, exist_ok=True)
-    figdir = out / "figures"
-    figdir.mkdir(exist_ok=True)
+    figures = Figures(out / "figures")
     layer_names = list(model.latent_names)
     m = build_metrics(sets, layer_names, model_info)
-    written: dict[str, list[str]] = {"histograms": [], "roc": [], "layers": [], "gallery": []}
-
-    def save(kind: str, name: str, png: bytes) -> str:
-        (figdir / name).write_bytes(png)
-        written[kind].append(f"figures/{name}")
-        return f"figures/{name}"
-
     cols = {s.name: score_columns(s.table, layer_names) for s in sets}
-    oods = [s.name for s in sets[1:]]
+    body = [*tables_html(m, model_info), *histograms_html(m, cols, figures), *roc_html(m, cols, layer_names, figures)]
+    gallery_html, m["galleries"] = galleries(sets, model, store or Store(), figures)
+    body += gallery_html
+    m["figures"] = figures.written
+    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default) + "\n")
+    (out / "metrics.md").write_text(metrics_markdown(m) + "\n")
+    (out / "report.html").write_text(F.page("NRM OOD evaluation", "\n".join(body)))
+    return m
+
+
+def tables_html(m: dict[str, Any], model_info: dict[str, Any]) -> list[str]:
+    """The page's text and tables: convention, model, sets, error reasons, AUROC and per-set metrics."""
+    oods = list(m["metrics"])
     body: list[str] = [f'<p class="note">{F.esc(CONVENTION)}</p>']
     body.append(F.esc(f"Model {model_info.get('uri')} (model_id {str(model_info.get('model_id'))[:12]}). ")
                 + (f"Classifier accuracy on labelled in-distribution rows: <b>{m['accuracy']['accuracy']:.4f}</b> "
                    f"({m['accuracy']['labelled_rows']} rows)." if m["accuracy"] else "No labelled in-distribution rows."))
+    th = m.get("threshold")
+    if th:
+        body.append(f'<p class="note">is_ood: {F.esc(th["score"])} &lt; {th["value"]:.6g} (the checkpoint\'s threshold '
+                    "score, first in the tables).</p>")
     body.append("<h2>Sets</h2>" + F.table(
         ["set", "input", "rows", "ok", "error", "flagged OOD", "failed input files"],
         [[n, s["input"] + (f" (first {s['limit']} rows)" if s["limit"] else ""), s["rows"], s["ok"], s["error"],
@@ -521,7 +559,7 @@ def write_evaluation(sets: list[ScoredSet], model: Any, out: Path, model_info: d
     if oods:
         body.append("<h2>AUROC (in-distribution = positive)</h2>" + F.table(
             ["score", "used as", *oods],
-            [[sc["name"], sc["used_as"], *[(m["metrics"][o].get(sc["name"]) or {}).get("auroc") for o in oods]]
+            [[score_label(sc), sc["used_as"], *[(m["metrics"][o].get(sc["name"]) or {}).get("auroc") for o in oods]]
              for sc in m["scores"]]))
         if m["groups"]:
             body.append("<h2>Near / far OOD group means</h2>" + f'<p class="note">{F.esc(group_note(m))}</p>'
@@ -529,71 +567,77 @@ def write_evaluation(sets: list[ScoredSet], model: Any, out: Path, model_info: d
         for o in oods:
             body.append(f"<h3>{F.esc(o)}</h3>" + F.table(
                 ["score", "used as", *[h for _, h in METRICS]],
-                [[sc["name"], sc["used_as"], *[(m["metrics"][o].get(sc["name"]) or {}).get(k) for k, _ in METRICS]]
+                [[score_label(sc), sc["used_as"], *[(m["metrics"][o].get(sc["name"]) or {}).get(k) for k, _ in METRICS]]
                  for sc in m["scores"]]))
+    return body
 
-    # histograms of the key scores, raw values (direction in the title)
-    keys = [k for k in KEY_SCORES if k in cols[IN]]
+
+def histograms_html(m: dict[str, Any], cols: dict[str, dict[str, tuple[bool, np.ndarray]]],
+                    figures: Figures) -> list[str]:
+    """A histogram of each key score over every set, raw values (direction in the title), threshold marked."""
     th = m.get("threshold")
-    if th and th["score"] in cols[IN] and th["score"] not in keys:
-        keys.insert(0, th["score"])
-    body.append("<h2>Score distributions</h2>")
-    for k in keys:
+    body = ["<h2>Score distributions</h2>"]
+    for k in (k for k in key_scores(m) if k in cols[IN]):
         up = cols[IN][k][0]
         series = {s: _finite(cols[s][k][1]) for s in cols if k in cols[s]}
         thv = th["value"] if th and th["score"] == k else None
         png = F.histogram(k, f"{k} ({'higher = in-distribution' if up else 'higher = OOD'})", series, thv)
-        body.append(F.img(save("histograms", f"hist-{k}.png", png), f"histogram of {k}"))
+        body.append(figures.add("histograms", f"hist-{k}.png", png, f"histogram of {k}"))
+    return body
 
-    # ROC curves, one figure per OOD set
-    if oods:
-        body.append("<h2>ROC curves</h2>")
-        for o in oods:
-            curves = {}
-            for k in keys:
-                r = m["metrics"][o].get(k)
-                if r is None:
-                    continue
-                up = cols[IN][k][0]
-                curves[k] = (metrics.orient(_finite(cols[IN][k][1]), up), metrics.orient(_finite(cols[o][k][1]), up),
-                             r["auroc"])
-            if curves:
-                body.append(F.img(save("roc", f"roc-{_safe(o)}.png", F.roc(f"ROC: in vs {o}", curves)), f"ROC {o}"))
 
-        # AUROC by layer
-        layer_cols = [f"latent_prior_{n}" for n in layer_names if f"latent_prior_{n}" in cols[IN]]
-        if layer_cols:
-            png = F.bars("AUROC of the per-layer latent prior terms eta_l", layer_names[:len(layer_cols)],
-                         {o: [(m["metrics"][o].get(c) or {}).get("auroc") for c in layer_cols] for o in oods})
-            body.append("<h2>AUROC by layer</h2>" + F.img(save("layers", "auroc-by-layer.png", png), "AUROC by layer"))
+def roc_html(m: dict[str, Any], cols: dict[str, dict[str, tuple[bool, np.ndarray]]], layer_names: list[str],
+             figures: Figures) -> list[str]:
+    """ROC curves of the key scores, one figure per OOD set, and the AUROC of each per-layer latent term."""
+    oods = list(m["metrics"])
+    if not oods:
+        return []
+    body = ["<h2>ROC curves</h2>"]
+    keys = [k for k in key_scores(m) if k in cols[IN]]
+    for o in oods:
+        curves = {}
+        for k in keys:
+            r = m["metrics"][o].get(k)
+            if r is None:
+                continue
+            up = cols[IN][k][0]
+            curves[k] = (metrics.orient(_finite(cols[IN][k][1]), up), metrics.orient(_finite(cols[o][k][1]), up),
+                         r["auroc"])
+        if curves:
+            body.append(figures.add("roc", f"roc-{_safe(o)}.png", F.roc(f"ROC: in vs {o}", curves), f"ROC {o}"))
+    layer_cols = [f"latent_prior_{n}" for n in layer_names if f"latent_prior_{n}" in cols[IN]]
+    if layer_cols:
+        png = F.bars("AUROC of the per-layer latent prior terms eta_l", layer_names[:len(layer_cols)],
+                     {o: [(m["metrics"][o].get(c) or {}).get("auroc") for c in layer_cols] for o in oods})
+        body.append("<h2>AUROC by layer</h2>" + figures.add("layers", "auroc-by-layer.png", png, "AUROC by layer"))
+    return body
 
-    # galleries: most and least OOD rows of each set, image over rendering
-    body.append("<h2>Most and least OOD samples</h2>"
-                '<p class="note">By the checkpoint\'s threshold score (ood_score column, higher = more OOD). '
-                "Top row: the image as the model saw it; bottom row: its rendering h0 from the predicted class "
-                "(de-normalised, min-max scaled).</p>")
-    galleries: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+def galleries(sets: list[ScoredSet], model: Any, store: Store, figures: Figures
+              ) -> tuple[list[str], dict[str, dict[str, list[dict[str, Any]]]]]:
+    """The most and least OOD rows of each set, each image over its rendering; (html, rows shown)."""
+    body = ["<h2>Most and least OOD samples</h2>"
+            '<p class="note">By the checkpoint\'s threshold score (ood_score column, higher = more OOD). '
+            "Top row: the image as the model saw it; bottom row: its rendering h0 from the predicted class "
+            "(de-normalised, min-max scaled). Captions: ood_score, predicted class and, when the input has one, "
+            "the true label.</p>"]
+    shown: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    classes = list(model.config.classes)
     for s in sets:
         policy, image_column = F.read_options(s.manifest)
-        galleries[s.name] = {}
+        shown[s.name] = {}
         for kind, most in (("most", True), ("least", False)):
             rows = extreme_rows(s.table, GALLERY, most)
             if not rows:
                 continue
             imgs, renders, errors = F.render_pairs(store, model, [(r["source_path"], r["source_row"]) for r in rows],
                                                    image_column, policy)
-            caps = [f"{r['ood_score']:.3g}" + ("" if e is None else " (unreadable)") for r, e in zip(rows, errors, strict=True)]
+            caps = [F.caption(r, classes, e) for r, e in zip(rows, errors, strict=True)]
             name = f"gallery-{_safe(s.name)}-{kind}.png"
             png = F.gallery(f"{s.name}: {kind} OOD (ood_score)", imgs, renders, caps)
-            body.append(F.img(save("gallery", name, png), f"{kind} OOD of {s.name}"))
-            galleries[s.name][kind] = [{**r, "figure": f"figures/{name}", "error": e} for r, e in zip(rows, errors, strict=True)]
-    m["figures"] = written
-    m["galleries"] = galleries
-
-    (out / "metrics.json").write_text(json.dumps(m, indent=2, default=_json_default) + "\n")
-    (out / "metrics.md").write_text(metrics_markdown(m) + "\n")
-    (out / "report.html").write_text(F.page("NRM OOD evaluation", "\n".join(body)))
-    return m
+            body.append(figures.add("gallery", name, png, f"{kind} OOD of {s.name}"))
+            shown[s.name][kind] = [{**r, "figure": f"figures/{name}", "error": e} for r, e in zip(rows, errors, strict=True)]
+    return body, shown
 
 
 def extreme_rows(table: pa.Table, k: int, most: bool) -> list[dict[str, Any]]:
@@ -656,10 +700,17 @@ def summary(result: EvalResult) -> str:
              "figures"]
     if m["accuracy"]:
         lines.append(f"in-distribution accuracy {m['accuracy']['accuracy']:.4f} ({m['accuracy']['labelled_rows']} labelled rows)")
-    keys = [k for k in KEY_SCORES if any(s["name"] == k for s in m["scores"])]
-    lines.append(f"AUROC (in-distribution = positive)\n{'OOD set':16} " + " ".join(f"{k:>15}" for k in keys))
+    keys = key_scores(m)
+    th = m.get("threshold")
+    marked = [k + ("*" if th and k == th["score"] else "") for k in keys]
+    width = max(15, *(len(k) + 1 for k in marked))
+    lines.append(f"AUROC (in-distribution = positive)\n{'OOD set':16} " + " ".join(f"{k:>{width}}" for k in marked))
     for o, row in m["metrics"].items():
-        lines.append(f"{o:16} " + " ".join(f"{row[k]['auroc']:>15.4f}" if row.get(k) else f"{'-':>15}" for k in keys))
+        lines.append(f"{o:16} " + " ".join(f"{row[k]['auroc']:>{width}.4f}" if row.get(k) else f"{'-':>{width}}"
+                                           for k in keys))
+    if th:
+        lines.append(f"* decides is_ood: flagged when {th['score']} < {th['value']:.6g} (the checkpoint's threshold); "
+                     "every score is in metrics.md")
     if m["groups"]:
         header, rows = group_rows(m)
         width = max(len(r[0]) for r in rows)

@@ -17,6 +17,7 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from matplotlib.figure import Figure
 
 from jobs.images import Policy, decode_column, detect_columns
 from jobs.storage import Store
+from nrm import metrics
 
 DPI = 100
 
@@ -43,34 +45,76 @@ def data_uri(png: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------- plots
+TAIL = 0.01  # a histogram's axis spans the 1st-99th percentiles when a heavy tail would squeeze the bulk
+DECADES = 1.5  # a one-signed range wider than this many powers of ten is drawn on a symmetric-log axis
+
+
+@dataclass(frozen=True)
+class View:
+    """A histogram's x-axis: its range and, for magnitudes over many decades, symlog's linear threshold."""
+
+    lo: float
+    hi: float
+    linthresh: float | None = None  # None: a linear axis
+
+    def bins(self, n: int) -> np.ndarray:
+        """``n`` bins of equal width on the axis as drawn (log-spaced in magnitude on a symlog axis)."""
+        if self.linthresh is None:
+            return np.linspace(self.lo, self.hi, n + 1)
+        c = self.linthresh
+        ulo, uhi = (float(np.sign(v) * np.log10(1 + abs(v) / c)) for v in (self.lo, self.hi))
+        u = np.linspace(ulo, uhi, n + 1)
+        return np.sign(u) * c * (10 ** np.abs(u) - 1)
+
+
+def view(pooled: np.ndarray, threshold: float | None = None) -> View:
+    """The x-axis of a histogram of ``pooled``, so that the bulk and ``threshold`` are both visible.
+
+    The range is the data's, or its 1st-99th percentiles when those span under a fifth of it (a heavy
+    tail: 0 to 100,000 with the bulk and the threshold near 500); always widened to ``threshold``. When
+    the values have one sign and their magnitudes still span more than ``DECADES`` powers of ten (a
+    Mahalanobis distance: -2e6 in-distribution, -8e7 far out), the axis is symmetric-log."""
+    lo, hi = float(pooled.min()), float(pooled.max())
+    qlo, qhi = (float(q) for q in np.quantile(pooled, [TAIL, 1 - TAIL]))
+    if qhi - qlo < 0.2 * (hi - lo):
+        lo, hi = qlo, qhi
+    if threshold is not None and np.isfinite(threshold):
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    small, large = sorted((abs(lo), abs(hi)))
+    if lo * hi > 0 and large > small * 10**DECADES:
+        return View(lo, hi, small)
+    pad = 0.02 * (hi - lo) or 0.5
+    return View(lo - pad, hi + pad)
+
+
 def histogram(title: str, xlabel: str, series: dict[str, np.ndarray], threshold: float | None = None,
               note: str = "") -> bytes:
-    """Overlaid step histograms (density, shared bins) of each named series; a dashed line at ``threshold``."""
+    """Overlaid step histograms (shared bins, each series' fraction of rows per bin) of each named series;
+    a dashed line at ``threshold``. The axis is ``view``'s; values beyond it are drawn in the end bins
+    and counted in the title."""
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot()
     pooled = np.concatenate([v for v in series.values() if v.size] or [np.zeros(1)])
-    bins = np.histogram_bin_edges(pooled, bins=min(60, max(10, int(np.sqrt(pooled.size)))))
+    axis = view(pooled, threshold)
+    bins = axis.bins(min(60, max(10, int(np.sqrt(pooled.size)))))
     for name, v in series.items():
         if v.size:
-            ax.hist(v, bins=bins.tolist(), density=True, histtype="step", linewidth=1.5, label=f"{name} (n={v.size})")
+            ax.hist(np.clip(v, axis.lo, axis.hi), bins=bins.tolist(), weights=np.full(v.size, 1.0 / v.size),
+                    histtype="step", linewidth=1.5, label=f"{name} (n={v.size})")
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}")
+    outside = int(np.sum((pooled < axis.lo) | (pooled > axis.hi)))
+    if outside:
+        note = "; ".join(filter(None, [note, f"{outside} of {pooled.size} values beyond the axis, drawn in the end bins"]))
+    if axis.linthresh is not None:
+        ax.set_xscale("symlog", linthresh=axis.linthresh)
+        xlabel += " (symmetric log scale)"
+    ax.set_xlim(axis.lo, axis.hi)
     ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    ax.set_ylabel("fraction of the set per bin")
     ax.legend(fontsize=8)
     return _png(fig)
-
-
-def roc_points(score_in: np.ndarray, score_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, TPR) at v = +inf and every distinct pooled score, descending; scores oriented higher = in.
-
-    TPR(v) = #{score_in >= v} / n_in,  FPR(v) = #{score_out >= v} / n_out  (nrm.metrics' convention)."""
-    t = np.unique(np.concatenate([score_in, score_out]))[::-1]
-    si, so = np.sort(score_in), np.sort(score_out)
-    tpr = (si.size - np.searchsorted(si, t, side="left")) / si.size
-    fpr = (so.size - np.searchsorted(so, t, side="left")) / so.size
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
 
 
 def roc(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> bytes:
@@ -78,7 +122,7 @@ def roc(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> 
     fig = Figure(figsize=(4.8, 4.4))
     ax = fig.add_subplot()
     for name, (s_in, s_out, auc) in curves.items():
-        fpr, tpr = roc_points(s_in, s_out)
+        fpr, tpr = metrics._roc(s_in, s_out)  # the ROC points nrm.metrics integrates: one builder
         ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} ({auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.axhline(0.95, color="k", linestyle="--", linewidth=0.8)
@@ -138,6 +182,17 @@ def gallery(title: str, images: np.ndarray, renders: np.ndarray | None, captions
                 axes[1, 0].set_ylabel("rendering h0", fontsize=8)
     fig.suptitle(title, fontsize=9)
     return _png(fig)
+
+
+def caption(row: dict[str, Any], classes: Sequence[str] | None, error: str | None = None) -> str:
+    """A gallery caption: ood_score, the predicted class and, when the row has one, the true label."""
+    def name(c: Any) -> str:
+        return str(classes[c]) if classes and isinstance(c, int) and 0 <= c < len(classes) else str(c)
+
+    lines = [f"{row['ood_score']:.3g}" + ("" if error is None else " (unreadable)"), f"pred {name(row.get('pred'))}"]
+    if row.get("label") is not None:
+        lines.append(f"label {name(row['label'])}")
+    return "\n".join(lines)
 
 
 def _show(ax: Any, img: np.ndarray) -> None:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from jobs import manifest
 from jobs.images import Columns, Policy, decode_column, detect_columns
-from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, is_s3, join
+from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, absolute, is_s3, join
 from nrm.config import ModelConfig
 
 log = logging.getLogger("nrm_ood")
@@ -388,8 +388,7 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     import ray
 
     store = Store(opts.endpoint_url)
-    if not is_s3(opts.output):  # the manifest records absolute URIs, readable from anywhere
-        opts.output = os.path.abspath(opts.output.removeprefix("file://"))
+    opts.output = absolute(opts.output)  # the manifest records absolute URIs, readable from anywhere
     if opts.batch_size < 1:
         raise JobError(f"--batch-size must be >= 1, got {opts.batch_size}")
     run_id = opts.run_id or new_run_id()

@@ -6,10 +6,13 @@ run under it, via jobs.filtering.read_scores) and shows
 * the distribution of ``ood_score`` (higher = more OOD) of the ok rows, with the checkpoint's
   threshold marked (``ood_score > -threshold.value`` is flagged, the same rows as ``is_ood``);
 * the OOD rate per predicted class and per source file (tables);
-* the most OOD rows (table), and with ``--input`` (the dataset that was scored, or where it now
+* the most OOD rows (table, with the true label when the input has one), and with ``--input`` (the dataset that was scored, or where it now
   lives) their images next to the model's rendering h(0); the model is the manifest's
   ``model.uri`` unless ``--model`` overrides it;
 * error rows grouped by reason.
+
+Each input row counts once: when runs under an output root scored the same rows, the newest run's
+row is used (and a note says how many were repeated).
 
 PNG figures are embedded as base64 ``data:`` URIs and nothing external is referenced, so the file
 opens anywhere. ``report.json`` beside it holds the same tables.
@@ -33,7 +36,7 @@ from jobs import manifest
 from jobs.evaluate import GALLERY, error_reasons, extreme_rows, ok_mask
 from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError
-from jobs.storage import StorageError, Store, is_s3
+from jobs.storage import StorageError, Store, absolute
 
 
 class ReportError(RuntimeError):
@@ -94,8 +97,7 @@ def locate(paths: list[str], files: list[str], scored_input: str | None) -> dict
     have = set(files)
     root = None
     if scored_input:
-        root = scored_input if is_s3(scored_input) else os.path.abspath(scored_input.removeprefix("file://"))
-        root = root.rstrip("/")
+        root = absolute(scored_input).rstrip("/")
     out: dict[str, str | None] = {}
     for p in paths:
         if p in have:
@@ -107,25 +109,44 @@ def locate(paths: list[str], files: list[str], scored_input: str | None) -> dict
     return out
 
 
+def newest_rows(table: pa.Table) -> tuple[pa.Table, int]:
+    """One row per input row (source_path, source_row): the last one in ``table``, which read_scores
+    orders oldest run first, so the newest run's. Returns it and how many older duplicates were dropped."""
+    keys = zip(table["source_path"].to_pylist(), table["source_row"].to_pylist(), strict=True)
+    last = {k: i for i, k in enumerate(keys)}
+    if len(last) == table.num_rows:
+        return table, 0
+    return table.take(pa.array(sorted(last.values()), pa.int64())), table.num_rows - len(last)
+
+
 # ---------------------------------------------------------------------------- the report
-def build_report(opts: ReportOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    if opts.top < 1:
-        raise ReportError(f"--top must be >= 1, got {opts.top}")
-    store = Store(opts.endpoint_url)
+@dataclass
+class Audit:
+    """What the report is about: the committed runs, their rows (one per input row) and the model."""
+
+    runs: list[dict[str, Any]]
+    table: pa.Table
+    model_uri: str
+    model_ids: list[str]
+    model: Any  # the loaded NRM for renderings, or None
+    notes: list[str]
+
+
+def load_audit(opts: ReportOptions, store: Store) -> Audit:
     try:
         runs = committed_manifests(store, opts.scores)
-        table = read_scores(store, opts.scores)
+        table, repeated = newest_rows(read_scores(store, opts.scores))
     except (FilterError, StorageError) as e:
         raise ReportError(str(e)) from None
-    ok = ok_mask(table)
-    th = runs[0].get("threshold")
     model_ids = sorted({r["model"]["model_id"] for r in runs})
     model_uri = opts.model or runs[0]["model"]["uri"]
     notes: list[str] = []
+    if repeated:
+        notes.append(f"{repeated} rows were scored by more than one run; each input row counts once, with the "
+                     "newest run's scores")
     if len(model_ids) > 1:
         notes.append(f"the runs were scored by {len(model_ids)} different models ({', '.join(i[:12] for i in model_ids)}); "
                      "the threshold shown is the first run's")
-
     model = None
     if opts.input is not None or opts.model is not None:
         import nrm
@@ -138,77 +159,100 @@ def build_report(opts: ReportOptions, echo: Callable[[str], None] = print) -> di
             model = nrm.load(path, expect_model_id=ckpt.model_id)
         if ckpt.model_id not in model_ids:
             notes.append(f"renderings use model {ckpt.model_id[:12]} ({model_uri}), which did not score these rows")
-    classes = list(model.config.classes) if model is not None else None
+    return Audit(runs, table, model_uri, model_ids, model, notes)
 
-    scores = pc.fill_null(table["ood_score"], np.nan).to_numpy(zero_copy_only=False)[ok]
-    scores = scores[np.isfinite(scores)]
-    cut = -float(th["value"]) if th else None
-    flagged = int(pc.sum(pc.fill_null(table["is_ood"], False)).as_py() or 0)
+
+def build_report(opts: ReportOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write report.html and report.json for the run(s) at ``opts.scores``; returns report.json's content."""
+    if opts.top < 1:
+        raise ReportError(f"--top must be >= 1, got {opts.top}")
+    store = Store(opts.endpoint_url)
+    audit = load_audit(opts, store)
+    rep = report_tables(opts, audit)
+    body = summary_html(opts, rep)
+    body += tables_html(opts, rep, store, audit)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "report.html").write_text(F.page("NRM OOD audit report", "\n".join(body)))
+    (opts.out / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    rows = rep["rows"]
+    echo(f"wrote {opts.out / 'report.html'}: {rows['in']} rows, {rows['flagged_ood']} flagged OOD, "
+         f"{rows['error']} error rows")
+    return rep
+
+
+def report_tables(opts: ReportOptions, audit: Audit) -> dict[str, Any]:
+    """report.json: counts, threshold, OOD rate per class and per file, the most OOD rows, errors."""
+    table, runs = audit.table, audit.runs
+    ok = ok_mask(table)
+    th = runs[0].get("threshold")
+    classes = list(audit.model.config.classes) if audit.model is not None else None
     rep: dict[str, Any] = {
         "scores": opts.scores,
         "runs": [r["run_id"] for r in runs],
-        "model": {"uri": model_uri, "model_ids": model_ids},
+        "model": {"uri": audit.model_uri, "model_ids": audit.model_ids},
         "threshold": th,
-        "ood_score_threshold": cut,
+        "ood_score_threshold": -float(th["value"]) if th else None,
         "rows": {"in": table.num_rows, "ok": int(ok.sum()), "error": int(table.num_rows - ok.sum()),
-                 "flagged_ood": flagged},
+                 "flagged_ood": int(pc.sum(pc.fill_null(table["is_ood"], False)).as_py() or 0)},
         "by_class": class_table(table, classes),
         "by_file": rate_table(table, "source_path"),
         "errors": error_reasons(table, top=50),
         "most_ood": extreme_rows(table, opts.top, most=True),
         "failed_inputs": [f for r in runs for f in r.get("failed_inputs", [])],
-        "notes": notes,
+        "notes": audit.notes,
     }
     for r in rep["most_ood"]:
         r["class"] = classes[r["pred"]] if classes and r.get("pred") is not None and 0 <= r["pred"] < len(classes) \
             else r.get("pred")
+    scores = pc.fill_null(table["ood_score"], np.nan).to_numpy(zero_copy_only=False)[ok]
+    rep["_scores"] = scores[np.isfinite(scores)]  # for the histogram; not written to report.json
+    return rep
 
-    body: list[str] = []
-    rows = rep["rows"]
-    body.append(f"<p>{F.esc(opts.scores)}: run(s) {F.esc(', '.join(rep['runs']))}; {rows['in']} rows, {rows['ok']} ok, "
-                f"{rows['error']} error; <b>{flagged}</b> flagged OOD"
-                + (f" ({flagged / rows['ok']:.1%} of ok rows)" if rows["ok"] else "") + ".</p>")
+
+def summary_html(opts: ReportOptions, rep: dict[str, Any]) -> list[str]:
+    """The counts, the threshold, notes, unreadable files and the ood_score histogram."""
+    rows, th, cut, flagged = rep["rows"], rep["threshold"], rep["ood_score_threshold"], rep["rows"]["flagged_ood"]
+    body = [f"<p>{F.esc(opts.scores)}: run(s) {F.esc(', '.join(rep['runs']))}; {rows['in']} rows, {rows['ok']} ok, "
+            f"{rows['error']} error; <b>{flagged}</b> flagged OOD"
+            + (f" ({flagged / rows['ok']:.1%} of ok rows)" if rows["ok"] else "") + ".</p>"]
     if th:
         body.append(f'<p class="note">Threshold: flag OOD when {F.esc(th["score"])} &lt; {th["value"]:.6g}, i.e. '
                     f"ood_score = -{F.esc(th['score'])} &gt; {cut:.6g} (fitted to keep {th.get('tpr', 0.95):.0%} of "
                     "held-out in-distribution data).</p>")
-    for n in notes:
-        body.append(f'<p class="note">Note: {F.esc(n)}.</p>')
+    body += [f'<p class="note">Note: {F.esc(n)}.</p>' for n in rep["notes"]]
     if rep["failed_inputs"]:
         body.append("<h2>Input files that could not be read</h2>"
                     + F.table(["file", "error"], [[f["uri"], f["error"]] for f in rep["failed_inputs"]]))
-
     body.append("<h2>Score distribution</h2>")
+    scores = rep.pop("_scores")
     if scores.size:
         png = F.histogram("ood_score of the ok rows", "ood_score (higher = more OOD)", {"ok rows": scores}, cut)
         body.append(F.img(F.data_uri(png), "ood_score histogram"))
     else:
         body.append("<p>No ok rows.</p>")
+    return body
 
-    body.append("<h2>OOD rate per predicted class</h2>" + F.table(
+
+def tables_html(opts: ReportOptions, rep: dict[str, Any], store: Store, audit: Audit) -> list[str]:
+    """OOD rate per class and per file, the most OOD rows (with images when --input is given), errors."""
+    body = ["<h2>OOD rate per predicted class</h2>" + F.table(
         ["class", "pred", "ok rows", "flagged OOD", "OOD rate"],
-        [[r["class"], r["pred"], r["ok"], r["flagged_ood"], r["ood_rate"]] for r in rep["by_class"]]))
+        [[r["class"], r["pred"], r["ok"], r["flagged_ood"], r["ood_rate"]] for r in rep["by_class"]])]
     body.append("<h2>OOD rate per source file</h2>" + F.table(
         ["file", "rows", "ok", "error", "flagged OOD", "OOD rate (of ok)"],
         [[r["source_path"], r["rows"], r["ok"], r["error"], r["flagged_ood"], r["ood_rate"]] for r in rep["by_file"]]))
-
     body.append(f"<h2>Most OOD rows (top {opts.top} by ood_score)</h2>")
-    if opts.input is not None and model is not None and rep["most_ood"]:
-        body.append(_gallery_html(store, model, rep, opts.input, runs[0]))
-    body.append(F.table(["id", "source", "row", "predicted class", "ood_score"],
-                        [[r.get("id"), r["source_path"], r["source_row"], r["class"], r["ood_score"]]
-                         for r in rep["most_ood"]]))
-
+    if opts.input is not None and audit.model is not None and rep["most_ood"]:
+        body.append(_gallery_html(store, audit.model, rep, opts.input, audit.runs[0]))
+    labelled = any(r.get("label") is not None for r in rep["most_ood"])
+    body.append(F.table(["id", "source", "row", "predicted class", *(["label"] if labelled else []), "ood_score"],
+                        [[r.get("id"), r["source_path"], r["source_row"], r["class"],
+                          *([r.get("label")] if labelled else []), r["ood_score"]] for r in rep["most_ood"]]))
     body.append("<h2>Error rows by reason</h2>" + (
         F.table(["reason (digits masked as N)", "rows", "example"], [[e["reason"], e["rows"], e["example"]]
                                                                       for e in rep["errors"]]) if rep["errors"]
         else "<p>No error rows.</p>"))
-
-    opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "report.html").write_text(F.page("NRM OOD audit report", "\n".join(body)))
-    (opts.out / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    echo(f"wrote {opts.out / 'report.html'}: {rows['in']} rows, {flagged} flagged OOD, {rows['error']} error rows")
-    return rep
+    return body
 
 
 def _gallery_html(store: Store, model: Any, rep: dict[str, Any], input: str, run: dict[str, Any]) -> str:
@@ -221,14 +265,15 @@ def _gallery_html(store: Store, model: Any, rep: dict[str, Any], input: str, run
     policy, image_column = F.read_options(run)
     imgs, renders, errors = F.render_pairs(store, model, refs, image_column, policy)
     parts = ['<p class="note">Top: the image at the model\'s input size; bottom: its rendering h0 from the '
-             "predicted class (de-normalised, min-max scaled). Captions: ood_score.</p>"]
+             "predicted class (de-normalised, min-max scaled). Captions: ood_score, predicted class and, when the "
+             "input has one, the true label.</p>"]
     for r, err in zip(rep["most_ood"], errors, strict=True):
         missing = None if where.get(r["source_path"]) else f"{r['source_path']} not found in --input {input}"
         r["image_error"] = missing or err
+    classes = list(model.config.classes)
     for start in range(0, len(refs), GALLERY):
         sl = slice(start, start + GALLERY)
-        caps = [f"{r['ood_score']:.3g}" + ("" if r["image_error"] is None else " (unreadable)")
-                for r in rep["most_ood"][sl]]
+        caps = [F.caption(r, classes, r["image_error"]) for r in rep["most_ood"][sl]]
         png = F.gallery(f"most OOD {start + 1}-{start + len(caps)}", imgs[sl], renders[sl], caps)
         parts.append(F.img(F.data_uri(png), f"most OOD {start + 1}-{start + len(caps)}"))
     return "\n".join(parts)

@@ -276,3 +276,9 @@ class Store:
 
     def read_json(self, uri: str) -> dict[str, Any]:
         return json.loads(self.read_bytes(uri))  # type: ignore[no-any-return,unused-ignore]
+
+
+def absolute(uri: str) -> str:
+    """``uri`` with a local path (plain or file://) made absolute; s3:// URIs unchanged. Manifests record
+    these, so they name the same data from any working directory."""
+    return uri if is_s3(uri) else local_path(uri)

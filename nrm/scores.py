@@ -1,7 +1,7 @@
 """Per-sample scores: each a pure tensor function with its formula. Column names are the public contract.
 
 Direction: ``HIGHER_IS_IN[column]`` says whether a higher value means more in-distribution. Every
-metric in nrm.metrics takes scores oriented that way; ``oriented`` flips the others.
+metric in nrm.metrics takes scores oriented that way; ``nrm.metrics.orient`` flips the others.
 """
 
 from __future__ import annotations
@@ -75,10 +75,3 @@ def classifier_scores(logits: Tensor) -> dict[str, Tensor]:
         "max_logit": max_logit(logits),
         "energy": energy(logits),
     }
-
-
-def oriented(column: str, values: Tensor) -> Tensor:
-    """Values of ``column`` flipped if needed so that higher = more in-distribution."""
-    if column not in HIGHER_IS_IN:
-        raise KeyError(f"unknown score column {column!r}; expected one of {sorted(HIGHER_IS_IN)}")
-    return values if HIGHER_IS_IN[column] else -values

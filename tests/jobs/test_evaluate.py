@@ -226,8 +226,10 @@ def test_write_evaluation_writes_metrics_figures_and_image_rendering_galleries(c
     assert {s["name"] for s in saved["scores"]} >= {"latent_prior_conv1", "latent_prior_conv2", "energy"}
     assert "## flat" in (out / "metrics.md").read_text()
     html = (out / "report.html").read_text()
-    srcs = re.findall(r'<img src="([^"]+)"', html)
-    assert len(srcs) == sum(map(len, saved["figures"].values())) and all((out / s).is_file() for s in srcs)
+    srcs = re.findall(r'<img src="([^"]+)"', html)  # self-contained: every figure embedded, also saved beside it
+    assert len(srcs) == sum(map(len, saved["figures"].values())) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r'(src|href)="(?!data:)', html)
+    assert all((out / f).is_file() for fs in saved["figures"].values() for f in fs)
     assert len(saved["figures"]["roc"]) == 1 and len(saved["figures"]["layers"]) == 1
     # galleries: most and least OOD of each set, each image over its rendering
     assert sorted(saved["figures"]["gallery"]) == sorted(f"figures/gallery-{s}-{k}.png" for s in ("in", "flat")
@@ -331,6 +333,49 @@ def test_evaluate_command_rejects_bad_ood_and_missing_checkpoint(tmp_path: Path)
                             "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and r.stderr.startswith("error: ") and "nope" in r.stderr
 
+
+
+def test_the_threshold_score_comes_first_and_marked_in_every_table(ckpt: Path, tmp_path: Path) -> None:
+    sets = scored_sets(ckpt, tmp_path / "data")
+    sets[0].manifest["threshold"] = {"score": "energy", "value": -1.5, "tpr": 0.95}
+    out = tmp_path / "eval"
+    m = write_evaluation(sets, nrm.load(ckpt), out, {"uri": str(ckpt), "model_id": "x"})
+    assert [(sc["name"], sc["default"]) for sc in m["scores"][:2]] == [("energy", True), ("latent_loglik", False)]
+    assert sum(sc["default"] for sc in m["scores"]) == 1
+    md = (out / "metrics.md").read_text()
+    auroc = md.split("## AUROC by score and OOD set")[1].splitlines()
+    assert auroc[4].startswith("| energy (default: decides is_ood) | -score (higher = OOD) | ")
+    html = (out / "report.html").read_text()
+    assert "<tbody><tr><td>energy (default: decides is_ood)</td>" in html
+    text = summary(EvalResult(out, m, []))
+    header = next(line for line in text.splitlines() if line.startswith("OOD set"))
+    assert header.split()[2] == "energy*"
+    assert "* decides is_ood: flagged when energy < -1.5 (the checkpoint's threshold)" in text
+
+
+def test_histogram_view_keeps_the_bulk_and_the_threshold_visible_under_a_heavy_tail() -> None:
+    bulk = np.linspace(400.0, 600.0, 990)
+    tail = np.linspace(1e4, 1e5, 10)  # 1% of the values, up to 100,000
+    v = F.view(np.concatenate([bulk, tail]), threshold=516.0)
+    assert 390 < v.lo < 400 and 600 < v.hi < 1000 and v.linthresh is None  # the 1st-99th percentiles
+    v = F.view(np.concatenate([bulk, tail]), threshold=-50.0)
+    assert v.lo < -50 and v.hi < 1000  # widened to the threshold
+    v = F.view(bulk)  # no heavy tail: the full range
+    assert v.lo < 400 < 600 < v.hi < 610 and v.linthresh is None
+
+
+def test_histogram_view_is_symlog_over_many_decades_of_one_sign() -> None:
+    v = F.view(np.concatenate([np.linspace(-3e6, -1e6, 500), np.linspace(-8e7, -1e7, 500)]), threshold=-3.3e6)
+    assert (v.lo, v.hi, v.linthresh) == (-8e7, -1e6, 1e6)
+    edges = v.bins(4)  # equal widths in log10(1 + |x| / 1e6): the middle edge at 1e6 (sqrt(81 * 2) - 1)
+    assert edges[0] == pytest.approx(-8e7) and edges[-1] == pytest.approx(-1e6)
+    assert np.all(np.diff(edges) > 0) and edges[2] == pytest.approx(-1e6 * (np.sqrt(81 * 2) - 1))
+
+
+def test_gallery_captions_show_the_true_label_when_there_is_one() -> None:
+    row = {"ood_score": 1.234, "pred": 1, "label": 0}
+    assert F.caption(row, ["cat", "dog"]) == "1.23\npred dog\nlabel cat"
+    assert F.caption({"ood_score": 2.0, "pred": 1, "label": None}, None, "gone") == "2 (unreadable)\npred 1"
 
 
 @pytest.mark.ray

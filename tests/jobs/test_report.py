@@ -25,7 +25,7 @@ from jobs.cli import app
 from jobs.evaluate import ScoredSet, write_evaluation
 from jobs.images import Policy
 from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
-from jobs.report import ReportError, ReportOptions, build_report, class_table, locate, rate_table
+from jobs.report import ReportError, ReportOptions, build_report, class_table, locate, newest_rows, rate_table
 from jobs.storage import Store
 
 runner = CliRunner(env={"COLUMNS": "200"})
@@ -127,6 +127,35 @@ def test_report_with_moved_input_shows_images_and_renderings(audit: dict[str, An
     assert "rendering h0" in html and rep["by_class"][0]["class"].startswith("c")
 
 
+def test_report_on_a_root_with_two_runs_over_the_same_files_counts_each_row_once(audit: dict[str, Any],
+                                                                                   tmp_path: Path) -> None:
+    scores = tmp_path / "scores"
+    shutil.copytree(audit["scores"], scores)
+    r1 = json.loads((scores / "r1" / manifest.MANIFEST).read_text())
+    part = scores / "r2" / "attempt-0" / "part-0.parquet"
+    part.parent.mkdir(parents=True)
+    t: pa.Table = audit["table"]
+    newer = t.set_column(t.schema.get_field_index("model_id"), "model_id", pa.array(["newer"] * t.num_rows))
+    pq.write_table(newer, part)
+    manifest.commit(Store(), str(scores), "r2", {**{k: v for k, v in r1.items() if k not in ("format", "run_id")},
+                                                 "created": "2999-01-01T00:00:00+00:00",
+                                                 "outputs": [{"uri": str(part), "rows": t.num_rows}]})
+    rep = build_report(ReportOptions(str(scores), tmp_path / "out"), echo=lambda _: None)
+    assert rep["runs"] == ["r1", "r2"] and rep["rows"]["in"] == 22
+    assert {r["source_path"]: r["rows"] for r in rep["by_file"]} == {
+        str(audit["data"] / "a.parquet"): 14, str(audit["data"] / "b.parquet"): 8}
+    assert rep["notes"] == ["22 rows were scored by more than one run; each input row counts once, with the newest "
+                            "run's scores"]
+
+
+def test_newest_rows_keeps_the_last_row_of_each_input_row() -> None:
+    t = pa.table({"source_path": ["a", "a", "b", "a"], "source_row": [0, 1, 0, 0], "run": [1, 1, 1, 2]})
+    kept, dropped = newest_rows(t)
+    assert dropped == 1 and kept.to_pylist() == [{"source_path": "a", "source_row": 1, "run": 1},
+                                                 {"source_path": "b", "source_row": 0, "run": 1},
+                                                 {"source_path": "a", "source_row": 0, "run": 2}]
+
+
 def test_report_command_errors(tmp_path: Path) -> None:
     r = runner.invoke(app, ["report", "--scores", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and r.stderr.startswith("error: ") and "no committed run" in r.stderr
@@ -163,7 +192,7 @@ def test_reports_render_in_headless_chromium_with_every_figure_loaded(audit: dic
     # the audit report: figures embedded as data: URIs
     build_report(ReportOptions(str(audit["scores"]), tmp_path / "audit", input=str(audit["data"]), top=8),
                  echo=lambda _: None)
-    # the evaluate report: figures as files beside it
+    # the evaluate report
     ck, data = audit["ck"], audit["data"]
     sets = [ScoredSet("in", "in", str(data / "a.parquet"), score_file(ck, data / "a.parquet")),
             ScoredSet("odd", "ood-odd", str(data / "b.parquet"), score_file(ck, data / "b.parquet"))]

@@ -342,12 +342,11 @@ def test_manifest_output_uris_are_absolute_for_a_relative_output(ckpt: Path, tmp
     assert r.manifest["outputs"] and all(os.path.isabs(o["uri"]) for o in r.manifest["outputs"]), r.manifest["outputs"]
 
 
-def test_non_integer_label_column_is_a_clear_error(ckpt: Path, tmp_path: Path) -> None:
+def test_a_non_integer_label_column_makes_the_file_a_failed_input(ckpt: Path, tmp_path: Path) -> None:
     px = random_images(2, seed=15)
     pq.write_table(pa.table({"image": [png_bytes(p) for p in px], "caption": ["cat", "dog"]}), tmp_path / "c.parquet")
-    try:
-        r = score(ckpt, tmp_path / "c.parquet", tmp_path / "out", "strlabel", label_column="caption")
-    except JobError as e:
-        assert "caption" in str(e)
-        return
-    assert r.status == "incomplete" and "caption" in r.manifest["failed_inputs"][0]["error"]
+    r = score(ckpt, tmp_path / "c.parquet", tmp_path / "out", "strlabel", label_column="caption")
+    assert r.status == "incomplete" and r.manifest["rows"] == {"in": 0, "ok": 0, "error": 0}
+    assert r.manifest["failed_inputs"] == [{
+        "uri": str(tmp_path / "c.parquet"),
+        "error": "label column 'caption' has type string; expected integer class ids"}]

@@ -12,7 +12,7 @@ import pytest
 
 from jobs import manifest
 from jobs.pipeline import Checkpoint, JobError
-from jobs.storage import AlreadyCommitted, StorageError, Store, join, split_s3
+from jobs.storage import AlreadyCommitted, StorageError, Store, absolute, join, split_s3
 
 
 def touch_parquet(path: Path) -> Path:
@@ -112,3 +112,10 @@ def test_list_parquet_skips_hidden_directories(tmp_path: Path) -> None:
     touch_parquet(tmp_path / "_temporary" / "0" / "part-0.parquet")
     touch_parquet(tmp_path / ".staging" / "part-1.parquet")
     assert [f.uri for f in Store().list_parquet(str(tmp_path))] == [str(a)]
+
+
+def test_absolute_resolves_local_paths_and_keeps_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert absolute("data/a.parquet") == str(tmp_path / "data" / "a.parquet")
+    assert absolute(f"file://{tmp_path}/x/../y") == str(tmp_path / "y")
+    assert absolute("s3://bucket/rel/../key") == "s3://bucket/rel/../key"

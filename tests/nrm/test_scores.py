@@ -92,14 +92,6 @@ def test_energy_is_stable_for_large_logits() -> None:
     assert S.max_softmax(logits).item() == pytest.approx(0.5)
 
 
-def test_oriented_flips_lower_is_in_columns() -> None:
-    v = torch.tensor([1.0, -2.0])
-    for col, up in S.HIGHER_IS_IN.items():
-        torch.testing.assert_close(S.oriented(col, v), v if up else -v)
-    with pytest.raises(KeyError, match="bogus"):
-        S.oriented("bogus", v)
-
-
 # --------------------------------------------------------------------------- NRM.score
 
 
