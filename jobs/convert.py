@@ -8,6 +8,7 @@ module; its weights are read without unpickling (safetensors, or a .pt/.pth stat
 from __future__ import annotations
 
 import importlib.util
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                 state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} checkpoint
         else:
             raise ConvertError(f"--weights {path}: expected a .safetensors, .pt or .pth file")
-    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ConvertError(f"--weights {path}: cannot be read as a state dict ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConvertError(f"--weights {path}: expected a state dict of tensors")

@@ -64,11 +64,19 @@ def _refuse(path: str, what: str, why: str) -> ConversionError:
 class _Tracer(fx.Tracer):
     """fx tracer that remembers which module is being traced, for the control-flow error."""
 
+    path = ""  # the innermost module being traced when an error unwinds
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        outer, self.path = self.path, self.path_of_module(m)
+        result = super().call_module(m, forward, args, kwargs)
+        self.path = outer  # not restored on an error: the error names the module it came from
+        return result
+
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         try:
             return super().trace(root, concrete_args)
         except fx.proxy.TraceError as e:
-            path = self.scope.module_path
+            path = self.path
             raise ConversionError(f"{path or '<top>'}: control flow on tensor values (an if, loop or bool() on a "
                                   f"traced tensor) cannot be converted: an NRM is one fixed piecewise-linear graph "
                                   f"({e})") from None
@@ -139,10 +147,8 @@ class _Converter:
 
     def _label(self, n: fx.Node) -> str:
         """A node name: the module path for modules, path + function name for functions."""
-        if n.op == "call_module":
-            return str(n.target)
         path = self._path(n)
-        base = f"{path}.{n.name}" if path else n.name
+        base = str(n.target) if n.op == "call_module" else (f"{path}.{n.name}" if path else n.name)
         name, k = base, 1
         while any(x.name == name for x in self.nodes):
             k += 1
@@ -237,7 +243,7 @@ class _Converter:
         path = self._path(n)
         if fn is operator.getitem:
             return self._getitem(n, args[0], args[1])
-        if isinstance(args[0] if args else None, int | float | tuple) and not any(isinstance(a, _Ref) for a in args):
+        if args and not _holds_ref(args) and not _holds_ref(list(kwargs.values())):
             return fn(*args, **kwargs)  # arithmetic on sizes: a constant
         if fn in (F.relu, torch.relu):
             return self._add(n, ReLU(), [args[0]])
@@ -389,6 +395,13 @@ class _Ref:
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
+
+
+def _holds_ref(args: Any) -> bool:
+    """Whether an argument (nested in tuples or lists) is or holds a converted tensor."""
+    if isinstance(args, _Ref):
+        return True
+    return isinstance(args, tuple | list) and any(_holds_ref(a) for a in args)
 
 
 def _with_bias(op: Conv | Linear) -> Conv | Linear:

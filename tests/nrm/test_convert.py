@@ -236,8 +236,6 @@ def test_control_flow_on_tensor_values_is_refused() -> None:
         nrm.from_torch(net, (1, 8, 8))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="nrm bug: _Tracer reads tracer.scope after the submodule's scope was "
-                   "restored, so the message says '<top>' instead of the submodule path")
 def test_control_flow_refusal_names_the_submodule() -> None:
     net = nn.Sequential(nn.Conv2d(1, 2, 3), _Branchy(), nn.Flatten(), nn.Linear(72, 2)).eval()
     with pytest.raises(ConversionError, match=r"^1: control flow on tensor values"):
@@ -333,17 +331,13 @@ def _check_resnet18(size: int, n: int, shared_relu: bool, tmp_path: Path) -> Non
     check_conversion(net, model, x, tmp_path)
 
 
-SHARED_RELU_BUG = pytest.mark.xfail(strict=True, raises=nrm.ConfigError, reason="nrm bug: a module called twice (torchvision's one "
-                                    "self.relu per block) gives two nodes named 'layer1.0.relu': duplicate name")
-
-
-@pytest.mark.parametrize("shared_relu", [pytest.param(True, marks=SHARED_RELU_BUG), False])
+@pytest.mark.parametrize("shared_relu", [True, False])
 def test_resnet18_at_32(shared_relu: bool, tmp_path: Path) -> None:
     _check_resnet18(32, 3, shared_relu, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shared_relu", [pytest.param(True, marks=SHARED_RELU_BUG), False])
+@pytest.mark.parametrize("shared_relu", [True, False])
 def test_resnet18_at_224(shared_relu: bool, tmp_path: Path) -> None:
     _check_resnet18(224, 1, shared_relu, tmp_path)
 
@@ -394,9 +388,7 @@ class _CatPair(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("as_tuple", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="nrm bug: _Converter._function takes torch.cat((a, b), 1) for arithmetic "
-    "on constants (it checks only top-level args for refs) and calls torch.cat on _Refs"))], ids=["list", "tuple"])
+@pytest.mark.parametrize("as_tuple", [False, True], ids=["list", "tuple"])
 def test_cat_of_a_list_or_tuple_converts(as_tuple: bool) -> None:
     model = nrm.from_torch(_CatPair(as_tuple).eval(), (1, 6, 6))
     assert any(n.op.type == "concat" for n in model.config.nodes)

@@ -107,8 +107,6 @@ def test_convert_never_runs_a_pickle_with_code(user_model: tuple[Path, torch.nn.
     assert not marker.exists() and not (root / "ckpt").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="jobs bug: read_weights does not catch "
-                   "pickle.UnpicklingError from torch.load(weights_only=True), so the user gets a traceback")
 def test_convert_refuses_a_pickle_with_code_clearly(user_model: tuple[Path, torch.nn.Module]) -> None:
     root, _ = user_model
     torch.save({"0.weight": _Marker(root / "pwned")}, root / "evil.pt")
