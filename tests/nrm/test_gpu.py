@@ -1,0 +1,58 @@
+"""What only a GPU can show: the NRM scores on CUDA as on the CPU, in every precision and layout.
+
+Every test here skips without CUDA; scripts/gpu_check.sh runs them on a machine with a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import tiny_config
+
+import nrm
+from nrm.fit import fit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+
+
+@pytest.fixture
+def pair() -> tuple[nrm.NRM, nrm.NRM, torch.Tensor]:
+    torch.manual_seed(0)
+    cpu = nrm.NRM(nrm.preset("resnet-cifar", 0.5, depth=8)).eval().requires_grad_(False)
+    x = torch.randn(64, 3, 32, 32)
+    fit(cpu, [x], [x], detector="mahalanobis")
+    gpu = nrm.NRM(cpu.config).eval().requires_grad_(False)
+    gpu.load_state_dict(cpu.state_dict())
+    return cpu, gpu.cuda(), x
+
+
+def test_cuda_scores_equal_cpu_scores_in_fp32(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
+    cpu, gpu, x = pair
+    a, b = cpu.score(x), gpu.score(x.cuda())
+    for k in ("max_logit", "latent_prior", "recon_sq_error", "det_mahalanobis"):
+        torch.testing.assert_close(b[k].cpu(), a[k], rtol=1e-3, atol=1e-3 * float(a[k].abs().max()))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "tf32"])
+def test_reduced_precision_keeps_the_prediction_of_most_rows(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor],
+                                                             precision: str) -> None:
+    cpu, gpu, x = pair
+    ref = cpu.score(x)["pred"]
+    got = gpu.set_precision(precision).score(x.cuda())
+    assert (got["pred"].cpu() == ref).float().mean() >= 0.9
+    assert torch.isfinite(got["latent_prior"]).all()
+
+
+def test_channels_last_on_cuda_changes_no_score(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
+    _, gpu, x = pair
+    a = gpu.score(x.cuda())
+    b = gpu.use_channels_last().score(x.cuda())
+    torch.testing.assert_close(b["latent_prior"], a["latent_prior"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_loads_onto_the_gpu(tmp_path: object) -> None:
+    torch.manual_seed(0)
+    model = nrm.NRM(tiny_config()).eval()
+    path = tmp_path / "ckpt"  # type: ignore[operator]
+    nrm.save(model, path)
+    loaded = nrm.load(path, device="cuda")
+    assert loaded.mean.device.type == "cuda" and loaded.score(torch.randn(4, 1, 8, 8, device="cuda"))["pred"].is_cuda
