@@ -83,7 +83,7 @@ def plain_variants(module: torch.nn.Module, x: torch.Tensor, sync: Callable[[], 
     xcl = x.contiguous(memory_format=torch.channels_last)
     fns: dict[str, Callable[[], Any]] = {}
     for label, mod in variants.items():
-        mcl = copy.deepcopy(mod).to(memory_format=torch.channels_last)
+        mcl = copy.deepcopy(mod).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
         def run(m: torch.nn.Module = mod, inp: torch.Tensor = x) -> None:
             with torch.no_grad():

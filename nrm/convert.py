@@ -211,11 +211,9 @@ class _Converter:
                               "(integer zero padding only)")
             bias = m.bias is not None
             op = Conv(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups, bias)
-            return self._add(n, op, [x], {"weight": m.weight, **({"bias": m.bias} if bias else {})})
+            return self._add(n, op, [x], _weights(m))
         if isinstance(m, nn.Linear):
-            bias = m.bias is not None
-            return self._add(n, Linear(m.in_features, m.out_features, bias), [x],
-                             {"weight": m.weight, **({"bias": m.bias} if bias else {})})
+            return self._add(n, Linear(m.in_features, m.out_features, m.bias is not None), [x], _weights(m))
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
             return self._batchnorm(n, m, x)
         if isinstance(m, nn.ReLU):
@@ -361,7 +359,7 @@ class _Converter:
                           "dimension, such as x[:, :, ::2, ::2])")
         full = list(idx[1:]) + [slice(None)] * (len(src) - len(idx))
         ranges = [s.indices(size) for s, size in zip(full, src[1:], strict=True)]
-        return self._add(n, Slice(*zip(*ranges, strict=True)), [x])  # type: ignore[call-arg]
+        return self._add(n, Slice(*zip(*ranges, strict=True)), [x])
 
     def _batchnorm(self, n: fx.Node, m: nn.BatchNorm1d | nn.BatchNorm2d, x: _Ref) -> _Ref:
         path = str(n.target)
@@ -395,6 +393,10 @@ class _Ref:
 
     def __repr__(self) -> str:
         return f"<{self.name}>"
+
+
+def _weights(m: nn.Conv2d | nn.Linear) -> dict[str, Tensor]:
+    return {"weight": m.weight} if m.bias is None else {"weight": m.weight, "bias": m.bias}
 
 
 def _holds_ref(args: Any) -> bool:

@@ -18,6 +18,7 @@ logit_y* = <h(0), x> + sum_l eta_l + c_y* with them.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -285,9 +286,11 @@ class NRM(nn.Module):
         zs are the bias nodes' outputs z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l)."""
         rates, means = [], []
         for z in zs:
-            z = z.detach().flatten(2) if z.dim() == 4 else z.detach()[:, :, None]  # (N, C, P); P = 1 for linear
-            rates.append(z.gt(0).sum(dim=2, dtype=z.dtype) / z.shape[2])  # (N, C)
-            means.append(z.clamp_min(0).sum(dim=2) / z.shape[2])  # (N, C)
+            z = z.detach()
+            dims = tuple(range(2, z.dim()))  # positions; () for linear features (P = 1)
+            p = math.prod(z.shape[2:])
+            rates.append((z > 0).sum(dim=dims, dtype=torch.float32) / p if dims else (z > 0).float())  # (N, C)
+            means.append(z.clamp_min(0).sum(dim=dims, dtype=torch.float32) / p if dims else z.clamp_min(0).float())
         return torch.cat(rates, dim=1), torch.cat(means, dim=1)
 
     # ------------------------------------------------------------------ precision and layout
@@ -313,7 +316,7 @@ class NRM(nn.Module):
         """Keep 4-D weights and activations channels-last (NHWC): the faster layout for convs on CPUs
         with oneDNN and on tensor-core GPUs. Returns self."""
         self.channels_last = on
-        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)  # type: ignore[call-overload,no-any-return]
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)  # type: ignore[call-overload]
 
     # ------------------------------------------------------------------ scores
     @property
@@ -393,5 +396,5 @@ class NRM(nn.Module):
 
 
 def _per_channel(g: Tensor) -> Tensor:
-    """Sum over positions: (N, C, H, W) -> (N, C); flat features (N, F) stay as they are."""
-    return g.flatten(2).sum(dim=2) if g.dim() > 2 else g
+    """Sum over positions: (N, C, H, W) -> (N, C) (in either memory format, no copy); flat features (N, F) stay."""
+    return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 Shape = tuple[int, ...]  # per sample: (C, H, W) or (F,)
+Pair = Any  # an int or an (h, w) pair when given; always stored as a tuple[int, int] (__post_init__)
 
 
 class OpError(ValueError):
@@ -70,7 +71,7 @@ class Op:
 
 
 def _transpose2d(h: Tensor, weight: Tensor, size: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> Tensor:
+                 padding: Pair, dilation: tuple[int, int], groups: int) -> Tensor:
     """W^T h placed back at every window position (the B(l, p) of eq. 1), cropped to the input size.
 
     The transposed convolution of h without padding, then the padding rows and columns cut off
@@ -88,10 +89,10 @@ class Conv(Op):
 
     in_: int
     out: int
-    kernel: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: Pair
+    stride: Pair = (1, 1)
+    padding: Pair = (0, 0)
+    dilation: Pair = (1, 1)
     groups: int = 1
     bias_: bool = True
     type: ClassVar[str] = "conv"
@@ -214,10 +215,10 @@ class LeakyReLU(Op):
 class MaxPool(Op):
     """a(p) = z(t*(l, p)): the switch t* is the argmax of each window (padding never wins)."""
 
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
+    kernel: Pair
+    stride: Pair
+    padding: Pair = (0, 0)
+    dilation: Pair = (1, 1)
     ceil_mode: bool = False
     type: ClassVar[str] = "maxpool"
 
@@ -232,7 +233,7 @@ class MaxPool(Op):
         return F.max_pool2d(xs[0], *self._args())
 
     def encode(self, xs: list[Tensor], p: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        return F.max_pool2d(xs[0], *self._args(), return_indices=True)  # type: ignore[no-any-return]
+        return F.max_pool2d(xs[0], *self._args(), return_indices=True)
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         x = xs[0]
@@ -248,9 +249,9 @@ class MaxPool(Op):
 class AvgPool(Op):
     """a(p) = (1 / d_p) sum over the window of z; d_p is torch's divisor (count_include_pad, ceil_mode)."""
 
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] = (0, 0)
+    kernel: Pair
+    stride: Pair
+    padding: Pair = (0, 0)
     ceil_mode: bool = False
     count_include_pad: bool = True
     type: ClassVar[str] = "avgpool"
