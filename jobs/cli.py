@@ -118,26 +118,14 @@ def train(
     import torch
 
     import nrm
-    from jobs.datasets import DatasetError, load_labelled, probe_shape
-    from jobs.storage import StorageError, Store
+    from jobs.storage import Store
 
     store = Store(endpoint_url)
     dev = _device(device)
     if init is not None and (arch is not Arch.auto or width is not None or depth is not None):
         raise fail("--init fine-tunes the checkpoint's own network; drop --arch, --width and --depth")
-    try:
-        start = nrm.load(init) if init is not None else None
-        shape = start.input_shape if start is not None else probe_shape(data, store)
-        name = arch.value if arch is not Arch.auto else {(1, 28, 28): "gray28", (3, 32, 32): "rgb32-small",
-                                                         (1, 8, 8): "digits8"}.get(shape)
-        if start is not None:
-            name = f"init:{init}"
-        elif name is None:
-            raise fail(f"no preset for images of shape {shape}; give --arch")
-        t0 = time.perf_counter()
-        x, y = load_labelled(data, shape, limit, store)
-    except (StorageError, DatasetError, ValueError) as e:
-        raise fail(str(e)) from None
+    t0 = time.perf_counter()
+    start, name, x, y = _training_data(data, arch, init, limit, store)
     classes = int(y.max()) + 1
     if start is not None and classes > len(start.config.classes):
         raise fail(f"--data has labels up to {classes - 1}, but checkpoint {init} has {len(start.config.classes)} classes")
@@ -161,6 +149,27 @@ def train(
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(json.dumps(report, indent=2))
     typer.echo(f"checkpoint written to {out}")
+
+
+def _training_data(data: str, arch: Arch, init: Path | None, limit: int | None, store: Any) -> tuple[Any, str, Any, Any]:
+    """(the --init NRM or None, the preset name or "init:<path>", uint8 images, labels)."""
+    import nrm
+    from jobs.datasets import DatasetError, load_labelled, probe_shape
+    from jobs.storage import StorageError
+
+    try:
+        start = nrm.load(init) if init is not None else None
+        shape = start.input_shape if start is not None else probe_shape(data, store)
+        name = arch.value if arch is not Arch.auto else {(1, 28, 28): "gray28", (3, 32, 32): "rgb32-small",
+                                                         (1, 8, 8): "digits8"}.get(shape)
+        if start is not None:
+            name = f"init:{init}"
+        elif name is None:
+            raise fail(f"no preset for images of shape {shape}; give --arch")
+        x, y = load_labelled(data, shape, limit, store)
+    except (StorageError, DatasetError, ValueError) as e:
+        raise fail(str(e)) from None
+    return start, name, x, y
 
 
 def _progress(rec: dict[str, float]) -> None:
