@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 1 the run cannot proceed (one clear sentence on stderr); 2 bad usage;
 3 run committed but incomplete (failed input files, listed in the manifest); 4 another run
-committed the same run id first.
+committed the same run id first; 130 interrupted (Ctrl-C), nothing committed.
 """
 
 from __future__ import annotations
@@ -239,16 +239,21 @@ def score(
     label_column: Annotated[str | None, typer.Option(help="Label column (default: 'label' if present).")] = None,
     resize_policy: Annotated[Policy, typer.Option(help="adapt: convert mode and resize to the model; strict: mismatches are error rows.")] = Policy.adapt,
     endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
+    resume: Annotated[str | None, typer.Option(help="Finish the uncommitted run RUN_ID (interrupted, or its driver died): input files an earlier attempt completed are not scored again.")] = None,
+    rows_per_file: Annotated[int, typer.Option(callback=_positive, help="Scored rows per output Parquet file.")] = 50_000,
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
-    from jobs.pipeline import JobError, ScoreOptions, run_score, summary
+    from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
 
     if cpus_per_actor <= 0:
         raise typer.BadParameter(f"must be > 0, got {cpus_per_actor}", param_hint="--cpus-per-actor")
     opts = ScoreOptions(model, input, output, run_id, actors, gpus_per_actor, cpus_per_actor, batch_size,
-                        incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url)
+                        incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url,
+                        resume=resume, rows_per_file=rows_per_file)
     try:
         result = run_score(opts, echo=typer.echo)
+    except Interrupted as e:
+        raise fail(str(e), 130) from None
     except JobError as e:
         raise fail(str(e)) from None
     typer.echo(summary(result))
@@ -263,9 +268,12 @@ def runs(
 ) -> None:
     """List the committed runs under OUTPUT."""
     from jobs.manifest import committed_runs
-    from jobs.storage import Store
+    from jobs.storage import StorageError, Store
 
-    found = committed_runs(Store(endpoint_url), output)
+    try:
+        found = committed_runs(Store(endpoint_url), output, must_exist=True)
+    except StorageError as e:
+        raise fail(f"{e}; expected the --output given to `score`") from None
     if not found:
         typer.echo(f"no committed runs under {output}")
         return

@@ -25,7 +25,7 @@ def committed_outputs(store: Store, scores: str) -> list[str]:
     runs = [m] if m is not None else [r.manifest for r in manifest.committed_runs(store, scores)]
     if not runs:
         raise FilterError(f"no committed run at {scores!r} (expected <output>/<run-id> with a {manifest.MANIFEST})")
-    return [o["uri"] for r in runs for o in r["outputs"]]
+    return [o["uri"] for r in runs for o in manifest.outputs(store, r)]
 
 
 def read_scores(store: Store, scores: str, columns: list[str] | None = None) -> pa.Table:

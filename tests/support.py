@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -77,3 +78,19 @@ def dataset_dir(name: str) -> Path:
     if not p.is_dir():
         pytest.skip(f"shared dataset {name!r} not found at {p} (see shared/datasets/README.md)")
     return p
+
+
+def outputs_of(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The output files a committed manifest names (read from its Parquet list beside it)."""
+    from jobs import manifest
+    from jobs.storage import Store
+
+    return manifest.outputs(Store(), m)
+
+
+def inputs_of(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The readable input files a committed manifest names."""
+    from jobs import manifest
+    from jobs.storage import Store
+
+    return manifest.inputs(Store(), m)

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -27,7 +27,7 @@ def invoke(*args: str) -> Any:
 
 def read_scores(out: Path, run_id: str) -> pa.Table:
     m = json.loads((out / run_id / "_manifest.json").read_text())
-    return pa.concat_tables([pq.read_table(o["uri"]) for o in m["outputs"]])
+    return pa.concat_tables([pq.read_table(o["uri"]) for o in outputs_of(m)])
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from faultproxy import FaultProxy
-from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 
 from jobs.pipeline import KILL_ACTOR_ENV, RunResult, ScoreOptions, run_score, summary
 from jobs.storage import Store
@@ -37,7 +37,7 @@ def read_committed(m: dict[str, Any], fs: pafs.FileSystem | None = None) -> pa.T
     def path(uri: str) -> str:
         return uri[len("s3://"):] if uri.startswith("s3://") else uri
 
-    t = pa.concat_tables([pq.read_table(path(o["uri"]), filesystem=fs) for o in m["outputs"]])
+    t = pa.concat_tables([pq.read_table(path(o["uri"]), filesystem=fs) for o in outputs_of(m)])
     assert t.num_rows == m["rows"]["in"] == m["rows"]["ok"] + m["rows"]["error"], m["rows"]
     assert len(set(t["id"].to_pylist())) == t.num_rows, "duplicate ids in the committed output"
     return t.sort_by("id")
@@ -143,8 +143,8 @@ def test_killed_driver_then_rerun_commits_the_same_output_once(data: dict[str, A
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = manifest_of(out, "dk")
     assert m["status"] == "complete" and m["rows"] == {"in": 2400, "ok": 2398, "error": 2}
-    assert not any(f"/{stale[0]}/" in o["uri"] for o in m["outputs"]), "a stale attempt is listed as output"
-    assert len({o["uri"].rsplit("/", 2)[1] for o in m["outputs"]}) == 1  # one attempt, the new one
+    assert not any(f"/{stale[0]}/" in o["uri"] for o in outputs_of(m)), "a stale attempt is listed as output"
+    assert len({o["uri"].rsplit("/", 2)[1] for o in outputs_of(m)}) == 1  # one attempt, the new one
     assert_same_scores(read_committed(m), data["ref"])
 
 
@@ -222,11 +222,11 @@ def test_two_runs_racing_for_one_run_id_commit_exactly_once(where: str, tmp_path
     fs, root = store.filesystem(f"{out}/race")
     files = {i.path[len(root) + 1:] for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File}
-    win_attempt = winner.manifest["outputs"][0]["uri"].split("/race/", 1)[1].split("/")[0]
-    lose_attempt = loser.manifest["outputs"][0]["uri"].split("/race/", 1)[1].split("/")[0]
+    win_attempt = outputs_of(winner.manifest)[0]["uri"].split("/race/", 1)[1].split("/")[0]
+    lose_attempt = outputs_of(loser.manifest)[0]["uri"].split("/race/", 1)[1].split("/")[0]
     assert win_attempt != lose_attempt
-    assert files == {"_manifest.json"} | {o["uri"].split("/race/", 1)[1] for o in winner.manifest["outputs"]}, files
+    assert files == {"_manifest.json"} | {o["uri"].split("/race/", 1)[1] for o in outputs_of(winner.manifest)}, files
     committed = store.read_json(f"{out}/race/_manifest.json")
-    assert committed["outputs"] == winner.manifest["outputs"]
+    assert outputs_of(committed) == outputs_of(winner.manifest)
     t = read_committed(committed, fs if where == "s3" else None)
     assert t.num_rows == 24

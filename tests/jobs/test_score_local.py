@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import inputs_of, make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 
 import nrm
 from jobs.pipeline import JobError, RunResult, ScoreOptions, run_score
@@ -36,8 +36,8 @@ def read_manifest(output: Path, run_id: str) -> dict[str, Any]:
 
 
 def read_outputs(m: dict[str, Any]) -> pa.Table:
-    t = pa.concat_tables([pq.read_table(o["uri"]) for o in m["outputs"]])
-    assert sum(o["rows"] for o in m["outputs"]) == t.num_rows
+    t = pa.concat_tables([pq.read_table(o["uri"]) for o in outputs_of(m)])
+    assert sum(o["rows"] for o in outputs_of(m)) == t.num_rows
     return t.sort_by([("source_path", "ascending"), ("source_row", "ascending")])
 
 
@@ -82,7 +82,7 @@ def test_hf_run_completes_and_accounts_for_every_row(hf_run: dict[str, Any]) -> 
     assert m["rows"] == {"in": 17, "ok": 16, "error": 1}
     assert m["rows"]["in"] == m["rows"]["ok"] + m["rows"]["error"]
     assert m["failed_inputs"] == []
-    assert [(i["uri"], i["rows"]) for i in m["inputs"]] == [(hf_run["a"], 10), (hf_run["b"], 7)]
+    assert [(i["uri"], i["rows"]) for i in inputs_of(m)] == [(hf_run["a"], 10), (hf_run["b"], 7)]
     t = read_outputs(m)
     assert t.num_rows == 17
     assert m["flagged_ood"] == sum(t["is_ood"].to_pylist()[i] or 0 for i in range(17))
@@ -212,7 +212,7 @@ def test_incremental_scores_only_new_files_then_nothing(ckpt: Path, tmp_path: Pa
     write_hf_parquet(inp / "b.parquet", [png_bytes(p) for p in random_images(3, seed=7)])
     r2 = score(ckpt, inp, out, "i2", incremental=True)
     assert r2.status == "complete"
-    assert [i["uri"] for i in r2.manifest["inputs"]] == [str(inp / "b.parquet")]
+    assert [i["uri"] for i in inputs_of(r2.manifest)] == [str(inp / "b.parquet")]
     assert r2.manifest["rows"] == {"in": 3, "ok": 3, "error": 0}
     assert set(read_outputs(r2.manifest)["source_path"].to_pylist()) == {str(inp / "b.parquet")}
     before = tree(out)
@@ -234,7 +234,7 @@ def test_unreadable_and_foreign_files_are_listed_failed_inputs(ckpt: Path, tmp_p
     assert (r.status, r.exit_code) == ("incomplete", 3)
     m = read_manifest(out, "bad")
     assert m["status"] == "incomplete"
-    assert [i["uri"] for i in m["inputs"]] == [str(inp / "a_good.parquet")]
+    assert [i["uri"] for i in inputs_of(m)] == [str(inp / "a_good.parquet")]
     failed = {f["uri"]: f["error"] for f in m["failed_inputs"]}
     assert set(failed) == {str(inp / "b_noimage.parquet"), str(inp / "c_truncated.parquet")}
     assert "no image column" in failed[str(inp / "b_noimage.parquet")]
@@ -245,14 +245,14 @@ def test_unreadable_and_foreign_files_are_listed_failed_inputs(ckpt: Path, tmp_p
     assert read_outputs(m).num_rows == 5
 
 
-def test_only_failed_inputs_still_commits_incomplete(ckpt: Path, tmp_path: Path) -> None:
+def test_a_run_whose_every_input_failed_commits_nothing(ckpt: Path, tmp_path: Path) -> None:
+    # issue 13: it used to commit an `incomplete` run of 0 rows, which the corrected command then skipped
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "junk.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
-    r = score(ckpt, tmp_path / "in", tmp_path / "out", "junk")
-    assert (r.status, r.exit_code) == ("incomplete", 3)
-    assert r.manifest["rows"] == {"in": 0, "ok": 0, "error": 0}
-    assert len(r.manifest["failed_inputs"]) == 1
-    assert (tmp_path / "out" / "junk" / "_manifest.json").is_file()
+    with pytest.raises(JobError, match=r"every input file failed \(1; first .*junk.parquet: cannot read Parquet "
+                                       r"footer.*nothing was committed"):
+        score(ckpt, tmp_path / "in", tmp_path / "out", "junk")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- options and pool sizing
@@ -304,14 +304,16 @@ def test_losing_the_commit_race_discards_this_attempt(ckpt: Path, tmp_path: Path
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(3, seed=11)])
 
     def commit_first(_msg: str) -> None:  # echo is called once the plan is made, before any scoring
-        manifest.commit(Store(), str(out), "race", {"status": "complete", "winner": True, "outputs": []})
+        listed = manifest.write_list(Store(), str(out / "race" / "attempt-w" / "_outputs.parquet"), [],
+                                     manifest.OUTPUT_SCHEMA)
+        manifest.commit(Store(), str(out), "race", {"status": "complete", "winner": True, "outputs": listed})
 
     r = run_score(ScoreOptions(str(ckpt), str(tmp_path / "a.parquet"), str(out), run_id="race", batch_size=8),
                   echo=commit_first)
     assert (r.status, r.exit_code) == ("lost-commit-race", 4)
     assert r.manifest["rows"]["in"] == 3
     assert read_manifest(out, "race")["winner"] is True
-    assert tree(out / "race") == {"_manifest.json"}
+    assert tree(out / "race") == {"_manifest.json", "attempt-w", "attempt-w/_outputs.parquet"}
 
 
 # ---------------------------------------------------------------------------- bugs
@@ -339,7 +341,7 @@ def test_manifest_output_uris_are_absolute_for_a_relative_output(ckpt: Path, tmp
     monkeypatch.chdir(tmp_path)
     r = score(ckpt, "a.parquet", "out", "rel")
     assert r.status == "complete"
-    assert r.manifest["outputs"] and all(os.path.isabs(o["uri"]) for o in r.manifest["outputs"]), r.manifest["outputs"]
+    assert outputs_of(r.manifest) and all(os.path.isabs(o["uri"]) for o in outputs_of(r.manifest)), outputs_of(r.manifest)
 
 
 def test_non_integer_label_column_is_a_clear_error(ckpt: Path, tmp_path: Path) -> None:
