@@ -62,7 +62,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def score_cmd(data: dict[str, Any], out: Path, run_id: str) -> list[str]:
     return [EXE, "score", "--model", str(data["ckpt"]), "--input", str(data["in"]), "--output", str(out),
-            "--run-id", run_id, "--batch-size", "40"]
+            "--run-id", run_id, "--batch-size", "40", "--rows-per-file", "400"]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_killed_driver_then_rerun_commits_the_same_output_once(data: dict[str, Any], tmp_path: Path) -> None:
+def test_killed_driver_then_rerun_resumes_and_commits_the_same_output_once(data: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = score_cmd(data, out, "dk")
     proc = subprocess.Popen(cmd, env=cli_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -143,8 +143,11 @@ def test_killed_driver_then_rerun_commits_the_same_output_once(data: dict[str, A
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = manifest_of(out, "dk")
     assert m["status"] == "complete" and m["rows"] == {"in": 2400, "ok": 2398, "error": 2}
-    assert not any(f"/{stale[0]}/" in o["uri"] for o in outputs_of(m)), "a stale attempt is listed as output"
-    assert len({o["uri"].rsplit("/", 2)[1] for o in outputs_of(m)}) == 1  # one attempt, the new one
+    # the rerun (same command, same run id) resumed: parts of the killed attempt it kept are listed, and they
+    # are exactly the rows it did not score again
+    kept = [o for o in outputs_of(m) if f"/{stale[0]}/" in o["uri"]]
+    assert sum(o["rows"] for o in kept) == m["resumed_rows"]
+    assert all(Path(o["uri"]).is_file() for o in outputs_of(m))
     assert_same_scores(read_committed(m), data["ref"])
 
 

@@ -17,6 +17,7 @@ from support import inputs_of, make_checkpoint, outputs_of, png_bytes, random_im
 
 import nrm
 from jobs.pipeline import JobError, RunResult, ScoreOptions, run_score
+from jobs.storage import Store
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
@@ -27,7 +28,7 @@ SCALARS = ["max_softmax", "max_logit", "energy", "latent_prior", "latent_loglik"
 
 
 def score(model: Path | str, input: Path | str, output: Path | str, run_id: str, **kw: Any) -> RunResult:
-    return run_score(ScoreOptions(str(model), str(input), str(output), run_id=run_id, batch_size=8, **kw),
+    return run_score(ScoreOptions(str(model), str(input), str(output), run_id=run_id, **{"batch_size": 8, **kw}),
                      echo=lambda _msg: None)
 
 
@@ -353,3 +354,43 @@ def test_non_integer_label_column_is_a_clear_error(ckpt: Path, tmp_path: Path) -
         assert "caption" in str(e)
         return
     assert r.status == "incomplete" and "caption" in r.manifest["failed_inputs"][0]["error"]
+
+
+# ---------------------------------------------------------------------------- resume (issue 13)
+def test_resume_keeps_the_complete_files_of_an_earlier_attempt_and_lists_every_row_once(
+        ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import parts, pipeline
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for i, name in enumerate("abc"):
+        write_hf_parquet(inp / f"{name}.parquet", [png_bytes(p) for p in random_images(30, seed=70 + i)],
+                         row_group_size=10)
+    opts = {"batch_size": 10, "rows_per_file": 10}
+
+    def driver_dies(*_a: object, **_k: object) -> None:  # every part is written, the commit never happens
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(pipeline, "_commit", driver_dies)
+        with pytest.raises(pipeline.Interrupted, match="--resume r"):
+            score(ckpt, inp, out, "r", **opts)
+    (first,) = parts.attempts(Store(), str(out / "r"))
+    _, written = parts.scan_attempt(Store(), first)
+    assert sum(p["rows"] for p in written) == 90 and all(len(p["sources"]) == 1 for p in written)
+    os.unlink(next(p["uri"] for p in written if str(inp / "c.parquet") in p["sources"]))  # c is incomplete
+
+    r = score(ckpt, inp, out, "r", resume="r", **opts)
+    assert (r.status, r.manifest["rows"], r.manifest["resumed_rows"]) == ("complete", {"in": 90, "ok": 90, "error": 0}, 60)
+    listed = outputs_of(r.manifest)
+    assert sum(o["rows"] for o in listed if o["uri"].startswith(first + "/")) == 60
+    t = read_outputs(r.manifest)
+    assert t["id"].to_pylist() == [f"{inp / n}.parquet#{j}" for n in "abc" for j in range(30)]  # each row once
+    fresh = read_outputs(score(ckpt, inp, tmp_path / "fresh", "f", **opts).manifest)
+    np.testing.assert_allclose(t["latent_loglik"].to_numpy(), fresh["latent_loglik"].to_numpy(), rtol=1e-6)
+
+
+def test_resume_of_a_run_that_never_started_is_an_error(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
+    with pytest.raises(JobError, match=f"--resume nope: no earlier attempt of that run under {tmp_path / 'out'}"):
+        score(ckpt, tmp_path / "a.parquet", tmp_path / "out", None, resume="nope")  # type: ignore[arg-type]
