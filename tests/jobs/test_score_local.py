@@ -222,6 +222,29 @@ def test_incremental_scores_only_new_files_then_nothing(ckpt: Path, tmp_path: Pa
     assert tree(out) == before
 
 
+def test_incremental_fails_in_one_sentence_when_the_output_cannot_be_listed(ckpt: Path, tmp_path: Path) -> None:
+    # issue 13: a listing error used to read as "nothing committed yet", so everything was scored again
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    write_hf_parquet(inp / "a.parquet", [png_bytes(p) for p in random_images(2, seed=6)])
+    out.mkdir()
+    (out / "_index").write_text("not a directory")
+    with pytest.raises(JobError, match=r"^cannot list '.*/out/_index': .*; nothing was scored$"):
+        score(ckpt, inp, out, "e1", incremental=True)
+    assert sorted(p.name for p in out.iterdir()) == ["_index"]
+
+
+def test_incremental_fails_when_the_covered_list_was_altered(ckpt: Path, tmp_path: Path) -> None:
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    write_hf_parquet(inp / "a.parquet", [png_bytes(p) for p in random_images(2, seed=6)])
+    r1 = score(ckpt, inp, out, "c1", incremental=True)
+    pq.write_table(pa.table({"uri": ["x"], "version": ["y"]}), r1.manifest["covered"]["uri"])
+    with pytest.raises(JobError, match="_covered.parquet does not match the sha256 its manifest records"):
+        score(ckpt, inp, out, "c2", incremental=True)
+    assert not (out / "c2").exists()
+
+
 # ---------------------------------------------------------------------------- failed inputs
 def test_unreadable_and_foreign_files_are_listed_failed_inputs(ckpt: Path, tmp_path: Path) -> None:
     inp, out = tmp_path / "in", tmp_path / "out"
