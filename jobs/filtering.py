@@ -101,8 +101,8 @@ def filter_dataset(store: Store, scores: str, input: str, output: str) -> dict[s
         raise FilterError(str(e)) from None
     init_ray(None)
     fs = store.filesystem(outputs[0])[0]
-    ds = ray.data.read_parquet([store.filesystem(u)[1] for u in outputs], filesystem=fs,
-                               columns=["source_path", "source_row", "status", "is_ood"])
+    ds = ray.data.read_parquet([store.filesystem(u)[1] for u in outputs], filesystem=fs).select_columns(
+        ["source_path", "source_row", "status", "is_ood"])
     masks = ds.groupby("source_path").map_groups(file_masks, batch_format="pyarrow")
     root = os.path.commonpath([f.split("://", 1)[-1] for f in files]) if len(files) > 1 else None
     if not is_s3(output):
