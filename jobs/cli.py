@@ -68,6 +68,25 @@ def _positive(value: int | None) -> int | None:
     return value
 
 
+def _resource_pairs(specs: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for spec in specs:
+        name, sep, amount = spec.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0:
+            raise typer.BadParameter(f"{spec!r} is not NAME=AMOUNT with AMOUNT > 0 (e.g. second=1)")
+        out.append((name, value))
+    return out
+
+
+def _resources(specs: list[str] | None) -> list[str] | None:
+    _resource_pairs(specs or [])
+    return specs
+
+
 def _nonneg(value: float) -> float:
     if value < 0:
         raise typer.BadParameter(f"must be >= 0, got {value}")
@@ -241,6 +260,9 @@ def score(
     endpoint_url: Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")] = None,
     resume: Annotated[str | None, typer.Option(help="Finish the uncommitted run RUN_ID (interrupted, or its driver died): input files an earlier attempt completed are not scored again.")] = None,
     rows_per_file: Annotated[int, typer.Option(callback=_positive, help="Scored rows per output Parquet file.")] = 50_000,
+    actor_resource: Annotated[list[str] | None, typer.Option(
+        callback=_resources, help="NAME=AMOUNT of a custom Ray resource each scoring actor needs (repeatable): "
+                                  "places the actors on the nodes that offer it.")] = None,
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
@@ -249,7 +271,8 @@ def score(
         raise typer.BadParameter(f"must be > 0, got {cpus_per_actor}", param_hint="--cpus-per-actor")
     opts = ScoreOptions(model, input, output, run_id, actors, gpus_per_actor, cpus_per_actor, batch_size,
                         incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url,
-                        resume=resume, rows_per_file=rows_per_file)
+                        resume=resume, rows_per_file=rows_per_file,
+                        actor_resources=dict(_resource_pairs(actor_resource or [])) or None)
     try:
         result = run_score(opts, echo=typer.echo)
     except Interrupted as e:

@@ -286,6 +286,7 @@ class ScoreOptions:
     read_cpus: float = 0.5  # per read+decode task: fractional so reads always find room beside the actors
     resume: str | None = None  # a run id whose earlier attempt must exist (the same as --run-id, but checked)
     rows_per_file: int = ROWS_PER_FILE
+    actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)
 
 
 class Interrupted(JobError):
@@ -486,7 +487,7 @@ def _dataset(opts: ScoreOptions, store: Store, ckpt: Checkpoint, units: list[Uni
             Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa))},
             batch_size=opts.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
-            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
+            resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
         )
         return ds.map_batches(parts.write_part, fn_kwargs={"spec": parts.PartSpec(store, attempt_uri)},
                               batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_CPUS,
