@@ -21,11 +21,12 @@ from jobs.storage import FileInfo, Store
 # Footers are small reads dominated by latency (S3: one ranged GET each), so threads overlap them well;
 # bounded so 100,000 files never mean 100,000 threads or connections (storage.py's client pool is 32).
 FOOTER_THREADS = 16
+FOOTER_CHUNK = 1024  # footers in flight at once
 # A read task takes whole row groups until it holds about this many rows (or MAX_TASK_UNITS of them):
 # large row groups stay one task each, small files are batched.
 TASK_ROWS = 4096
 FOOTER_READ = 64 * 1024  # bytes read from a file's end; a longer footer costs a second read
-MAX_TASK_UNITS = 256
+MAX_TASK_UNITS = 128
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Unit:
     kind: str  # images.Columns.kind
     id: str | None
     label: str | None
+    size: int = 0  # bytes of the whole file (from the listing): small S3 files are read with one GET
 
     @property
     def columns(self) -> Columns:
@@ -71,16 +73,33 @@ def read_footer(store: Store, uri: str) -> pq.FileMetaData:
     return pq.ParquetFile(pa.BufferReader(b"PAR1" + tail[-n:])).metadata
 
 
-def footers(store: Store, files: list[FileInfo]) -> Iterator[tuple[FileInfo, pq.FileMetaData | str]]:
-    """(file, footer or error text) for every file, in order, read FOOTER_THREADS at a time."""
-    def one(f: FileInfo) -> pq.FileMetaData | str:
+@dataclass(frozen=True)
+class Footer:
+    """What planning needs of a footer; the rest (row-group statistics, ...) is dropped in the reading thread."""
+
+    schema: pa.Schema
+    row_groups: tuple[int, ...]  # rows per row group
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_groups)
+
+
+def footers(store: Store, files: list[FileInfo]) -> Iterator[tuple[FileInfo, Footer | str]]:
+    """(file, footer or error text) for every file, in order, read FOOTER_THREADS at a time; submitted a
+    chunk at a time so that finished footers never pile up in memory ahead of the consumer."""
+    def one(f: FileInfo) -> Footer | str:
         try:
-            return read_footer(store, f.uri)
+            meta = read_footer(store, f.uri)
+            return Footer(meta.schema.to_arrow_schema(),
+                          tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
         except Exception as e:  # corrupt, truncated, not parquet, vanished
             return f"cannot read Parquet footer: {type(e).__name__}: {e}"
 
     with ThreadPoolExecutor(FOOTER_THREADS, thread_name_prefix="footer") as pool:
-        yield from zip(files, pool.map(one, files), strict=True)
+        for i in range(0, len(files), FOOTER_CHUNK):
+            chunk = files[i:i + FOOTER_CHUNK]
+            yield from zip(chunk, pool.map(one, chunk), strict=True)
 
 
 def plan_inputs(store: Store, files: list[FileInfo], image: str | None, id: str | None, label: str | None) -> Plan:
@@ -92,23 +111,21 @@ def plan_inputs(store: Store, files: list[FileInfo], image: str | None, id: str 
         if isinstance(meta, str):
             plan.failed.append({"uri": f.uri, "error": meta})
             continue
-        schema = meta.schema.to_arrow_schema()
-        if schema not in detected:
+        if meta.schema not in detected:
             try:
-                detected[schema] = detect_columns(schema, image, id, label)
+                detected[meta.schema] = detect_columns(meta.schema, image, id, label)
             except ValueError as e:
-                detected[schema] = str(e)
-        cols = detected[schema]
+                detected[meta.schema] = str(e)
+        cols = detected[meta.schema]
         if isinstance(cols, str):
             plan.failed.append({"uri": f.uri, "error": cols + (f" (schema differs from the first input {first})"
                                                                if first is not None else "")})
             continue
         first = first or f.uri
         start = 0
-        for rg in range(meta.num_row_groups):
-            n = meta.row_group(rg).num_rows
+        for rg, n in enumerate(meta.row_groups):
             if n:
-                plan.units.append(Unit(f.uri, rg, start, n, cols.image, cols.kind, cols.id, cols.label))
+                plan.units.append(Unit(f.uri, rg, start, n, cols.image, cols.kind, cols.id, cols.label, f.size))
             start += n
         plan.inputs.append((f, meta.num_rows))
     return plan
