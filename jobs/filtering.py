@@ -107,7 +107,8 @@ def filter_dataset(store: Store, scores: str, input: str, output: str) -> dict[s
     root = os.path.commonpath([f.split("://", 1)[-1] for f in files]) if len(files) > 1 else None
     if not is_s3(output):
         os.makedirs(store.filesystem(output)[1], exist_ok=True)
-    per_file = masks.map_batches(write_kept, fn_kwargs={"spec": FilterSpec(store, output, root, frozenset(files))},
+    spec = FilterSpec(store, output, root, frozenset(files))
+    per_file = masks.map_batches(write_kept, fn_kwargs={"spec": spec},  # type: ignore[arg-type]
                                  batch_size=16, batch_format="pyarrow", num_cpus=0.5)
     done = pa.Table.from_pylist(per_file.take_all(), schema=STATS)  # one small row per scored file
     written = set(done.filter(done["written"])["source_path"].to_pylist())

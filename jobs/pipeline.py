@@ -487,7 +487,7 @@ def _dataset(opts: ScoreOptions, store: Store, ckpt: Checkpoint, units: list[Uni
     assert cfg is not None  # fetch always parses it
     spec = ReadSpec(store, cfg.input.shape, opts.resize_policy)
     tasks = read_tasks(units)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
@@ -498,7 +498,7 @@ def _dataset(opts: ScoreOptions, store: Store, ckpt: Checkpoint, units: list[Uni
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
             resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
         )
-        return ds.map_batches(parts.write_part, fn_kwargs={"spec": parts.PartSpec(store, attempt_uri)},
+        return ds.map_batches(parts.write_part, fn_kwargs={"spec": parts.PartSpec(store, attempt_uri)},  # type: ignore[arg-type]
                               batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_CPUS,
                               max_retries=READ_TASK_RETRIES)
 
