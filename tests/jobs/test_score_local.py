@@ -417,3 +417,15 @@ def test_resume_of_a_run_that_never_started_is_an_error(ckpt: Path, tmp_path: Pa
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
     with pytest.raises(JobError, match=f"--resume nope: no earlier attempt of that run under {tmp_path / 'out'}"):
         score(ckpt, tmp_path / "a.parquet", tmp_path / "out", None, resume="nope")  # type: ignore[arg-type]
+
+
+def test_output_files_are_sized_by_rows_not_one_per_block(ckpt: Path, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(5):  # 5 files x 19 rows, scored in batches of 8: 12 blocks reach the writer
+        write_hf_parquet(tmp_path / "in" / f"s{i}.parquet", [png_bytes(p) for p in random_images(19, seed=90 + i)],
+                         row_group_size=7)
+    r = score(ckpt, tmp_path / "in", tmp_path / "out", "sized", rows_per_file=40)
+    listed = outputs_of(r.manifest)
+    assert sorted(o["rows"] for o in listed) == [15, 40, 40]
+    assert [pq.read_metadata(o["uri"]).num_rows for o in listed] == [o["rows"] for o in listed]
+    assert sum(o["ok"] for o in listed) == r.manifest["rows"]["ok"] == 95

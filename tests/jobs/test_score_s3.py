@@ -176,3 +176,25 @@ def test_s3_glob_matches_like_a_local_glob(moto_server: str, s3_bucket: str) -> 
     for k in ("d/a.parquet", "d/sub/b.parquet"):
         client.put_object(Bucket=s3_bucket, Key=k, Body=io.BytesIO(b"x"))
     assert [f.uri for f in Store().list_parquet(f"s3://{s3_bucket}/d/*.parquet")] == [f"s3://{s3_bucket}/d/a.parquet"]
+
+
+def test_s3_listing_is_one_paginated_listing_with_one_cached_client(moto_server: str, s3_bucket: str) -> None:
+    """ListObjectsV2 already returns size and ETag: no HEAD per object, and no new client per call."""
+    client = s3(moto_server)
+    for i in range(1005):  # two pages of 1,000 keys
+        client.put_object(Bucket=s3_bucket, Key=f"many/f{i:04d}.parquet", Body=b"x" * (i % 7))
+    store = Store()
+    assert store.s3() is Store().s3()
+    calls: list[str] = []
+
+    def record(model: Any, **_: Any) -> None:
+        calls.append(model.name)
+
+    store.s3().meta.events.register("before-call.s3", record)
+    try:
+        files = store.list_parquet(f"s3://{s3_bucket}/many")
+    finally:
+        store.s3().meta.events.unregister("before-call.s3", record)
+    assert calls == ["HeadBucket", "ListObjectsV2", "ListObjectsV2"]
+    assert len(files) == 1005 and files[3].size == 3
+    assert files[3].version == client.head_object(Bucket=s3_bucket, Key="many/f0003.parquet")["ETag"].strip('"')
