@@ -225,10 +225,12 @@ def test_two_runs_racing_for_one_run_id_commit_exactly_once(where: str, tmp_path
     fs, root = store.filesystem(f"{out}/race")
     files = {i.path[len(root) + 1:] for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File}
-    win_attempt = outputs_of(winner.manifest)[0]["uri"].split("/race/", 1)[1].split("/")[0]
-    lose_attempt = outputs_of(loser.manifest)[0]["uri"].split("/race/", 1)[1].split("/")[0]
+    win_attempt = winner.manifest["outputs"]["uri"].split("/race/", 1)[1].split("/")[0]
+    lose_attempt = loser.manifest["outputs"]["uri"].split("/race/", 1)[1].split("/")[0]  # deleted with its list
     assert win_attempt != lose_attempt
-    assert files == {"_manifest.json"} | {o["uri"].split("/race/", 1)[1] for o in outputs_of(winner.manifest)}, files
+    lists = [winner.manifest[k]["uri"] for k in ("inputs", "outputs", "covered")]  # beside the winner's outputs
+    assert files == {"_manifest.json"} | {u.split("/race/", 1)[1] for u in
+                                          [o["uri"] for o in outputs_of(winner.manifest)] + lists}, files
     committed = store.read_json(f"{out}/race/_manifest.json")
     assert outputs_of(committed) == outputs_of(winner.manifest)
     t = read_committed(committed, fs if where == "s3" else None)
