@@ -392,6 +392,8 @@ def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
     assert opts.run_id is not None
     try:
         return _run(opts, Store(opts.endpoint_url), echo)
+    except StorageError as e:  # writing an attempt's lists, scanning earlier attempts
+        raise JobError(f"{e}; run {opts.run_id} was not committed") from None
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: run {opts.run_id} was not committed (nothing under {opts.output} is output); "
                           f"rerun the same command with --resume {opts.run_id} to keep what was scored") from None
