@@ -311,23 +311,24 @@ class Store:
 
     def list_dirs(self, uri: str, must_exist: bool = False) -> list[str]:
         """Immediate sub-directories (prefixes) of ``uri``; [] if it does not exist, unless ``must_exist``."""
-        fs, path = self.filesystem(uri)
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=not must_exist))
-        except FileNotFoundError:
-            raise StorageError(f"{uri!r} does not exist") from None
-        except OSError as e:
-            raise StorageError(f"cannot list {uri!r}: {e}") from None
+        infos = self._list(uri, must_exist)
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
     def list_names(self, uri: str) -> list[str]:
         """Names of the files (objects) directly under ``uri``; [] if it does not exist. One listing."""
+        return sorted(i.base_name for i in self._list(uri, False) if i.type == pafs.FileType.File)
+
+    def _list(self, uri: str, must_exist: bool) -> list[pafs.FileInfo]:
         fs, path = self.filesystem(uri)
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-        except OSError as e:
-            raise StorageError(f"cannot list {uri!r}: {e}") from None
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        for _ in range(3):
+            try:
+                return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=not must_exist))
+            except FileNotFoundError:  # the directory, or an entry a concurrent writer just renamed, vanished
+                if must_exist and fs.get_file_info(path).type == pafs.FileType.NotFound:
+                    raise StorageError(f"{uri!r} does not exist") from None
+            except OSError as e:
+                raise StorageError(f"cannot list {uri!r}: {e}") from None
+        raise StorageError(f"cannot list {uri!r}: its entries kept changing while being listed")
 
     def delete_dir(self, uri: str) -> None:
         fs, path = self.filesystem(uri)
