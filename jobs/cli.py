@@ -250,7 +250,7 @@ def score(
     gpus_per_actor: Annotated[float, typer.Option(callback=_nonneg, help="GPUs per actor (fractions share a GPU).")] = 0.0,
     cpus_per_actor: Annotated[float, typer.Option(help="CPUs per actor (fractions allowed).")] = 1.0,
     batch_size: Annotated[int, typer.Option(callback=_positive, help="Images per scoring batch.")] = 512,
-    run_id: Annotated[str | None, typer.Option(help="Run id (default: time-stamped). A committed id is never redone.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: time-stamped). A committed id is never redone; an uncommitted one is resumed.")] = None,
     incremental: Annotated[bool, typer.Option(help="Score only input files no committed run under --output covers.")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")] = None,
     image_column: Annotated[str | None, typer.Option(help="Image column (default: guessed).")] = None,
