@@ -333,10 +333,9 @@ def decode_throughput(data: Path, shape: tuple[int, int, int]) -> float:
 
     store = Store()
     plan = plan_inputs(store, store.list_parquet(str(data))[:2], None, None, None)
-    spec = ReadSpec(store, shape, Policy.adapt, plan.columns)
+    spec = ReadSpec(store, shape, Policy.adapt)
     t = time.perf_counter()
-    n = sum(len(read_unit({"uri": u.uri, "row_group": u.row_group, "row_start": u.row_start,
-                           "num_rows": u.num_rows}, spec)["id"]) for u in plan.units)
+    n = sum(len(read_unit(vars(u), spec)["id"]) for u in plan.units)
     return n / (time.perf_counter() - t)
 
 
@@ -493,10 +492,10 @@ def job_sections(n: int, batch: int, echo: Echo) -> list[str]:
         lines.append(f"| {label} | {m['rows']['in']} | {ips:.0f} | {ips / mem_1t:.2f} | {ips / mem_all:.2f} | "
                      f"{'yes' if ips / mem_1t >= 0.8 else 'no'} |")
     if s3 is not None:
-        shards = len(s3["inputs"])
+        shards = s3["inputs"]["count"]
         total = sum(requests.values())
         lines += ["", f"S3 requests of that run (moto's request log): {total} in all for {shards} input shards of "
-                  f"{s3['rows']['in'] // max(1, shards)} rows and {len(s3['outputs'])} output files: "
+                  f"{s3['rows']['in'] // max(1, shards)} rows and {s3['outputs']['count']} output files: "
                   + ", ".join(f"{k} {v}" for k, v in sorted(requests.items()))
                   + f" (~{total / max(1, shards):.1f} requests per input shard, everything included)."]
     lines += ["", "## 4. Read + decode throughput per CPU", "",

@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 1 the run cannot proceed (one clear sentence on stderr); 2 bad usage;
 3 run committed but incomplete (failed input files, listed in the manifest); 4 another run
-committed the same run id first.
+committed the same run id first; 130 interrupted (Ctrl-C), nothing committed.
 """
 
 from __future__ import annotations
@@ -49,6 +49,25 @@ class Normaliser(str, enum.Enum):
     none = "none"
     class_mean = "class_mean"
     harmonic = "harmonic"
+
+
+def _resource_pairs(specs: list[str]) -> list[tuple[str, float]]:
+    out = []
+    for spec in specs:
+        name, sep, amount = spec.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value <= 0:
+            raise typer.BadParameter(f"{spec!r} is not NAME=AMOUNT with AMOUNT > 0 (e.g. second=1)")
+        out.append((name, value))
+    return out
+
+
+def _resources(specs: list[str] | None) -> list[str] | None:
+    _resource_pairs(specs or [])
+    return specs
 
 
 class Detector(str, enum.Enum):
@@ -262,7 +281,7 @@ def score(
     gpus_per_actor: Annotated[float, at_least(0, "GPUs per actor (fractions share a GPU).")] = 0.0,
     cpus_per_actor: Annotated[float, at_least(0, "CPUs per actor (fractions allowed).", strict=True)] = 1.0,
     batch_size: BatchSize = 512,
-    run_id: Annotated[str | None, typer.Option(help="Run id (default: time-stamped). A committed id is never redone.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: time-stamped). A committed id is never redone; an uncommitted one is resumed.")] = None,
     incremental: Annotated[bool, typer.Option(help="Score only input files no committed run under --output covers.")] = False,
     address: Address = None,
     image_column: Annotated[str | None, typer.Option(help="Image column (default: guessed).")] = None,
@@ -270,14 +289,23 @@ def score(
     label_column: Annotated[str | None, typer.Option(help="Label column (default: 'label' if present).")] = None,
     resize_policy: Annotated[Policy, typer.Option(help="adapt: convert mode and resize to the model; strict: mismatches are error rows.")] = Policy.adapt,
     endpoint_url: EndpointUrl = None,
+    resume: Annotated[str | None, typer.Option(help="Finish the uncommitted run RUN_ID (interrupted, or its driver died): input files an earlier attempt completed are not scored again.")] = None,
+    rows_per_file: Annotated[int, at_least(1, "Scored rows per output Parquet file.")] = 50_000,
+    actor_resource: Annotated[list[str] | None, typer.Option(
+        callback=_resources, help="NAME=AMOUNT of a custom Ray resource each scoring actor needs (repeatable): "
+                                  "places the actors on the nodes that offer it.")] = None,
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
-    from jobs.pipeline import JobError, ScoreOptions, run_score, summary
+    from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
 
     opts = ScoreOptions(model, input, output, run_id, actors, gpus_per_actor, cpus_per_actor, batch_size,
-                        incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url)
+                        incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url,
+                        resume=resume, rows_per_file=rows_per_file,
+                        actor_resources=dict(_resource_pairs(actor_resource or [])) or None)
     try:
         result = run_score(opts, echo=typer.echo)
+    except Interrupted as e:
+        raise fail(str(e), 130) from None
     except JobError as e:
         raise fail(str(e)) from None
     typer.echo(summary(result))
@@ -292,9 +320,12 @@ def runs(
 ) -> None:
     """List the committed runs under OUTPUT."""
     from jobs.manifest import committed_runs
-    from jobs.storage import Store
+    from jobs.storage import StorageError, Store
 
-    found = committed_runs(Store(endpoint_url), output)
+    try:
+        found = committed_runs(Store(endpoint_url), output, must_exist=True)
+    except StorageError as e:
+        raise fail(f"{e}; expected the --output given to `score`") from None
     if not found:
         typer.echo(f"no committed runs under {output}")
         return

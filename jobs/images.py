@@ -94,8 +94,14 @@ def detect_columns(
     return Columns(image, kind, id, label)  # type: ignore[arg-type]
 
 
-def _fit(img: Image.Image, shape: tuple[int, int, int], policy: Policy) -> np.ndarray:
+# Bits of what the adapt policy did to a row (counted per run: the summary and manifest say how many).
+CONVERTED, RESIZED = 1, 2
+
+
+def _fit(img: Image.Image, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
+    """The image at ``shape`` and what was done to it (CONVERTED | RESIZED bits; 0 when nothing)."""
     c, h, w = shape
+    done = 0
     mode = "L" if c == 1 else "RGB"
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: keep the top 8 bits, do not clip
         arr16 = np.asarray(img, dtype=np.uint32)
@@ -108,14 +114,20 @@ def _fit(img: Image.Image, shape: tuple[int, int, int], policy: Policy) -> np.nd
                            f"the model expects {w}x{h} with {c} (policy strict)")
     if img.mode != mode:
         img = img.convert(mode)
+        done |= CONVERTED
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR)
+        done |= RESIZED
     arr = np.asarray(img, dtype=np.uint8)
-    return arr.reshape(h, w, c)
+    return arr.reshape(h, w, c), done
 
 
 def decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Policy) -> np.ndarray:
     """Encoded image bytes -> uint8 (H, W, C) at ``shape`` = (C, H, W)."""
+    return _decode_encoded(data, shape, policy)[0]
+
+
+def _decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
     if data is None or len(data) == 0:
         raise RowError("empty image (no bytes)")
     try:
@@ -136,6 +148,10 @@ def decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Poli
 
 def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> np.ndarray:
     """A raw pixel cell (list or array of H*W*C numbers, HWC order) -> uint8 (H, W, C)."""
+    return _decode_raw(values, shape, policy)[0]
+
+
+def _decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
     c, h, w = shape
     if values is None:
         raise RowError("empty image (null pixel array)")
@@ -158,7 +174,7 @@ def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> np.n
     elif arr.min() < 0 or arr.max() > 255:
         raise RowError(f"integer pixel values span [{arr.min()}, {arr.max()}]; expected 0..255")
     if arr.size == c * h * w:
-        return arr.astype(np.uint8).reshape(h, w, c)
+        return arr.astype(np.uint8).reshape(h, w, c), 0
     for cc in (1, 3):  # another colour mode of the same size
         if arr.size == cc * h * w and policy is Policy.adapt:
             img = Image.fromarray(arr.astype(np.uint8).reshape(h, w, cc).squeeze(-1) if cc == 1 else arr.astype(np.uint8).reshape(h, w, cc))
@@ -166,9 +182,10 @@ def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> np.n
     raise RowError(f"pixel array has {arr.size} values; expected {c * h * w} (= {h}x{w}x{c}, HWC order)")
 
 
-def decode_column(column: pa.Array | pa.ChunkedArray, kind: str, shape: tuple[int, int, int], policy: Policy
-                  ) -> tuple[np.ndarray, list[str | None]]:
-    """Decode a whole column: pixels (N, H, W, C) uint8 (zeros on error rows) and per-row error or None."""
+def decode_column(column: pa.Array | pa.ChunkedArray, kind: str, shape: tuple[int, int, int], policy: Policy,
+                  adapted: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a whole column: pixels (N, H, W, C) uint8 (zeros on error rows) and per-row error or None.
+    ``adapted``, if given (N uint8), receives what the adapt policy did to each row (CONVERTED | RESIZED)."""
     c, h, w = shape
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -186,7 +203,9 @@ def decode_column(column: pa.Array | pa.ChunkedArray, kind: str, shape: tuple[in
         cells = column.to_pylist()
     for i, cell in enumerate(cells):
         try:
-            out[i] = decode_raw(cell, shape, policy) if kind == "raw" else decode_encoded(cell, shape, policy)
+            out[i], done = _decode_raw(cell, shape, policy) if kind == "raw" else _decode_encoded(cell, shape, policy)
+            if adapted is not None:
+                adapted[i] = done
         except RowError as e:
             errors[i] = str(e)
     return out, errors

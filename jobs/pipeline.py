@@ -1,23 +1,28 @@
 """The scoring job on Ray Data: plan -> read+decode (CPU tasks) -> score (actor pool) -> write -> commit.
 
-Input is read per Parquet row group inside Ray Data tasks (``from_items`` of row-group units, then
-``map_batches``) rather than with ``read_parquet``: it keeps each row's ``source_row`` exact and
-turns a corrupt or truncated file into a listed failed input instead of a failed job. Scoring runs in
-an ``ActorPoolStrategy`` pool: each actor loads the checkpoint once and holds it on its GPU (or CPU).
-Output goes through ``write_parquet`` into a fresh attempt directory; the manifest, written last and
-create-if-absent, is what commits it.
+Planning (jobs/planning.py) lists the inputs once and reads their footers in a bounded thread pool.
+Input is read per Parquet row group inside Ray Data tasks (``from_items`` of read tasks, each a few
+row groups, then ``map_batches``) rather than with ``read_parquet``: it keeps each row's
+``source_row`` exact and turns a corrupt or truncated file into a listed failed input instead of a
+failed job. Scoring runs in an ``ActorPoolStrategy`` pool: each actor loads the checkpoint once and
+holds it on its GPU (or CPU). Write tasks (jobs/parts.py) turn the scored rows into part files of
+``rows_per_file`` rows in a fresh attempt directory and return their counts, so the driver never
+reads outputs back. The manifest, written last and create-if-absent, is what commits the run; an
+uncommitted run is resumed by scoring again under the same run id (``--resume``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,8 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import manifest
-from jobs.images import Columns, Policy, decode_column, detect_columns
+from jobs import manifest, parts
+from jobs.images import Columns, Policy, decode_column
+from jobs.parts import ADAPT_COLUMN
+from jobs.planning import Plan, Unit, plan_inputs, read_tasks
 from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, absolute, is_s3, join
 from nrm.config import ModelConfig
 
@@ -42,6 +49,10 @@ SCORE_COLUMNS = ["pred", "max_softmax", "max_logit", "energy", "latent_prior", "
 READ_TASK_RETRIES = 4
 ACTOR_RESTARTS = 4
 ACTOR_TASK_RETRIES = 4
+# A read task reads its units READ_THREADS at a time; an S3 input file of at most WHOLE_FILE_BYTES is
+# fetched whole with one GET (small files dominate request counts, not bytes).
+READ_THREADS = 8
+WHOLE_FILE_BYTES = 8 * 1024 * 1024
 # Test-only fault injection (tests/jobs/test_reliability_faults.py): a path to a file holding N; the first
 # scoring actor to reach its Nth batch deletes the file and kills its own process, exactly once.
 KILL_ACTOR_ENV = "NRM_OOD_TEST_KILL_ACTOR_AT"
@@ -111,79 +122,31 @@ class _LocalDir:
         self.tmp.cleanup()
 
 
-# ---------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
-class Unit:
-    """One row group of one input file: the unit of reading."""
-
-    uri: str
-    row_group: int
-    row_start: int
-    num_rows: int
-
-
-@dataclass
-class Plan:
-    units: list[Unit] = field(default_factory=list)
-    inputs: list[tuple[FileInfo, int]] = field(default_factory=list)  # readable files and their rows
-    failed: list[dict[str, str]] = field(default_factory=list)  # {"uri", "error"}
-    columns: dict[str, Columns] = field(default_factory=dict)  # per file
-
-
-def plan_inputs(store: Store, files: list[FileInfo], image: str | None, id: str | None, label: str | None) -> Plan:
-    """Read every file's footer: row groups, schema, image column. File-level problems are recorded."""
-    plan = Plan()
-    first: tuple[str, pa.Schema] | None = None
-    for f in files:
-        fs, path = store.filesystem(f.uri)
-        try:
-            with fs.open_input_file(path) as fh:
-                meta = pq.ParquetFile(fh).metadata
-                schema = meta.schema.to_arrow_schema()
-        except Exception as e:  # corrupt, truncated, not parquet, vanished
-            plan.failed.append({"uri": f.uri, "error": f"cannot read Parquet footer: {type(e).__name__}: {e}"})
-            continue
-        try:
-            cols = detect_columns(schema, image, id, label)
-        except ValueError as e:
-            msg = str(e)
-            if first is not None:
-                msg += f" (schema differs from the first input {first[0]})"
-            plan.failed.append({"uri": f.uri, "error": msg})
-            continue
-        if first is None:
-            first = (f.uri, schema)
-        plan.columns[f.uri] = cols
-        start = 0
-        for rg in range(meta.num_row_groups):
-            n = meta.row_group(rg).num_rows
-            if n:
-                plan.units.append(Unit(f.uri, rg, start, n))
-            start += n
-        plan.inputs.append((f, meta.num_rows))
-    return plan
-
-
 # ---------------------------------------------------------------------------- stages
 @dataclass(frozen=True)
 class ReadSpec:
     store: Store
     shape: tuple[int, int, int]
     policy: Policy
-    columns: dict[str, Columns]
 
 
-def read_unit(unit: dict[str, Any], spec: ReadSpec) -> dict[str, np.ndarray]:
-    """Read one row group and decode its images. Never raises for a row: errors go to ``error``."""
+def read_unit(unit: dict[str, Any], spec: ReadSpec, data: bytes | None = None) -> dict[str, np.ndarray]:
+    """Read one row group (a planning.Unit as a dict; from ``data``, the whole file, when given) and decode
+    its images. Never raises for a row: errors go to ``error``; what the adapt policy did to each row goes
+    to ``_adapt``."""
     uri, rg, start = str(unit["uri"]), int(unit["row_group"]), int(unit["row_start"])
-    cols = spec.columns[uri]
+    cols = Columns(unit["image"], unit["kind"], unit["id"], unit["label"])
     fs, path = spec.store.filesystem(uri)
     wanted = [c for c in (cols.image, cols.id, cols.label) if c]
     n = int(unit["num_rows"])
+    adapt = np.zeros(n, dtype=np.uint8)
     try:
-        with fs.open_input_file(path) as fh:
-            table = pq.ParquetFile(fh).read_row_group(rg, columns=wanted)
-        pixels, errors = decode_column(table.column(cols.image), cols.kind, spec.shape, spec.policy)
+        if data is not None:
+            table = pq.ParquetFile(pa.BufferReader(data)).read_row_group(rg, columns=wanted)
+        else:
+            with fs.open_input_file(path) as fh:
+                table = pq.ParquetFile(fh).read_row_group(rg, columns=wanted)
+        pixels, errors = decode_column(table.column(cols.image), cols.kind, spec.shape, spec.policy, adapt)
     except Exception as e:  # the whole row group is unreadable: every row of it is an error row
         c, h, w = spec.shape
         table = None
@@ -207,6 +170,7 @@ def read_unit(unit: dict[str, Any], spec: ReadSpec) -> dict[str, np.ndarray]:
         "has_label": has,
         "error": np.array([e or "" for e in errors], dtype=object),
         "pixels": pixels,  # (n, H, W, C) uint8
+        ADAPT_COLUMN: adapt,
     }
 
 
@@ -301,11 +265,17 @@ class Scorer:
         arrays["ood_score"] = pa.array(ood_score, pa.float64(), mask=~ok)
         arrays["is_ood"] = pa.array(is_ood & ok, pa.bool_(), mask=~ok)
         arrays["model_id"] = pa.array([self.model_id] * n, pa.string())
-        return pa.Table.from_pydict(arrays, schema=self.schema)
+        table = pa.Table.from_pydict(arrays, schema=self.schema)
+        if ADAPT_COLUMN in batch:  # passed through to the write task, which counts and drops it
+            table = table.append_column(ADAPT_COLUMN, pa.array(batch[ADAPT_COLUMN], pa.uint8()))
+        return table
 
 
 # ---------------------------------------------------------------------------- the run
-@dataclass
+ROWS_PER_FILE = 50_000  # rows per output part: tens of thousands, so 100,000 small inputs make a few files
+
+
+@dataclass(frozen=True)
 class ScoreOptions:
     model: str
     input: str
@@ -323,6 +293,13 @@ class ScoreOptions:
     resize_policy: Policy = Policy.adapt
     endpoint_url: str | None = None
     read_cpus: float = 0.5  # per read+decode task: fractional so reads always find room beside the actors
+    resume: str | None = None  # a run id whose earlier attempt must exist (the same as --run-id, but checked)
+    rows_per_file: int = ROWS_PER_FILE
+    actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)
+
+
+class Interrupted(JobError):
+    """Ctrl-C (or SIGTERM turned into KeyboardInterrupt) before the commit."""
 
 
 @dataclass
@@ -331,6 +308,7 @@ class RunResult:
     status: str  # "complete" | "incomplete" | "already-committed" | "nothing-to-do" | "lost-commit-race"
     manifest: dict[str, Any] = field(default_factory=dict)
     manifest_uri: str = ""
+    timings: dict[str, float] = field(default_factory=dict)  # plan_s, score_s, commit_s (driver wall time)
 
     @property
     def exit_code(self) -> int:
@@ -340,6 +318,11 @@ class RunResult:
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("run-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+def new_attempt() -> str:
+    """Attempt directory name; its time stamp orders attempts for resume."""
+    return datetime.now(timezone.utc).strftime("attempt-%Y%m%dT%H%M%S%fZ-") + uuid.uuid4().hex[:6]
 
 
 def init_ray(address: str | None) -> None:
@@ -383,102 +366,206 @@ def pool_size(opts: ScoreOptions) -> tuple[int, float, float]:
     return actors, cpa, opts.gpus_per_actor
 
 
-def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
-    """Score ``opts.input`` with ``opts.model`` into ``opts.output``; see the module docstring."""
-    import ray
-
-    store = Store(opts.endpoint_url)
-    opts.output = absolute(opts.output)  # the manifest records absolute URIs, readable from anywhere
+def checked(opts: ScoreOptions) -> ScoreOptions:
+    """The options validated, with a local output made absolute (the manifest records absolute URIs,
+    readable from anywhere). Returns a new object: the caller's options are never changed."""
+    output = absolute(opts.output)
+    if not is_s3(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise JobError(f"--output {opts.output!r} is an existing file; expected a directory (or s3:// prefix) "
+                       "to hold the runs")
     if opts.batch_size < 1:
         raise JobError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    run_id = opts.run_id or new_run_id()
+    if opts.rows_per_file < 1:
+        raise JobError(f"--rows-per-file must be >= 1, got {opts.rows_per_file}")
+    if opts.resume and opts.run_id and opts.resume != opts.run_id:
+        raise JobError(f"--resume {opts.resume!r} and --run-id {opts.run_id!r} name different runs; give one")
+    run_id = opts.resume or opts.run_id or new_run_id()
     if "/" in run_id or run_id.startswith((".", "_")):
         raise JobError(f"--run-id {run_id!r} must not contain '/' or start with '.' or '_'")
+    return replace(opts, output=output, run_id=run_id)
+
+
+def run_score(opts: ScoreOptions, echo: Any = print) -> RunResult:
+    """Score ``opts.input`` with ``opts.model`` into ``<opts.output>/<run id>``; see the module docstring.
+    Raises JobError (one sentence) when the run cannot proceed, Interrupted on Ctrl-C."""
+    opts = checked(opts)
+    assert opts.run_id is not None
+    try:
+        return _run(opts, Store(opts.endpoint_url), echo)
+    except StorageError as e:  # writing an attempt's lists, scanning earlier attempts
+        raise JobError(f"{e}; run {opts.run_id} was not committed") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: run {opts.run_id} was not committed (nothing under {opts.output} is output); "
+                          f"rerun the same command with --resume {opts.run_id} to keep what was scored") from None
+
+
+def _run(opts: ScoreOptions, store: Store, echo: Any) -> RunResult:
+    run_id = str(opts.run_id)
+    existing = _committed(store, opts)
+    if existing is not None:
+        return existing
+    ckpt = Checkpoint.fetch(store, opts.model)
+    t0 = time.perf_counter()
+    files, prior = _inputs(store, opts)
+    if not files:
+        return RunResult(run_id, "nothing-to-do")
+    plan = plan_inputs(store, files, opts.image_column, opts.id_column, opts.label_column)
+    if not plan.inputs:
+        f = plan.failed[0]
+        raise JobError(f"every input file failed ({len(plan.failed)}; first {f['uri']}: {f['error']}); "
+                       "nothing was committed")
+    run_uri = join(opts.output, run_id)
+    reuse = parts.reusable(store, run_uri, {f.uri: (f.version, n) for f, n in plan.inputs})
+    attempt_uri = join(run_uri, new_attempt())
+    inputs_ref = manifest.write_list(store, join(attempt_uri, parts.INPUTS),
+                                     manifest.input_rows(plan.inputs, plan.failed), manifest.INPUT_SCHEMA)
+    timings = {"plan_s": time.perf_counter() - t0}
+    echo(f"run {run_id}: {len(plan.inputs)} input file(s), {plan.rows} rows, {len(plan.failed)} unreadable file(s); "
+         f"model {ckpt.model_id[:12]}" + (f"; resuming: {len(reuse.done)} file(s), {reuse.rows} rows already scored"
+                                          if reuse.done else ""))
+    t1 = time.perf_counter()
+    written = _score(store, opts, ckpt, [u for u in plan.units if u.uri not in reuse.done], attempt_uri)
+    timings["score_s"] = time.perf_counter() - t1
+    lists = {"inputs": inputs_ref,
+             "covered": manifest.write_covered(store, join(attempt_uri, manifest.COVERED), prior,
+                                                  [f for f, _ in plan.inputs])}
+    return _commit(store, opts, ckpt, plan, reuse.parts + written, lists, attempt_uri, timings)
+
+
+def _committed(store: Store, opts: ScoreOptions) -> RunResult | None:
+    """The committed run of this run id, if any; for --resume, also checks there is an attempt to resume."""
+    run_id = str(opts.run_id)
     try:
         store.check_bucket(opts.output)
-        existing = manifest.read(store, opts.output, run_id)
+        m = manifest.read(store, opts.output, run_id)
+        if m is None and opts.resume and not parts.attempts(store, join(opts.output, run_id)):
+            raise JobError(f"--resume {run_id}: no earlier attempt of that run under {opts.output}")
     except StorageError as e:
         raise JobError(str(e)) from None
-    if existing is not None:
-        return RunResult(run_id, "already-committed", existing, manifest.manifest_uri(opts.output, run_id))
-    ckpt = Checkpoint.fetch(store, opts.model)
-    cfg = ckpt.config
-    assert cfg is not None  # fetch always parses it
+    return None if m is None else RunResult(run_id, "already-committed", m, manifest.manifest_uri(opts.output, run_id))
+
+
+def _inputs(store: Store, opts: ScoreOptions) -> tuple[list[FileInfo], set[tuple[str, str]]]:
+    """The input files to plan (all listed, or with --incremental those no committed run covers) and the
+    (uri, version) pairs committed runs cover. A listing or read error fails the run: with an empty
+    answer --incremental would score everything again without a word."""
     try:
         files = store.list_parquet(opts.input)
+        prior = manifest.covered(store, opts.output)
     except StorageError as e:
-        raise JobError(str(e)) from None
+        raise JobError(f"{e}; nothing was scored") from None
     if opts.incremental:
-        done = manifest.covered(manifest.committed_runs(store, opts.output))
-        files = [f for f in files if (f.uri, f.version) not in done]
-        if not files:
-            return RunResult(run_id, "nothing-to-do")
-    plan = plan_inputs(store, files, opts.image_column, opts.id_column, opts.label_column)
-    rows_in = sum(u.num_rows for u in plan.units)
-    echo(f"run {run_id}: {len(plan.inputs)} input file(s), {rows_in} rows, {len(plan.failed)} unreadable file(s); "
-         f"model {ckpt.model_id[:12]}")
-    attempt = f"attempt-{uuid.uuid4().hex[:8]}"
-    attempt_uri = join(opts.output, run_id, attempt)
-    t0 = time.perf_counter()
-    outputs: list[dict[str, Any]] = []
-    counts = {"ok": 0, "error": 0, "ood": 0}
-    if plan.units:
-        init_ray(opts.address)
-        actors, cpa, gpa = pool_size(opts)
-        spec = ReadSpec(store, cfg.input.shape, opts.resize_policy, plan.columns)
-        ds: ray.data.Dataset = ray.data.from_items([asdict(u) for u in plan.units], override_num_blocks=len(plan.units))
-        with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
-            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
-                                batch_format="default",
-                                num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
-            ds = ds.map_batches(
-                Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa))},
-                batch_size=opts.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
-                max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
-            )
-        fs, path = store.filesystem(attempt_uri)
-        if not is_s3(attempt_uri):
-            os.makedirs(path, exist_ok=True)
-        try:
-            ds.write_parquet(path, filesystem=fs)
-        except Exception as e:  # retries exhausted (actor deaths, storage): this attempt is not output
-            _discard(store, attempt_uri)
-            raise JobError(f"scoring failed after retries, nothing was committed: {_one_line(e)}") from None
-        outputs, counts = _count_outputs(store, attempt_uri)
-    seconds = time.perf_counter() - t0
-    if counts["ok"] + counts["error"] != rows_in:
-        raise JobError(f"row accounting failed: {rows_in} rows in, {counts['ok']} ok + {counts['error']} error out; "
+        files = [f for f in files if (f.uri, f.version) not in prior]
+    return files, prior
+
+
+def _score(store: Store, opts: ScoreOptions, ckpt: Checkpoint, units: list[Unit], attempt_uri: str
+           ) -> list[dict[str, Any]]:
+    """Read, score and write ``units`` into ``attempt_uri`` on Ray Data; the written parts' counts."""
+    if not units:
+        return []
+    ds = _dataset(opts, store, ckpt, units, attempt_uri)
+    if not is_s3(attempt_uri):
+        os.makedirs(store.filesystem(attempt_uri)[1], exist_ok=True)
+    try:
+        rows = ds.take_all()
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # retries exhausted (actor deaths, storage): nothing is committed
+        if isinstance(getattr(e, "cause", None), KeyboardInterrupt) or "KeyboardInterrupt" in str(e)[-500:]:
+            raise KeyboardInterrupt from None
+        raise JobError(f"scoring failed after retries, nothing was committed: {_one_line(e)}; rerun with "
+                       f"--resume {opts.run_id} to keep the parts already written") from None
+    return sorted(rows, key=lambda r: str(r["uri"]))
+
+
+def _dataset(opts: ScoreOptions, store: Store, ckpt: Checkpoint, units: list[Unit], attempt_uri: str) -> Any:
+    """The lazy Ray Data pipeline: read tasks -> scoring actors -> write tasks (one row per part)."""
+    import ray
+
+    init_ray(opts.address)
+    actors, cpa, gpa = pool_size(opts)
+    cfg = ckpt.config
+    assert cfg is not None  # fetch always parses it
+    spec = ReadSpec(store, cfg.input.shape, opts.resize_policy)
+    tasks = read_tasks(units)
+    ds: ray.data.Dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
+                            batch_format="default", num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
+        ds = ds.map_batches(
+            Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa))},
+            batch_size=opts.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
+            resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
+        )
+        return ds.map_batches(parts.write_part, fn_kwargs={"spec": parts.PartSpec(store, attempt_uri)},  # type: ignore[arg-type]
+                              batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_CPUS,
+                              max_retries=READ_TASK_RETRIES)
+
+
+MAX_LISTED_FAILURES = 100  # failed inputs quoted in the manifest itself; all of them are in its inputs list
+WRITE_CPUS = 0.25  # per write task: it only encodes Parquet, and must fit beside the reads and the actors
+
+
+def _commit(store: Store, opts: ScoreOptions, ckpt: Checkpoint, plan: Plan, written: list[dict[str, Any]],
+            lists: dict[str, Any], attempt_uri: str, timings: dict[str, float]) -> RunResult:
+    """Check the row accounting, write the output list, then commit the manifest (one conditional put)."""
+    run_id = str(opts.run_id)
+    totals = {k: sum(int(p[k]) for p in written) for k in parts.COUNTS}
+    if totals["ok"] + totals["error"] != plan.rows or totals["rows"] != plan.rows:
+        raise JobError(f"row accounting failed: {plan.rows} rows in, {totals['ok']} ok + {totals['error']} error out; "
                        "nothing was committed")
-    body: dict[str, Any] = {
+    t = time.perf_counter()
+    outputs_ref = manifest.write_list(store, join(attempt_uri, parts.OUTPUTS),
+                                      [{k: p[k] for k in manifest.OUTPUT_SCHEMA.names} for p in written],
+                                      manifest.OUTPUT_SCHEMA)
+    resumed = sum(int(p["rows"]) for p in written if not str(p["uri"]).startswith(attempt_uri + "/"))
+    body = _body(opts, ckpt, plan, totals, {**lists, "outputs": outputs_ref}, resumed, timings)
+    try:
+        manifest.point(store, opts.output, run_id)
+        uri = manifest.commit(store, opts.output, run_id, body)
+    except AlreadyCommitted:
+        _discard_lost(store, opts, attempt_uri)
+        return RunResult(run_id, "lost-commit-race", body)
+    except StorageError as e:  # the outcome is unknown, so the attempt stays: unlisted, it is not output
+        raise JobError(f"cannot commit run {run_id} ({e}); it is committed only if `nrm-ood runs` lists it") from None
+    return RunResult(run_id, body["status"], body, uri, {**timings, "commit_s": time.perf_counter() - t})
+
+
+def _body(opts: ScoreOptions, ckpt: Checkpoint, plan: Plan, totals: dict[str, int], lists: dict[str, Any],
+          resumed: int, timings: dict[str, float]) -> dict[str, Any]:
+    cfg = ckpt.config
+    assert cfg is not None
+    seconds = timings["plan_s"] + timings["score_s"]
+    return {
         "status": "incomplete" if plan.failed else "complete",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"uri": opts.model, "model_id": ckpt.model_id, "config_sha256": ckpt.config_sha256},
         "input": opts.input,
-        "inputs": [manifest.input_entry(f, n) for f, n in plan.inputs],
-        "failed_inputs": plan.failed,
-        "outputs": outputs,
-        "rows": {"in": rows_in, "ok": counts["ok"], "error": counts["error"]},
-        "flagged_ood": counts["ood"],
+        **lists,  # {"uri", "sha256", "count"} of the Parquet lists beside the outputs
+        "input_files": {"ok": len(plan.inputs), "failed": len(plan.failed)},
+        "failed_inputs": plan.failed[:MAX_LISTED_FAILURES],
+        "rows": {"in": plan.rows, "ok": totals["ok"], "error": totals["error"]},
+        "flagged_ood": totals["ood"],
+        "adapted": {"policy": opts.resize_policy.value, "converted": totals["converted"], "resized": totals["resized"]},
+        "resumed_rows": resumed,
         "threshold": asdict(cfg.fitted.threshold) if cfg.fitted.threshold else None,
-        "timings": {"seconds": round(seconds, 3), "images_per_s": round(rows_in / seconds, 1) if seconds else None},
+        "timings": {"plan_s": round(timings["plan_s"], 3), "score_s": round(timings["score_s"], 3),
+                    "seconds": round(seconds, 3), "images_per_s": round(plan.rows / seconds, 1) if seconds else None},
         "options": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(opts).items()
                     if k not in ("endpoint_url",)},
     }
-    try:
-        uri = manifest.commit(store, opts.output, run_id, body)
-    except AlreadyCommitted:
-        _discard(store, attempt_uri)
-        return RunResult(run_id, "lost-commit-race", body)
-    except StorageError as e:  # the outcome is unknown, so the attempt stays: unlisted, it is not output
-        raise JobError(f"cannot commit run {run_id} ({e}); it is committed only if `nrm-ood runs` lists it") from None
-    return RunResult(run_id, body["status"], body, uri)
 
 
-def _discard(store: Store, attempt_uri: str) -> None:
-    """Best-effort removal of an attempt that will never be committed (unlisted, it is not output anyway)."""
+def _discard_lost(store: Store, opts: ScoreOptions, attempt_uri: str) -> None:
+    """Best-effort removal of an attempt that lost the commit race, unless the winner reused its parts
+    (or its output list cannot be read: an attempt left behind is not output, a deleted part may be)."""
     try:
+        winner = manifest.read(store, opts.output, str(opts.run_id))
+        if winner is None or any(o["uri"].startswith(attempt_uri + "/") for o in manifest.outputs(store, winner)):
+            return
         store.delete_dir(attempt_uri)
     except Exception as e:
         log.warning("could not remove the uncommitted attempt %s: %s", attempt_uri, _one_line(e))
@@ -490,45 +577,55 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
+def _read_file(units: list[dict[str, Any]], spec: ReadSpec) -> list[dict[str, np.ndarray]]:
+    """The units of one file; a small S3 file is fetched whole with one GET (instead of pyarrow's HEAD,
+    footer and column GETs per row group); a failed fetch leaves each unit to fail on its own."""
+    uri, size = str(units[0]["uri"]), int(units[0].get("size") or 0)
+    data = None
+    if is_s3(uri) and 0 < size <= WHOLE_FILE_BYTES:
+        try:
+            data = spec.store.read_bytes(uri)
+        except Exception:
+            data = None
+    return [read_unit(u, spec, data) for u in units]
+
+
 def _read_batch(batch: dict[str, np.ndarray], spec: ReadSpec) -> dict[str, np.ndarray]:
-    parts = [read_unit({k: v[i] for k, v in batch.items()}, spec) for i in range(len(batch["uri"]))]
-    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _count_outputs(store: Store, attempt_uri: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    fs, path = store.filesystem(attempt_uri)
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    outputs, counts = [], {"ok": 0, "error": 0, "ood": 0}
-    prefix = attempt_uri.rstrip("/")
-    for info in sorted((i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")),
-                       key=lambda i: i.path):
-        t = pq.read_table(info.path, filesystem=fs, columns=["status", "is_ood"])
-        ok = int(pa.compute.sum(pa.compute.equal(t["status"], "ok")).as_py() or 0)
-        counts["ok"] += ok
-        counts["error"] += t.num_rows - ok
-        counts["ood"] += int(pa.compute.sum(t["is_ood"]).as_py() or 0)
-        rel = info.path[len(path):].lstrip("/")
-        outputs.append({"uri": join(prefix, rel), "rows": t.num_rows})
-    return outputs, counts
+    """Ray Data read task: every unit of one planning.read_tasks item, concatenated."""
+    by_file: dict[str, list[dict[str, Any]]] = {}
+    for item in batch["units"]:
+        for u in json.loads(str(item)):
+            by_file.setdefault(u["uri"], []).append(u)
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # small files: mostly waiting on storage, so a few overlap
+        got = [p for file_parts in pool.map(lambda us: _read_file(us, spec), by_file.values()) for p in file_parts]
+    return got[0] if len(got) == 1 else {k: np.concatenate([p[k] for p in got]) for k in got[0]}
 
 
 def summary(result: RunResult) -> str:
     m = result.manifest
     if result.status == "already-committed":
-        return f"run {result.run_id} is already committed ({result.manifest_uri}); nothing to do"
+        failed = m.get("input_files", {}).get("failed", len(m.get("failed_inputs", [])))
+        how = f"{m['status']}: {failed} input file(s) failed" if m.get("status") == "incomplete" else m.get("status")
+        return (f"run {result.run_id} is already committed ({how}; {result.manifest_uri}); nothing to do"
+                + ("; score again under a new --run-id to retry the failed inputs" if m.get("status") == "incomplete"
+                   else ""))
     if result.status == "nothing-to-do":
         return "every input file is covered by a committed run; nothing to score"
-    rows, t = m["rows"], m["timings"]
+    rows, t, ad = m["rows"], m["timings"], m["adapted"]
     lines = [
         f"run {result.run_id}: {result.status}",
         f"  rows {rows['in']}  ok {rows['ok']}  errors {rows['error']}  flagged OOD {m['flagged_ood']}"
         + (f" ({m['flagged_ood'] / rows['ok']:.1%} of ok)" if rows["ok"] else ""),
-        f"  {t['seconds']:.1f} s, {t['images_per_s'] or 0:.0f} images/s",
+        f"  {t['seconds']:.1f} s (plan {t['plan_s']:.1f}, score {t['score_s']:.1f}), {t['images_per_s'] or 0:.0f} images/s"
+        + (f"; {m['resumed_rows']} rows kept from an earlier attempt" if m.get("resumed_rows") else ""),
     ]
+    if ad["converted"] or ad["resized"]:
+        lines.append(f"  --resize-policy {ad['policy']}: {ad['converted']} row(s) colour-converted, "
+                     f"{ad['resized']} resized to the model's input")
     for f in m.get("failed_inputs", []):
         lines.append(f"  failed input {f['uri']}: {f['error']}")
+    if m["input_files"]["failed"] > len(m.get("failed_inputs", [])):
+        lines.append(f"  ... {m['input_files']['failed']} failed input files in all (listed in {m['inputs']['uri']})")
     if result.status == "lost-commit-race":
         lines.append(f"  another run committed run id {result.run_id} first; this run's output was discarded")
     else:

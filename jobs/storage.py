@@ -9,7 +9,9 @@ worker builds its own clients from its own environment.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -72,6 +74,42 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def _env_key() -> tuple[int, str]:
+    """What a cached client depends on besides endpoint and region: the process (clients do not survive a
+    fork) and the credentials in the environment (hashed, so the cache key holds no secret)."""
+    creds = "\0".join(os.environ.get(k, "") for k in CREDENTIAL_ENV)
+    return os.getpid(), hashlib.sha256(creds.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None, _env: tuple[int, str]) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    cfg = Config(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60,
+                 max_pool_connections=32,  # the footer thread pool shares this client
+                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    return boto3.session.Session(region_name=region).client("s3", endpoint_url=endpoint, config=cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3fs(endpoint: str | None, region: str | None, _env: tuple[int, str]) -> pafs.S3FileSystem:
+    kw: dict[str, Any] = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8),
+        "connect_timeout": 10,
+        "request_timeout": 60,
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if region:
+        kw["region"] = region
+    return pafs.S3FileSystem(**kw)
+
+
 @dataclass(frozen=True)
 class FileInfo:
     uri: str
@@ -90,27 +128,13 @@ class Store:
         return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
     def s3fs(self) -> pafs.S3FileSystem:
-        kw: dict[str, Any] = {
-            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=8),
-            "connect_timeout": 10,
-            "request_timeout": 60,
-        }
-        ep = self._endpoint
-        if ep:
-            scheme, _, host = ep.partition("://")
-            kw.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kw["region"] = region
-        return pafs.S3FileSystem(**kw)
+        return _s3fs(self._endpoint, region, _env_key())
 
     def s3(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        cfg = Config(retries={"mode": "standard", "max_attempts": 8}, connect_timeout=10, read_timeout=60,
-                     request_checksum_calculation="when_required", response_checksum_validation="when_required")
-        return boto3.session.Session(region_name=self.region).client("s3", endpoint_url=self._endpoint, config=cfg)
+        """boto3 S3 client, one per (endpoint, region, process): boto3 clients are thread-safe, and
+        building a session and client costs milliseconds that add up over thousands of files."""
+        return _s3_client(self._endpoint, self.region, _env_key())
 
     def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
         """The pyarrow filesystem and in-filesystem path for ``uri``."""
@@ -118,6 +142,22 @@ class Store:
             bucket, key = split_s3(uri)
             return self.s3fs(), f"{bucket}/{key}".rstrip("/")
         return pafs.LocalFileSystem(), local_path(uri)
+
+    def read_tail(self, uri: str, n: int) -> bytes:
+        """The last ``n`` bytes of an object (all of it if shorter): one ranged GET on S3, no HEAD."""
+        if not is_s3(uri):
+            with open(local_path(uri), "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - n))
+                return f.read()
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return self.s3().get_object(Bucket=bucket, Key=key, Range=f"bytes=-{n}")["Body"].read()  # type: ignore[no-any-return,unused-ignore]
+        except ClientError as e:
+            raise StorageError(f"cannot read {uri!r}: {e.response.get('Error', {}).get('Code', '') or e}") from None
+        except BotoCoreError as e:
+            raise StorageError(f"cannot read {uri!r}: {e}") from None
 
     # ------------------------------------------------------------------ listing
     def check_bucket(self, uri: str) -> None:
@@ -156,25 +196,7 @@ class Store:
         """Parquet files named by ``uri``: a file, a directory/prefix (recursive), or a glob. Sorted."""
         has_glob = any(ch in uri for ch in "*?[")
         if is_s3(uri):
-            self.check_bucket(uri)
-            fs = self.s3fs()
-            bucket, key = split_s3(uri)
-            base = key.split("*")[0].split("?")[0].split("[")[0] if has_glob else key
-            base_dir = base.rsplit("/", 1)[0] if has_glob else base
-            try:
-                top = fs.get_file_info(f"{bucket}/{key}") if not has_glob else None
-                if top is not None and top.type == pafs.FileType.File:
-                    return [self._s3_info(bucket, key, top.size)]
-                infos = fs.get_file_info(pafs.FileSelector(f"{bucket}/{base_dir}".rstrip("/"), recursive=True,
-                                                           allow_not_found=True))
-            except OSError as e:
-                raise StorageError(f"cannot list {uri!r}: {e}") from None
-            files = [i for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
-            if has_glob:
-                files = [i for i in files if glob_match(i.path, f"{bucket}/{key}")]
-            root = f"{bucket}/{base_dir}".rstrip("/")
-            files = [i for i in files if not hidden(i.path[len(root):])]
-            out = [self._s3_info(bucket, i.path.split("/", 1)[1], i.size) for i in files]
+            out = self._list_s3_parquet(uri, has_glob)
         else:
             path = local_path(uri)
             if has_glob:
@@ -194,10 +216,39 @@ class Store:
             raise StorageError(f"no .parquet files found at {uri!r}")
         return sorted(out, key=lambda f: f.uri)
 
-    def _s3_info(self, bucket: str, key: str, size: int | None) -> FileInfo:
-        head = self.s3().head_object(Bucket=bucket, Key=key)
-        return FileInfo(f"s3://{bucket}/{key}", int(size if size is not None else head["ContentLength"]),
-                        head["ETag"].strip('"'))
+    def _list_s3_parquet(self, uri: str, has_glob: bool) -> list[FileInfo]:
+        """One paginated ListObjectsV2 under the URI's fixed prefix; its size and ETag are all a FileInfo
+        needs (no HEAD per object). A key equal to the URI is the file itself; otherwise it is a prefix."""
+        self.check_bucket(uri)
+        bucket, key = split_s3(uri)
+        base = key.split("*")[0].split("?")[0].split("[")[0] if has_glob else key
+        base_dir = base.rsplit("/", 1)[0] if has_glob and "/" in base else ("" if has_glob else base)
+        objects = self.list_objects(bucket, base_dir.rstrip("/") if has_glob else key)
+        if not has_glob:
+            exact = [o for o in objects if o[0] == key]
+            if exact and not key.endswith("/"):
+                objects = exact
+            else:  # a prefix: only keys below it as a directory ("d" lists d/..., never dx/...)
+                objects = [o for o in objects if o[0].startswith(key.rstrip("/") + "/") or not key]
+        objects = [o for o in objects if o[0].endswith(".parquet")]
+        if has_glob:
+            objects = [o for o in objects if glob_match(o[0], key)]
+        root = base_dir.rstrip("/") if has_glob else key.rstrip("/")
+        objects = [o for o in objects if o[0] == key or not hidden(o[0][len(root):])]
+        return [FileInfo(f"s3://{bucket}/{k}", size, etag) for k, size, etag in objects]
+
+    def list_objects(self, bucket: str, prefix: str) -> list[tuple[str, int, str]]:
+        """(key, size, ETag) of every object under ``prefix``: one paginated listing, 1,000 keys a request."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            pages = self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            return [(o["Key"], int(o["Size"]), o["ETag"].strip('"')) for p in pages for o in p.get("Contents", [])]
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            raise StorageError(f"cannot list s3://{bucket}/{prefix}: {code or e}") from None
+        except BotoCoreError as e:
+            raise StorageError(f"cannot list s3://{bucket}/{prefix}: {e}") from None
 
     # ------------------------------------------------------------------ objects
     def read_bytes(self, uri: str) -> bytes:
@@ -218,7 +269,7 @@ class Store:
                 raise StorageError(f"cannot read {uri!r}: {code}") from None
         return Path(local_path(uri)).read_bytes()
 
-    def put_if_absent(self, uri: str, data: bytes) -> None:
+    def put_if_absent(self, uri: str, data: bytes, content_type: str = "application/json") -> None:
         """Create ``uri`` holding ``data`` only if nothing is there: S3 conditional put
         (If-None-Match '*'), locally an atomic hard link of a complete temp file. Raises AlreadyCommitted."""
         if is_s3(uri):
@@ -226,8 +277,7 @@ class Store:
 
             bucket, key = split_s3(uri)
             try:
-                self.s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*",
-                                     ContentType="application/json")
+                self.s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", ContentType=content_type)
             except ClientError as e:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
@@ -259,14 +309,26 @@ class Store:
         except (FileNotFoundError, StorageError):
             return False
 
-    def list_dirs(self, uri: str) -> list[str]:
-        """Immediate sub-directories (prefixes) of ``uri``; [] if it does not exist."""
-        fs, path = self.filesystem(uri)
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-        except OSError as e:
-            raise StorageError(f"cannot list {uri!r}: {e}") from None
+    def list_dirs(self, uri: str, must_exist: bool = False) -> list[str]:
+        """Immediate sub-directories (prefixes) of ``uri``; [] if it does not exist, unless ``must_exist``."""
+        infos = self._list(uri, must_exist)
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def list_names(self, uri: str) -> list[str]:
+        """Names of the files (objects) directly under ``uri``; [] if it does not exist. One listing."""
+        return sorted(i.base_name for i in self._list(uri, False) if i.type == pafs.FileType.File)
+
+    def _list(self, uri: str, must_exist: bool) -> list[pafs.FileInfo]:
+        fs, path = self.filesystem(uri)
+        for _ in range(3):
+            try:
+                return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=not must_exist))
+            except FileNotFoundError:  # the directory, or an entry a concurrent writer just renamed, vanished
+                if must_exist and fs.get_file_info(path).type == pafs.FileType.NotFound:
+                    raise StorageError(f"{uri!r} does not exist") from None
+            except OSError as e:
+                raise StorageError(f"cannot list {uri!r}: {e}") from None
+        raise StorageError(f"cannot list {uri!r}: its entries kept changing while being listed")
 
     def delete_dir(self, uri: str) -> None:
         fs, path = self.filesystem(uri)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 import nrm
+from jobs import manifest
 from jobs.bench import PeakRSS, machine, request_counts, start_moto
 from jobs.datasets import png_cells, write_hf_parquet
 from jobs.pipeline import ScoreOptions, init_ray, run_score
@@ -69,7 +70,7 @@ def check_output(m: dict[str, Any], fs: pafs.FileSystem | None, expected_ids: in
         return uri[len("s3://"):] if uri.startswith("s3://") else uri
 
     t = pa.concat_tables([pq.read_table(path(o["uri"]), filesystem=fs, columns=["id", "status"])
-                          for o in m["outputs"]])
+                          for o in manifest.outputs(Store(), m)])
     ids = t["id"].to_pylist()
     ok = int(pa.compute.sum(pa.compute.equal(t["status"], "ok")).as_py() or 0)
     return {"rows_read": t.num_rows, "ok_read": ok, "error_read": t.num_rows - ok,
@@ -86,8 +87,8 @@ def run_job(label: str, model: str, data: str, out: str, batch: int, rows: int, 
     wall = time.perf_counter() - t
     m = r.manifest
     rec = {"run": label, "status": r.status, "rows_in": m["rows"]["in"], "ok": m["rows"]["ok"],
-           "error": m["rows"]["error"], "failed_inputs": len(m["failed_inputs"]), "inputs": len(m["inputs"]),
-           "outputs": len(m["outputs"]), "job_seconds": m["timings"]["seconds"], "wall_seconds": round(wall, 1),
+           "error": m["rows"]["error"], "failed_inputs": m["input_files"]["failed"], "inputs": m["inputs"]["count"],
+           "outputs": m["outputs"]["count"], "job_seconds": m["timings"]["seconds"], "wall_seconds": round(wall, 1),
            "images_per_s": m["timings"]["images_per_s"], "peak_rss_mib": round(mem.peak / 2**20),
            **check_output(m, fs, rows)}
     print(json.dumps(rec))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -89,3 +90,19 @@ def assert_same_config(a: ModelConfig, b: ModelConfig) -> None:
     for k in ta:
         assert ta[k].dtype == tb[k].dtype == torch.float64, k
         assert torch.equal(ta[k], tb[k]), k
+
+
+def outputs_of(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The output files a committed manifest names (read from its Parquet list beside it)."""
+    from jobs import manifest
+    from jobs.storage import Store
+
+    return manifest.outputs(Store(), m)
+
+
+def inputs_of(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The readable input files a committed manifest names."""
+    from jobs import manifest
+    from jobs.storage import Store
+
+    return manifest.inputs(Store(), m)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -28,7 +28,7 @@ def invoke(*args: str) -> Any:
 
 def read_scores(out: Path, run_id: str) -> pa.Table:
     m = json.loads((out / run_id / "_manifest.json").read_text())
-    return pa.concat_tables([pq.read_table(o["uri"]) for o in m["outputs"]])
+    return pa.concat_tables([pq.read_table(o["uri"]) for o in outputs_of(m)])
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +221,69 @@ def test_filter_without_a_committed_run_is_one_error_line(tmp_path: Path) -> Non
     assert r.stderr.startswith("error: no committed run at") and "Traceback" not in r.output
 
 
+# ---------------------------------------------------------------------------- bad runs a new user meets (issue 13)
+def test_output_naming_an_existing_file_is_one_sentence_and_writes_nothing(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
+    (tmp_path / "taken.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = invoke("score", "--model", str(ckpt), "--input", str(tmp_path / "a.parquet"),
+               "--output", str(tmp_path / "taken.txt"))
+    assert r.exit_code == 1
+    assert r.stderr == (f"error: --output {str(tmp_path / 'taken.txt')!r} is an existing file; expected a directory "
+                        "(or s3:// prefix) to hold the runs\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "taken.txt").read_text() == "mine"
+
+
+def test_ctrl_c_says_nothing_was_committed_and_how_to_resume(ckpt: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import pipeline
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_score", interrupted)
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
+    r = invoke("score", "--model", str(ckpt), "--input", str(tmp_path / "a.parquet"), "--output",
+               str(tmp_path / "out"), "--run-id", "ctrlc")
+    assert r.exit_code == 130
+    assert r.stderr.startswith("error: interrupted: run ctrlc was not committed") and r.stderr.count("\n") == 1
+    assert "rerun the same command with --resume ctrlc" in r.stderr
+    assert not (tmp_path / "out" / "ctrlc" / "_manifest.json").exists()
+
+
+def test_runs_on_a_missing_path_exits_1_naming_it(tmp_path: Path) -> None:
+    r = invoke("runs", str(tmp_path / "nope"))
+    assert r.exit_code == 1
+    assert r.stderr == f"error: {str(tmp_path / 'nope')!r} does not exist; expected the --output given to `score`\n"
+
+
+@pytest.mark.ray
+def test_every_input_failed_exits_1_and_the_corrected_command_scores(ckpt: Path, tmp_path: Path,
+                                                                     ray_local: None) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.parquet").write_bytes(b"PAR1 not parquet")
+    args = ["score", "--model", str(ckpt), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--run-id", "allbad"]
+    r = invoke(*args)
+    assert r.exit_code == 1 and r.stderr.startswith("error: every input file failed (1; first ")
+    assert "nothing was committed" in r.stderr and not (tmp_path / "out").exists()
+    write_hf_parquet(tmp_path / "in" / "a.parquet", [png_bytes(p) for p in random_images(3)])
+    r = invoke(*args)
+    assert r.exit_code == 0 and "run allbad: complete" in r.stdout
+
+
+@pytest.mark.ray
+def test_adapt_policy_counts_converted_and_resized_rows(ckpt: Path, tmp_path: Path, ray_local: None) -> None:
+    rgb16 = [png_bytes(p) for p in random_images(3, size=16, channels=3, seed=5)]
+    write_hf_parquet(tmp_path / "a.parquet", [*rgb16, *[png_bytes(p) for p in random_images(2, seed=6)]])
+    r = invoke("score", "--model", str(ckpt), "--input", str(tmp_path / "a.parquet"), "--output",
+               str(tmp_path / "out"), "--run-id", "ad")
+    assert r.exit_code == 0, r.output
+    assert "--resize-policy adapt: 3 row(s) colour-converted, 3 resized to the model's input" in r.stdout
+    m = json.loads((tmp_path / "out" / "ad" / "_manifest.json").read_text())
+    assert m["adapted"] == {"policy": "adapt", "converted": 3, "resized": 3}
+
+
 # ---------------------------------------------------------------------------- incomplete runs
 @pytest.fixture(scope="module")
 def incomplete(ckpt: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> dict[str, Any]:
@@ -233,6 +296,15 @@ def incomplete(ckpt: Path, tmp_path_factory: pytest.TempPathFactory, ray_local: 
     (inp / "trunc.parquet").write_bytes(data[: len(data) - 20])
     r = invoke("score", "--model", str(ckpt), "--input", str(inp), "--output", str(out), "--run-id", "bad")
     return {"in": inp, "out": out, "result": r}
+
+
+@pytest.mark.ray
+def test_an_incomplete_run_committed_already_says_it_was_incomplete(incomplete: dict[str, Any], ckpt: Path) -> None:
+    r = invoke("score", "--model", str(ckpt), "--input", str(incomplete["in"]), "--output", str(incomplete["out"]),
+               "--run-id", "bad")
+    assert r.exit_code == 0
+    assert r.stdout.startswith("run bad is already committed (incomplete: 1 input file(s) failed; ")
+    assert "score again under a new --run-id to retry the failed inputs" in r.stdout
 
 
 @pytest.mark.ray

@@ -34,6 +34,7 @@ from jobs.evaluate import (
     write_evaluation,
 )
 from jobs.images import Policy
+from jobs.parts import ADAPT_COLUMN
 from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
 from jobs.storage import Store
 from nrm import detectors as D
@@ -47,9 +48,10 @@ def score_file(ckpt: Path, path: Path) -> pa.Table:
     store = Store()
     ck = Checkpoint.fetch(store, str(ckpt))
     plan = plan_inputs(store, store.list_parquet(str(path)), None, None, None)
-    spec = ReadSpec(store, (1, 8, 8), Policy.adapt, plan.columns)
+    spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
     scorer = Scorer(ck, 1)
-    return pa.concat_tables([scorer(read_unit(asdict(u), spec)) for u in plan.units])
+    # the write task drops the internal ADAPT_COLUMN before a part is written
+    return pa.concat_tables([scorer(read_unit(asdict(u), spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
 
 
 def synthetic(n: int, base: float, ok_rows: int | None = None, flip: float = 1.0) -> pa.Table:

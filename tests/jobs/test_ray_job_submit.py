@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support import free_port, make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import free_port, make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -174,8 +174,8 @@ def check_manifest(out: Path, run_id: str) -> None:
     assert m["status"] == "complete" and m["run_id"] == run_id
     assert m["rows"] == {"in": 9, "ok": 8, "error": 1}
     assert m["rows"]["in"] == m["rows"]["ok"] + m["rows"]["error"]
-    assert sum(o["rows"] for o in m["outputs"]) == 9
-    assert all(Path(o["uri"]).is_file() for o in m["outputs"])
+    assert sum(o["rows"] for o in outputs_of(m)) == 9
+    assert all(Path(o["uri"]).is_file() for o in outputs_of(m))
 
 
 @pytest.mark.timeout(420)

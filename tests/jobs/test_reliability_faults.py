@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from faultproxy import FaultProxy
-from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 
 from jobs.pipeline import KILL_ACTOR_ENV, RunResult, ScoreOptions, run_score, summary
 from jobs.storage import Store
@@ -37,7 +37,7 @@ def read_committed(m: dict[str, Any], fs: pafs.FileSystem | None = None) -> pa.T
     def path(uri: str) -> str:
         return uri[len("s3://"):] if uri.startswith("s3://") else uri
 
-    t = pa.concat_tables([pq.read_table(path(o["uri"]), filesystem=fs) for o in m["outputs"]])
+    t = pa.concat_tables([pq.read_table(path(o["uri"]), filesystem=fs) for o in outputs_of(m)])
     assert t.num_rows == m["rows"]["in"] == m["rows"]["ok"] + m["rows"]["error"], m["rows"]
     assert len(set(t["id"].to_pylist())) == t.num_rows, "duplicate ids in the committed output"
     return t.sort_by("id")
@@ -62,7 +62,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def score_cmd(data: dict[str, Any], out: Path, run_id: str) -> list[str]:
     return [EXE, "score", "--model", str(data["ckpt"]), "--input", str(data["in"]), "--output", str(out),
-            "--run-id", run_id, "--batch-size", "40"]
+            "--run-id", run_id, "--batch-size", "40", "--rows-per-file", "400"]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_killed_driver_then_rerun_commits_the_same_output_once(data: dict[str, Any], tmp_path: Path) -> None:
+def test_killed_driver_then_rerun_resumes_and_commits_the_same_output_once(data: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     cmd = score_cmd(data, out, "dk")
     proc = subprocess.Popen(cmd, env=cli_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -143,8 +143,11 @@ def test_killed_driver_then_rerun_commits_the_same_output_once(data: dict[str, A
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m = manifest_of(out, "dk")
     assert m["status"] == "complete" and m["rows"] == {"in": 2400, "ok": 2398, "error": 2}
-    assert not any(f"/{stale[0]}/" in o["uri"] for o in m["outputs"]), "a stale attempt is listed as output"
-    assert len({o["uri"].rsplit("/", 2)[1] for o in m["outputs"]}) == 1  # one attempt, the new one
+    # the rerun (same command, same run id) resumed: parts of the killed attempt it kept are listed, and they
+    # are exactly the rows it did not score again
+    kept = [o for o in outputs_of(m) if f"/{stale[0]}/" in o["uri"]]
+    assert sum(o["rows"] for o in kept) == m["resumed_rows"]
+    assert all(Path(o["uri"]).is_file() for o in outputs_of(m))
     assert_same_scores(read_committed(m), data["ref"])
 
 
@@ -222,11 +225,13 @@ def test_two_runs_racing_for_one_run_id_commit_exactly_once(where: str, tmp_path
     fs, root = store.filesystem(f"{out}/race")
     files = {i.path[len(root) + 1:] for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File}
-    win_attempt = winner.manifest["outputs"][0]["uri"].split("/race/", 1)[1].split("/")[0]
-    lose_attempt = loser.manifest["outputs"][0]["uri"].split("/race/", 1)[1].split("/")[0]
+    win_attempt = winner.manifest["outputs"]["uri"].split("/race/", 1)[1].split("/")[0]
+    lose_attempt = loser.manifest["outputs"]["uri"].split("/race/", 1)[1].split("/")[0]  # deleted with its list
     assert win_attempt != lose_attempt
-    assert files == {"_manifest.json"} | {o["uri"].split("/race/", 1)[1] for o in winner.manifest["outputs"]}, files
+    lists = [winner.manifest[k]["uri"] for k in ("inputs", "outputs", "covered")]  # beside the winner's outputs
+    assert files == {"_manifest.json"} | {u.split("/race/", 1)[1] for u in
+                                          [o["uri"] for o in outputs_of(winner.manifest)] + lists}, files
     committed = store.read_json(f"{out}/race/_manifest.json")
-    assert committed["outputs"] == winner.manifest["outputs"]
+    assert outputs_of(committed) == outputs_of(winner.manifest)
     t = read_committed(committed, fs if where == "s3" else None)
     assert t.num_rows == 24

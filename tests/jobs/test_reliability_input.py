@@ -30,7 +30,9 @@ from support import (
     FAKE_KEY_ID,
     FAKE_SECRET,
     free_port,
+    inputs_of,
     make_checkpoint,
+    outputs_of,
     png_bytes,
     random_images,
     write_hf_parquet,
@@ -56,7 +58,7 @@ def bomb_png(width: int, height: int) -> bytes:
 
 
 def read_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
-    t = pa.concat_tables([pq.read_table(o["uri"]) for o in m["outputs"]])
+    t = pa.concat_tables([pq.read_table(o["uri"]) for o in outputs_of(m)])
     return t.sort_by([("source_path", "ascending"), ("source_row", "ascending")]).to_pylist()
 
 
@@ -134,10 +136,10 @@ def test_bad_files_are_failed_inputs_and_the_run_is_incomplete(bad_run: dict[str
     for name, text in FAILED.items():
         assert text in failed[name], (name, failed[name])
     assert "a_hf.parquet" in failed["e_schema.parquet"]  # names the input it differs from
-    assert {Path(i["uri"]).name: i["rows"] for i in m["inputs"]} == {
+    assert {Path(i["uri"]).name: i["rows"] for i in inputs_of(m)} == {
         "a_hf.parquet": 9, "b_float.parquet": 4, "d_empty.parquet": 0, "h_wrong_len.parquet": 2,
         "i_bad_page.parquet": 6}
-    assert all(i["uri"] == str(inp / Path(i["uri"]).name) for i in m["inputs"])
+    assert all(i["uri"] == str(inp / Path(i["uri"]).name) for i in inputs_of(m))
 
 
 @pytest.mark.ray

@@ -24,6 +24,7 @@ from jobs import manifest
 from jobs.cli import app
 from jobs.evaluate import ScoredSet, write_evaluation
 from jobs.images import Policy
+from jobs.parts import ADAPT_COLUMN
 from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
 from jobs.report import ReportError, ReportOptions, build_report, class_table, locate, newest_rows, rate_table
 from jobs.storage import Store
@@ -36,9 +37,10 @@ def score_file(ck: Checkpoint, path: Path) -> pa.Table:
     """The pipeline's output rows for ``path``, computed in-process by its own read and score stages."""
     store = Store()
     plan = plan_inputs(store, store.list_parquet(str(path)), None, None, None)
-    spec = ReadSpec(store, (1, 8, 8), Policy.adapt, plan.columns)
+    spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
     scorer = Scorer(ck, 1)
-    return pa.concat_tables([scorer(read_unit(asdict(u), spec)) for u in plan.units])
+    # the write task drops the internal ADAPT_COLUMN before a part is written
+    return pa.concat_tables([scorer(read_unit(asdict(u), spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,9 @@ def audit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     manifest.commit(Store(), str(out), "r1", {
         "status": "complete", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"uri": str(ckpt), "model_id": ck.model_id}, "input": str(data),
-        "inputs": [], "failed_inputs": [], "outputs": [{"uri": str(part), "rows": table.num_rows}],
+        "failed_inputs": [], "outputs": manifest.write_list(Store(), str(part.parent / "_outputs.parquet"), [
+            {"uri": str(part), "rows": table.num_rows, "ok": ok, "error": table.num_rows - ok, "ood": 0,
+             "converted": 0, "resized": 0}], manifest.OUTPUT_SCHEMA),
         "rows": {"in": table.num_rows, "ok": ok, "error": table.num_rows - ok},
         "flagged_ood": int(pa.compute.sum(table["is_ood"]).as_py() or 0),
         "threshold": asdict(cfg.fitted.threshold), "timings": {}, "options": {"resize_policy": "adapt"}})

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import inputs_of, make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 
 import nrm
 from jobs.pipeline import JobError, RunResult, ScoreOptions, run_score
+from jobs.storage import Store
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 
@@ -27,7 +28,7 @@ SCALARS = ["max_softmax", "max_logit", "energy", "latent_prior", "latent_loglik"
 
 
 def score(model: Path | str, input: Path | str, output: Path | str, run_id: str, **kw: Any) -> RunResult:
-    return run_score(ScoreOptions(str(model), str(input), str(output), run_id=run_id, batch_size=8, **kw),
+    return run_score(ScoreOptions(str(model), str(input), str(output), run_id=run_id, **{"batch_size": 8, **kw}),
                      echo=lambda _msg: None)
 
 
@@ -36,8 +37,8 @@ def read_manifest(output: Path, run_id: str) -> dict[str, Any]:
 
 
 def read_outputs(m: dict[str, Any]) -> pa.Table:
-    t = pa.concat_tables([pq.read_table(o["uri"]) for o in m["outputs"]])
-    assert sum(o["rows"] for o in m["outputs"]) == t.num_rows
+    t = pa.concat_tables([pq.read_table(o["uri"]) for o in outputs_of(m)])
+    assert sum(o["rows"] for o in outputs_of(m)) == t.num_rows
     return t.sort_by([("source_path", "ascending"), ("source_row", "ascending")])
 
 
@@ -82,7 +83,7 @@ def test_hf_run_completes_and_accounts_for_every_row(hf_run: dict[str, Any]) -> 
     assert m["rows"] == {"in": 17, "ok": 16, "error": 1}
     assert m["rows"]["in"] == m["rows"]["ok"] + m["rows"]["error"]
     assert m["failed_inputs"] == []
-    assert [(i["uri"], i["rows"]) for i in m["inputs"]] == [(hf_run["a"], 10), (hf_run["b"], 7)]
+    assert [(i["uri"], i["rows"]) for i in inputs_of(m)] == [(hf_run["a"], 10), (hf_run["b"], 7)]
     t = read_outputs(m)
     assert t.num_rows == 17
     assert m["flagged_ood"] == sum(t["is_ood"].to_pylist()[i] or 0 for i in range(17))
@@ -212,13 +213,36 @@ def test_incremental_scores_only_new_files_then_nothing(ckpt: Path, tmp_path: Pa
     write_hf_parquet(inp / "b.parquet", [png_bytes(p) for p in random_images(3, seed=7)])
     r2 = score(ckpt, inp, out, "i2", incremental=True)
     assert r2.status == "complete"
-    assert [i["uri"] for i in r2.manifest["inputs"]] == [str(inp / "b.parquet")]
+    assert [i["uri"] for i in inputs_of(r2.manifest)] == [str(inp / "b.parquet")]
     assert r2.manifest["rows"] == {"in": 3, "ok": 3, "error": 0}
     assert set(read_outputs(r2.manifest)["source_path"].to_pylist()) == {str(inp / "b.parquet")}
     before = tree(out)
     r3 = score(ckpt, inp, out, "i3", incremental=True)
     assert (r3.status, r3.exit_code) == ("nothing-to-do", 0)
     assert tree(out) == before
+
+
+def test_incremental_fails_in_one_sentence_when_the_output_cannot_be_listed(ckpt: Path, tmp_path: Path) -> None:
+    # issue 13: a listing error used to read as "nothing committed yet", so everything was scored again
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    write_hf_parquet(inp / "a.parquet", [png_bytes(p) for p in random_images(2, seed=6)])
+    out.mkdir()
+    (out / "_index").write_text("not a directory")
+    with pytest.raises(JobError, match=r"^cannot list '.*/out/_index': .*; nothing was scored$"):
+        score(ckpt, inp, out, "e1", incremental=True)
+    assert sorted(p.name for p in out.iterdir()) == ["_index"]
+
+
+def test_incremental_fails_when_the_covered_list_was_altered(ckpt: Path, tmp_path: Path) -> None:
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    write_hf_parquet(inp / "a.parquet", [png_bytes(p) for p in random_images(2, seed=6)])
+    r1 = score(ckpt, inp, out, "c1", incremental=True)
+    pq.write_table(pa.table({"uri": ["x"], "version": ["y"]}), r1.manifest["covered"]["uri"])
+    with pytest.raises(JobError, match="_covered.parquet does not match the sha256 its manifest records"):
+        score(ckpt, inp, out, "c2", incremental=True)
+    assert not (out / "c2").exists()
 
 
 # ---------------------------------------------------------------------------- failed inputs
@@ -234,7 +258,7 @@ def test_unreadable_and_foreign_files_are_listed_failed_inputs(ckpt: Path, tmp_p
     assert (r.status, r.exit_code) == ("incomplete", 3)
     m = read_manifest(out, "bad")
     assert m["status"] == "incomplete"
-    assert [i["uri"] for i in m["inputs"]] == [str(inp / "a_good.parquet")]
+    assert [i["uri"] for i in inputs_of(m)] == [str(inp / "a_good.parquet")]
     failed = {f["uri"]: f["error"] for f in m["failed_inputs"]}
     assert set(failed) == {str(inp / "b_noimage.parquet"), str(inp / "c_truncated.parquet")}
     assert "no image column" in failed[str(inp / "b_noimage.parquet")]
@@ -245,14 +269,14 @@ def test_unreadable_and_foreign_files_are_listed_failed_inputs(ckpt: Path, tmp_p
     assert read_outputs(m).num_rows == 5
 
 
-def test_only_failed_inputs_still_commits_incomplete(ckpt: Path, tmp_path: Path) -> None:
+def test_a_run_whose_every_input_failed_commits_nothing(ckpt: Path, tmp_path: Path) -> None:
+    # issue 13: it used to commit an `incomplete` run of 0 rows, which the corrected command then skipped
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "junk.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
-    r = score(ckpt, tmp_path / "in", tmp_path / "out", "junk")
-    assert (r.status, r.exit_code) == ("incomplete", 3)
-    assert r.manifest["rows"] == {"in": 0, "ok": 0, "error": 0}
-    assert len(r.manifest["failed_inputs"]) == 1
-    assert (tmp_path / "out" / "junk" / "_manifest.json").is_file()
+    with pytest.raises(JobError, match=r"every input file failed \(1; first .*junk.parquet: cannot read Parquet "
+                                       r"footer.*nothing was committed"):
+        score(ckpt, tmp_path / "in", tmp_path / "out", "junk")
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- options and pool sizing
@@ -304,14 +328,16 @@ def test_losing_the_commit_race_discards_this_attempt(ckpt: Path, tmp_path: Path
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(3, seed=11)])
 
     def commit_first(_msg: str) -> None:  # echo is called once the plan is made, before any scoring
-        manifest.commit(Store(), str(out), "race", {"status": "complete", "winner": True, "outputs": []})
+        listed = manifest.write_list(Store(), str(out / "race" / "attempt-w" / "_outputs.parquet"), [],
+                                     manifest.OUTPUT_SCHEMA)
+        manifest.commit(Store(), str(out), "race", {"status": "complete", "winner": True, "outputs": listed})
 
     r = run_score(ScoreOptions(str(ckpt), str(tmp_path / "a.parquet"), str(out), run_id="race", batch_size=8),
                   echo=commit_first)
     assert (r.status, r.exit_code) == ("lost-commit-race", 4)
     assert r.manifest["rows"]["in"] == 3
     assert read_manifest(out, "race")["winner"] is True
-    assert tree(out / "race") == {"_manifest.json"}
+    assert tree(out / "race") == {"_manifest.json", "attempt-w", "attempt-w/_outputs.parquet"}
 
 
 # ---------------------------------------------------------------------------- bugs
@@ -339,14 +365,63 @@ def test_manifest_output_uris_are_absolute_for_a_relative_output(ckpt: Path, tmp
     monkeypatch.chdir(tmp_path)
     r = score(ckpt, "a.parquet", "out", "rel")
     assert r.status == "complete"
-    assert r.manifest["outputs"] and all(os.path.isabs(o["uri"]) for o in r.manifest["outputs"]), r.manifest["outputs"]
+    assert outputs_of(r.manifest) and all(os.path.isabs(o["uri"]) for o in outputs_of(r.manifest)), outputs_of(r.manifest)
 
 
 def test_a_non_integer_label_column_makes_the_file_a_failed_input(ckpt: Path, tmp_path: Path) -> None:
     px = random_images(2, seed=15)
     pq.write_table(pa.table({"image": [png_bytes(p) for p in px], "caption": ["cat", "dog"]}), tmp_path / "c.parquet")
-    r = score(ckpt, tmp_path / "c.parquet", tmp_path / "out", "strlabel", label_column="caption")
-    assert r.status == "incomplete" and r.manifest["rows"] == {"in": 0, "ok": 0, "error": 0}
-    assert r.manifest["failed_inputs"] == [{
-        "uri": str(tmp_path / "c.parquet"),
-        "error": "label column 'caption' has type string; expected integer class ids"}]
+    with pytest.raises(JobError, match="label column 'caption' has type string; expected integer class ids"):
+        score(ckpt, tmp_path / "c.parquet", tmp_path / "out", "strlabel", label_column="caption")
+
+
+# ---------------------------------------------------------------------------- resume (issue 13)
+def test_resume_keeps_the_complete_files_of_an_earlier_attempt_and_lists_every_row_once(
+        ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import parts, pipeline
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    for i, name in enumerate("abc"):
+        write_hf_parquet(inp / f"{name}.parquet", [png_bytes(p) for p in random_images(30, seed=70 + i)],
+                         row_group_size=10)
+    opts = {"batch_size": 10, "rows_per_file": 10}
+
+    def driver_dies(*_a: object, **_k: object) -> None:  # every part is written, the commit never happens
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(pipeline, "_commit", driver_dies)
+        with pytest.raises(pipeline.Interrupted, match="--resume r"):
+            score(ckpt, inp, out, "r", **opts)
+    (first,) = parts.attempts(Store(), str(out / "r"))
+    _, written = parts.scan_attempt(Store(), first)
+    assert sum(p["rows"] for p in written) == 90 and all(len(p["sources"]) == 1 for p in written)
+    os.unlink(next(p["uri"] for p in written if str(inp / "c.parquet") in p["sources"]))  # c is incomplete
+
+    r = score(ckpt, inp, out, "r", resume="r", **opts)
+    assert (r.status, r.manifest["rows"], r.manifest["resumed_rows"]) == ("complete", {"in": 90, "ok": 90, "error": 0}, 60)
+    listed = outputs_of(r.manifest)
+    assert sum(o["rows"] for o in listed if o["uri"].startswith(first + "/")) == 60
+    t = read_outputs(r.manifest)
+    assert t["id"].to_pylist() == [f"{inp / n}.parquet#{j}" for n in "abc" for j in range(30)]  # each row once
+    fresh = read_outputs(score(ckpt, inp, tmp_path / "fresh", "f", **opts).manifest)
+    np.testing.assert_allclose(t["latent_loglik"].to_numpy(), fresh["latent_loglik"].to_numpy(), rtol=1e-6)
+
+
+def test_resume_of_a_run_that_never_started_is_an_error(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
+    with pytest.raises(JobError, match=f"--resume nope: no earlier attempt of that run under {tmp_path / 'out'}"):
+        score(ckpt, tmp_path / "a.parquet", tmp_path / "out", None, resume="nope")  # type: ignore[arg-type]
+
+
+def test_output_files_are_sized_by_rows_not_one_per_block(ckpt: Path, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(5):  # 5 files x 19 rows, scored in batches of 8: 12 blocks reach the writer
+        write_hf_parquet(tmp_path / "in" / f"s{i}.parquet", [png_bytes(p) for p in random_images(19, seed=90 + i)],
+                         row_group_size=7)
+    r = score(ckpt, tmp_path / "in", tmp_path / "out", "sized", rows_per_file=40)
+    listed = outputs_of(r.manifest)
+    assert sorted(o["rows"] for o in listed) == [15, 40, 40]
+    assert [pq.read_metadata(o["uri"]).num_rows for o in listed] == [o["rows"] for o in listed]
+    assert sum(o["ok"] for o in listed) == r.manifest["rows"]["ok"] == 95

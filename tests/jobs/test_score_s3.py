@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from support import make_checkpoint, png_bytes, random_images, write_hf_parquet
+from support import inputs_of, make_checkpoint, outputs_of, png_bytes, random_images, write_hf_parquet
 
 import nrm
 from jobs.pipeline import JobError, RunResult, ScoreOptions, run_score
@@ -94,13 +94,13 @@ def test_s3_end_to_end_commit_once(staged: dict[str, Any], moto_server: str) -> 
     assert m["model"]["model_id"] == nrm.model_id(staged["ckpt"])
     etags = {k: client.head_object(Bucket=bucket, Key=k)["ETag"].strip('"')
              for k in ("data/a.parquet", "data/part/b.parquet")}
-    assert [(i["uri"], i["version"], i["rows"]) for i in m["inputs"]] == [
+    assert [(i["uri"], i["version"], i["rows"]) for i in inputs_of(m)] == [
         (f"s3://{bucket}/{k}", etags[k], n) for k, n in (("data/a.parquet", 7), ("data/part/b.parquet", 4))]
-    assert all(o["uri"].startswith(f"s3://{bucket}/scores/s1/attempt-") for o in m["outputs"])
+    assert all(o["uri"].startswith(f"s3://{bucket}/scores/s1/attempt-") for o in outputs_of(m))
 
     host = moto_server.split("://", 1)[1]
     fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1")
-    t = pa.concat_tables([pq.read_table(o["uri"][len("s3://"):], filesystem=fs) for o in m["outputs"]])
+    t = pa.concat_tables([pq.read_table(o["uri"][len("s3://"):], filesystem=fs) for o in outputs_of(m)])
     t = t.sort_by([("source_path", "ascending"), ("source_row", "ascending")])
     assert t.num_rows == 11 and t["source_row"].to_pylist() == list(range(7)) + list(range(4))
     assert t["id"][4].as_py() == f"s3://{bucket}/data/a.parquet#4"
@@ -127,7 +127,7 @@ def test_s3_incremental(staged: dict[str, Any], tmp_path: Path) -> None:
     assert r1.status == "complete" and r1.manifest["rows"]["in"] == 11
     upload_shard(client, bucket, "data/c.parquet", [png_bytes(p) for p in random_images(2, seed=23)], tmp_path)
     r2 = score(staged["model"], staged["input"], staged["output"], "i2", incremental=True)
-    assert [i["uri"] for i in r2.manifest["inputs"]] == [f"s3://{bucket}/data/c.parquet"]
+    assert [i["uri"] for i in inputs_of(r2.manifest)] == [f"s3://{bucket}/data/c.parquet"]
     assert r2.manifest["rows"] == {"in": 2, "ok": 2, "error": 0}
     before = keys(client, bucket)
     r3 = score(staged["model"], staged["input"], staged["output"], "i3", incremental=True)
@@ -176,3 +176,25 @@ def test_s3_glob_matches_like_a_local_glob(moto_server: str, s3_bucket: str) -> 
     for k in ("d/a.parquet", "d/sub/b.parquet"):
         client.put_object(Bucket=s3_bucket, Key=k, Body=io.BytesIO(b"x"))
     assert [f.uri for f in Store().list_parquet(f"s3://{s3_bucket}/d/*.parquet")] == [f"s3://{s3_bucket}/d/a.parquet"]
+
+
+def test_s3_listing_is_one_paginated_listing_with_one_cached_client(moto_server: str, s3_bucket: str) -> None:
+    """ListObjectsV2 already returns size and ETag: no HEAD per object, and no new client per call."""
+    client = s3(moto_server)
+    for i in range(1005):  # two pages of 1,000 keys
+        client.put_object(Bucket=s3_bucket, Key=f"many/f{i:04d}.parquet", Body=b"x" * (i % 7))
+    store = Store()
+    assert store.s3() is Store().s3()
+    calls: list[str] = []
+
+    def record(model: Any, **_: Any) -> None:
+        calls.append(model.name)
+
+    store.s3().meta.events.register("before-call.s3", record)
+    try:
+        files = store.list_parquet(f"s3://{s3_bucket}/many")
+    finally:
+        store.s3().meta.events.unregister("before-call.s3", record)
+    assert calls == ["HeadBucket", "ListObjectsV2", "ListObjectsV2"]
+    assert len(files) == 1005 and files[3].size == 3
+    assert files[3].version == client.head_object(Bucket=s3_bucket, Key="many/f0003.parquet")["ETag"].strip('"')

@@ -12,7 +12,7 @@ import pytest
 
 from jobs import manifest
 from jobs.pipeline import Checkpoint, JobError
-from jobs.storage import AlreadyCommitted, StorageError, Store, absolute, join, split_s3
+from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, absolute, join, split_s3
 
 
 def touch_parquet(path: Path) -> Path:
@@ -41,17 +41,45 @@ def test_local_put_if_absent_commits_once(tmp_path: Path) -> None:
 def test_manifest_commit_and_committed_runs(tmp_path: Path) -> None:
     out = str(tmp_path)
     store = Store()
-    manifest.commit(store, out, "b", {"created": "2024-01-02", "inputs": [{"uri": "u2", "version": "2"}]})
-    manifest.commit(store, out, "a", {"created": "2024-01-03", "inputs": [{"uri": "u1", "version": "1"}]})
+    manifest.commit(store, out, "b", {"created": "2024-01-02"})
+    manifest.commit(store, out, "a", {"created": "2024-01-03"})
     (tmp_path / "uncommitted" / "attempt-1").mkdir(parents=True)
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "_manifest.json").write_text('{"format": "other"}')
     runs = manifest.committed_runs(store, out)
     assert [r.run_id for r in runs] == ["b", "a"]  # oldest first
-    assert manifest.covered(runs) == {("u1", "1"), ("u2", "2")}
     with pytest.raises(AlreadyCommitted):
         manifest.commit(store, out, "a", {})
     assert json.loads((tmp_path / "a" / "_manifest.json").read_text())["format"] == "nrm-run-manifest"
+
+
+def test_committed_runs_of_a_missing_output_is_an_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="nope' does not exist"):
+        manifest.committed_runs(Store(), str(tmp_path / "nope"), must_exist=True)
+
+
+def test_covered_reads_only_the_newest_committed_runs_list(tmp_path: Path) -> None:
+    out, store = str(tmp_path), Store()
+    assert manifest.covered(store, out + "/missing") == set()
+    old = manifest.write_list(store, out + "/r1/x/_covered.parquet", [{"uri": "u1", "version": "1"}],
+                              manifest.COVERED_SCHEMA)
+    manifest.point(store, out, "r1")
+    manifest.commit(store, out, "r1", {"covered": old})
+    new = manifest.write_covered(store, out + "/r2/x/_covered.parquet", manifest.covered(store, out),
+                                 [FileInfo("u2", 1, "2")])
+    manifest.point(store, out, "r2")
+    manifest.commit(store, out, "r2", {"covered": new})
+    manifest.point(store, out, "r3")  # pointed at, never committed: skipped
+    os.unlink(tmp_path / "r1" / "x" / "_covered.parquet")  # history is not read again
+    assert manifest.covered(store, out) == {("u1", "1"), ("u2", "2")}
+
+
+def test_a_list_that_does_not_match_its_hash_is_refused(tmp_path: Path) -> None:
+    ref = manifest.write_list(Store(), str(tmp_path / "l.parquet"), [{"uri": "u", "version": "1"}],
+                              manifest.COVERED_SCHEMA)
+    pq.write_table(pa.table({"uri": ["v"], "version": ["1"]}), tmp_path / "l.parquet")
+    with pytest.raises(StorageError, match="does not match the sha256 its manifest records"):
+        manifest.read_list(Store(), ref)
 
 
 def test_list_parquet_dir_glob_file(tmp_path: Path) -> None:
