@@ -65,6 +65,29 @@ def _resource_pairs(specs: list[str]) -> list[tuple[str, float]]:
     return out
 
 
+# nrm.model.PRECISIONS spelled out so `--help` does not import torch; a test holds them equal.
+class Precision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    tf32 = "tf32"
+
+
+# nrm.scores.COLUMNS and nrm.posthoc's columns, for the same reason; det_* are the fitted detectors' columns.
+SCORE_NAMES = ("pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
+               "recon_sq_error", "loglik_bound", "mahalanobis_feat", "knn", "vim")
+
+
+def _columns(value: str | None) -> str | None:
+    if value is None:
+        return None
+    names = [c.strip() for c in value.split(",")]
+    if bad := [c for c in names if c not in SCORE_NAMES and not c.startswith("det_")]:
+        raise typer.BadParameter(f"unknown score column(s) {', '.join(map(repr, bad))}; expected some of "
+                                 f"{', '.join(SCORE_NAMES)} or det_<detector>")
+    return ",".join(names)
+
+
 def _resources(specs: list[str] | None) -> list[str] | None:
     _resource_pairs(specs or [])
     return specs
@@ -294,6 +317,12 @@ def score(
     actor_resource: Annotated[list[str] | None, typer.Option(
         callback=_resources, help="NAME=AMOUNT of a custom Ray resource each scoring actor needs (repeatable): "
                                   "places the actors on the nodes that offer it.")] = None,
+    columns: Annotated[str | None, typer.Option(
+        callback=_columns, help="Comma-separated score columns to make (default: the full table). pred and the "
+        "threshold score are always made; columns that need no top-down pass (max_softmax, max_logit, energy, "
+        "det_* on gate statistics, mahalanobis_feat, knn, vim) skip the backward pass.")] = None,
+    precision: Annotated[Precision, typer.Option(help="Numeric precision of scoring: fp32, or bf16 / fp16 / tf32 "
+                                                      "(faster; docs/benchmarks.md gives the AUROC change).")] = Precision.fp32,
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
@@ -301,7 +330,9 @@ def score(
     opts = ScoreOptions(model, input, output, run_id, actors, gpus_per_actor, cpus_per_actor, batch_size,
                         incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url,
                         resume=resume, rows_per_file=rows_per_file,
-                        actor_resources=dict(_resource_pairs(actor_resource or [])) or None)
+                        actor_resources=dict(_resource_pairs(actor_resource or [])) or None,
+                        columns=tuple(columns.split(",")) if columns else None,
+                        precision=precision.value)
     try:
         result = run_score(opts, echo=typer.echo)
     except Interrupted as e:

@@ -35,12 +35,15 @@ from jobs.images import Columns, Policy, decode_column
 from jobs.parts import ADAPT_COLUMN
 from jobs.planning import Plan, Unit, plan_inputs, read_tasks
 from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, absolute, is_s3, join
+from nrm import scores as nrm_scores
 from nrm.config import ModelConfig
+from nrm.model import PRECISIONS
 
 log = logging.getLogger("nrm_ood")
 
-SCORE_COLUMNS = ["pred", "max_softmax", "max_logit", "energy", "latent_prior", "latent_loglik",
-                 "recon_sq_error", "loglik_bound"]
+# The output's float score columns of the public contract, in nrm.scores.COLUMNS order (pred is an
+# int64 column, latent_prior_layers a fixed-size list); fitted det_* / post-hoc columns follow.
+SCORE_COLUMNS = ["pred", *(c for c in nrm_scores.COLUMNS if c not in ("pred", "latent_prior_layers"))]
 
 # Fault tolerance, set here rather than left to Ray Data's defaults (which retry forever): a read task whose
 # worker dies is rerun; a scoring actor whose process dies is restarted and its in-flight batches are redone
@@ -174,21 +177,40 @@ def read_unit(unit: dict[str, Any], spec: ReadSpec, data: bytes | None = None) -
     }
 
 
-def output_schema(n_layers: int, extra: list[str] | None = None) -> pa.Schema:
+def output_schema(n_layers: int | None, columns: list[str]) -> pa.Schema:
+    """The scored table: provenance, status, pred, the float score ``columns`` made, the per-layer
+    latent prior (when made: ``n_layers`` not None), ood_score, is_ood and model_id."""
     f64 = pa.float64()
     fields = [pa.field("id", pa.string()), pa.field("source_path", pa.string()), pa.field("source_row", pa.int64())]
     fields.append(pa.field("label", pa.int64()))  # null where the input has no label
     fields += [pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field("pred", pa.int64())]
-    fields += [pa.field(c, f64) for c in [*SCORE_COLUMNS[1:], *(extra or [])]]
-    fields += [pa.field("latent_prior_layers", pa.list_(pa.float64(), n_layers)),
-               pa.field("ood_score", f64), pa.field("is_ood", pa.bool_()), pa.field("model_id", pa.string())]
+    fields += [pa.field(c, f64) for c in columns]
+    if n_layers is not None:
+        fields.append(pa.field("latent_prior_layers", pa.list_(pa.float64(), n_layers)))
+    fields += [pa.field("ood_score", f64), pa.field("is_ood", pa.bool_()), pa.field("model_id", pa.string())]
     return pa.schema(fields)
+
+
+def made_columns(config: ModelConfig, wanted: tuple[str, ...] | None) -> list[str]:
+    """The model columns a run makes, in output order: every one (``wanted`` None), else ``wanted`` plus
+    pred and the threshold score (is_ood needs it). Raises JobError naming an unknown column."""
+    from nrm.model import fitted_columns
+
+    known = [*nrm_scores.COLUMNS, *fitted_columns(config)]
+    if wanted is None:
+        return known
+    if unknown := [c for c in wanted if c not in known]:
+        raise JobError(f"--columns {','.join(unknown)}: not a column of this model; expected some of {', '.join(known)}")
+    th = config.fitted.threshold
+    keep = {*wanted, "pred", th.score if th else "latent_loglik"}
+    return [c for c in known if c in keep]
 
 
 class Scorer:
     """Ray actor: loads the NRM once, scores batches of decoded pixels, returns an Arrow table."""
 
-    def __init__(self, checkpoint: Checkpoint, threads: int):
+    def __init__(self, checkpoint: Checkpoint, threads: int, columns: tuple[str, ...] | None = None,
+                 precision: str = "fp32"):
         import torch
 
         import nrm
@@ -197,10 +219,13 @@ class Scorer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         with checkpoint.local() as path:
             self.model = nrm.load(path, device=self.device, expect_model_id=checkpoint.model_id)
+        self.model.set_precision(precision).use_channels_last()  # NHWC: the faster layout (docs/benchmarks.md)
         self.model_id = checkpoint.model_id
         self.threshold = self.model.config.fitted.threshold
-        self.columns = [*SCORE_COLUMNS[1:], *self.model.extra_columns]  # float score columns
-        self.schema = output_schema(len(self.model.latent_names), self.model.extra_columns)
+        self.made = made_columns(self.model.config, columns)  # the model columns score() is asked for
+        self.columns = [c for c in self.made if c not in ("pred", "latent_prior_layers")]  # float score columns
+        self.n_layers = len(self.model.latent_names) if "latent_prior_layers" in self.made else None
+        self.schema = output_schema(self.n_layers, self.columns)
         self.batches = 0
 
     def _fault_injection_hook(self) -> None:
@@ -227,15 +252,16 @@ class Scorer:
         ok = np.array([not e for e in error], dtype=bool)
         out: dict[str, np.ndarray] = {c: np.full(n, np.nan) for c in self.columns}
         pred = np.full(n, -1, dtype=np.int64)
-        layers = np.full((n, len(self.model.latent_names)), np.nan)
+        layers = np.full((n, self.n_layers or 0), np.nan)
         if ok.any():
             try:
                 x = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-                cols = {k: v.double().cpu().numpy() for k, v in self.model.score(x).items()}
+                cols = {k: v.double().cpu().numpy() for k, v in self.model.score(x, columns=self.made).items()}
                 for c in self.columns:
                     out[c][ok] = cols[c]
                 pred[ok] = cols["pred"].astype(np.int64)
-                layers[ok] = cols["latent_prior_layers"]
+                if self.n_layers is not None:
+                    layers[ok] = cols["latent_prior_layers"]
             except Exception as e:  # a batch the model cannot score: its rows are error rows, the job goes on
                 msg = f"scoring failed: {type(e).__name__}: {e}"
                 error = [err or msg for err in error]
@@ -256,12 +282,11 @@ class Scorer:
         arrays["status"] = pa.array(np.where(ok, "ok", "error").tolist(), pa.string())
         arrays["error"] = pa.array([None if k else e for k, e in zip(ok, error, strict=True)], pa.string())
         arrays["pred"] = pa.array(pred, pa.int64(), mask=~ok)
-        for c in SCORE_COLUMNS[1:]:
+        for c in self.columns:
             arrays[c] = pa.array(out[c], pa.float64(), mask=~ok)
-        for c in self.model.extra_columns:
-            arrays[c] = pa.array(out[c], pa.float64(), mask=~ok)
-        flat = pa.array(np.where(ok[:, None], layers, 0.0).ravel(), pa.float64())
-        arrays["latent_prior_layers"] = pa.FixedSizeListArray.from_arrays(flat, layers.shape[1], mask=pa.array(~ok))
+        if self.n_layers is not None:
+            flat = pa.array(np.where(ok[:, None], layers, 0.0).ravel(), pa.float64())
+            arrays["latent_prior_layers"] = pa.FixedSizeListArray.from_arrays(flat, self.n_layers, mask=pa.array(~ok))
         arrays["ood_score"] = pa.array(ood_score, pa.float64(), mask=~ok)
         arrays["is_ood"] = pa.array(is_ood & ok, pa.bool_(), mask=~ok)
         arrays["model_id"] = pa.array([self.model_id] * n, pa.string())
@@ -296,6 +321,8 @@ class ScoreOptions:
     resume: str | None = None  # a run id whose earlier attempt must exist (the same as --run-id, but checked)
     rows_per_file: int = ROWS_PER_FILE
     actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)
+    columns: tuple[str, ...] | None = None  # None: the full table; else these (plus pred and the threshold score)
+    precision: str = "fp32"  # nrm.model.PRECISIONS
 
 
 class Interrupted(JobError):
@@ -377,6 +404,8 @@ def checked(opts: ScoreOptions) -> ScoreOptions:
         raise JobError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.rows_per_file < 1:
         raise JobError(f"--rows-per-file must be >= 1, got {opts.rows_per_file}")
+    if opts.precision not in PRECISIONS:
+        raise JobError(f"--precision {opts.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if opts.resume and opts.run_id and opts.resume != opts.run_id:
         raise JobError(f"--resume {opts.resume!r} and --run-id {opts.run_id!r} name different runs; give one")
     run_id = opts.resume or opts.run_id or new_run_id()
@@ -404,12 +433,16 @@ def _run(opts: ScoreOptions, store: Store, echo: Any) -> RunResult:
     existing = _committed(store, opts)
     if existing is not None:
         return existing
-    ckpt = Checkpoint.fetch(store, opts.model)
     t0 = time.perf_counter()
-    files, prior = _inputs(store, opts)
-    if not files:
+    ckpt = Checkpoint.fetch(store, opts.model)
+    assert ckpt.config is not None
+    made_columns(ckpt.config, opts.columns)  # an unknown --columns fails here, before any work
+    with ThreadPoolExecutor(1) as pool:  # the inputs are listed and planned while Ray starts (seconds)
+        planned = pool.submit(_plan, store, opts)
+        init_ray(opts.address)
+        prior, plan = planned.result()
+    if plan is None:
         return RunResult(run_id, "nothing-to-do")
-    plan = plan_inputs(store, files, opts.image_column, opts.id_column, opts.label_column)
     if not plan.inputs:
         f = plan.failed[0]
         raise JobError(f"every input file failed ({len(plan.failed)}; first {f['uri']}: {f['error']}); "
@@ -430,6 +463,12 @@ def _run(opts: ScoreOptions, store: Store, echo: Any) -> RunResult:
              "covered": manifest.write_covered(store, join(attempt_uri, manifest.COVERED), prior,
                                                   [f for f, _ in plan.inputs])}
     return _commit(store, opts, ckpt, plan, reuse.parts + written, lists, attempt_uri, timings)
+
+
+def _plan(store: Store, opts: ScoreOptions) -> tuple[set[tuple[str, str]], Plan | None]:
+    """The (uri, version) pairs committed runs cover, and the plan of the inputs (None: nothing to do)."""
+    files, prior = _inputs(store, opts)
+    return prior, plan_inputs(store, files, opts.image_column, opts.id_column, opts.label_column) if files else None
 
 
 def _committed(store: Store, opts: ScoreOptions) -> RunResult | None:
@@ -495,7 +534,8 @@ def _dataset(opts: ScoreOptions, store: Store, ckpt: Checkpoint, units: list[Uni
         ds = ds.map_batches(_read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
                             batch_format="default", num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
         ds = ds.map_batches(
-            Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa))},
+            Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa)), "columns": opts.columns,
+                                           "precision": opts.precision},
             batch_size=opts.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
             resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
@@ -552,6 +592,8 @@ def _body(opts: ScoreOptions, ckpt: Checkpoint, plan: Plan, totals: dict[str, in
         "adapted": {"policy": opts.resize_policy.value, "converted": totals["converted"], "resized": totals["resized"]},
         "resumed_rows": resumed,
         "threshold": asdict(cfg.fitted.threshold) if cfg.fitted.threshold else None,
+        "columns": made_columns(cfg, opts.columns),  # the model columns this run made (--columns)
+        "precision": opts.precision,
         "timings": {"plan_s": round(timings["plan_s"], 3), "score_s": round(timings["score_s"], 3),
                     "seconds": round(seconds, 3), "images_per_s": round(plan.rows / seconds, 1) if seconds else None},
         "options": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(opts).items()

@@ -321,9 +321,8 @@ class NRM(nn.Module):
     # ------------------------------------------------------------------ scores
     @property
     def extra_columns(self) -> list[str]:
-        """The fitted columns score() adds after nrm.scores.COLUMNS, all higher = in-distribution: the
-        detectors on NRM statistics (``det_*``), then the post-hoc baselines (nrm.posthoc)."""
-        return [*D.column_names(self.config.fitted.detector), *self.posthoc_columns]
+        """The fitted columns score() adds after nrm.scores.COLUMNS (see :func:`fitted_columns`)."""
+        return fitted_columns(self.config)
 
     @property
     def posthoc_columns(self) -> list[str]:
@@ -398,3 +397,9 @@ class NRM(nn.Module):
 def _per_channel(g: Tensor) -> Tensor:
     """Sum over positions: (N, C, H, W) -> (N, C) (in either memory format, no copy); flat features (N, F) stay."""
     return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
+
+
+def fitted_columns(config: ModelConfig) -> list[str]:
+    """The fitted columns of a model, all higher = in-distribution: the detectors on NRM statistics
+    (``det_*``), then the post-hoc baselines (nrm.posthoc). Known from the config alone."""
+    return [*D.column_names(config.fitted.detector), *(type(d).column for d in config.fitted.posthoc.values())]

@@ -427,6 +427,9 @@ def test_cli_choices_match_the_library() -> None:
     from nrm import detectors as D
     from nrm.fit import NORMALISERS
     from nrm.presets import PRESETS
+    from nrm.model import PRECISIONS
+    from nrm.posthoc import REGISTRY as POSTHOC
+    from nrm.scores import COLUMNS
     from nrm.train import AUGMENTATIONS
 
     assert [a.value for a in cli.Arch] == ["auto", *PRESETS]
@@ -435,6 +438,13 @@ def test_cli_choices_match_the_library() -> None:
     assert {d.value for d in cli.Detector} == set(D.DETECTORS)
     assert [f.value for f in cli.FeatureSet] == list(D.FEATURE_SETS)
     assert (cli.DEFAULT_DETECTOR.value, cli.DEFAULT_FEATURES.value) == (D.DEFAULT_DETECTOR, D.DEFAULT_FEATURES)
+    assert [p.value for p in cli.Precision] == list(PRECISIONS)
+    assert list(cli.SCORE_NAMES) == [*COLUMNS, *(c.column for c in POSTHOC.values())]
+
+
+def test_an_unknown_score_column_is_a_usage_error_naming_it() -> None:
+    r = invoke("score", "--model", "m", "--input", "i", "--output", "o", "--columns", "max_softmax,pixels")
+    assert r.exit_code == 2 and "unknown score column(s) 'pixels'" in r.output
 
 
 def test_an_unknown_feature_set_is_a_usage_error_listing_the_choices() -> None:

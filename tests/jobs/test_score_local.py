@@ -425,3 +425,34 @@ def test_output_files_are_sized_by_rows_not_one_per_block(ckpt: Path, tmp_path: 
     assert sorted(o["rows"] for o in listed) == [15, 40, 40]
     assert [pq.read_metadata(o["uri"]).num_rows for o in listed] == [o["rows"] for o in listed]
     assert sum(o["ok"] for o in listed) == r.manifest["rows"]["ok"] == 95
+
+
+# ---------------------------------------------------------------------------- columns on demand (issue 15)
+def test_columns_on_demand_make_only_those_plus_pred_and_the_threshold_score(ckpt: Path, tmp_path: Path) -> None:
+    pixels = random_images(12, seed=41)
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in pixels])
+    r = score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "cols", columns=("max_softmax", "energy"))
+    th = nrm.load(ckpt).config.fitted.threshold
+    assert th is not None and th.score == "latent_loglik"
+    assert r.manifest["columns"] == ["pred", "max_softmax", "energy", "latent_loglik"]
+    t = read_outputs(r.manifest)
+    assert t.column_names == ["id", "source_path", "source_row", "label", "status", "error", "pred", "max_softmax",
+                              "energy", "latent_loglik", "ood_score", "is_ood", "model_id"]
+    ref = reference_scores(ckpt, pixels)
+    np.testing.assert_allclose(t["energy"].to_numpy(), ref["energy"], rtol=1e-5)
+
+
+def test_a_column_the_model_does_not_make_fails_the_run_naming_it(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
+    with pytest.raises(JobError, match="--columns det_gmm: not a column of this model"):
+        score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "bad", columns=("det_gmm",))
+    assert not (tmp_path / "out" / "bad").exists()
+
+
+def test_a_run_in_bf16_records_its_precision_and_keeps_most_predictions(ckpt: Path, tmp_path: Path) -> None:
+    pixels = random_images(16, seed=43)
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in pixels])
+    r = score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "bf16", precision="bf16")
+    assert r.manifest["precision"] == "bf16" and r.manifest["rows"]["ok"] == 16
+    pred = read_outputs(r.manifest)["pred"].to_numpy()
+    assert (pred == reference_scores(ckpt, pixels)["pred"]).mean() >= 0.75
