@@ -96,8 +96,11 @@ def write_list(store: Store, uri: str, rows: list[dict[str, Any]], schema: pa.Sc
     return {"uri": uri, "sha256": hashlib.sha256(data).hexdigest(), "count": len(rows)}
 
 
-def read_list(store: Store, ref: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows of a list the manifest names, after checking its sha256 (a changed list is an error)."""
+def read_list(store: Store, ref: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a list the manifest names, after checking its sha256 (a changed list is an error).
+    A manifest written before the lists moved beside it holds the list inline: it is returned as is."""
+    if isinstance(ref, list):
+        return ref
     data = store.read_bytes(ref["uri"])
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
         raise StorageError(f"{ref['uri']} does not match the sha256 its manifest records; the run was altered")
@@ -106,7 +109,7 @@ def read_list(store: Store, ref: dict[str, Any]) -> list[dict[str, Any]]:
 
 def inputs(store: Store, m: dict[str, Any]) -> list[dict[str, Any]]:
     """Every readable input file of a committed run: {"uri", "size", "version", "rows"}."""
-    return [{k: v for k, v in r.items() if k != "error"} for r in read_list(store, m["inputs"]) if r["error"] is None]
+    return [{k: v for k, v in r.items() if k != "error"} for r in read_list(store, m["inputs"]) if r.get("error") is None]
 
 
 def outputs(store: Store, m: dict[str, Any]) -> list[dict[str, Any]]:
@@ -140,8 +143,9 @@ def covered(store: Store, output: str) -> set[tuple[str, str]]:
     """(uri, version) of every input file that a committed run under ``output`` scored completely.
     A missing output means nothing is covered yet; a listing or read error raises StorageError."""
     latest = latest_committed(store, output)
-    if latest is None or "covered" not in latest.manifest:
-        return set()
+    if latest is None:  # no run wrote an index pointer: only manifests older than it, with inline inputs
+        return {(i["uri"], i["version"]) for r in committed_runs(store, output)
+                if isinstance(r.manifest.get("inputs"), list) for i in r.manifest["inputs"]}
     return {(r["uri"], r["version"]) for r in read_list(store, latest.manifest["covered"])}
 
 

@@ -74,6 +74,16 @@ def test_covered_reads_only_the_newest_committed_runs_list(tmp_path: Path) -> No
     assert manifest.covered(store, out) == {("u1", "1"), ("u2", "2")}
 
 
+def test_manifests_with_inline_lists_still_read(tmp_path: Path) -> None:
+    """Runs committed before the lists moved beside the manifest: outputs() and --incremental still read them."""
+    out, store = str(tmp_path), Store()
+    manifest.commit(store, out, "old", {"created": "2024-01-01", "inputs": [{"uri": "u1", "version": "1", "rows": 3}],
+                                        "outputs": [{"uri": "o1", "rows": 3}]})
+    m = manifest.read(store, out, "old")
+    assert m is not None and manifest.outputs(store, m) == [{"uri": "o1", "rows": 3}]
+    assert manifest.covered(store, out) == {("u1", "1")}
+
+
 def test_a_list_that_does_not_match_its_hash_is_refused(tmp_path: Path) -> None:
     ref = manifest.write_list(Store(), str(tmp_path / "l.parquet"), [{"uri": "u", "version": "1"}],
                               manifest.COVERED_SCHEMA)
