@@ -1,0 +1,57 @@
+"""Markdown tables of the near/far OOD study (docs/results.md section 6) from `nrm-ood evaluate` outputs.
+
+    python scripts/study_tables.py NAME=EVAL_DIR [NAME=EVAL_DIR ...]
+For each network: AUROC / FPR@95 per OOD set and the near / far group means, for the checkpoint's
+default (threshold) score and every baseline of the same run; then one summary row per network."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SCORES = ["det_mahalanobis", "latent_loglik", "max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
+BASELINES = ["max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
+
+
+def network_table(name: str, m: dict) -> list[str]:
+    sets = list(m["metrics"])
+    default = m["threshold"]["score"] if m.get("threshold") else None
+    head = "| score | " + " | ".join(f"{s} AUROC / FPR@95" for s in sets) + " | near mean | far mean |"
+    lines = [f"**{name}** (in-distribution accuracy on the rows scored: {m['accuracy']['accuracy']:.4f}; "
+             f"default score `{default}`)", "", head, "|" + "---|" * (len(sets) + 3)]
+    for sc in SCORES:
+        if sc not in m["metrics"][sets[0]]:
+            continue
+        cells = [f"{m['metrics'][s][sc]['auroc']:.3f} / {m['metrics'][s][sc]['fpr95']:.3f}" for s in sets]
+        groups = [f"{m['groups'][g]['auroc'][sc]:.3f} / {m['groups'][g]['fpr95'][sc]:.3f}" for g in ("near", "far")]
+        label = f"{sc} (default, NRM)" if sc == default else sc
+        lines.append(f"| {label} | " + " | ".join(cells + groups) + " |")
+    return lines
+
+
+def summary_row(name: str, m: dict) -> str:
+    default = m["threshold"]["score"]
+    out = [name]
+    for g in ("near", "far"):
+        a = m["groups"][g]["auroc"]
+        best = max(BASELINES, key=lambda b: a[b])
+        out += [f"{a[default]:.3f}", f"{best} {a[best]:.3f}", "yes" if a[default] > a[best] else "no"]
+    return "| " + " | ".join(out) + " |"
+
+
+def main(specs: list[str]) -> None:
+    runs = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        runs[name] = json.loads((Path(path) / "metrics.json").read_text())
+    print("| network | near: NRM default | near: best baseline | NRM beats it | far: NRM default | far: best baseline "
+          "| NRM beats it |\n|---|---|---|---|---|---|---|")
+    for name, m in runs.items():
+        print(summary_row(name, m))
+    for name, m in runs.items():
+        print("\n" + "\n".join(network_table(name, m)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
