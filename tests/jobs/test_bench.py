@@ -9,21 +9,28 @@ import pytest
 from support import tiny_config
 
 import jobs.bench
+import nrm
 from jobs.bench import overhead
 
 
 def test_overhead_pairs_each_timing_with_its_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Timings 2 s (plain), 3 s (scored), 5 s (scored with the detector) go to their own fields."""
-    timings = iter([2.0, 3.0, 5.0])
+    """Plain takes the fastest of its four variants (as given / BN fused, either memory format); each
+    score measurement the faster of its two formats; every timing lands in its own field."""
+    timings = iter([4.0, 2.0, 3.0, 5.0,  # plain: as given, channels_last, BN fused, fused channels_last
+                    7.0, 6.0,            # full score: contiguous, channels_last
+                    2.4, 2.2,            # forward-only columns
+                    3.0, 4.0])           # post-hoc baselines
     calls: list[int] = []
 
     def fake_time(fn: Callable[[], Any], reps: int) -> float:
-        fn()  # the real plain / scored passes still run once each
+        fn()  # the real passes still run once each
         calls.append(reps)
         return next(timings)
 
     monkeypatch.setattr(jobs.bench, "_time", fake_time)
-    r = overhead(tiny_config(), batch=8, reps=3)
-    assert calls == [3, 3, 3]
-    assert r == {"plain_s": 2.0, "score_s": 3.0, "ratio": 1.5, "images_per_s": 8 / 3.0, "detector_s": 5.0,
-                 "detector_ratio": 2.5}
+    model = nrm.NRM(tiny_config()).eval().requires_grad_(False)
+    r = overhead(model, model, batch=8, reps=3)
+    assert calls == [3] * 10
+    assert (r["plain_s"], r["plain"]) == (2.0, "as given, channels_last")
+    assert (r["score_s"], r["score_ratio"], r["forward_s"], r["forward_ratio"]) == (6.0, 3.0, 2.2, 1.1)
+    assert (r["baselines_s"], r["images_per_s"]) == (3.0, 8 / 6.0)

@@ -37,7 +37,7 @@ from jobs.images import Policy
 from jobs.parts import ADAPT_COLUMN
 from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
 from jobs.storage import Store
-from nrm import detectors as D
+from nrm.fit import refit
 
 runner = CliRunner(env={"COLUMNS": "200"})
 LAYERS = ["conv1", "conv2"]  # latent layers of support.tiny_config
@@ -322,7 +322,7 @@ def test_evaluate_command_end_to_end_reuses_runs_and_checks_them(ckpt: Path, tmp
 
     # same weights (same model_id), refitted state: the committed scores are stale and are not reused
     model = nrm.load(ckpt)
-    D.refit(model, [model.preprocess(torch.from_numpy(random_images(60, seed=9)))])
+    refit(model, [model.preprocess(torch.from_numpy(random_images(60, seed=9)))])
     nrm.save(model, tmp_path / "refit")
     stale = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "refit"), *args[3:]])
     assert stale.exit_code == 1 and "same weights" in stale.stderr and "different config.json" in stale.stderr
