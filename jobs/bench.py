@@ -150,6 +150,9 @@ def overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: in
     return res
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the shared ResNets' normalisation
+
+
 def bench_models(device: str, shared: Path | None) -> list[tuple[str, nrm.NRM, torch.nn.Module]]:
     """(label, NRM, the module plain inference runs) for every preset and the CIFAR ResNets: the
     shared pretrained ones converted when ``shared`` holds them, else the resnet-cifar preset."""
@@ -165,7 +168,8 @@ def bench_models(device: str, shared: Path | None) -> list[tuple[str, nrm.NRM, t
             user = build_module(f"{src / 'resnet.py'}:resnet{depth}")
             user.load_state_dict(read_weights(src / f"resnet{depth}.safetensors"))
             user = user.eval().to(device)
-            out.append((f"ResNet-{depth} (pretrained, converted)", nrm.from_torch(user, (3, 32, 32)).to(device), user))
+            converted = nrm.from_torch(user, (3, 32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)  # its README's
+            out.append((f"ResNet-{depth} (pretrained, converted)", converted.to(device), user))
         else:
             m = random_model(nrm.preset("resnet-cifar", 1.0, depth=depth), device)
             out.append((f"resnet-cifar depth {depth} (preset)", m, m))

@@ -52,6 +52,9 @@ DETECTORS = ("typicality", "mahalanobis", "gmm")
 DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC over checkpoints (docs/results-detectors.md)
 DEFAULT_FEATURES = "gates_acts"  # ditto, round 2: 8 checkpoints incl. two CIFAR-10 (round 1: channels_recon)
 PREFIX = "det_"
+# From this many features on, mahalanobis scores its D x D product in float32 (about 4x the speed of
+# float64 on AVX-512; a ResNet-56 has 4,064 gate features): docs/benchmarks.md gives the error.
+FAST_DIMS = 512
 
 
 class DetectorError(ValueError):
@@ -230,6 +233,9 @@ def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
         pred = cols["pred"].long()
         if name == "typicality":
             s = typicality(f, pred, t["median"], t["mad"])
+        elif name == "mahalanobis" and f.shape[1] >= FAST_DIMS:
+            d = (f - t["means"][pred]).float()  # the difference in float64, the D x D product in float32
+            s = -((d @ t["precision"].float()) * d).sum(dim=1)
         elif name == "mahalanobis":
             s = mahalanobis(f, pred, t["means"], t["precision"])
         else:
