@@ -5,7 +5,7 @@ weights.safetensors holds every tensor: ``<node>.<param>`` for the network (node
 paths, so a converted ResNet keeps keys like ``layer1.0.conv1.weight``) and ``detector.*`` for the
 fitted detector's arrays.
 
-``model_id`` is the sha256 of weights.safetensors: the job records it with every scored row, and
+``model_id`` is the sha256 of the network's weights (the fitted arrays beside them excluded): the job records it with every scored row, and
 ``load(path, expect_model_id=...)`` refuses a weights file whose hash does not match.
 """
 
@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as save_bytes
 
 from nrm.config import FITTED_PREFIXES, ConfigError, ModelConfig
 from nrm.model import NRM
@@ -32,13 +33,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
-def model_id(path: str | os.PathLike[str]) -> str:
-    """sha256 (hex) of the checkpoint's weights file."""
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of the checkpoint's whole weights file (network and fitted arrays): its integrity."""
     h = hashlib.sha256()
     with open(Path(path) / WEIGHTS, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def model_id(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of the network's weights: of the safetensors serialisation of the network tensors
+    alone, so refitting a detector or the baselines (whose arrays share the file) keeps the model_id.
+    For a file without fitted arrays (every version-1 checkpoint) it is the file's own hash."""
+    file = Path(path) / WEIGHTS
+    try:
+        with safe_open(str(file), "pt") as f:
+            fitted = any(k.startswith(FITTED_PREFIXES) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError):  # not a safetensors file: loading it says so; its id is its hash
+        fitted = False
+    if not fitted:
+        return file_sha256(path)
+    net = {k: v for k, v in load_file(str(file)).items() if not k.startswith(FITTED_PREFIXES)}
+    return hashlib.sha256(save_bytes(net)).hexdigest()
 
 
 def save(model: NRM, path: str | os.PathLike[str]) -> str:
@@ -52,8 +69,9 @@ def save(model: NRM, path: str | os.PathLike[str]) -> str:
             tensors[f"{node.name}.{pname}"] = t.detach().float().cpu().contiguous()
     save_file(tensors, str(p / WEIGHTS))
     mid = model_id(p)
+    checksum = file_sha256(p)
     # The weights' hash is recorded in config.json, so a swapped or edited weights file is detected on load.
-    (p / CONFIG).write_text(json.dumps({**config, "weights_sha256": mid}, indent=2) + "\n")
+    (p / CONFIG).write_text(json.dumps({**config, "weights_sha256": checksum}, indent=2) + "\n")
     return mid
 
 
@@ -76,7 +94,7 @@ def load(
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {str(p)!r}: {CONFIG} is not valid JSON ({e})") from None
     recorded = raw.pop("weights_sha256", None) if isinstance(raw, dict) else None
-    if recorded is not None and (actual := model_id(p)) != recorded:
+    if recorded is not None and (actual := file_sha256(p)) != recorded:
         raise CheckpointError(
             f"checkpoint {str(p)!r}: {WEIGHTS} has sha256 {actual}, but config.json records {recorded} (tampered or replaced)"
         )

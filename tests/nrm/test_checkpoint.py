@@ -407,3 +407,15 @@ def test_graph_error_in_config_names_the_node(tiny_ckpt: Path, edit: Callable[[d
     write_config(tiny_ckpt, cfg)
     with pytest.raises(nrm.CheckpointError, match=match):
         nrm.load(tiny_ckpt)
+
+
+def test_refitting_a_detector_keeps_the_model_id_and_changes_the_file_hash(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from nrm.checkpoint import file_sha256
+    from nrm.fit import refit
+
+    model = nrm.load(tiny_ckpt)
+    refit(model, [torch.randn(40, 1, 8, 8)])
+    nrm.save(model, tmp_path / "refit")
+    assert nrm.model_id(tmp_path / "refit") == nrm.model_id(tiny_ckpt)
+    assert file_sha256(tmp_path / "refit") != file_sha256(tiny_ckpt)
+    assert read_config(tmp_path / "refit")["weights_sha256"] == file_sha256(tmp_path / "refit")
