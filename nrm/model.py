@@ -59,11 +59,6 @@ class Latents:
     values: dict[str, Tensor]  # every node's output, and the input under nrm.graph.INPUT
     latents: dict[str, Tensor]  # relu / leaky_relu node -> gate s*(l); maxpool node -> switches t*(l)
 
-    @property
-    def pre_activations(self) -> dict[str, Tensor]:
-        """Alias kept for readers of the bias layers' outputs z(l): use ``values[name]``."""
-        return self.values
-
 
 @dataclass
 class Rendering:
@@ -104,7 +99,6 @@ class NRM(nn.Module):
         self._index = {n.name: k for k, n in enumerate(config.nodes)}
         self.precision = "fp32"  # see set_precision
         self.channels_last = False  # see use_channels_last
-        self._feats = torch.empty(0)
 
     def _init_params(self, node: Node) -> nn.Module:
         """torch's own default initialisation of conv and linear (kaiming-uniform weight, bias uniform in
@@ -189,7 +183,7 @@ class NRM(nn.Module):
         for k, node in enumerate(self.config.nodes):
             xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
             if k == len(self.config.nodes) - 1:
-                self._feats = xs[0].flatten(1)  # (N, F) penultimate features
+                feats = xs[0].flatten(1)  # (N, F) penultimate features
             if keep:
                 out, lat = node.op.encode(xs, p)
                 if lat is not None:
@@ -203,7 +197,7 @@ class NRM(nn.Module):
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
         logits = values[self.classifier.name]
-        return logits, (Latents(logits, values, latents) if keep else None), zs, self._feats
+        return logits, (Latents(logits, values, latents) if keep else None), zs, feats
 
     def forward(self, x: Tensor) -> Tensor:
         """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
