@@ -204,9 +204,10 @@ def parts(state: dict[str, Any]) -> set[str]:
     return set(state.get("features", "").split("_")) - {""}
 
 
-def needs_unit_stats(detector: dict[str, Any]) -> bool:
-    """Whether the fitted detector (or a candidate kept beside it) reads ``latent_gates`` / ``unit_acts``."""
-    return any(parts(st) & {"gates", "acts"} for st in states(detector).values())
+def needs_unit_stats(detector: dict[str, Any], want: set[str] | None = None) -> bool:
+    """Whether the fitted detector (or a candidate kept beside it; only the ``want`` columns, if given)
+    reads ``latent_gates`` / ``unit_acts``."""
+    return any(parts(st) & {"gates", "acts"} for c, st in states(detector).items() if want is None or c in want)
 
 
 def column_names(detector: dict[str, Any]) -> list[str]:

@@ -363,8 +363,7 @@ class NRM(nn.Module):
         if r is not None:
             out.update(self._rendered_scores(x, r))
         det = self.config.fitted.detector
-        if unit_stats or (unit_stats is None and any(D.parts(st) & {"gates", "acts"} for c, st in D.states(det).items()
-                                                     if want is None or c in want)):
+        if unit_stats or (unit_stats is None and D.needs_unit_stats(det, want)):
             out["latent_gates"], out["unit_acts"] = (v.float() for v in self.unit_stats(zs))  # detector inputs only
         out.update(D.score_columns(det, out, want))  # det_<name> (nrm.detectors), if one is fitted
         for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
