@@ -45,6 +45,11 @@ class Augment(str, enum.Enum):
     flip_crop = "flip-crop"
 
 
+class Optimizer(str, enum.Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
 class Normaliser(str, enum.Enum):
     none = "none"
     class_mean = "class_mean"
@@ -140,7 +145,10 @@ def train(
     width: Annotated[float | None, typer.Option(help="Width multiplier of the preset (default: the preset's).")] = None,
     epochs: Annotated[int, at_least(1, "Passes over the training rows.")] = 3,
     batch_size: Annotated[int, at_least(1, "Images per training step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, one-cycle).")] = 1e-2,
+    lr: Annotated[float, at_least(0, "Peak learning rate of the one-cycle schedule.", strict=True)] = 1e-2,
+    optimizer: Annotated[Optimizer, typer.Option(help="adamw, or sgd (Nesterov momentum 0.9, L2 weight decay: the usual ResNet fine-tuning recipe).")] = Optimizer.adamw,
+    weight_decay: Annotated[float, at_least(0, "Weight decay (decoupled for adamw, L2 for sgd).")] = 5e-4,
+    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.5, help="Label smoothing of the cross-entropy, 0 to 0.5.")] = 0.0,
     recon_weight: Annotated[float, at_least(0, "Weight of the reconstruction term.")] = 1.0,
     pathnorm_weight: Annotated[float, at_least(0, "Weight of the path-normalisation term.")] = 0.0,
     normaliser: Annotated[Normaliser, typer.Option(help="Estimator of log Z(y) (nrm.fit; docs/results.md).")] = Normaliser.none,
@@ -180,11 +188,13 @@ def train(
 
     tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
-                         augment=augment.value)
+                         augment=augment.value, optimizer=optimizer.value, weight_decay=weight_decay,
+                         label_smoothing=label_smoothing)
     result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start)
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
-    report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value, "seconds": round(result.seconds, 1),
+    report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value,
+              "optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
         report.update(_test_accuracy(test, result.model, store))
