@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,9 @@ from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
 
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+# model -> its torch.compile'd bottom-up step (see NRM.use_compile); kept outside the module so that
+# copy.deepcopy and pickling of an NRM never meet a compiled function
+_COMPILED: weakref.WeakKeyDictionary[NRM, Any] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -99,6 +103,7 @@ class NRM(nn.Module):
         self._index = {n.name: k for k, n in enumerate(config.nodes)}
         self.precision = "fp32"  # see set_precision
         self.channels_last = False  # see use_channels_last
+        self.compiled = False  # see use_compile
 
     def _init_params(self, node: Node) -> nn.Module:
         """torch's own default initialisation of conv and linear (kaiming-uniform weight, bias uniform in
@@ -170,10 +175,13 @@ class NRM(nn.Module):
             raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
 
     # ------------------------------------------------------------------ bottom-up
-    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor], Tensor]:
+    def _run(self, x: Tensor, keep: bool, offsets: list[Tensor] | None = None,
+             ) -> tuple[Tensor, Latents | None, list[Tensor], Tensor]:
         """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``), the
-        bias nodes' outputs z(l) (always: the autograd renderer differentiates with respect to them)
-        and the penultimate features (the classifier's input, for the post-hoc detectors)."""
+        bias nodes' outputs z(l) and the penultimate features (the classifier's input, for the
+        post-hoc detectors). ``offsets`` (one per bias node, zeros of :meth:`_offset_shape`) are
+        added to the z(l): the gradient of a logit with respect to them is d logit / dz(l) summed
+        over positions, which is what eta_{l,c} needs (see :meth:`_vjp`)."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: dict[str, Tensor] = {INPUT: x}
@@ -190,9 +198,11 @@ class NRM(nn.Module):
                     latents[node.name] = lat
             else:
                 out = node.op.forward(xs, p)
-            values[node.name] = out
             if node.name in bias:
+                if offsets is not None:
+                    out = out + offsets[len(zs)].to(out.dtype)  # (N, C, 1, 1) or (N, F) zeros
                 zs.append(out)
+            values[node.name] = out
             if not keep:
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
@@ -248,20 +258,43 @@ class NRM(nn.Module):
             return Rendering(y, h0, zero, zero)
         return Rendering(y, h0, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
 
-    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool) -> tuple[Tensor, Rendering, list[Tensor], Tensor]:
-        """One vector-Jacobian product of logit_y with respect to x and every bias node's output.
-        Returns the logits, the rendering, the bias nodes' outputs z(l) and the penultimate features."""
+    def _offset_shape(self, name: str) -> tuple[int, ...]:
+        """Per-sample shape of bias node ``name``'s offset: (C, 1, 1) for a feature map, (F,) for features."""
+        c, *rest = self.shapes[name]
+        return (c, *(1 for _ in rest))
+
+    def _step(self, x: Tensor, offsets: list[Tensor] | None, stats: bool,
+              ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """score()'s bottom-up pass: logits (N, K), penultimate features (N, F) and, with ``stats``,
+        :meth:`unit_stats`. This is what :meth:`use_compile` compiles."""
+        fn = _COMPILED.get(self) if self.compiled else None
+        if fn is None and self.compiled:
+            fn = _COMPILED[self] = torch.compile(self._bottom_up, dynamic=False)
+        return (fn or self._bottom_up)(x, offsets, stats)  # type: ignore[no-any-return]
+
+    def _bottom_up(self, x: Tensor, offsets: list[Tensor] | None, stats: bool,
+                   ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        logits, _, zs, feats = self._run(x, keep=False, offsets=offsets)
+        return logits, feats, (self.unit_stats(zs) if stats else None)
+
+    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool, stats: bool = False,
+             ) -> tuple[Tensor, Rendering, Tensor, tuple[Tensor, Tensor] | None]:
+        """One vector-Jacobian product of logit_y with respect to x and a zero offset on every bias
+        node's output: h(0) = d logit_y / dx and eta_{l,c} = b_c(l) d logit_y / d offset_{l,c}
+        (= b_c(l) sum_p d logit_y / dz(l)_{c,p}). Returns the logits, the rendering, the penultimate
+        features and (with ``stats``) the unit statistics of the same forward pass."""
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
+        offsets = [x.new_zeros(len(x), *self._offset_shape(n), requires_grad=True) for n in self.bias_nodes]
         with torch.enable_grad():
-            logits, _, zs, feats = self._run(x, keep=False)
+            logits, feats, st = self._step(x, offsets, stats)
             if y is None:
                 y = logits.detach().argmax(1)
             picked = logits.gather(1, y[:, None]).sum()
-            grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
-        eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]
+            grads = torch.autograd.grad(picked, [x, *offsets], create_graph=create_graph)
+        eta = [g.flatten(1) * self.node_params(n)[self._bias_param(n)]  # (N, C_l)
                for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
-        return logits, self._rendering(y, grads[0], eta), zs, feats
+        return logits, self._rendering(y, grads[0], eta), feats, st
 
     def _bias_param(self, name: str) -> str:
         return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
@@ -304,6 +337,15 @@ class NRM(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
         self.precision = precision
+        return self
+
+    def use_compile(self, on: bool = True) -> NRM:
+        """Run score()'s bottom-up pass through torch.compile (inductor): the ReLUs, the gate
+        statistics and the bias offsets fuse with their neighbours, forward and backward. Each new
+        input shape compiles once (minutes on a small CPU), so it pays over a long job, not a test;
+        scores equal the eager ones to float rounding. Returns self."""
+        self.compiled = on
+        _COMPILED.pop(self, None)
         return self
 
     def use_channels_last(self, on: bool = True) -> NRM:
@@ -353,18 +395,19 @@ class NRM(nn.Module):
         detector reads them (they cost a pass over every activation)."""
         self.check_input(x)
         want = self._wanted(columns)
+        det = self.config.fitted.detector
+        stats = bool(unit_stats or (unit_stats is None and D.needs_unit_stats(det, want)))
         with self.autocast():
             if self.needs_rendering(columns):
-                logits, r, zs, feats = self._vjp(x, None, create_graph=False)
+                logits, r, feats, st = self._vjp(x, None, create_graph=False, stats=stats)
             else:
-                (logits, _, zs, feats), r = self._run(x, keep=False), None
+                (logits, feats, st), r = self._step(x, None, stats), None
         logits = logits.detach().float()
         out = S.classifier_scores(logits)
         if r is not None:
             out.update(self._rendered_scores(x, r))
-        det = self.config.fitted.detector
-        if unit_stats or (unit_stats is None and D.needs_unit_stats(det, want)):
-            out["latent_gates"], out["unit_acts"] = (v.float() for v in self.unit_stats(zs))  # detector inputs only
+        if st is not None:
+            out["latent_gates"], out["unit_acts"] = (v.detach().float() for v in st)  # detector inputs only
         out.update(D.score_columns(det, out, want))  # det_<name> (nrm.detectors), if one is fitted
         for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
             if want is None or type(d).column in want:
