@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nrm import detectors as D
 from nrm import scores as S
 from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
@@ -80,7 +79,6 @@ class NRM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.shapes = validate(config)  # per-sample output shape of every node
-        D.column_names(config.fitted.detector)  # an unknown detector name fails here, not at the first score
         self.config = config
         self.params = nn.ModuleDict()
         for node in config.nodes:
@@ -341,8 +339,8 @@ class NRM(nn.Module):
         want = self._wanted(columns)
         if want is None:
             return True
-        dets = [st for c, st in D.states(self.config.fitted.detector).items() if c in want]
-        return bool(want & S.RENDERED) or any(D.parts(st) & D.RENDER_PARTS for st in dets)
+        det = self.config.fitted.detector
+        return bool(want & S.RENDERED) or (det is not None and det.needs_rendering(want))
 
     @torch.no_grad()
     def score(self, x: Tensor, columns: list[str] | None = None, unit_stats: bool | None = None) -> dict[str, Tensor]:
@@ -363,9 +361,10 @@ class NRM(nn.Module):
         if r is not None:
             out.update(self._rendered_scores(x, r))
         det = self.config.fitted.detector
-        if unit_stats or (unit_stats is None and D.needs_unit_stats(det, want)):
+        if unit_stats or (unit_stats is None and det is not None and det.needs_unit_stats(want)):
             out["latent_gates"], out["unit_acts"] = (v.float() for v in self.unit_stats(zs))  # detector inputs only
-        out.update(D.score_columns(det, out, want))  # det_<name> (nrm.detectors), if one is fitted
+        if det is not None:
+            out.update(det.score(out, want))  # det_<name> (nrm.detectors)
         for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
             if want is None or type(d).column in want:
                 out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
@@ -395,4 +394,5 @@ def _per_channel(g: Tensor) -> Tensor:
 def fitted_columns(config: ModelConfig) -> list[str]:
     """The fitted columns of a model, all higher = in-distribution: the detectors on NRM statistics
     (``det_*``), then the post-hoc baselines (nrm.posthoc). Known from the config alone."""
-    return [*D.column_names(config.fitted.detector), *(type(d).column for d in config.fitted.posthoc.values())]
+    det = config.fitted.detector
+    return [*(det.columns if det else []), *(type(d).column for d in config.fitted.posthoc.values())]
