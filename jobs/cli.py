@@ -295,10 +295,10 @@ def fit_detector(
     mid = nrm.save(m, out)
     th = m.config.fitted.threshold
     assert th is not None
-    for column, row in det.get("selection", {}).items():
+    for column, row in det.selection.items():
         typer.echo(f"  validation AUROC {column}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                    + f" (worst {min(row.values()):.3f})")
-    typer.echo(f"fitted {det['name']}[{det['features']}] on {len(refit_rows)} held-out rows; threshold {th.score} < {th.value:.4g} "
+    typer.echo(f"fitted {det.main.name}[{det.main.features}] on {len(refit_rows)} held-out rows; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
     if baselines:
         typer.echo(f"fitted the post-hoc baselines {', '.join(m.posthoc_columns)} on {len(train_rows)} training rows")

@@ -688,7 +688,8 @@ def evaluate(opts: EvalOptions, echo: Callable[[str], None] = print) -> EvalResu
         model = nrm.load(path, expect_model_id=ckpt.model_id)
     det = model.config.fitted.detector
     info = {"uri": opts.model, "model_id": ckpt.model_id,
-            "detector": {k: det[k] for k in ("name", "features", "selection") if k in det} if det else None}
+            "detector": {"name": det.main.name, "features": det.main.features,
+                         **({"selection": det.selection} if det.selection else {})} if det else None}
     m = write_evaluation(sets, model, opts.out, info, store)
     incomplete = [s.name for s in sets if m["sets"][s.name]["failed_inputs"]]
     return EvalResult(opts.out, m, incomplete)

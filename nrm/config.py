@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nrm.detectors import Detector, DetectorError, FittedDetectors, lookup
 from nrm.graph import GraphError, Node, chain, infer_shapes
 from nrm.ops import OpError, op_from_dict
 from nrm.posthoc import REGISTRY, PosthocError
@@ -71,7 +72,7 @@ class Fitted:
     log_partition: list[float] = field(default_factory=list)  # log Z(y), one per class; zeros = "none"
     normaliser: str = "none"  # which estimator produced log_partition (nrm.fit.NORMALISERS)
     threshold: Threshold | None = None
-    detector: dict[str, Any] = field(default_factory=dict)  # extra fitted OOD detectors (nrm.detectors)
+    detector: FittedDetectors | None = None  # fitted OOD detectors on the NRM statistics (nrm.detectors)
     posthoc: dict[str, Any] = field(default_factory=dict)  # name -> fitted post-hoc baseline (nrm.posthoc)
 
 
@@ -98,7 +99,7 @@ class ModelConfig:
             "threshold": asdict(self.fitted.threshold) if self.fitted.threshold else None,
         }
         if self.fitted.detector:
-            out["detector"] = _detector_refs(self.fitted.detector, "detector", tensors)
+            out["detector"] = _detectors_json(self.fitted.detector, tensors)
         if self.fitted.posthoc:
             out["posthoc"] = {}
             for name, det in self.fitted.posthoc.items():
@@ -177,7 +178,7 @@ def _fitted(d: dict[str, Any], n_classes: int, tensors: dict[str, Tensor]) -> Fi
         log_partition=log_z,
         normaliser=str(d.get("normaliser", "none")),
         threshold=Threshold(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95))) if th else None,
-        detector=_detector_tensors(dict(d.get("detector") or {}), tensors),
+        detector=_detectors(dict(d.get("detector") or {}), tensors),
         posthoc=_posthoc(d.get("posthoc") or {}, tensors),
     )
 
@@ -199,36 +200,52 @@ def _posthoc(raw: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
     return out
 
 
-def _detector_refs(det: dict[str, Any], prefix: str, out: dict[str, Tensor]) -> dict[str, Any]:
-    """The detector state with every array of its ``params`` (and its candidates') replaced by a
-    reference; the arrays go to ``out``."""
-    res = dict(det)
-    if "params" in det:
-        res["params"] = {}
-        for k, v in det["params"].items():
-            key = f"{prefix}.{k}"
-            out[key] = torch.as_tensor(v, dtype=torch.float64).contiguous()
-            res["params"][k] = {TENSOR_REF: key}
-    if "candidates" in det:
-        res["candidates"] = [_detector_refs(c, f"{prefix}.candidates.{i}", out) for i, c in enumerate(det["candidates"])]
+def _detector_refs(det: Detector, prefix: str, out: dict[str, Tensor]) -> dict[str, Any]:
+    """One detector as config.json holds it: its name, options and a reference per fitted array (the
+    arrays go to ``out`` under ``<prefix>.<key>``)."""
+    params = {}
+    for k, v in det.tensors().items():
+        out[f"{prefix}.{k}"] = torch.as_tensor(v, dtype=torch.float64).contiguous()
+        params[k] = {TENSOR_REF: f"{prefix}.{k}"}
+    return {"name": det.name, **det.options(), "params": params}
+
+
+def _detectors_json(fitted: FittedDetectors, out: dict[str, Tensor]) -> dict[str, Any]:
+    """config.json's ``detector``: the main detector, then its ``selection`` and ``candidates`` if any."""
+    res = _detector_refs(fitted.main, "detector", out)
+    if fitted.selection:
+        res["selection"] = fitted.selection
+    if fitted.candidates:
+        res["candidates"] = [_detector_refs(c, f"detector.candidates.{i}", out) for i, c in enumerate(fitted.candidates)]
     return res
 
 
-def _detector_tensors(det: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+def _detectors(raw: dict[str, Any], tensors: dict[str, Tensor]) -> FittedDetectors | None:
+    """Inverse of _detectors_json; None when config.json has no detector."""
+    if not raw:
+        return None
+    try:
+        return FittedDetectors(_detector(raw, tensors, candidate=False),
+                               [_detector(c, tensors, candidate=True) for c in raw.get("candidates", [])],
+                               dict(raw.get("selection") or {}))
+    except DetectorError as e:
+        raise ConfigError(f"config.json: {e}") from None
+
+
+def _detector(raw: dict[str, Any], tensors: dict[str, Tensor], candidate: bool) -> Detector:
     """Inverse of _detector_refs; version-1 float lists become tensors too."""
-    if "params" in det:
-        params = {}
-        for k, v in det["params"].items():
-            if isinstance(v, dict) and TENSOR_REF in v:
-                if v[TENSOR_REF] not in tensors:
-                    raise ConfigError(f"config.json: detector array {v[TENSOR_REF]!r} is not in weights.safetensors")
-                params[k] = tensors[v[TENSOR_REF]].double()
-            else:
-                params[k] = torch.tensor(v, dtype=torch.float64)
-        det = {**det, "params": params}
-    if "candidates" in det:
-        det["candidates"] = [_detector_tensors(c, tensors) for c in det["candidates"]]
-    return det
+    cls = lookup(str(raw.get("name")))
+    if "features" not in raw:
+        raise ConfigError(f"config.json: detector {cls.name!r} has no 'features'")
+    params = {}
+    for k, v in raw.get("params", {}).items():
+        if isinstance(v, dict) and TENSOR_REF in v:
+            if v[TENSOR_REF] not in tensors:
+                raise ConfigError(f"config.json: detector array {v[TENSOR_REF]!r} is not in weights.safetensors")
+            params[k] = tensors[v[TENSOR_REF]].double()
+        else:
+            params[k] = torch.tensor(v, dtype=torch.float64)
+    return cls.from_tensors(params, candidate=candidate, features=str(raw["features"]))
 
 
 def validate(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -27,9 +27,13 @@ and returns a score where HIGHER = MORE IN-DISTRIBUTION (column ``det_<name>`` o
     mahalanobis  s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*])          class means, shared covariance
     gmm          s = log sum_m w_m N(f; m_m, S_m)                   small full-covariance GMM (EM)
 
-The fitted state is one dict kept in ``ModelConfig.fitted.detector``:
-``{"name": ..., "features": ..., "params": {name: float64 tensor}}``; the checkpoint writes the
-tensors to weights.safetensors and references them from config.json. docs/results-detectors.md
+Each score is a pure tensor function (:func:`typicality`, :func:`mahalanobis`, :func:`gmm_loglik`,
+fitted by :func:`fit_typicality`, ...); each detector is a small object over them (:class:`Typicality`,
+:class:`Mahalanobis`, :class:`GMM`; ``REGISTRY`` by name) that fits, scores, raises a DetectorError
+naming itself if used unfitted, and hands its fitted state over as ``tensors()`` (float64, for
+weights.safetensors) plus ``options()`` (its feature set), like the post-hoc baselines of
+nrm.posthoc. ``ModelConfig.fitted.detector`` holds a :class:`FittedDetectors`: the main detector and
+any candidates kept beside it; config.json names each one's arrays in weights.safetensors. docs/results-detectors.md
 compares them on validation OOD data; ``DEFAULT_DETECTOR`` is the winner there. Given validation OOD
 sets, :func:`choose` picks the winner for one checkpoint instead (best worst-case validation AUROC).
 """
@@ -38,7 +42,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -48,7 +53,6 @@ FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon", "
 # The score-dict entry behind each part of a feature-set name; "recon" is log ||x - h(0)||^2.
 _PARTS = {"eta": "latent_prior", "layers": "latent_prior_layers", "channels": "latent_prior_channels",
           "gates": "latent_gates", "acts": "unit_acts", "recon": "recon_sq_error"}
-DETECTORS = ("typicality", "mahalanobis", "gmm")
 DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC over checkpoints (docs/results-detectors.md)
 DEFAULT_FEATURES = "gates_acts"  # ditto, round 2: 8 checkpoints incl. two CIFAR-10 (round 1: channels_recon)
 PREFIX = "det_"
@@ -62,10 +66,14 @@ class DetectorError(ValueError):
 
 
 # ---------------------------------------------------------------------------- features
-def features(cols: dict[str, Tensor], feature_set: str) -> Tensor:
-    """The detector input f (N, D), float64, from NRM.score columns (see the module docstring)."""
+def _check_features(feature_set: str) -> None:
     if feature_set not in FEATURE_SETS:
         raise DetectorError(f"unknown detector feature set {feature_set!r}; expected one of {list(FEATURE_SETS)}")
+
+
+def features(cols: dict[str, Tensor], feature_set: str) -> Tensor:
+    """The detector input f (N, D), float64, from NRM.score columns (see the module docstring)."""
+    _check_features(feature_set)
     parts = []
     for part in feature_set.split("_"):
         v = cols[_PARTS[part]].double()
@@ -164,91 +172,206 @@ def fit_gmm(f: Tensor, components: int = 8, iters: int = 100, seed: int = 0, tol
     return {"weights": weights, "means": means, "covs": covs}
 
 
-# ---------------------------------------------------------------------------- registry
-def _check(name: str) -> None:
-    if name not in DETECTORS:
-        raise DetectorError(f"unknown detector {name!r}; expected one of {list(DETECTORS)}")
-
-
-def fit(name: str, cols: dict[str, Tensor], n_classes: int, feature_set: str = DEFAULT_FEATURES,
-        **options: Any) -> dict[str, Any]:
-    """Fit detector ``name`` on in-distribution NRM.score columns; returns its JSON-serialisable state."""
-    _check(name)
-    f = features(cols, feature_set)
-    if len(f) == 0:
-        raise DetectorError(f"detector {name!r}: no in-distribution samples to fit on")
-    pred = cols["pred"].long()
-    if name == "typicality":
-        params = fit_typicality(f, pred, n_classes)
-    elif name == "mahalanobis":
-        params = fit_mahalanobis(f, pred, n_classes)
-    else:
-        params = fit_gmm(f, **options)
-    return {"name": name, "features": feature_set, "params": params}
-
-
+# ---------------------------------------------------------------------------- detectors
+_D = TypeVar("_D", bound="Detector")
 RENDER_PARTS = frozenset({"eta", "layers", "channels", "recon"})  # feature parts that need the top-down pass
+UNIT_PARTS = frozenset({"gates", "acts"})  # feature parts read from NRM.unit_stats
 
 
-def states(detector: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Score column -> fitted state: ``det_<name>``, then ``det_<name>_<features>`` for each fitted
-    candidate kept beside it (``detector["candidates"]``); {} when nothing is fitted."""
-    if not detector:
-        return {}
-    _check(detector.get("name", ""))
-    return {PREFIX + detector["name"]: detector, **{candidate_column(c): c for c in detector.get("candidates", [])}}
+@dataclass(eq=False)
+class Detector:
+    """A fitted detector on NRM statistics (the base of :data:`REGISTRY`): ``fit`` on in-distribution
+    NRM.score columns, then ``score`` others, higher = more in-distribution. Its fitted state is
+    ``tensors()`` (float64, a flat dict for weights.safetensors) plus ``options()`` (JSON), and
+    ``cls.from_tensors(d.tensors(), **d.options())`` rebuilds it. A subclass names its method
+    (``name``), its fitted tensors (``keys``, one field each) and the pure functions that fit and score."""
+
+    features: str = DEFAULT_FEATURES  # the feature set f(x) it reads (FEATURE_SETS)
+    candidate: bool = field(default=False, kw_only=True)  # kept beside the main detector, not the main one
+    name: ClassVar[str] = ""
+    keys: ClassVar[tuple[str, ...]] = ()
+    fit_options: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_features(self.features)
+
+    @property
+    def column(self) -> str:
+        """Its score column: ``det_<name>``, or ``det_<name>_<features>`` for a candidate."""
+        return f"{PREFIX}{self.name}_{self.features}" if self.candidate else PREFIX + self.name
+
+    def parts(self) -> set[str]:
+        """The feature parts it reads (eta, layers, channels, gates, acts, recon)."""
+        return set(self.features.split("_"))
+
+    def fit(self: _D, cols: dict[str, Tensor], n_classes: int, **options: Any) -> _D:
+        """Fit on in-distribution NRM.score columns (``pred`` and the feature parts); returns self."""
+        if unknown := sorted(set(options) - set(self.fit_options)):
+            raise DetectorError(f"detector {self.name!r}: unknown fit options {unknown}; "
+                                f"expected a subset of {list(self.fit_options)}")
+        f = features(cols, self.features)
+        if len(f) == 0:
+            raise DetectorError(f"detector {self.name!r}: no in-distribution samples to fit on")
+        for key, value in self._fit(f, cols["pred"].long(), n_classes, **options).items():
+            setattr(self, key, value.contiguous())  # safetensors stores only contiguous tensors
+        return self
+
+    def score(self, cols: dict[str, Tensor]) -> Tensor:
+        """s (N,), float32, higher = more in-distribution, from NRM.score columns."""
+        fitted = self.tensors()
+        try:
+            f = features(cols, self.features)
+            s = self._score(f, cols["pred"].long(), {k: v.to(f.device, torch.float64) for k, v in fitted.items()})
+        except (KeyError, IndexError, RuntimeError) as e:
+            raise DetectorError(f"detector {self.name!r}: fitted state does not match the score columns ({e})") from None
+        return s.float()
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The fitted arrays by key (``keys``); a DetectorError if unfitted."""
+        fitted = {k: getattr(self, k) for k in self.keys}
+        if any(v is None for v in fitted.values()):
+            cls = type(self).__name__
+            raise DetectorError(f"detector {self.name!r} is not fitted; call {cls}.fit(cols, n_classes) on "
+                                f"in-distribution score columns first, or rebuild it with "
+                                f"{cls}.from_tensors(saved_tensors, **saved_options)")
+        return fitted
+
+    def options(self) -> dict[str, Any]:
+        return {"features": self.features}
+
+    @classmethod
+    def from_tensors(cls: type[_D], tensors: dict[str, Tensor], *, candidate: bool = False, **options: Any) -> _D:
+        """Rebuild a fitted detector from ``tensors()`` and ``options()`` (float lists are accepted too)."""
+        if unknown := sorted(set(options) - {"features"}):
+            raise DetectorError(f"detector {cls.name!r}: unknown options {unknown}; expected a subset of ['features']")
+        if missing := [k for k in cls.keys if k not in tensors]:
+            raise DetectorError(f"detector {cls.name!r}: missing fitted arrays {missing}; expected {list(cls.keys)}, "
+                                f"got {sorted(tensors)}")
+        fitted: dict[str, Any] = {k: torch.as_tensor(tensors[k], dtype=torch.float64).contiguous() for k in cls.keys}
+        return cls(**options, **fitted, candidate=candidate)
+
+    def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _score(self, f: Tensor, pred: Tensor, fitted: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
 
 
-def parts(state: dict[str, Any]) -> set[str]:
-    """The feature parts a fitted state reads (eta, layers, channels, gates, acts, recon)."""
-    return set(state.get("features", "").split("_")) - {""}
+@dataclass(eq=False)
+class Typicality(Detector):
+    """Two-sided typicality per predicted class (after Nalisnick et al. 2019, "Detecting
+    Out-of-Distribution Inputs to Deep Generative Models Using Typicality"): :func:`typicality`,
+
+        s = -sum_j |f_j - med[y*, j]| / MAD[y*, j]
+
+    with the median and MAD of :func:`fit_typicality`."""
+
+    median: Tensor | None = None  # (K, D)
+    mad: Tensor | None = None  # (K, D)
+    name: ClassVar[str] = "typicality"
+    keys: ClassVar[tuple[str, ...]] = ("median", "mad")
+
+    def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
+        return fit_typicality(f, pred, n_classes)
+
+    def _score(self, f: Tensor, pred: Tensor, fitted: dict[str, Tensor]) -> Tensor:
+        return typicality(f, pred, fitted["median"], fitted["mad"])
 
 
-def needs_unit_stats(detector: dict[str, Any], want: set[str] | None = None) -> bool:
-    """Whether the fitted detector (or a candidate kept beside it; only the ``want`` columns, if given)
-    reads ``latent_gates`` / ``unit_acts``."""
-    return any(parts(st) & {"gates", "acts"} for c, st in states(detector).items() if want is None or c in want)
+@dataclass(eq=False)
+class Mahalanobis(Detector):
+    """Class-conditional Gaussian with a shared covariance at the predicted class (Lee et al. 2018, "A
+    Simple Unified Framework for Detecting Out-of-Distribution Samples and Adversarial Attacks"):
+    :func:`mahalanobis`,
+
+        s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*])
+
+    with the means and precision of :func:`fit_mahalanobis`. From ``FAST_DIMS`` features on, the
+    difference is taken in float64 and the D x D product in float32."""
+
+    means: Tensor | None = None  # (K, D)
+    precision: Tensor | None = None  # (D, D)
+    name: ClassVar[str] = "mahalanobis"
+    keys: ClassVar[tuple[str, ...]] = ("means", "precision")
+
+    def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
+        return fit_mahalanobis(f, pred, n_classes)
+
+    def _score(self, f: Tensor, pred: Tensor, fitted: dict[str, Tensor]) -> Tensor:
+        if f.shape[1] < FAST_DIMS:
+            return mahalanobis(f, pred, fitted["means"], fitted["precision"])
+        d = (f - fitted["means"][pred]).float()  # (N, D)
+        return -((d @ fitted["precision"].float()) * d).sum(dim=1)
 
 
-def column_names(detector: dict[str, Any]) -> list[str]:
-    """The score columns a fitted detector adds (see :func:`states`)."""
-    return list(states(detector))
+@dataclass(eq=False)
+class GMM(Detector):
+    """Gaussian mixture density of f, class-agnostic: :func:`gmm_loglik`,
+
+        s = log sum_m w_m N(f; m_m, S_m)
+
+    with a small full-covariance mixture fitted by EM (Dempster, Laird & Rubin 1977; :func:`fit_gmm`,
+    whose ``components``, ``iters``, ``seed`` and ``tol`` are its fit options)."""
+
+    weights: Tensor | None = None  # (M,)
+    means: Tensor | None = None  # (M, D)
+    covs: Tensor | None = None  # (M, D, D)
+    name: ClassVar[str] = "gmm"
+    keys: ClassVar[tuple[str, ...]] = ("weights", "means", "covs")
+    fit_options: ClassVar[tuple[str, ...]] = ("components", "iters", "seed", "tol")
+
+    def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
+        return fit_gmm(f, **options)
+
+    def _score(self, f: Tensor, pred: Tensor, fitted: dict[str, Tensor]) -> Tensor:
+        return gmm_loglik(f, fitted["weights"], fitted["means"], fitted["covs"])
 
 
-def candidate_column(candidate: dict[str, Any]) -> str:
-    _check(candidate.get("name", ""))
-    return f"{PREFIX}{candidate['name']}_{candidate['features']}"
+REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (Typicality, Mahalanobis, GMM)}
+DETECTORS = tuple(REGISTRY)
 
 
-def _tensors(params: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    return {k: torch.as_tensor(v, dtype=torch.float64).to(device) for k, v in params.items()}
+def lookup(name: str) -> type[Detector]:
+    """The detector class registered as ``name``; a DetectorError listing the valid names otherwise."""
+    if name not in REGISTRY:
+        raise DetectorError(f"unknown detector {name!r}; expected one of {list(REGISTRY)}")
+    return REGISTRY[name]
 
 
-def score(detector: dict[str, Any], cols: dict[str, Tensor]) -> Tensor:
-    """The detector's score (N,), higher = more in-distribution, from NRM.score columns."""
-    name = detector.get("name", "")
-    _check(name)
-    try:
-        f, p = features(cols, detector["features"]), detector["params"]
-        t = _tensors(p, f.device)
-        pred = cols["pred"].long()
-        if name == "typicality":
-            s = typicality(f, pred, t["median"], t["mad"])
-        elif name == "mahalanobis" and f.shape[1] >= FAST_DIMS:
-            d = (f - t["means"][pred]).float()  # the difference in float64, the D x D product in float32
-            s = -((d @ t["precision"].float()) * d).sum(dim=1)
-        elif name == "mahalanobis":
-            s = mahalanobis(f, pred, t["means"], t["precision"])
-        else:
-            s = gmm_loglik(f, t["weights"], t["means"], t["covs"])
-    except (KeyError, IndexError, RuntimeError) as e:
-        raise DetectorError(f"detector {name!r}: fitted state does not match the score columns ({e})") from None
-    return s.float()
+@dataclass(eq=False)
+class FittedDetectors:
+    """What ``ModelConfig.fitted.detector`` holds: the main detector (column ``det_<name>``, the one a
+    threshold uses), the candidates kept beside it (``det_<name>_<features>``) and, when :func:`choose`
+    picked the main one, the validation table it was chosen on."""
 
+    main: Detector
+    candidates: list[Detector] = field(default_factory=list)
+    selection: dict[str, dict[str, float]] = field(default_factory=dict)  # candidate column -> {OOD set: AUROC}
 
-def score_columns(detector: dict[str, Any], cols: dict[str, Tensor], want: set[str] | None = None) -> dict[str, Tensor]:
-    """``{column: score}`` for every fitted state of :func:`states` (only the ``want`` columns, if given)."""
-    return {c: score(st, cols) for c, st in states(detector).items() if want is None or c in want}
+    def by_column(self, want: set[str] | None = None) -> dict[str, Detector]:
+        """Score column -> detector, the main one first (only the ``want`` columns, if given)."""
+        return {d.column: d for d in (self.main, *self.candidates) if want is None or d.column in want}
+
+    @property
+    def columns(self) -> list[str]:
+        """The score columns they add to NRM.score."""
+        return list(self.by_column())
+
+    def parts(self, want: set[str] | None = None) -> set[str]:
+        """The feature parts the (``want``) detectors read."""
+        return set().union(*(d.parts() for d in self.by_column(want).values()))
+
+    def needs_unit_stats(self, want: set[str] | None = None) -> bool:
+        """Whether the (``want``) detectors read ``latent_gates`` / ``unit_acts``."""
+        return bool(self.parts(want) & UNIT_PARTS)
+
+    def needs_rendering(self, want: set[str] | None = None) -> bool:
+        """Whether the (``want``) detectors read a column of the top-down pass."""
+        return bool(self.parts(want) & RENDER_PARTS)
+
+    def score(self, cols: dict[str, Tensor], want: set[str] | None = None) -> dict[str, Tensor]:
+        """``{column: score}`` for every (``want``) detector."""
+        return {c: d.score(cols) for c, d in self.by_column(want).items()}
 
 
 # What choose() searches by default: every detector of the study that fits in seconds.
@@ -258,27 +381,30 @@ SEARCH = (("mahalanobis", "channels_recon"), ("mahalanobis", "gates"), ("mahalan
 
 
 def choose(fit_cols: dict[str, Tensor], in_cols: dict[str, Tensor], ood_cols: dict[str, dict[str, Tensor]],
-           n_classes: int, search: Iterable[tuple[str, str]] = SEARCH) -> dict[str, Any]:
+           n_classes: int, search: Iterable[tuple[str, str]] = SEARCH) -> FittedDetectors:
     """Fit every (detector, features) of ``search`` on ``fit_cols`` and keep the one whose worst-case
     AUROC (in-distribution ``in_cols`` positive against each validation OOD set of ``ood_cols``) is
     highest; ties go to the higher mean. Never pass a test split here: this is the choice.
-    Returns the winner's state with ``"selection": {candidate column: {set: AUROC}}`` added."""
+    Returns the winner as the main detector, with ``selection = {candidate column: {set: AUROC}}``."""
     from nrm.metrics import auroc
 
     if not ood_cols:
         raise DetectorError("choose: no validation OOD sets to choose on")
     table: dict[str, dict[str, float]] = {}
     best: tuple[float, float] | None = None
-    winner: dict[str, Any] = {}
+    winner: Detector | None = None
     for name, feature_set in search:
-        state = fit(name, fit_cols, n_classes, feature_set)
-        pos = score(state, in_cols).double().numpy()
-        res = {k: float(auroc(pos, score(state, c).double().numpy())) for k, c in ood_cols.items()}
-        table[candidate_column(state)] = res
+        det = lookup(name)(feature_set, candidate=True).fit(fit_cols, n_classes)
+        pos = det.score(in_cols).double().numpy()
+        res = {k: float(auroc(pos, det.score(c).double().numpy())) for k, c in ood_cols.items()}
+        table[det.column] = res
         key = (min(res.values()), sum(res.values()) / len(res))
         if best is None or key > best:
-            best, winner = key, state
-    return {**winner, "selection": table}
+            best, winner = key, det
+    if winner is None:
+        raise DetectorError("choose: no (detector, features) to search")
+    winner.candidate = False
+    return FittedDetectors(winner, selection=table)
 
 
 def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:

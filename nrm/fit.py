@@ -103,24 +103,25 @@ def fit(
     val = collect(model, val_batches)
     if detector is not None:
         fit_idx, thr_idx = D.split_halves(len(val["pred"]))
-        fitted.detector = D.fit(detector, {k: v[fit_idx] for k, v in val.items()}, len(model.config.classes),
-                                detector_features)
+        det = D.lookup(detector)(detector_features).fit({k: v[fit_idx] for k, v in val.items()},
+                                                        len(model.config.classes))
+        fitted.detector = D.FittedDetectors(det)
         if threshold_score == det_column:  # the detector's own fitting half would bias its threshold
             val = {k: v[thr_idx] for k, v in val.items()}
-        val.update(D.score_columns(fitted.detector, val))
+        val.update(fitted.detector.score(val))
     fitted.threshold = Threshold(threshold_score, float(threshold_at_tpr(val[threshold_score].numpy(), tpr)), tpr)
     return fitted
 
 
 def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DETECTOR,
           feature_set: str = D.DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
-          val_ood: Mapping[str, Iterable[Tensor]] | None = None, **options: Any) -> dict[str, Any]:
+          val_ood: Mapping[str, Iterable[Tensor]] | None = None, **options: Any) -> D.FittedDetectors:
     """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
     (normalised, never the test split): half of them fit it, the other half set the threshold on
     ``det_<name>`` at the checkpoint's TPR (or ``tpr``). With ``val_ood`` ({set name: normalised
     batches of validation OOD images}) the detector and features are not given but chosen by
     :func:`nrm.detectors.choose`, with the second half as the in-distribution side. Installs both on ``model.config.fitted``;
-    ``nrm.save(model, path)`` then writes them. Returns the detector state."""
+    ``nrm.save(model, path)`` then writes them. Returns the fitted detectors."""
     if name not in D.DETECTORS:
         raise D.DetectorError(f"unknown detector {name!r}; expected one of {list(D.DETECTORS)}")
     cols = collect(model, in_val_batches)
@@ -130,17 +131,17 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DE
     if val_ood:
         ood = {k: collect(model, b) for k, b in val_ood.items()}
         det = D.choose(half, rest, ood, len(model.config.classes))
-        name, feature_set = det["name"], det["features"]
+        name, feature_set = det.main.name, det.main.features
     else:
-        det = D.fit(name, half, len(model.config.classes), feature_set, **options)
+        det = D.FittedDetectors(D.lookup(name)(feature_set).fit(half, len(model.config.classes), **options))
     if candidates:  # every other candidate as its own named score column, fitted on the same half
-        det["candidates"] = [D.fit(n, half, len(model.config.classes), f) for n, f in D.CANDIDATES
-                             if (n, f) != (name, feature_set)]
+        det.candidates = [D.lookup(n)(f, candidate=True).fit(half, len(model.config.classes)) for n, f in D.CANDIDATES
+                          if (n, f) != (name, feature_set)]
     fitted = model.config.fitted
     fitted.detector = det
     old = fitted.threshold
     rate = tpr if tpr is not None else (old.tpr if old else 0.95)
-    held = D.score(det, rest)
+    held = det.main.score(rest)
     fitted.threshold = Threshold(D.PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
     return det
 

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nrm import detectors as D
 from nrm import scores as S
 from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
@@ -84,7 +83,6 @@ class NRM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.shapes = validate(config)  # per-sample output shape of every node
-        D.column_names(config.fitted.detector)  # an unknown detector name fails here, not at the first score
         self.config = config
         self.params = nn.ModuleDict()
         for node in config.nodes:
@@ -270,7 +268,7 @@ class NRM(nn.Module):
         fn = _COMPILED.get(self) if self.compiled else None
         if fn is None and self.compiled:
             fn = _COMPILED[self] = torch.compile(self._bottom_up, dynamic=False)
-        return (fn or self._bottom_up)(x, offsets, stats)  # type: ignore[no-any-return]
+        return (fn or self._bottom_up)(x, offsets, stats)
 
     def _bottom_up(self, x: Tensor, offsets: list[Tensor] | None, stats: bool,
                    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
@@ -383,8 +381,8 @@ class NRM(nn.Module):
         want = self._wanted(columns)
         if want is None:
             return True
-        dets = [st for c, st in D.states(self.config.fitted.detector).items() if c in want]
-        return bool(want & S.RENDERED) or any(D.parts(st) & D.RENDER_PARTS for st in dets)
+        det = self.config.fitted.detector
+        return bool(want & S.RENDERED) or (det is not None and det.needs_rendering(want))
 
     @torch.no_grad()
     def score(self, x: Tensor, columns: list[str] | None = None, unit_stats: bool | None = None) -> dict[str, Tensor]:
@@ -396,7 +394,7 @@ class NRM(nn.Module):
         self.check_input(x)
         want = self._wanted(columns)
         det = self.config.fitted.detector
-        stats = bool(unit_stats or (unit_stats is None and D.needs_unit_stats(det, want)))
+        stats = bool(unit_stats or (unit_stats is None and det is not None and det.needs_unit_stats(want)))
         with self.autocast():
             if self.needs_rendering(columns):
                 logits, r, feats, st = self._vjp(x, None, create_graph=False, stats=stats)
@@ -408,7 +406,8 @@ class NRM(nn.Module):
             out.update(self._rendered_scores(x, r))
         if st is not None:
             out["latent_gates"], out["unit_acts"] = (v.detach().float() for v in st)  # detector inputs only
-        out.update(D.score_columns(det, out, want))  # det_<name> (nrm.detectors), if one is fitted
+        if det is not None:
+            out.update(det.score(out, want))  # det_<name> (nrm.detectors)
         for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
             if want is None or type(d).column in want:
                 out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
@@ -438,4 +437,5 @@ def _per_channel(g: Tensor) -> Tensor:
 def fitted_columns(config: ModelConfig) -> list[str]:
     """The fitted columns of a model, all higher = in-distribution: the detectors on NRM statistics
     (``det_*``), then the post-hoc baselines (nrm.posthoc). Known from the config alone."""
-    return [*D.column_names(config.fitted.detector), *(type(d).column for d in config.fitted.posthoc.values())]
+    det = config.fitted.detector
+    return [*(det.columns if det else []), *(type(d).column for d in config.fitted.posthoc.values())]

@@ -125,12 +125,12 @@ def main() -> int:
         res = {b: aurocs(s, lambda c, b=b: column(c, b)) for b in BASELINES}
         for det, fs in CANDIDATES:
             opts = {"components": args.gmm_components} if det == "gmm" else {}
-            state = D.fit(det, s["in_fit"], k, fs, **opts)
-            res[f"{det}[{fs}]"] = aurocs(s, lambda c, st=state: D.score(st, c).double().numpy())
+            state = D.lookup(det)(fs).fit(s["in_fit"], k, **opts)
+            res[f"{det}[{fs}]"] = aurocs(s, lambda c, st=state: st.score(c).double().numpy())
         val = {key: cols for key, cols in s.items() if key.startswith("val:")}
-        chosen = D.choose(s["in_fit"], s["in_val"], val, k)
-        res[f"choose -> {chosen['name']}[{chosen['features']}]"] = aurocs(
-            s, lambda c, st=chosen: D.score(st, c).double().numpy())
+        chosen = D.choose(s["in_fit"], s["in_val"], val, k).main
+        res[f"choose -> {chosen.name}[{chosen.features}]"] = aurocs(
+            s, lambda c, st=chosen: st.score(c).double().numpy())
         results[name] = res
     print_tables(results)
     print(f"\n({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} CPU threads)")

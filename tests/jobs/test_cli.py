@@ -426,9 +426,9 @@ def test_cli_choices_match_the_library() -> None:
     from jobs import cli
     from nrm import detectors as D
     from nrm.fit import NORMALISERS
-    from nrm.presets import PRESETS
     from nrm.model import PRECISIONS
     from nrm.posthoc import REGISTRY as POSTHOC
+    from nrm.presets import PRESETS
     from nrm.scores import COLUMNS
     from nrm.train import AUGMENTATIONS
 

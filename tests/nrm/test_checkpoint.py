@@ -331,11 +331,12 @@ def test_detector_arrays_live_in_safetensors_and_round_trip_exactly(tiny_ckpt: P
                                            "precision": {"$tensor": "detector.precision"}}
     tensors = load_file(str(tmp_path / "d" / "weights.safetensors"))
     assert tensors["detector.means"].dtype == torch.float64
-    assert torch.equal(tensors["detector.means"], det["params"]["means"])
+    assert torch.equal(tensors["detector.means"], det.main.tensors()["means"])
     loaded = nrm.load(tmp_path / "d").config.fitted.detector
+    assert loaded is not None
     for key in ("means", "precision"):
-        assert loaded["params"][key].dtype == torch.float64
-        assert torch.equal(loaded["params"][key], det["params"][key]), key
+        assert loaded.main.tensors()[key].dtype == torch.float64
+        assert torch.equal(loaded.main.tensors()[key], det.main.tensors()[key]), key
 
 
 def test_detector_array_missing_from_safetensors(tiny_ckpt: Path) -> None:

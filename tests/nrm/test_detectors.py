@@ -145,8 +145,9 @@ def test_columns_present_and_oriented(name: str, features: str) -> None:
 def test_round_trip_through_checkpoint(name: str, tmp_path: Path) -> None:
     model = _model()
     fitted = fit(model, [_data(0, 64)], [_data(1, 120)], detector=name, threshold_score=f"det_{name}")
-    assert fitted.detector["name"] == name and fitted.detector["features"] == D.DEFAULT_FEATURES
-    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in fitted.detector["params"].values())
+    assert fitted.detector is not None
+    assert fitted.detector.main.name == name and fitted.detector.main.features == D.DEFAULT_FEATURES
+    assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in fitted.detector.main.tensors().values())
     json.dumps(model.config.to_json()[0])  # the arrays are references into weights.safetensors
     nrm.save(model, tmp_path / "c")
     saved = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -163,21 +164,23 @@ def test_round_trip_through_checkpoint(name: str, tmp_path: Path) -> None:
 def test_fit_without_detector_is_unchanged() -> None:
     model = _model()
     fitted = fit(model, [_data(0, 32)], [_data(1, 32)])
-    assert fitted.detector == {} and model.extra_columns == []
+    assert fitted.detector is None and model.extra_columns == []
     assert fitted.threshold is not None and fitted.threshold.score == "latent_loglik"
 
 
 # --------------------------------------------------------------------------- refusals
 def test_unknown_detector_name_is_refused() -> None:
     cols = _model().score(_data(0, 8))
-    with pytest.raises(ValueError, match=r"unknown detector 'knn'.*typicality.*mahalanobis.*gmm"):
-        D.fit("knn", cols, 3)
+    with pytest.raises(D.DetectorError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm'\]"):
+        D.lookup("knn")
     with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
         fit(_model(), [_data(0, 8)], [_data(1, 8)], detector="knn")
     with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
         refit(_model(), [_data(0, 8)], name="knn")
     with pytest.raises(ValueError, match=r"unknown detector feature set 'pixels'.*channels_recon"):
-        D.fit("mahalanobis", cols, 3, "pixels")
+        D.Mahalanobis("pixels")
+    with pytest.raises(ValueError, match=r"unknown detector feature set 'pixels'.*channels_recon"):
+        D.features(cols, "pixels")
 
 
 def test_checkpoint_with_unknown_detector_is_refused(tmp_path: Path) -> None:
@@ -261,9 +264,10 @@ def test_choose_picks_the_features_that_separate_every_validation_set() -> None:
     # AND channels catch both, so gates_channels_recon has the best worst case
     ood = {"a": _synthetic(2, 300, 0, 3.0), "b": _synthetic(3, 300, 3.0, 0)}
     det = D.choose(fit_cols, in_cols, ood, n_classes=1)
-    assert (det["name"], det["features"]) == ("mahalanobis", "gates_channels_recon")
-    table = det["selection"]
-    assert set(table) == {D.candidate_column({"name": n, "features": f}) for n, f in D.SEARCH}
+    assert (det.main.name, det.main.features) == ("mahalanobis", "gates_channels_recon")
+    assert det.main.column == "det_mahalanobis" and det.candidates == []
+    table = det.selection
+    assert set(table) == {f"det_{n}_{f}" for n, f in D.SEARCH}
     assert table["det_mahalanobis_gates_channels_recon"]["a"] > 0.95
     assert table["det_mahalanobis_gates_channels_recon"]["b"] > 0.95
     assert table["det_mahalanobis_gates"]["a"] < 0.6 and table["det_mahalanobis_channels_recon"]["b"] < 0.6
@@ -271,7 +275,7 @@ def test_choose_picks_the_features_that_separate_every_validation_set() -> None:
     assert min(table["det_mahalanobis_gates_channels_recon"].values()) == max(min(r.values()) for r in table.values())
     # only set B: the gates alone are enough and tie on the worst case; the higher mean breaks it
     only_b = D.choose(fit_cols, in_cols, {"b": ood["b"]}, n_classes=1)
-    assert "gates" in only_b["features"]
+    assert "gates" in only_b.main.features
     with pytest.raises(ValueError, match="no validation OOD sets"):
         D.choose(fit_cols, in_cols, {}, n_classes=1)
 
@@ -280,9 +284,82 @@ def test_refit_chooses_on_validation_ood_and_saves_the_table(tmp_path: Path) -> 
     model = _model()
     ood = {"far": [_data(9, 150) * 30 + 5]}
     det = refit(model, [_data(1, 200), _data(2, 200)], val_ood=ood)
-    assert det["selection"].keys() == {D.candidate_column({"name": n, "features": f}) for n, f in D.SEARCH}
+    assert det.selection.keys() == {f"det_{n}_{f}" for n, f in D.SEARCH}
     th = model.config.fitted.threshold
-    assert th is not None and th.score == f"det_{det['name']}" and model.extra_columns == [f"det_{det['name']}"]
-    assert min(det["selection"][D.candidate_column(det)].values()) > 0.9
+    assert th is not None and th.score == f"det_{det.main.name}" and model.extra_columns == [f"det_{det.main.name}"]
+    assert min(det.selection[f"det_{det.main.name}_{det.main.features}"].values()) > 0.9
     nrm.save(model, tmp_path / "c")
-    assert nrm.load(tmp_path / "c").config.fitted.detector["selection"] == det["selection"]
+    loaded = nrm.load(tmp_path / "c").config.fitted.detector
+    assert loaded is not None and loaded.selection == det.selection
+
+
+# --------------------------------------------------------------------------- the detector objects
+def _gate_cols(seed: int, n: int, width: int = 3) -> dict[str, torch.Tensor]:
+    """Score columns for the gates_acts feature set (2 * width values), predictions over 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    return {"pred": torch.randint(3, (n,), generator=g), "latent_gates": torch.rand(n, width, generator=g),
+            "unit_acts": torch.randn(n, width, generator=g).abs()}
+
+
+# name -> (the pure fit, the pure score on its fitted tensors)
+PURE = {
+    "typicality": (D.fit_typicality, lambda f, p, t: D.typicality(f, p, t["median"], t["mad"])),
+    "mahalanobis": (D.fit_mahalanobis, lambda f, p, t: D.mahalanobis(f, p, t["means"], t["precision"])),
+    "gmm": (lambda f, p, k: D.fit_gmm(f), lambda f, p, t: D.gmm_loglik(f, t["weights"], t["means"], t["covs"])),
+}
+
+
+@pytest.mark.parametrize("name", D.DETECTORS)
+def test_each_detector_fits_and_scores_as_its_pure_functions(name: str) -> None:
+    fit_cols, cols = _gate_cols(0, 300), _gate_cols(1, 40)
+    det = D.lookup(name)("gates_acts").fit(fit_cols, 3)
+    fit_fn, score_fn = PURE[name]
+    expected = fit_fn(D.features(fit_cols, "gates_acts"), fit_cols["pred"], 3)
+    assert det.tensors().keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(det.tensors()[k], v), k
+    s = det.score(cols)
+    assert s.dtype == torch.float32 and s.shape == (40,)
+    torch.testing.assert_close(s, score_fn(D.features(cols, "gates_acts"), cols["pred"], expected).float(),
+                               atol=0, rtol=0)
+
+
+def test_mahalanobis_on_many_features_stays_close_to_the_float64_formula() -> None:
+    fit_cols, cols = _gate_cols(0, 1500, D.FAST_DIMS // 2), _gate_cols(1, 30, D.FAST_DIMS // 2)
+    det = D.Mahalanobis("gates_acts").fit(fit_cols, 3)  # D = FAST_DIMS: the float32 product
+    t = det.tensors()
+    exact = D.mahalanobis(D.features(cols, "gates_acts"), cols["pred"], t["means"], t["precision"])
+    torch.testing.assert_close(det.score(cols).double(), exact, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", D.DETECTORS)
+def test_a_detector_used_unfitted_says_so_and_names_itself(name: str) -> None:
+    with pytest.raises(D.DetectorError, match=rf"detector '{name}' is not fitted; call \w+\.fit"):
+        D.lookup(name)().score(_gate_cols(0, 5))
+
+
+@pytest.mark.parametrize("name", D.DETECTORS)
+def test_a_state_that_does_not_match_the_columns_is_refused(name: str) -> None:
+    det = D.lookup(name)("gates_acts").fit(_gate_cols(0, 300), 3)
+    with pytest.raises(D.DetectorError, match=rf"detector '{name}': fitted state does not match the score columns"):
+        det.score(_gate_cols(1, 5, width=2))
+
+
+@pytest.mark.parametrize("name", D.DETECTORS)
+def test_a_fitted_detector_round_trips_through_safetensors(name: str, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    det = D.lookup(name)("gates_acts", candidate=True).fit(_gate_cols(0, 300), 3)
+    save_file(det.tensors(), str(tmp_path / "d.safetensors"))
+    options = json.loads(json.dumps(det.options()))
+    again = D.lookup(name).from_tensors(load_file(str(tmp_path / "d.safetensors")), candidate=True, **options)
+    assert again.column == det.column == f"det_{name}_gates_acts"
+    cols = _gate_cols(1, 20)
+    assert torch.equal(again.score(cols), det.score(cols))
+
+
+def test_fit_options_go_to_the_gmm_and_are_refused_elsewhere() -> None:
+    cols = _gate_cols(0, 300)
+    assert D.GMM("gates_acts").fit(cols, 3, components=2).tensors()["weights"].shape == (2,)
+    with pytest.raises(D.DetectorError, match=r"detector 'mahalanobis': unknown fit options \['components'\]"):
+        D.Mahalanobis("gates_acts").fit(cols, 3, components=2)
