@@ -102,6 +102,7 @@ class Detector(str, enum.Enum):
     mahalanobis = "mahalanobis"
     gmm = "gmm"
     typicality = "typicality"
+    mahalanobis_energy = "mahalanobis_energy"
 
 
 class FeatureSet(str, enum.Enum):

@@ -25,6 +25,7 @@ and returns a score where HIGHER = MORE IN-DISTRIBUTION (column ``det_<name>`` o
 
     typicality   s = -sum_j |f_j - med[y*, j]| / MAD[y*, j]         two-sided, per predicted class
     mahalanobis  s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*])          class means, shared covariance
+    mahalanobis_energy  s = z(mahalanobis) + z(energy)              NOT pure NRM: adds the energy baseline
     gmm          s = log sum_m w_m N(f; m_m, S_m)                   small full-covariance GMM (EM)
 
 Each score is a pure tensor function (:func:`typicality`, :func:`mahalanobis`, :func:`gmm_loglik`,
@@ -96,6 +97,12 @@ def mahalanobis(f: Tensor, pred: Tensor, means: Tensor, precision: Tensor) -> Te
     s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*]).  f (N, D), means (K, D), precision (D, D)."""
     d = f - means[pred]  # (N, D)
     return -((d @ precision) * d).sum(dim=1)
+
+
+def standardised_sum(parts: Tensor, centre: Tensor, scale: Tensor) -> Tensor:
+    """Equal-weight fusion of J scores, each standardised: s = sum_j (p_j - c_j) / d_j.
+    parts (N, J), centre and scale (J,)."""
+    return ((parts - centre) / scale).sum(dim=1)
 
 
 def _gmm_terms(f: Tensor, weights: Tensor, means: Tensor, covs: Tensor) -> Tensor:
@@ -191,6 +198,7 @@ class Detector:
     name: ClassVar[str] = ""
     keys: ClassVar[tuple[str, ...]] = ()
     fit_options: ClassVar[tuple[str, ...]] = ()
+    pure: ClassVar[str] = ""  # for a detector that adds a non-NRM feature: the pure NRM detector it extends
 
     def __post_init__(self) -> None:
         _check_features(self.features)
@@ -327,7 +335,56 @@ class GMM(Detector):
         return gmm_loglik(f, fitted["weights"], fitted["means"], fitted["covs"])
 
 
-REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (Typicality, Mahalanobis, GMM)}
+def _rows(cols: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    return {k: v[idx] for k, v in cols.items()}
+
+
+@dataclass(eq=False)
+class MahalanobisEnergy(Mahalanobis):
+    """:class:`Mahalanobis` on NRM statistics plus the classifier's energy (Liu et al. 2020,
+    "Energy-based Out-of-distribution Detection"), with equal weights once each is standardised:
+
+        s = (s_maha - c_1) / d_1 + (E - c_2) / d_2,        E = log sum_k exp(logit_k)
+
+    (c, d) are the mean and standard deviation of the two on in-distribution rows the Gaussian was
+    not fitted on (a seeded fifth of the fitting rows; the Gaussian is then refitted on all of them).
+    NOT a pure NRM score: energy is one of the field's baselines. The gate statistics see how the
+    network computed (which units fired), energy how confident its answer is; near-OOD images that
+    fire typical units can still get low-confidence answers, and the reverse (docs/results.md §6).
+    :func:`choose` keeps the pure :class:`Mahalanobis` on the same features beside it."""
+
+    centre: Tensor | None = None  # (2,)  c_1, c_2
+    scale: Tensor | None = None  # (2,)  d_1, d_2
+    name: ClassVar[str] = "mahalanobis_energy"
+    keys: ClassVar[tuple[str, ...]] = ("means", "precision", "centre", "scale")
+    pure: ClassVar[str] = "mahalanobis"
+
+    def fit(self, cols: dict[str, Tensor], n_classes: int, **options: Any) -> MahalanobisEnergy:
+        n = len(cols["pred"])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        cut = n * 4 // 5 if n >= 10 else n
+        held = perm[cut:] if cut < n else perm
+        self.centre, self.scale = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+        super().fit(_rows(cols, perm[:cut]), n_classes, **options)
+        parts = self._parts(_rows(cols, held))  # (n_held, 2)
+        self.centre = parts.mean(0).contiguous()
+        self.scale = (parts.std(0) if len(parts) > 1 else torch.ones(2, dtype=torch.float64)).clamp_min(1e-12).contiguous()
+        return super().fit(cols, n_classes, **options)
+
+    def _parts(self, cols: dict[str, Tensor]) -> Tensor:
+        """(s_maha, E) per row: (N, 2), float64."""
+        if "energy" not in cols:
+            raise DetectorError(f"detector {self.name!r}: needs the 'energy' column of NRM.score")
+        maha = Mahalanobis.score(self, cols).double()
+        return torch.stack([maha, cols["energy"].double().to(maha.device)], dim=1)
+
+    def score(self, cols: dict[str, Tensor]) -> Tensor:
+        fitted = self.tensors()
+        parts = self._parts(cols)
+        return standardised_sum(parts, fitted["centre"].to(parts.device), fitted["scale"].to(parts.device)).float()
+
+
+REGISTRY: dict[str, type[Detector]] = {cls.name: cls for cls in (Typicality, Mahalanobis, GMM, MahalanobisEnergy)}
 DETECTORS = tuple(REGISTRY)
 
 
@@ -374,10 +431,12 @@ class FittedDetectors:
         return {c: d.score(cols) for c, d in self.by_column(want).items()}
 
 
-# What choose() searches by default: every detector of the study that fits in seconds.
+# What choose() searches by default: every detector of the study that fits in seconds, and the
+# gate-statistics Mahalanobis fused with energy (issue 14: it wins near-OOD on the CIFAR-10 ResNets).
 SEARCH = (("mahalanobis", "channels_recon"), ("mahalanobis", "gates"), ("mahalanobis", "gates_acts"),
           ("mahalanobis", "gates_channels_recon"), ("mahalanobis", "layers_recon"),
-          ("typicality", "layers"), ("gmm", "channels_recon"))
+          ("typicality", "layers"), ("gmm", "channels_recon"),
+          ("mahalanobis_energy", "gates"), ("mahalanobis_energy", "gates_acts"))
 
 
 def choose(fit_cols: dict[str, Tensor], in_cols: dict[str, Tensor], ood_cols: dict[str, dict[str, Tensor]],
@@ -385,7 +444,8 @@ def choose(fit_cols: dict[str, Tensor], in_cols: dict[str, Tensor], ood_cols: di
     """Fit every (detector, features) of ``search`` on ``fit_cols`` and keep the one whose worst-case
     AUROC (in-distribution ``in_cols`` positive against each validation OOD set of ``ood_cols``) is
     highest; ties go to the higher mean. Never pass a test split here: this is the choice.
-    Returns the winner as the main detector, with ``selection = {candidate column: {set: AUROC}}``."""
+    Returns the winner as the main detector, with ``selection = {candidate column: {set: AUROC}}``;
+    a winner that adds a non-NRM feature keeps its pure NRM detector (``pure``) as a candidate."""
     from nrm.metrics import auroc
 
     if not ood_cols:
@@ -393,8 +453,9 @@ def choose(fit_cols: dict[str, Tensor], in_cols: dict[str, Tensor], ood_cols: di
     table: dict[str, dict[str, float]] = {}
     best: tuple[float, float] | None = None
     winner: Detector | None = None
+    fitted: dict[tuple[str, str], Detector] = {}
     for name, feature_set in search:
-        det = lookup(name)(feature_set, candidate=True).fit(fit_cols, n_classes)
+        det = fitted[name, feature_set] = lookup(name)(feature_set, candidate=True).fit(fit_cols, n_classes)
         pos = det.score(in_cols).double().numpy()
         res = {k: float(auroc(pos, det.score(c).double().numpy())) for k, c in ood_cols.items()}
         table[det.column] = res
@@ -404,7 +465,11 @@ def choose(fit_cols: dict[str, Tensor], in_cols: dict[str, Tensor], ood_cols: di
     if winner is None:
         raise DetectorError("choose: no (detector, features) to search")
     winner.candidate = False
-    return FittedDetectors(winner, selection=table)
+    kept = []
+    if winner.pure:
+        pure = (winner.pure, winner.features)
+        kept.append(fitted.get(pure) or lookup(pure[0])(pure[1], candidate=True).fit(fit_cols, n_classes))
+    return FittedDetectors(winner, candidates=kept, selection=table)
 
 
 def split_halves(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:

@@ -171,7 +171,7 @@ def test_fit_without_detector_is_unchanged() -> None:
 # --------------------------------------------------------------------------- refusals
 def test_unknown_detector_name_is_refused() -> None:
     cols = _model().score(_data(0, 8))
-    with pytest.raises(D.DetectorError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm'\]"):
+    with pytest.raises(D.DetectorError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm', 'mahalanobis_energy'\]"):
         D.lookup("knn")
     with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
         fit(_model(), [_data(0, 8)], [_data(1, 8)], detector="knn")
@@ -190,7 +190,7 @@ def test_checkpoint_with_unknown_detector_is_refused(tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     cfg["detector"]["name"] = "knn"
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm'\]"):
+    with pytest.raises(ValueError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm', 'mahalanobis_energy'\]"):
         nrm.load(tmp_path / "c")
 
 
@@ -247,15 +247,16 @@ def test_gate_feature_sets_concatenate_their_parts() -> None:
     torch.testing.assert_close(f[:, -1], cols["recon_sq_error"].double().log())
 
 
-def _synthetic(seed: int, n: int, shift_gates: float, shift_channels: float) -> dict[str, torch.Tensor]:
-    """Score columns where the gate rates and the per-channel terms can be moved apart independently."""
+def _synthetic(seed: int, n: int, shift_gates: float, shift_channels: float, shift_energy: float = 0.0,
+               ) -> dict[str, torch.Tensor]:
+    """Score columns where the gate rates, the per-channel terms and the energy can be moved apart independently."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     channels = r(n, 4) + shift_channels
     return {"pred": torch.zeros(n, dtype=torch.long), "latent_prior": channels.sum(1),
             "latent_prior_layers": torch.stack([channels[:, :2].sum(1), channels[:, 2:].sum(1)], 1),
             "latent_prior_channels": channels, "latent_gates": r(n, 3) + shift_gates,
-            "unit_acts": r(n, 3), "recon_sq_error": r(n).exp()}
+            "unit_acts": r(n, 3), "recon_sq_error": r(n).exp(), "energy": r(n) + shift_energy}
 
 
 def test_choose_picks_the_features_that_separate_every_validation_set() -> None:
@@ -298,7 +299,7 @@ def _gate_cols(seed: int, n: int, width: int = 3) -> dict[str, torch.Tensor]:
     """Score columns for the gates_acts feature set (2 * width values), predictions over 3 classes."""
     g = torch.Generator().manual_seed(seed)
     return {"pred": torch.randint(3, (n,), generator=g), "latent_gates": torch.rand(n, width, generator=g),
-            "unit_acts": torch.randn(n, width, generator=g).abs()}
+            "unit_acts": torch.randn(n, width, generator=g).abs(), "energy": torch.randn(n, generator=g)}
 
 
 # name -> (the pure fit, the pure score on its fitted tensors)
@@ -309,7 +310,7 @@ PURE = {
 }
 
 
-@pytest.mark.parametrize("name", D.DETECTORS)
+@pytest.mark.parametrize("name", PURE)
 def test_each_detector_fits_and_scores_as_its_pure_functions(name: str) -> None:
     fit_cols, cols = _gate_cols(0, 300), _gate_cols(1, 40)
     det = D.lookup(name)("gates_acts").fit(fit_cols, 3)
@@ -363,3 +364,44 @@ def test_fit_options_go_to_the_gmm_and_are_refused_elsewhere() -> None:
     assert D.GMM("gates_acts").fit(cols, 3, components=2).tensors()["weights"].shape == (2,)
     with pytest.raises(D.DetectorError, match=r"detector 'mahalanobis': unknown fit options \['components'\]"):
         D.Mahalanobis("gates_acts").fit(cols, 3, components=2)
+
+
+# --------------------------------------------------------------------------- Mahalanobis fused with energy
+def test_mahalanobis_energy_is_the_standardised_sum_of_its_two_parts() -> None:
+    fit_cols, cols = _gate_cols(0, 300), _gate_cols(1, 40)
+    det = D.MahalanobisEnergy("gates_acts").fit(fit_cols, 3)
+    t = det.tensors()
+    expected_gauss = D.fit_mahalanobis(D.features(fit_cols, "gates_acts"), fit_cols["pred"], 3)  # refitted on all rows
+    assert torch.equal(t["means"], expected_gauss["means"]) and torch.equal(t["precision"], expected_gauss["precision"])
+    maha = D.mahalanobis(D.features(cols, "gates_acts"), cols["pred"], t["means"], t["precision"])
+    expected = (maha - t["centre"][0]) / t["scale"][0] + (cols["energy"].double() - t["centre"][1]) / t["scale"][1]
+    torch.testing.assert_close(det.score(cols).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mahalanobis_energy_standardises_on_rows_its_gaussian_did_not_see() -> None:
+    cols = _gate_cols(0, 500)
+    det = D.MahalanobisEnergy("gates_acts").fit(cols, 3)
+    # the held fifth's energy has the fitted centre and scale (energy does not depend on the Gaussian)
+    held = torch.randperm(500, generator=torch.Generator().manual_seed(0))[400:]
+    e = cols["energy"].double()[held]
+    torch.testing.assert_close(det.tensors()["centre"][1], e.mean())
+    torch.testing.assert_close(det.tensors()["scale"][1], e.std())
+
+
+def test_mahalanobis_energy_needs_the_energy_column() -> None:
+    det = D.MahalanobisEnergy("gates_acts").fit(_gate_cols(0, 300), 3)
+    cols = _gate_cols(1, 5)
+    del cols["energy"]
+    with pytest.raises(D.DetectorError, match=r"detector 'mahalanobis_energy': needs the 'energy' column"):
+        det.score(cols)
+
+
+def test_choose_keeps_the_pure_nrm_detector_beside_a_fused_winner() -> None:
+    fit_cols, in_cols = _synthetic(0, 400, 0, 0), _synthetic(1, 400, 0, 0)
+    # set A moves the gates a little and the energy a lot: only the fusion separates it well
+    ood = {"a": _synthetic(2, 300, 0.8, 0, shift_energy=-3.0)}
+    det = D.choose(fit_cols, in_cols, ood, n_classes=1)
+    assert det.main.name == "mahalanobis_energy" and det.main.column == "det_mahalanobis_energy"
+    assert [(c.name, c.features, c.column) for c in det.candidates] == [
+        ("mahalanobis", det.main.features, f"det_mahalanobis_{det.main.features}")]
+    assert det.columns == ["det_mahalanobis_energy", f"det_mahalanobis_{det.main.features}"]
