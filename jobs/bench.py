@@ -209,6 +209,74 @@ def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None
     return lines
 
 
+def _first_call(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
+    """The full score and the forward-only columns with ``NRM.use_compile`` (channels_last), against
+    plain inference eager at its fastest (the issue's ratio) and compiled itself (the fair one):
+    each first call's seconds are the compile time."""
+    import copy
+
+    device = model.mean.device
+    x = torch.randn(batch, *model.input_shape, device=device)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tp, plain_label = fastest(plain_variants(plain_module, x, sync), reps)
+    fit_for_cost(model)
+    res: dict[str, Any] = {"plain_s": tp, "plain": plain_label}
+    module = copy.deepcopy(plain_module).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    compiled_plain = torch.compile(module)
+
+    def plain_run() -> None:
+        with torch.no_grad():
+            compiled_plain(xcl)
+        sync()
+
+    res["plain_compile_s"] = _first_call(plain_run)
+    res["plain_compiled_s"] = _time(plain_run, reps)
+    model.use_channels_last(True).use_compile(True)
+    default = [c for c in model.columns if c not in BASELINES]
+    for label, cols in (("score", default), ("forward", FORWARD_ONLY)):
+        def run(cols: list[str] = cols, m: nrm.NRM = model) -> None:
+            m.score(x, columns=cols)
+            sync()
+
+        res[f"{label}_compile_s"] = _first_call(run)
+        res[f"{label}_s"] = _time(run, reps)
+        res[f"{label}_ratio"] = res[f"{label}_s"] / tp
+        res[f"{label}_ratio_compiled"] = res[f"{label}_s"] / res["plain_compiled_s"]
+    model.use_compile(False).use_channels_last(False)
+    return res
+
+
+def compile_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
+    """Section 1 again with torch.compile (``nrm-ood score --compile``), CPU or the GPU if there is one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lines = ["## 1b. The same with torch.compile (`nrm-ood score --compile`)", "",
+             "NRM score compiled with `NRM.use_compile` (inductor; channels_last), against plain inference as in "
+             "section 1 (eager, at its fastest: the targets' ratio) and against the plain module compiled the same "
+             "way (the like-for-like ratio). Compile = the first call's seconds, paid once per batch shape and "
+             f"actor. Median of {reps} runs after that call.", "",
+             "| model | device | batch | plain eager (ms) | plain compiled (ms) | full score (ms) | ratio eager / compiled "
+             "| forward-only (ms) | ratio eager / compiled | compile s (plain / full / forward-only) | targets met (eager plain) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, model, plain in bench_models(device, shared):
+        r = compiled_overhead(model, plain, batch, reps)
+        met = r["score_ratio"] <= 2.0 and r["forward_ratio"] <= 1.15
+        lines.append(f"| {label} | {device} | {batch} | {r['plain_s'] * 1e3:.1f} | {r['plain_compiled_s'] * 1e3:.1f} | "
+                     f"{r['score_s'] * 1e3:.1f} | {r['score_ratio']:.2f}x / {r['score_ratio_compiled']:.2f}x | "
+                     f"{r['forward_s'] * 1e3:.1f} | {r['forward_ratio']:.2f}x / {r['forward_ratio_compiled']:.2f}x | "
+                     f"{r['plain_compile_s']:.0f} / {r['score_compile_s']:.0f} / {r['forward_compile_s']:.0f} | "
+                     f"{'yes' if met else 'no'} |")
+        echo(f"  {label} compiled: full {r['score_ratio']:.2f}x ({r['score_ratio_compiled']:.2f}x of compiled plain), "
+             f"forward-only {r['forward_ratio']:.2f}x ({r['forward_ratio_compiled']:.2f}x)")
+    return lines
+
+
 def precision_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
     """Speed of the full score per precision on ResNet-20, and (with the shared data) the change in AUROC."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -396,7 +464,7 @@ def start_moto(log: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     return None
 
 
-SECTIONS = ("speed", "precision", "job")
+SECTIONS = ("speed", "compile", "precision", "job")
 
 
 def run(out_md: Path | None, n: int, batch: int, reps: int, echo: Echo, command: str,
@@ -408,6 +476,9 @@ def run(out_md: Path | None, n: int, batch: int, reps: int, echo: Echo, command:
     if "speed" in sections:
         echo("NRM scoring vs plain inference ...")
         lines += speed_section(devices, batch, reps, shared, echo) + [""]
+    if "compile" in sections:
+        echo("NRM scoring vs plain inference, compiled ...")
+        lines += compile_section(batch, reps, shared, echo) + [""]
     if "precision" in sections:
         echo("reduced precision ...")
         lines += precision_section(batch, reps, shared, echo) + [""]

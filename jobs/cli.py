@@ -334,6 +334,8 @@ def score(
         "det_* on gate statistics, mahalanobis_feat, knn, vim) skip the backward pass.")] = None,
     precision: Annotated[Precision, typer.Option(help="Numeric precision of scoring: fp32, or bf16 / fp16 / tf32 "
                                                       "(faster; docs/benchmarks.md gives the AUROC change).")] = Precision.fp32,
+    compile: Annotated[bool, typer.Option(help="torch.compile each actor's scoring pass: faster per batch, but each "
+                                               "new batch shape first compiles for a minute or more (long jobs only).")] = False,
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
@@ -343,7 +345,7 @@ def score(
                         resume=resume, rows_per_file=rows_per_file,
                         actor_resources=dict(_resource_pairs(actor_resource or [])) or None,
                         columns=tuple(columns.split(",")) if columns else None,
-                        precision=precision.value)
+                        precision=precision.value, compile=compile)
     try:
         result = run_score(opts, echo=typer.echo)
     except Interrupted as e:
@@ -422,6 +424,7 @@ BENCH_DOC = "docs/benchmarks.md"
 
 class BenchSection(str, enum.Enum):
     speed = "speed"
+    compile = "compile"
     precision = "precision"
     job = "job"
 
@@ -433,7 +436,7 @@ def bench(
     rows: Annotated[int, at_least(1, "Images in the job's 1x dataset (10x is also run).")] = 20000,
     batch_size: Annotated[int, at_least(1, "CPU batch size (a GPU runs 512 and 4096).")] = 512,
     reps: Annotated[int, at_least(1, "Timed repetitions per measurement.")] = 5,
-    section: Annotated[list[BenchSection] | None, typer.Option(help="Run only these sections (repeatable): speed (NRM/plain ratios), precision, job (end to end, memory). Default: all.")] = None,
+    section: Annotated[list[BenchSection] | None, typer.Option(help="Run only these sections (repeatable): speed (NRM/plain ratios), compile (the same with torch.compile; compiles take minutes), precision, job (end to end, memory). Default: all.")] = None,
     shared: Annotated[Path | None, typer.Option(help="The shared folder with models/cifar10-resnet and datasets/ (default ../shared when it exists): the pretrained ResNets and the precision AUROC.")] = None,
 ) -> None:
     """Measure the speed and memory targets; print the report (write it with --out, or --write-docs)."""

@@ -210,7 +210,7 @@ class Scorer:
     """Ray actor: loads the NRM once, scores batches of decoded pixels, returns an Arrow table."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int, columns: tuple[str, ...] | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", compile: bool = False):
         import torch
 
         import nrm
@@ -220,6 +220,7 @@ class Scorer:
         with checkpoint.local() as path:
             self.model = nrm.load(path, device=self.device, expect_model_id=checkpoint.model_id)
         self.model.set_precision(precision).use_channels_last()  # NHWC: the faster layout (docs/benchmarks.md)
+        self.model.use_compile(compile)  # compiles at the first batch of each shape
         self.model_id = checkpoint.model_id
         self.threshold = self.model.config.fitted.threshold
         self.made = made_columns(self.model.config, columns)  # the model columns score() is asked for
@@ -323,6 +324,7 @@ class ScoreOptions:
     actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)
     columns: tuple[str, ...] | None = None  # None: the full table; else these (plus pred and the threshold score)
     precision: str = "fp32"  # nrm.model.PRECISIONS
+    compile: bool = False  # torch.compile each actor's scoring pass (pays over long jobs: docs/benchmarks.md)
 
 
 class Interrupted(JobError):
@@ -535,7 +537,7 @@ def _dataset(opts: ScoreOptions, store: Store, ckpt: Checkpoint, units: list[Uni
                             batch_format="default", num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
         ds = ds.map_batches(
             Scorer, fn_constructor_kwargs={"checkpoint": ckpt, "threads": max(1, round(cpa)), "columns": opts.columns,
-                                           "precision": opts.precision},
+                                           "precision": opts.precision, "compile": opts.compile},
             batch_size=opts.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
             resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
@@ -594,6 +596,7 @@ def _body(opts: ScoreOptions, ckpt: Checkpoint, plan: Plan, totals: dict[str, in
         "threshold": asdict(cfg.fitted.threshold) if cfg.fitted.threshold else None,
         "columns": made_columns(cfg, opts.columns),  # the model columns this run made (--columns)
         "precision": opts.precision,
+        "compiled": opts.compile,
         "timings": {"plan_s": round(timings["plan_s"], 3), "score_s": round(timings["score_s"], 3),
                     "seconds": round(seconds, 3), "images_per_s": round(plan.rows / seconds, 1) if seconds else None},
         "options": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(opts).items()

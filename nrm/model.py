@@ -267,7 +267,7 @@ class NRM(nn.Module):
         :meth:`unit_stats`. This is what :meth:`use_compile` compiles."""
         fn = _COMPILED.get(self) if self.compiled else None
         if fn is None and self.compiled:
-            fn = _COMPILED[self] = torch.compile(self._bottom_up, dynamic=False)
+            fn = _COMPILED[self] = torch.compile(self._bottom_up)
         return (fn or self._bottom_up)(x, offsets, stats)
 
     def _bottom_up(self, x: Tensor, offsets: list[Tensor] | None, stats: bool,

@@ -222,3 +222,19 @@ def test_preprocess_rejects_non_uint8(dtype: torch.dtype) -> None:
     with pytest.raises(ValueError, match="uint8") as e:
         m.preprocess(torch.zeros((2, 8, 8), dtype=dtype))
     assert str(dtype) in str(e.value)
+
+
+def test_compiled_score_equals_the_eager_score() -> None:
+    """NRM.use_compile (torch.compile of the bottom-up pass, its statistics and the bias offsets
+    whose gradients are eta) changes no column beyond float rounding, with a fitted gate detector."""
+    from nrm.fit import refit
+
+    torch.manual_seed(0)
+    model = nrm.NRM(tiny_config(channels=1, size=8, classes=3)).eval().requires_grad_(False)
+    refit(model, [torch.randn(64, 1, 8, 8)])
+    x = torch.randn(16, 1, 8, 8)
+    eager = model.score(x)
+    compiled = model.use_compile().score(x)
+    assert compiled.keys() == eager.keys() and "det_mahalanobis" in compiled and "latent_gates" in compiled
+    for k, v in eager.items():
+        torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-4, msg=k)
