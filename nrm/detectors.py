@@ -25,7 +25,7 @@ and returns a score where HIGHER = MORE IN-DISTRIBUTION (column ``det_<name>`` o
 
     typicality   s = -sum_j |f_j - med[y*, j]| / MAD[y*, j]         two-sided, per predicted class
     mahalanobis  s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*])          class means, shared covariance
-    mahalanobis_energy  s = z(mahalanobis) + z(energy)              NOT pure NRM: adds the energy baseline
+    mahalanobis_energy  s = z(mahalanobis) + z(-energy)             NOT pure NRM: adds the energy baseline
     gmm          s = log sum_m w_m N(f; m_m, S_m)                   small full-covariance GMM (EM)
 
 Each score is a pure tensor function (:func:`typicality`, :func:`mahalanobis`, :func:`gmm_loglik`,
@@ -344,7 +344,9 @@ class MahalanobisEnergy(Mahalanobis):
     """:class:`Mahalanobis` on NRM statistics plus the classifier's energy (Liu et al. 2020,
     "Energy-based Out-of-distribution Detection"), with equal weights once each is standardised:
 
-        s = (s_maha - c_1) / d_1 + (E - c_2) / d_2,        E = log sum_k exp(logit_k)
+        s = (s_maha - c_1) / d_1 + (-E - c_2) / d_2,       -E = log sum_k exp(logit_k)
+
+    (E is NRM.score's ``energy`` column, higher = more OOD, so -E counts for in-distribution.)
 
     (c, d) are the mean and standard deviation of the two on in-distribution rows the Gaussian was
     not fitted on (a seeded fifth of the fitting rows; the Gaussian is then refitted on all of them).
@@ -372,11 +374,11 @@ class MahalanobisEnergy(Mahalanobis):
         return super().fit(cols, n_classes, **options)
 
     def _parts(self, cols: dict[str, Tensor]) -> Tensor:
-        """(s_maha, E) per row: (N, 2), float64."""
+        """(s_maha, -E) per row: (N, 2), float64, both higher = more in-distribution."""
         if "energy" not in cols:
             raise DetectorError(f"detector {self.name!r}: needs the 'energy' column of NRM.score")
         maha = Mahalanobis.score(self, cols).double()
-        return torch.stack([maha, cols["energy"].double().to(maha.device)], dim=1)
+        return torch.stack([maha, -cols["energy"].double().to(maha.device)], dim=1)
 
     def score(self, cols: dict[str, Tensor]) -> Tensor:
         fitted = self.tensors()

@@ -374,7 +374,8 @@ def test_mahalanobis_energy_is_the_standardised_sum_of_its_two_parts() -> None:
     expected_gauss = D.fit_mahalanobis(D.features(fit_cols, "gates_acts"), fit_cols["pred"], 3)  # refitted on all rows
     assert torch.equal(t["means"], expected_gauss["means"]) and torch.equal(t["precision"], expected_gauss["precision"])
     maha = D.mahalanobis(D.features(cols, "gates_acts"), cols["pred"], t["means"], t["precision"])
-    expected = (maha - t["centre"][0]) / t["scale"][0] + (cols["energy"].double() - t["centre"][1]) / t["scale"][1]
+    # energy is higher = OOD, so its negation (log sum exp of the logits) enters
+    expected = (maha - t["centre"][0]) / t["scale"][0] + (-cols["energy"].double() - t["centre"][1]) / t["scale"][1]
     torch.testing.assert_close(det.score(cols).double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -383,7 +384,7 @@ def test_mahalanobis_energy_standardises_on_rows_its_gaussian_did_not_see() -> N
     det = D.MahalanobisEnergy("gates_acts").fit(cols, 3)
     # the held fifth's energy has the fitted centre and scale (energy does not depend on the Gaussian)
     held = torch.randperm(500, generator=torch.Generator().manual_seed(0))[400:]
-    e = cols["energy"].double()[held]
+    e = -cols["energy"].double()[held]
     torch.testing.assert_close(det.tensors()["centre"][1], e.mean())
     torch.testing.assert_close(det.tensors()["scale"][1], e.std())
 
@@ -398,8 +399,8 @@ def test_mahalanobis_energy_needs_the_energy_column() -> None:
 
 def test_choose_keeps_the_pure_nrm_detector_beside_a_fused_winner() -> None:
     fit_cols, in_cols = _synthetic(0, 400, 0, 0), _synthetic(1, 400, 0, 0)
-    # set A moves the gates a little and the energy a lot: only the fusion separates it well
-    ood = {"a": _synthetic(2, 300, 0.8, 0, shift_energy=-3.0)}
+    # set A moves the gates a little and the energy (higher = OOD) a lot: only the fusion separates it well
+    ood = {"a": _synthetic(2, 300, 0.8, 0, shift_energy=3.0)}
     det = D.choose(fit_cols, in_cols, ood, n_classes=1)
     assert det.main.name == "mahalanobis_energy" and det.main.column == "det_mahalanobis_energy"
     assert [(c.name, c.features, c.column) for c in det.candidates] == [
