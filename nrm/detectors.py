@@ -148,9 +148,13 @@ def fit_mahalanobis(f: Tensor, pred: Tensor, n_classes: int) -> dict[str, Any]:
     return {"means": means, "precision": precision}
 
 
-def fit_gmm(f: Tensor, components: int = 8, iters: int = 100, seed: int = 0, tol: float = 1e-6) -> dict[str, Any]:
+def fit_gmm(f: Tensor, components: int = 8, iters: int = 100, seed: int = 0, tol: float = 1e-6,
+            max_rows: int = 5000) -> dict[str, Any]:
     """EM for a full-covariance Gaussian mixture; means initialised by k-means++ seeding, every
-    covariance regularised by 1e-3 of the data's per-feature variance (scale-free, never singular)."""
+    covariance regularised by 1e-3 of the data's per-feature variance (scale-free, never singular).
+    EM sees at most ``max_rows`` rows (a seeded sample): its cost grows with rows x components x D^2."""
+    if len(f) > max_rows:
+        f = f[torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:max_rows]]
     n, d = f.shape
     m = max(1, min(components, n // max(2 * d, 1)))  # at least ~2D samples per component
     gen = torch.Generator().manual_seed(seed)
@@ -326,7 +330,7 @@ class GMM(Detector):
     covs: Tensor | None = None  # (M, D, D)
     name: ClassVar[str] = "gmm"
     keys: ClassVar[tuple[str, ...]] = ("weights", "means", "covs")
-    fit_options: ClassVar[tuple[str, ...]] = ("components", "iters", "seed", "tol")
+    fit_options: ClassVar[tuple[str, ...]] = ("components", "iters", "seed", "tol", "max_rows")
 
     def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
         return fit_gmm(f, **options)

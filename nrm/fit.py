@@ -115,28 +115,36 @@ def fit(
 
 def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DETECTOR,
           feature_set: str = D.DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
-          val_ood: Mapping[str, Iterable[Tensor]] | None = None, **options: Any) -> D.FittedDetectors:
+          val_ood: Mapping[str, Iterable[Tensor]] | None = None, fit_batches: Iterable[Tensor] | None = None,
+          **options: Any) -> D.FittedDetectors:
     """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
     (normalised, never the test split): half of them fit it, the other half set the threshold on
-    ``det_<name>`` at the checkpoint's TPR (or ``tpr``). With ``val_ood`` ({set name: normalised
+    ``det_<name>`` at the checkpoint's TPR (or ``tpr``). With ``fit_batches`` (in-distribution
+    training batches) the detector is fitted on those instead and every held-out batch goes to the
+    threshold and the choice: a Gaussian on thousands of gate features needs more rows than a
+    held-out half has. With ``val_ood`` ({set name: normalised
     batches of validation OOD images}) the detector and features are not given but chosen by
     :func:`nrm.detectors.choose`, with the second half as the in-distribution side. Installs both on ``model.config.fitted``;
     ``nrm.save(model, path)`` then writes them. Returns the fitted detectors."""
     if name not in D.DETECTORS:
         raise D.DetectorError(f"unknown detector {name!r}; expected one of {list(D.DETECTORS)}")
     cols = collect(model, in_val_batches)
-    fit_idx, thr_idx = D.split_halves(len(cols["pred"]))
-    half = {k: v[fit_idx] for k, v in cols.items()}
-    rest = {k: v[thr_idx] for k, v in cols.items()}
+    if fit_batches is not None:
+        half, rest = collect(model, fit_batches), cols
+    else:
+        fit_idx, thr_idx = D.split_halves(len(cols["pred"]))
+        half = {k: v[fit_idx] for k, v in cols.items()}
+        rest = {k: v[thr_idx] for k, v in cols.items()}
     if val_ood:
         ood = {k: collect(model, b) for k, b in val_ood.items()}
         det = D.choose(half, rest, ood, len(model.config.classes))
         name, feature_set = det.main.name, det.main.features
     else:
         det = D.FittedDetectors(D.lookup(name)(feature_set).fit(half, len(model.config.classes), **options))
-    if candidates:  # every other candidate as its own named score column, fitted on the same half
-        det.candidates = [D.lookup(n)(f, candidate=True).fit(half, len(model.config.classes)) for n, f in D.CANDIDATES
-                          if (n, f) != (name, feature_set)]
+    if candidates:  # every other candidate as its own named score column, fitted on the same rows
+        have = {(d.name, d.features) for d in (det.main, *det.candidates)}
+        det.candidates += [D.lookup(n)(f, candidate=True).fit(half, len(model.config.classes))
+                           for n, f in D.CANDIDATES if (n, f) not in have]
     fitted = model.config.fitted
     fitted.detector = det
     old = fitted.threshold

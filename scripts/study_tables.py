@@ -10,8 +10,25 @@ import json
 import sys
 from pathlib import Path
 
-SCORES = ["det_mahalanobis", "latent_loglik", "max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
+SCORES = ["latent_loglik", "max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
 BASELINES = ["max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
+FUSED = {"det_mahalanobis_energy"}  # detectors that add a baseline's feature (nrm.detectors: not pure NRM)
+
+
+def det_columns(m: dict) -> list[str]:
+    """The det_* columns of a run, the default (threshold) one first."""
+    default = m["threshold"]["score"] if m.get("threshold") else None
+    cols = [c for c in m["metrics"][next(iter(m["metrics"]))] if c.startswith("det_")]
+    return sorted(cols, key=lambda c: c != default)
+
+
+def label(sc: str, default: str | None) -> str:
+    kind = "NRM + energy" if sc in FUSED else "pure NRM"
+    return f"{sc} (default, {kind})" if sc == default else (f"{sc} ({kind})" if sc.startswith("det_") else sc)
+
+
+def pure_column(m: dict) -> str | None:
+    return next((c for c in det_columns(m) if c not in FUSED), None)
 
 
 def network_table(name: str, m: dict) -> list[str]:
@@ -20,23 +37,23 @@ def network_table(name: str, m: dict) -> list[str]:
     head = "| score | " + " | ".join(f"{s} AUROC / FPR@95" for s in sets) + " | near mean | far mean |"
     lines = [f"**{name}** (in-distribution accuracy on the rows scored: {m['accuracy']['accuracy']:.4f}; "
              f"default score `{default}`)", "", head, "|" + "---|" * (len(sets) + 3)]
-    for sc in SCORES:
+    for sc in det_columns(m) + SCORES:
         if sc not in m["metrics"][sets[0]]:
             continue
         cells = [f"{m['metrics'][s][sc]['auroc']:.3f} / {m['metrics'][s][sc]['fpr95']:.3f}" for s in sets]
         groups = [f"{m['groups'][g]['auroc'][sc]:.3f} / {m['groups'][g]['fpr95'][sc]:.3f}" for g in ("near", "far")]
-        label = f"{sc} (default, NRM)" if sc == default else sc
-        lines.append(f"| {label} | " + " | ".join(cells + groups) + " |")
+        lines.append(f"| {label(sc, default)} | " + " | ".join(cells + groups) + " |")
     return lines
 
 
 def summary_row(name: str, m: dict) -> str:
-    default = m["threshold"]["score"]
-    out = [name]
+    default, pure = m["threshold"]["score"], pure_column(m)
+    out = [name, f"`{default}`"]
     for g in ("near", "far"):
         a = m["groups"][g]["auroc"]
         best = max(BASELINES, key=lambda b: a[b])
-        out += [f"{a[default]:.3f}", f"{best} {a[best]:.3f}", "yes" if a[default] > a[best] else "no"]
+        out += [f"{a[default]:.3f}", f"{a[pure]:.3f}" if pure else "-", f"{best} {a[best]:.3f}",
+                "yes" if a[default] > a[best] else "no"]
     return "| " + " | ".join(out) + " |"
 
 
@@ -45,8 +62,8 @@ def main(specs: list[str]) -> None:
     for spec in specs:
         name, _, path = spec.partition("=")
         runs[name] = json.loads((Path(path) / "metrics.json").read_text())
-    print("| network | near: NRM default | near: best baseline | NRM beats it | far: NRM default | far: best baseline "
-          "| NRM beats it |\n|---|---|---|---|---|---|---|")
+    print("| network | default score | near: default | near: pure NRM | near: best baseline | default beats it "
+          "| far: default | far: pure NRM | far: best baseline | default beats it |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, m in runs.items():
         print(summary_row(name, m))
     for name, m in runs.items():

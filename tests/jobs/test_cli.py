@@ -409,8 +409,18 @@ def test_fit_detector_chooses_on_validation_ood_sets(ckpt: Path, tmp_path: Path)
     winner = f"det_{det['name']}_{det['features']}"
     assert min(det["selection"][winner].values()) == max(min(v.values()) for v in det["selection"].values())
     assert f"validation AUROC {winner}: flat " in r.output
-    assert f"fitted {det['name']}[{det['features']}] on 150 held-out rows; threshold det_{det['name']} <" in r.output
+    assert f"fitted {det['name']}[{det['features']}] on half of 150 held-out rows; threshold det_{det['name']} <" in r.output
     assert json.loads((out / "config.json").read_text())["threshold"]["score"] == f"det_{det['name']}"
+
+
+def test_fit_detector_fits_on_training_rows_when_asked(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(300, seed=5)],
+                     labels=[i % 3 for i in range(300)])
+    out = tmp_path / "fitted"
+    r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path / "train.parquet"), "--out", str(out),
+               "--val-fraction", "0.2", "--detector-rows", "100")
+    assert r.exit_code == 0, r.output
+    assert "fitted mahalanobis[gates_acts] on 100 training rows; threshold det_mahalanobis <" in r.output
 
 
 @pytest.mark.parametrize("spec", ["flat", "=x.parquet", "in=x.parquet"])

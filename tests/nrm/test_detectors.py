@@ -406,3 +406,23 @@ def test_choose_keeps_the_pure_nrm_detector_beside_a_fused_winner() -> None:
     assert [(c.name, c.features, c.column) for c in det.candidates] == [
         ("mahalanobis", det.main.features, f"det_mahalanobis_{det.main.features}")]
     assert det.columns == ["det_mahalanobis_energy", f"det_mahalanobis_{det.main.features}"]
+
+
+def test_refit_on_training_batches_fits_there_and_thresholds_on_every_held_out_row() -> None:
+    from nrm.fit import collect
+
+    model, train, held = _model(), [_data(1, 200)], [_data(2, 120)]
+    det = refit(model, held, fit_batches=train)
+    expected = D.Mahalanobis(D.DEFAULT_FEATURES).fit(collect(model, train), 3)
+    assert torch.equal(det.main.tensors()["precision"], expected.tensors()["precision"])
+    th = model.config.fitted.threshold
+    assert th is not None
+    kept = (model.score(held[0])["det_mahalanobis"] >= th.value).double().mean().item()  # 95% of all 120
+    assert kept == pytest.approx(0.95, abs=1 / 120)
+
+
+def test_gmm_runs_em_on_at_most_max_rows() -> None:
+    f = torch.randn(400, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    capped = D.fit_gmm(f, components=1, max_rows=100)
+    sample = f[torch.randperm(400, generator=torch.Generator().manual_seed(0))[:100]]
+    torch.testing.assert_close(capped["means"][0], sample.mean(0))
