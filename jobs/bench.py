@@ -216,9 +216,9 @@ def _first_call(fn: Callable[[], Any]) -> float:
 
 
 def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
-    """The full score and the forward-only columns with ``NRM.use_compile`` (channels_last), against
-    plain inference eager at its fastest (the issue's ratio) and compiled itself (the fair one):
-    each first call's seconds are the compile time."""
+    """The forward-only columns with ``NRM.use_compile`` (channels_last), against plain inference
+    eager at its fastest (the targets' ratio) and compiled the same way (the like-for-like ratio);
+    each first call's seconds are its compile time."""
     import copy
 
     device = model.mean.device
@@ -227,53 +227,48 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tp, plain_label = fastest(plain_variants(plain_module, x, sync), reps)
     fit_for_cost(model)
-    res: dict[str, Any] = {"plain_s": tp, "plain": plain_label}
-    module = copy.deepcopy(plain_module).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    compiled_plain = torch.compile(module)
+    module = torch.compile(copy.deepcopy(plain_module).to(memory_format=torch.channels_last))  # type: ignore[call-overload]
 
     def plain_run() -> None:
         with torch.no_grad():
-            compiled_plain(xcl)
+            module(xcl)
         sync()
 
-    res["plain_compile_s"] = _first_call(plain_run)
-    res["plain_compiled_s"] = _time(plain_run, reps)
-    model.use_channels_last(True).use_compile(True)
-    default = [c for c in model.columns if c not in BASELINES]
-    for label, cols in (("score", default), ("forward", FORWARD_ONLY)):
-        def run(cols: list[str] = cols, m: nrm.NRM = model) -> None:
-            m.score(x, columns=cols)
-            sync()
+    def run() -> None:
+        model.score(x, columns=FORWARD_ONLY)
+        sync()
 
-        res[f"{label}_compile_s"] = _first_call(run)
-        res[f"{label}_s"] = _time(run, reps)
-        res[f"{label}_ratio"] = res[f"{label}_s"] / tp
-        res[f"{label}_ratio_compiled"] = res[f"{label}_s"] / res["plain_compiled_s"]
+    res: dict[str, Any] = {"plain_s": tp, "plain": plain_label, "plain_compile_s": _first_call(plain_run),
+                           "plain_compiled_s": _time(plain_run, reps)}
+    model.use_channels_last(True).use_compile(True)
+    res["forward_compile_s"] = _first_call(run)
+    res["forward_s"] = _time(run, reps)
     model.use_compile(False).use_channels_last(False)
+    res["forward_ratio"] = res["forward_s"] / tp
+    res["forward_ratio_compiled"] = res["forward_s"] / res["plain_compiled_s"]
     return res
 
 
 def compile_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
-    """Section 1 again with torch.compile (``nrm-ood score --compile``), CPU or the GPU if there is one."""
+    """The forward-only columns of section 1 again with torch.compile (``nrm-ood score --compile``)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    lines = ["## 1b. The same with torch.compile (`nrm-ood score --compile`)", "",
-             "NRM score compiled with `NRM.use_compile` (inductor; channels_last), against plain inference as in "
-             "section 1 (eager, at its fastest: the targets' ratio) and against the plain module compiled the same "
-             "way (the like-for-like ratio). Compile = the first call's seconds, paid once per batch shape and "
-             f"actor. Median of {reps} runs after that call.", "",
-             "| model | device | batch | plain eager (ms) | plain compiled (ms) | full score (ms) | ratio eager / compiled "
-             "| forward-only (ms) | ratio eager / compiled | compile s (plain / full / forward-only) | targets met (eager plain) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## 1b. Forward-only columns with torch.compile (`nrm-ood score --compile`)", "",
+             "The forward-only columns of section 1 with `NRM.use_compile` (inductor, channels_last: the ReLUs and "
+             "the gate statistics fuse with the convolutions), against plain inference as in section 1 (eager, at "
+             "its fastest: the target's ratio) and against the plain module compiled the same way (the "
+             "like-for-like ratio). The full score's backward pass stays eager: inductor's CPU backward of these "
+             "graphs measured slower than autograd's (gray28 w0.5: 98 ms against 68 ms). Compile = the first "
+             f"call's seconds, paid once per batch shape and actor. Median of {reps} runs after that call.", "",
+             "| model | device | batch | plain eager (ms) | plain compiled (ms) | forward-only compiled (ms) "
+             "| ratio to eager plain | ratio to compiled plain | compile s (plain / NRM) | target met (eager plain) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, model, plain in bench_models(device, shared):
         r = compiled_overhead(model, plain, batch, reps)
-        met = r["score_ratio"] <= 2.0 and r["forward_ratio"] <= 1.15
         lines.append(f"| {label} | {device} | {batch} | {r['plain_s'] * 1e3:.1f} | {r['plain_compiled_s'] * 1e3:.1f} | "
-                     f"{r['score_s'] * 1e3:.1f} | {r['score_ratio']:.2f}x / {r['score_ratio_compiled']:.2f}x | "
-                     f"{r['forward_s'] * 1e3:.1f} | {r['forward_ratio']:.2f}x / {r['forward_ratio_compiled']:.2f}x | "
-                     f"{r['plain_compile_s']:.0f} / {r['score_compile_s']:.0f} / {r['forward_compile_s']:.0f} | "
-                     f"{'yes' if met else 'no'} |")
-        echo(f"  {label} compiled: full {r['score_ratio']:.2f}x ({r['score_ratio_compiled']:.2f}x of compiled plain), "
-             f"forward-only {r['forward_ratio']:.2f}x ({r['forward_ratio_compiled']:.2f}x)")
+                     f"{r['forward_s'] * 1e3:.1f} | {r['forward_ratio']:.2f}x | {r['forward_ratio_compiled']:.2f}x | "
+                     f"{r['plain_compile_s']:.0f} / {r['forward_compile_s']:.0f} | "
+                     f"{'yes' if r['forward_ratio'] <= 1.15 else 'no'} |")
+        echo(f"  {label} compiled: forward-only {r['forward_ratio']:.2f}x ({r['forward_ratio_compiled']:.2f}x of compiled plain)")
     return lines
 
 

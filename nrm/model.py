@@ -173,13 +173,10 @@ class NRM(nn.Module):
             raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
 
     # ------------------------------------------------------------------ bottom-up
-    def _run(self, x: Tensor, keep: bool, offsets: list[Tensor] | None = None,
-             ) -> tuple[Tensor, Latents | None, list[Tensor], Tensor]:
+    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor], Tensor]:
         """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``), the
-        bias nodes' outputs z(l) and the penultimate features (the classifier's input, for the
-        post-hoc detectors). ``offsets`` (one per bias node, zeros of :meth:`_offset_shape`) are
-        added to the z(l): the gradient of a logit with respect to them is d logit / dz(l) summed
-        over positions, which is what eta_{l,c} needs (see :meth:`_vjp`)."""
+        bias nodes' outputs z(l) (always: the autograd renderer differentiates with respect to them)
+        and the penultimate features (the classifier's input, for the post-hoc detectors)."""
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: dict[str, Tensor] = {INPUT: x}
@@ -196,11 +193,9 @@ class NRM(nn.Module):
                     latents[node.name] = lat
             else:
                 out = node.op.forward(xs, p)
-            if node.name in bias:
-                if offsets is not None:
-                    out = out + offsets[len(zs)].to(out.dtype)  # (N, C, 1, 1) or (N, F) zeros
-                zs.append(out)
             values[node.name] = out
+            if node.name in bias:
+                zs.append(out)
             if not keep:
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
@@ -256,43 +251,36 @@ class NRM(nn.Module):
             return Rendering(y, h0, zero, zero)
         return Rendering(y, h0, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
 
-    def _offset_shape(self, name: str) -> tuple[int, ...]:
-        """Per-sample shape of bias node ``name``'s offset: (C, 1, 1) for a feature map, (F,) for features."""
-        c, *rest = self.shapes[name]
-        return (c, *(1 for _ in rest))
-
-    def _step(self, x: Tensor, offsets: list[Tensor] | None, stats: bool,
-              ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """score()'s bottom-up pass: logits (N, K), penultimate features (N, F) and, with ``stats``,
-        :meth:`unit_stats`. This is what :meth:`use_compile` compiles."""
+    def _step(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        """score()'s forward-only pass (no backward): logits (N, K), penultimate features (N, F) and,
+        with ``stats``, :meth:`unit_stats`. This is what :meth:`use_compile` compiles."""
         fn = _COMPILED.get(self) if self.compiled else None
         if fn is None and self.compiled:
-            fn = _COMPILED[self] = torch.compile(self._bottom_up)
-        return (fn or self._bottom_up)(x, offsets, stats)
+            fn = _COMPILED[self] = torch.compile(self._forward_stats)
+        return (fn or self._forward_stats)(x, stats)
 
-    def _bottom_up(self, x: Tensor, offsets: list[Tensor] | None, stats: bool,
-                   ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        logits, _, zs, feats = self._run(x, keep=False, offsets=offsets)
+    def _forward_stats(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
+        logits, _, zs, feats = self._run(x, keep=False)
         return logits, feats, (self.unit_stats(zs) if stats else None)
 
     def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool, stats: bool = False,
              ) -> tuple[Tensor, Rendering, Tensor, tuple[Tensor, Tensor] | None]:
-        """One vector-Jacobian product of logit_y with respect to x and a zero offset on every bias
-        node's output: h(0) = d logit_y / dx and eta_{l,c} = b_c(l) d logit_y / d offset_{l,c}
-        (= b_c(l) sum_p d logit_y / dz(l)_{c,p}). Returns the logits, the rendering, the penultimate
-        features and (with ``stats``) the unit statistics of the same forward pass."""
+        """One vector-Jacobian product of logit_y with respect to x and every bias node's output:
+        h(0) = d logit_y / dx and eta_{l,c} = b_c(l) sum_p d logit_y / dz(l)_{c,p}. Returns the
+        logits, the rendering, the penultimate features and (with ``stats``) the unit statistics of
+        the same forward pass. Always eager: inductor's CPU backward of these graphs measured slower
+        than autograd's (docs/benchmarks.md section 1b)."""
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
-        offsets = [x.new_zeros(len(x), *self._offset_shape(n), requires_grad=True) for n in self.bias_nodes]
         with torch.enable_grad():
-            logits, feats, st = self._step(x, offsets, stats)
+            logits, _, zs, feats = self._run(x, keep=False)
             if y is None:
                 y = logits.detach().argmax(1)
             picked = logits.gather(1, y[:, None]).sum()
-            grads = torch.autograd.grad(picked, [x, *offsets], create_graph=create_graph)
-        eta = [g.flatten(1) * self.node_params(n)[self._bias_param(n)]  # (N, C_l)
+            grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
+        eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]  # (N, C_l)
                for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
-        return logits, self._rendering(y, grads[0], eta), feats, st
+        return logits, self._rendering(y, grads[0], eta), feats, (self.unit_stats(zs) if stats else None)
 
     def _bias_param(self, name: str) -> str:
         return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
@@ -338,10 +326,12 @@ class NRM(nn.Module):
         return self
 
     def use_compile(self, on: bool = True) -> NRM:
-        """Run score()'s bottom-up pass through torch.compile (inductor): the ReLUs, the gate
-        statistics and the bias offsets fuse with their neighbours, forward and backward. Each new
-        input shape compiles once (minutes on a small CPU), so it pays over a long job, not a test;
-        scores equal the eager ones to float rounding. Returns self."""
+        """Run score()'s forward-only pass (the columns that need no backward: see
+        :meth:`needs_rendering`) through torch.compile (inductor): the ReLUs and the gate statistics
+        fuse with the convolutions, so the statistics cost almost nothing. Each new input shape
+        compiles once (tens of seconds to minutes on a small CPU), so it pays over a long job, not a
+        test; scores equal the eager ones to float rounding. The full score's backward stays eager
+        (see :meth:`_vjp`). Returns self."""
         self.compiled = on
         _COMPILED.pop(self, None)
         return self
@@ -399,7 +389,7 @@ class NRM(nn.Module):
             if self.needs_rendering(columns):
                 logits, r, feats, st = self._vjp(x, None, create_graph=False, stats=stats)
             else:
-                (logits, feats, st), r = self._step(x, None, stats), None
+                (logits, feats, st), r = self._step(x, stats), None
         logits = logits.detach().float()
         out = S.classifier_scores(logits)
         if r is not None:
