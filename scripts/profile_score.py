@@ -1,0 +1,36 @@
+"""Where the forward-only columns spend their time (docs/benchmarks.md, "Where the time goes").
+
+    python scripts/profile_score.py [MODEL_INDEX]     # index into jobs.bench.bench_models; 5 = ResNet-56
+
+Times the NRM forward and the forward-only columns of one bench model (batch 512, channels_last,
+the default detector fitted for cost as the bench does), then prints torch.profiler's table of one
+forward-only call."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.bench import FORWARD_ONLY, _time, bench_models, fit_for_cost  # noqa: E402
+
+
+def main(index: int) -> None:
+    shared = Path(__file__).resolve().parents[2] / "shared"
+    label, model, _ = bench_models("cpu", shared if shared.is_dir() else None)[index]
+    fit_for_cost(model)
+    model.use_channels_last(True)
+    x = torch.randn(512, *model.input_shape)
+    print(f"{label}: NRM forward {_time(lambda: model(x), 3) * 1e3:.1f} ms, forward-only columns "
+          f"{_time(lambda: model.score(x, columns=FORWARD_ONLY), 3) * 1e3:.1f} ms (best of 3)")
+    with profile() as p:
+        model.score(x, columns=FORWARD_ONLY)
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
