@@ -456,3 +456,23 @@ def test_a_run_in_bf16_records_its_precision_and_keeps_most_predictions(ckpt: Pa
     assert r.manifest["precision"] == "bf16" and r.manifest["rows"]["ok"] == 16
     pred = read_outputs(r.manifest)["pred"].to_numpy()
     assert (pred == reference_scores(ckpt, pixels)["pred"]).mean() >= 0.75
+
+
+def test_a_compiled_run_records_it_and_scores_as_the_eager_model(ckpt: Path, tmp_path: Path) -> None:
+    """--compile with forward-only columns (a gate-statistics detector as the threshold score): the
+    actors' compiled pass gives the eager model's scores, and the manifest says it was compiled."""
+    import torch
+
+    from nrm.fit import refit
+
+    model = nrm.load(ckpt)
+    refit(model, [torch.randn(64, *model.input_shape, generator=torch.Generator().manual_seed(0))])
+    nrm.save(model, tmp_path / "gates")  # threshold det_mahalanobis on gates_acts: no backward pass
+    pixels = random_images(16, seed=44)
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in pixels])
+    r = score(tmp_path / "gates", tmp_path / "a.parquet", tmp_path / "out", "compiled", columns=("energy",), compile=True)
+    assert r.manifest["compiled"] is True and r.manifest["columns"] == ["pred", "energy", "det_mahalanobis"]
+    t = read_outputs(r.manifest)
+    eager = nrm.load(tmp_path / "gates").score(model.preprocess(torch.from_numpy(pixels)), columns=["energy", "det_mahalanobis"])
+    np.testing.assert_allclose(t["energy"].to_numpy(), eager["energy"].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(t["det_mahalanobis"].to_numpy(), eager["det_mahalanobis"].numpy(), rtol=1e-3, atol=1e-3)
