@@ -122,16 +122,24 @@ def fit_for_cost(model: nrm.NRM, bank: int = 45000) -> None:
                                             len(model.config.classes))
 
 
-def overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
-    """NRM score time / plain inference time, each at its fastest memory format: the default table
-    (every NRM column and the default detector), its forward-only columns, and the post-hoc
-    baselines alone. ``plain_module`` is the user's own module (or the NRM itself for a preset)."""
+def _plain_then_fit(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int,
+                    ) -> tuple[torch.Tensor, Callable[[], None], dict[str, Any]]:
+    """A random batch, the device's sync, and plain inference at its fastest ({"plain_s", "plain"});
+    then the model's detector and baselines are fitted for cost."""
     device = model.mean.device
     x = torch.randn(batch, *model.input_shape, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tp, plain_label = fastest(plain_variants(plain_module, x, sync), reps)
     fit_for_cost(model)
-    res: dict[str, Any] = {"plain_s": tp, "plain": plain_label}
+    return x, sync, {"plain_s": tp, "plain": plain_label}
+
+
+def overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
+    """NRM score time / plain inference time, each at its fastest memory format: the default table
+    (every NRM column and the default detector), its forward-only columns, and the post-hoc
+    baselines alone. ``plain_module`` is the user's own module (or the NRM itself for a preset)."""
+    x, sync, res = _plain_then_fit(model, plain_module, batch, reps)
+    tp = res["plain_s"]
     default = [c for c in model.columns if c not in BASELINES]
     for label, cols in (("score", default), ("forward", FORWARD_ONLY), ("baselines", ["pred", *BASELINES])):
         for cl in (False, True):
@@ -221,12 +229,8 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
     each first call's seconds are its compile time."""
     import copy
 
-    device = model.mean.device
-    x = torch.randn(batch, *model.input_shape, device=device)
-    xcl = x.contiguous(memory_format=torch.channels_last)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tp, plain_label = fastest(plain_variants(plain_module, x, sync), reps)
-    fit_for_cost(model)
+    x, sync, res = _plain_then_fit(model, plain_module, batch, reps)
+    tp, xcl = res["plain_s"], x.contiguous(memory_format=torch.channels_last)
     module = torch.compile(copy.deepcopy(plain_module).to(memory_format=torch.channels_last))  # type: ignore[call-overload]
 
     def plain_run() -> None:
@@ -238,8 +242,8 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
         model.score(x, columns=FORWARD_ONLY)
         sync()
 
-    res: dict[str, Any] = {"plain_s": tp, "plain": plain_label, "plain_compile_s": _first_call(plain_run),
-                           "plain_compiled_s": _time(plain_run, reps)}
+    res["plain_compile_s"] = _first_call(plain_run)
+    res["plain_compiled_s"] = _time(plain_run, reps)
     model.use_channels_last(True).use_compile(True)
     res["forward_compile_s"] = _first_call(run)
     res["forward_s"] = _time(run, reps)
