@@ -126,8 +126,7 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DE
     batches of validation OOD images}) the detector and features are not given but chosen by
     :func:`nrm.detectors.choose`, with the second half as the in-distribution side. Installs both on ``model.config.fitted``;
     ``nrm.save(model, path)`` then writes them. Returns the fitted detectors."""
-    if name not in D.DETECTORS:
-        raise D.DetectorError(f"unknown detector {name!r}; expected one of {list(D.DETECTORS)}")
+    D.lookup(name)  # an unknown name fails before any batch is scored
     cols = collect(model, in_val_batches)
     if fit_batches is not None:
         half, rest = collect(model, fit_batches), cols
