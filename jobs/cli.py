@@ -158,6 +158,7 @@ def train(
     device: Annotated[Device, typer.Option(help="auto: cuda when torch sees a GPU, else cpu.")] = Device.auto,
     seed: Annotated[int, typer.Option(help="Seed of the held-out split, the initial weights and the batch order.")] = 0,
     augment: Annotated[Augment, typer.Option(help="Augment training batches: random shifts (crop), plus left-right mirroring (flip-crop, natural images only).")] = Augment.none,
+    cutout: Annotated[int, at_least(0, "Cutout: zero a square of this many pixels a side in each training image (16 for CIFAR-10); 0 = off.")] = 0,
     endpoint_url: EndpointUrl = None,
     depth: Annotated[int | None, at_least(8, "Depth 6n+2 of the resnet-cifar preset (default 20).")] = None,
     init: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Fine-tune this checkpoint (e.g. from `nrm-ood convert`) instead of a preset: its graph, weights and normalisation are kept.")] = None,
@@ -190,12 +191,13 @@ def train(
     tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value, optimizer=optimizer.value, weight_decay=weight_decay,
-                         label_smoothing=label_smoothing)
+                         label_smoothing=label_smoothing, cutout=cutout)
     result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start)
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
     report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value,
-              "optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing, "seconds": round(result.seconds, 1),
+              "optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
+              "cutout": cutout, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
         report.update(_test_accuracy(test, result.model, store))
@@ -507,7 +509,10 @@ def convert(
 
 
 def main() -> None:
+    from jobs.allocator import keep_freed_memory
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()  # batches reuse freed pages instead of faulting fresh ones in (jobs/allocator.py)
     app()
 
 

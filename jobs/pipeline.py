@@ -214,7 +214,9 @@ class Scorer:
         import torch
 
         import nrm
+        from jobs.allocator import keep_freed_memory
 
+        keep_freed_memory()  # each batch reuses the pages of the batch before (jobs/allocator.py)
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         with checkpoint.local() as path:

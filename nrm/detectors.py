@@ -305,6 +305,8 @@ class Mahalanobis(Detector):
     precision: Tensor | None = None  # (D, D)
     name: ClassVar[str] = "mahalanobis"
     keys: ClassVar[tuple[str, ...]] = ("means", "precision")
+    # the float32 precision of the fast path, made once per fitted precision and device (not saved)
+    _precision32: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
         return fit_mahalanobis(f, pred, n_classes)
@@ -313,7 +315,14 @@ class Mahalanobis(Detector):
         if f.shape[1] < FAST_DIMS:
             return mahalanobis(f, pred, fitted["means"], fitted["precision"])
         d = (f - fitted["means"][pred]).float()  # (N, D)
-        return -((d @ fitted["precision"].float()) * d).sum(dim=1)
+        return -((d @ self._float32(fitted["precision"])) * d).sum(dim=1)
+
+    def _float32(self, precision: Tensor) -> Tensor:
+        """``precision`` in float32, converted once: a refit or another device makes a new copy."""
+        cached = self._precision32
+        if cached is None or cached[0] is not self.precision or cached[1].device != precision.device:
+            cached = self._precision32 = (self.precision, precision.float())  # type: ignore[assignment]
+        return cached[1]
 
 
 @dataclass(eq=False)

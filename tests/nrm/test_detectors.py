@@ -237,6 +237,13 @@ def test_unit_stats_are_the_gates_of_the_bottom_up_pass() -> None:
     assert ((rates >= 0) & (rates <= 1)).all() and rates.shape == (6, 4 + 6)
 
 
+def test_unit_stats_of_a_linear_layer_are_its_gates_and_positive_part() -> None:
+    z = torch.tensor([[-1.5, 0.0, 2.0], [3.0, -0.5, 0.25]])  # (N, F): a hidden linear layer, one position
+    rates, acts = _model().unit_stats([z])
+    torch.testing.assert_close(rates, torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]]), atol=0, rtol=0)
+    torch.testing.assert_close(acts, torch.tensor([[0.0, 0.0, 2.0], [3.0, 0.0, 0.25]]), atol=0, rtol=0)
+
+
 def test_gate_feature_sets_concatenate_their_parts() -> None:
     cols = _model().score(_data(0, 5), unit_stats=True)
     g, a = cols["latent_gates"].double(), cols["unit_acts"].double()

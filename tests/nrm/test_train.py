@@ -141,6 +141,36 @@ def test_augment_shifts_and_mirrors_within_bounds() -> None:
         augment(x, "rotate", 2, g)
 
 
+def test_cutout_zeroes_one_square_per_image_clipped_at_the_borders() -> None:
+    from nrm.train import cutout
+
+    x = torch.ones(200, 2, 8, 8)
+    out = cutout(x, 4, torch.Generator().manual_seed(0))
+    zeros = out[:, 0] == 0  # (N, H, W)
+    assert torch.equal(zeros, out[:, 1] == 0)  # every channel of a pixel together
+    for z in zeros:
+        rows, cols = z.any(1).nonzero().flatten(), z.any(0).nonzero().flatten()
+        # one axis-aligned block of contiguous rows and columns, at most 4 x 4
+        assert torch.equal(z, z.any(1)[:, None] & z.any(0)[None, :])
+        assert rows.max() - rows.min() + 1 == len(rows) <= 4 and cols.max() - cols.min() + 1 == len(cols) <= 4
+    counts = zeros.sum((1, 2))
+    assert counts.max() == 16 and counts.min() < 16  # whole squares inside, clipped ones at the borders
+
+
+def test_cutout_of_zero_pixels_leaves_the_batch_unchanged() -> None:
+    from nrm.train import cutout
+
+    x = torch.randn(3, 1, 5, 5)
+    assert cutout(x, 0, torch.Generator()) is x
+
+
+def test_cutout_refuses_a_negative_size() -> None:
+    from nrm.train import cutout
+
+    with pytest.raises(ValueError, match="cutout must be >= 0 pixels, got -2"):
+        cutout(torch.randn(3, 1, 5, 5), -2, torch.Generator())
+
+
 def _window(dy: int, dx: int, n: int) -> torch.Tensor:
     """1 where a roll by (dy, dx) of an n x n image brings in real pixels, 0 where it wraps around."""
     rows = torch.arange(n) - dy
