@@ -162,6 +162,9 @@ def train(
     endpoint_url: EndpointUrl = None,
     depth: Annotated[int | None, at_least(8, "Depth 6n+2 of the resnet-cifar preset (default 20).")] = None,
     init: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Fine-tune this checkpoint (e.g. from `nrm-ood convert`) instead of a preset: its graph, weights and normalisation are kept.")] = None,
+    teacher: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Distil from this trained checkpoint (same input, normalisation and classes; e.g. a deeper network fine-tuned on the same data): the loss mixes cross-entropy with its soft labels.")] = None,
+    distill_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --teacher: weight w of the distillation term, loss = (1 - w) CE + w KD, 0 to 1.")] = 0.5,
+    distill_temperature: Annotated[float, at_least(0, "With --teacher: softmax temperature T of the distillation term.", strict=True)] = 4.0,
 ) -> None:
     """Train an NRM on labelled images (or fine-tune one with --init) and write a checkpoint directory."""
     import json
@@ -178,6 +181,10 @@ def train(
         raise fail("--init fine-tunes the checkpoint's own network; drop --arch, --width and --depth")
     t0 = time.perf_counter()
     start, name, x, y = _training_data(data, arch, init, limit, store)
+    try:
+        tutor = nrm.load(teacher) if teacher is not None else None
+    except ValueError as e:  # nrm.checkpoint.CheckpointError names the file and what is wrong
+        raise fail(f"--teacher: {e}") from None
     classes = int(y.max()) + 1
     if start is not None and classes > len(start.config.classes):
         raise fail(f"--data has labels up to {classes - 1}, but checkpoint {init} has {len(start.config.classes)} classes")
@@ -191,13 +198,19 @@ def train(
     tc = nrm.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, recon_weight=recon_weight,
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value, optimizer=optimizer.value, weight_decay=weight_decay,
-                         label_smoothing=label_smoothing, cutout=cutout)
-    result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start)
+                         label_smoothing=label_smoothing, cutout=cutout, distill_weight=distill_weight,
+                         distill_temperature=distill_temperature)
+    try:
+        result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start,
+                           teacher=tutor)
+    except ValueError as e:
+        raise fail(str(e)) from None
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
     report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value,
               "optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-              "cutout": cutout, "seconds": round(result.seconds, 1),
+              "cutout": cutout, "teacher": str(teacher) if teacher else None,
+              "distill_weight": distill_weight if teacher else None, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
         report.update(_test_accuracy(test, result.model, store))

@@ -321,7 +321,8 @@ class Mahalanobis(Detector):
         """``precision`` in float32, converted once: a refit or another device makes a new copy."""
         cached = self._precision32
         if cached is None or cached[0] is not self.precision or cached[1].device != precision.device:
-            cached = self._precision32 = (self.precision, precision.float())  # type: ignore[assignment]
+            assert self.precision is not None
+            cached = self._precision32 = (self.precision, precision.float())
         return cached[1]
 
 

@@ -60,6 +60,9 @@ class TrainConfig:
     # cutout (DeVries & Taylor 2017): zero (= the mean colour) a square of this side at a random
     # centre of each augmented image, clipped at the borders; 0 = off. 16 is their CIFAR-10 choice.
     cutout: int = 0
+    # knowledge distillation, used when train() is given a teacher: loss = (1 - w) CE + w KD (distill_loss)
+    distill_weight: float = 0.5
+    distill_temperature: float = 4.0
 
 
 @dataclass
@@ -92,6 +95,32 @@ AUGMENTATIONS = ("none", "crop", "flip-crop")
 
 
 OPTIMIZERS = ("adamw", "sgd")
+
+
+def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """Knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural
+    Network"): the batch mean of
+
+        T^2 KL(softmax(teacher / T) || softmax(student / T))
+
+    logits (B, K) each; the T^2 keeps its gradient on the scale of the cross-entropy's."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def check_teacher(student: ModelConfig, teacher: NRM, same_normalisation: bool = True) -> None:
+    """Raise ValueError unless ``teacher`` takes the student's images (shape and, when
+    ``same_normalisation``, mean and std) and has as many classes: it scores the student's
+    augmented batches as they are, and its logits are read in the student's class order."""
+    mine, theirs = student.input, teacher.config.input
+    if mine.shape != theirs.shape or (same_normalisation and (mine.mean, mine.std) != (theirs.mean, theirs.std)):
+        raise ValueError(f"the teacher reads input {theirs.shape} with mean {list(theirs.mean)} and std "
+                         f"{list(theirs.std)}, the student {mine.shape} with mean {list(mine.mean)} and std "
+                         f"{list(mine.std)}; distillation needs the same input and normalisation")
+    if len(teacher.config.classes) != len(student.classes):
+        raise ValueError(f"the teacher has {len(teacher.config.classes)} classes, the student "
+                         f"{len(student.classes)}; distillation needs the same classes in the same order")
 
 
 def make_optimizer(model: NRM, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -171,12 +200,16 @@ def train(
     cfg: TrainConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     init: NRM | None = None,
+    teacher: NRM | None = None,
 ) -> TrainResult:
     """Train an NRM of architecture ``config`` on uint8 ``images`` (N, H, W[, C]) and int ``labels``,
     then fit sigma^2, log Z(y) and the threshold (nrm.fit). ``progress`` gets a dict every 20 steps.
 
     With ``init`` (a loaded or converted NRM) it is fine-tuned instead: its graph, weights and input
-    normalisation are kept (``config`` is ignored), and its fitted state is fitted anew."""
+    normalisation are kept (``config`` is ignored), and its fitted state is fitted anew. With
+    ``teacher`` (a trained NRM with the same input and classes, e.g. a deeper network fine-tuned on
+    the same data) the cross-entropy is mixed with :func:`distill_loss` on the teacher's logits of
+    the same augmented batch, with weight ``cfg.distill_weight``."""
     cfg = cfg or TrainConfig()
     if init is not None:
         config = init.config
@@ -185,6 +218,11 @@ def train(
     check_augment(cfg.augment, cfg.crop_pad)
     if cfg.cutout < 0:
         raise ValueError(f"cutout must be >= 0 pixels, got {cfg.cutout}")
+    if teacher is not None:  # a new network takes the teacher's normalisation (below)
+        check_teacher(config, teacher, same_normalisation=init is not None)
+        if not 0 <= cfg.distill_weight <= 1 or cfg.distill_temperature <= 0:
+            raise ValueError(f"distillation needs a weight in [0, 1] and a temperature > 0, got "
+                             f"{cfg.distill_weight} and {cfg.distill_temperature}")
     if labels.min() < 0 or labels.max() >= len(config.classes):
         raise ValueError(f"labels must lie in [0, {len(config.classes)}), got [{int(labels.min())}, {int(labels.max())}]")
     start = time.perf_counter()
@@ -196,7 +234,10 @@ def train(
     if init is not None:  # fine-tune: the user's normalisation stays, the copy learns
         model = copy.deepcopy(init).to(cfg.device).requires_grad_(True)
     else:
-        mean, std = channel_stats(images[train_idx[:20000]])
+        if teacher is not None:
+            mean, std = tuple(teacher.config.input.mean), tuple(teacher.config.input.std)
+        else:
+            mean, std = channel_stats(images[train_idx[:20000]])
         spec = config.input
         config = replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))
         model = NRM(config).to(cfg.device)
@@ -220,7 +261,13 @@ def train(
             else:
                 logits, recon = model(x), x.new_zeros(())
             ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            loss = ce + cfg.recon_weight * recon
+            fit_term = ce
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(x).float()  # (B, K) the teacher's logits of the same augmented batch
+                kd = distill_loss(logits, soft, cfg.distill_temperature)
+                fit_term = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
+            loss = fit_term + cfg.recon_weight * recon
             if cfg.pathnorm_weight > 0:
                 loss = loss + cfg.pathnorm_weight * path_norm(model)
             opt.zero_grad(set_to_none=True)

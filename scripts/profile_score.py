@@ -16,10 +16,12 @@ from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.allocator import keep_freed_memory  # noqa: E402
 from jobs.bench import FORWARD_ONLY, _time, bench_models, fit_for_cost  # noqa: E402
 
 
 def main(index: int) -> None:
+    keep_freed_memory()  # as the CLI and the scoring actors do (jobs/allocator.py)
     shared = Path(__file__).resolve().parents[2] / "shared"
     label, model, _ = bench_models("cpu", shared if shared.is_dir() else None)[index]
     fit_for_cost(model)

@@ -17,10 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from jobs.allocator import keep_freed_memory  # noqa: E402
 from jobs.bench import _time, bench_models  # noqa: E402
 
 
 def main(indices: list[int]) -> None:
+    keep_freed_memory()  # as the CLI and the scoring actors do (jobs/allocator.py)
     shared = Path(__file__).resolve().parents[2] / "shared"
     models = bench_models("cpu", shared if shared.is_dir() else None)
     for i in indices or range(len(models)):

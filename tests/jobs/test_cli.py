@@ -386,6 +386,26 @@ def test_train_writes_a_checkpoint_and_its_report(tmp_path: Path) -> None:
     assert report["model_id"] == nrm.model_id(out)
 
 
+def test_train_distils_from_a_teacher_checkpoint(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(120, seed=8)],
+                     labels=[i % 3 for i in range(120)])
+    out = tmp_path / "student"
+    r = invoke("train", "--data", str(tmp_path / "train.parquet"), "--out", str(out), "--epochs", "1",
+               "--recon-weight", "0", "--device", "cpu", "--teacher", str(ckpt), "--distill-weight", "0.7")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "train_report.json").read_text())
+    assert (report["teacher"], report["distill_weight"]) == (str(ckpt), 0.7)
+
+
+def test_train_refuses_a_teacher_with_other_classes(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(40, seed=8)],
+                     labels=[i % 5 for i in range(40)])
+    r = invoke("train", "--data", str(tmp_path / "train.parquet"), "--out", str(tmp_path / "o"), "--epochs", "1",
+               "--device", "cpu", "--teacher", str(ckpt))
+    assert r.exit_code == 1 and "the teacher has 3 classes, the student 5" in r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_refuses_an_unknown_augmentation(tmp_path: Path) -> None:
     r = invoke("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--augment", "rotate")
     assert r.exit_code == 2 and "'rotate' is not one of" in r.output and "flip-crop" in r.output

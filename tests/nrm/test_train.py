@@ -215,3 +215,46 @@ def test_resnet_cifar_bad_depth_names_the_value(depth: int) -> None:
 def test_depth_is_refused_for_other_presets() -> None:
     with pytest.raises(ValueError, match="depth is an option of resnet-cifar only, not of 'gray28'"):
         nrm.preset("gray28", depth=20)
+
+
+# --------------------------------------------------------------------------- distillation
+def test_distill_loss_is_t_squared_times_the_kl_of_the_softened_distributions() -> None:
+    from nrm.train import distill_loss
+
+    student, teacher = torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 3.0]])
+    p, q = (teacher / 2).softmax(1), (student / 2).softmax(1)
+    expected = 4 * (p * (p.log() - q.log())).sum()
+    torch.testing.assert_close(distill_loss(student, teacher, 2.0), expected)
+
+
+def test_a_student_with_only_the_distillation_term_learns_the_teachers_answers(trained: nrm.TrainResult) -> None:
+    images, labels = two_halves(seed=3)
+    wrong = 1 - labels  # every label flipped: only the teacher tells the truth
+    cfg = nrm.TrainConfig(epochs=3, batch_size=32, recon_weight=0.0, seed=0, distill_weight=1.0, distill_temperature=2.0)
+    student = nrm.train(tiny_config(channels=1, size=8, classes=2), images, wrong, cfg, progress=quiet,
+                        teacher=trained.model).model
+    agree = (student(student.preprocess(images)).argmax(1) == trained.model(trained.model.preprocess(images)).argmax(1))
+    assert agree.double().mean().item() > 0.9
+
+
+def test_a_new_student_takes_the_teachers_normalisation(trained: nrm.TrainResult) -> None:
+    images, labels = two_halves(64, seed=4)
+    cfg = nrm.TrainConfig(epochs=1, batch_size=32, recon_weight=0.0, seed=0)
+    student = nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=quiet,
+                        teacher=trained.model).model
+    assert (student.config.input.mean, student.config.input.std) == (trained.model.config.input.mean,
+                                                                     trained.model.config.input.std)
+
+
+def test_distillation_refuses_a_teacher_with_other_input(trained: nrm.TrainResult) -> None:
+    images, labels = two_halves(64)
+    with pytest.raises(ValueError, match=r"the teacher reads input \(1, 8, 8\).*the student \(3, 8, 8\)"):
+        nrm.train(tiny_config(channels=3, size=8, classes=2), images[..., None].expand(-1, -1, -1, 3).contiguous(),
+                  labels, nrm.TrainConfig(epochs=1), progress=quiet, teacher=trained.model)
+
+
+def test_distillation_refuses_a_teacher_with_other_classes(trained: nrm.TrainResult) -> None:
+    images, labels = two_halves(64)
+    with pytest.raises(ValueError, match="the teacher has 2 classes, the student 3"):
+        nrm.train(tiny_config(channels=1, size=8, classes=3), images, labels, nrm.TrainConfig(epochs=1),
+                  progress=quiet, teacher=trained.model)
