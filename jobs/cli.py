@@ -182,7 +182,7 @@ def train(
     t0 = time.perf_counter()
     start, name, x, y = _training_data(data, arch, init, limit, store)
     try:
-        tutor = nrm.load(teacher) if teacher is not None else None
+        tutor = nrm.load(teacher, device=dev).use_channels_last() if teacher is not None else None  # forward only: NHWC is faster
     except ValueError as e:  # nrm.checkpoint.CheckpointError names the file and what is wrong
         raise fail(f"--teacher: {e}") from None
     classes = int(y.max()) + 1
