@@ -132,12 +132,14 @@ def make_optimizer(model: NRM, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {list(OPTIMIZERS)}")
 
 
-def check_augment(mode: str, pad: int) -> None:
-    """Raise ValueError naming a bad augmentation mode or crop padding."""
+def check_augment(mode: str, pad: int, cutout: int = 0) -> None:
+    """Raise ValueError naming a bad augmentation mode, crop padding or cutout size."""
     if mode not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {mode!r}; expected one of {AUGMENTATIONS}")
     if pad < 0:
         raise ValueError(f"crop_pad must be >= 0 pixels, got {pad}")
+    if cutout < 0:
+        raise ValueError(f"cutout must be >= 0 pixels, got {cutout}")
 
 
 def augment(x: Tensor, mode: str, pad: int, gen: torch.Generator) -> Tensor:
@@ -166,8 +168,7 @@ def augment(x: Tensor, mode: str, pad: int, gen: torch.Generator) -> Tensor:
 def cutout(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
     """Zero a ``size`` x ``size`` square of each image of a normalised batch (B, C, H, W), centred at
     a uniform random pixel and clipped at the borders (DeVries & Taylor 2017); 0 = unchanged."""
-    if size < 0:
-        raise ValueError(f"cutout must be >= 0 pixels, got {size}")
+    check_augment("none", 0, size)
     if size == 0:
         return x
     b, _, h, w = x.shape
@@ -215,9 +216,7 @@ def train(
         config = init.config
     if len(images) != len(labels):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
-    check_augment(cfg.augment, cfg.crop_pad)
-    if cfg.cutout < 0:
-        raise ValueError(f"cutout must be >= 0 pixels, got {cfg.cutout}")
+    check_augment(cfg.augment, cfg.crop_pad, cfg.cutout)
     if teacher is not None:  # a new network takes the teacher's normalisation (below)
         check_teacher(config, teacher, same_normalisation=init is not None)
         if not 0 <= cfg.distill_weight <= 1 or cfg.distill_temperature <= 0:
