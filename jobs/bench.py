@@ -469,8 +469,12 @@ SECTIONS = ("speed", "compile", "precision", "job")
 def run(out_md: Path | None, n: int, batch: int, reps: int, echo: Echo, command: str,
         sections: tuple[str, ...] = SECTIONS, shared: Path | None = None) -> str:
     """Run the chosen ``sections`` and return the markdown report; write it to ``out_md`` when given."""
+    from jobs.allocator import keep_freed_memory
+
+    kept = keep_freed_memory()  # as the CLI and the scoring actors run: plain and NRM alike
     lines = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
-             f"Machine: {machine()}.", ""]
+             f"Machine: {machine()}. Freed memory {'kept in the process' if kept else 'returned to the system'} "
+             "(jobs/allocator.py).", ""]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "speed" in sections:
         echo("NRM scoring vs plain inference ...")

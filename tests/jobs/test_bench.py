@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -34,3 +35,11 @@ def test_overhead_pairs_each_timing_with_its_measurement(monkeypatch: pytest.Mon
     assert (r["plain_s"], r["plain"]) == (2.0, "as given, channels_last")
     assert (r["score_s"], r["score_ratio"], r["forward_s"], r["forward_ratio"]) == (6.0, 3.0, 2.2, 1.1)
     assert (r["baselines_s"], r["images_per_s"]) == (3.0, 8 / 6.0)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="freed memory is kept with glibc's mallopt")
+def test_the_report_says_the_process_keeps_freed_memory() -> None:
+    from jobs.bench import run
+
+    text = run(None, 1, 1, 1, lambda s: None, "nrm-ood bench", sections=())
+    assert "Freed memory kept in the process (jobs/allocator.py)." in text
