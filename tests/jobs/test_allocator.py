@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +36,15 @@ def test_a_batch_sized_tensor_comes_from_the_heap_once_freed_memory_is_kept() ->
     t = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: above glibc's largest default mmap threshold
     assert _mmapped_bytes() == before
     del t
+
+
+def test_nrm_keep_freed_memory_0_leaves_glibc_returning_big_blocks() -> None:
+    code = ("import torch, test_allocator as t; from jobs.allocator import keep_freed_memory; "
+            "kept = keep_freed_memory(); b = t._mmapped_bytes(); x = torch.ones(64 << 20, dtype=torch.uint8); "
+            "print(kept, t._mmapped_bytes() - b)")
+    env = {**os.environ, "NRM_KEEP_FREED_MEMORY": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[2])])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept, mmapped = r.stdout.split()
+    assert kept == "False" and int(mmapped) >= 64 << 20
