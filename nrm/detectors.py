@@ -203,6 +203,9 @@ class Detector:
     keys: ClassVar[tuple[str, ...]] = ()
     fit_options: ClassVar[tuple[str, ...]] = ()
     pure: ClassVar[str] = ""  # for a detector that adds a non-NRM feature: the pure NRM detector it extends
+    # (device, the fitted tensors, their float64 copies there): see _on; not saved
+    _device_copy: tuple[torch.device, dict[str, Tensor], dict[str, Tensor]] | None = field(
+        default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_features(self.features)
@@ -233,10 +236,18 @@ class Detector:
         fitted = self.tensors()
         try:
             f = features(cols, self.features)
-            s = self._score(f, cols["pred"].long(), {k: v.to(f.device, torch.float64) for k, v in fitted.items()})
+            s = self._score(f, cols["pred"].long(), self._on(f.device, fitted))
         except (KeyError, IndexError, RuntimeError) as e:
             raise DetectorError(f"detector {self.name!r}: fitted state does not match the score columns ({e})") from None
         return s.float()
+
+    def _on(self, device: torch.device, fitted: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``fitted`` (this detector's tensors()) in float64 on ``device``, converted once per fit and
+        device: a GPU would otherwise be sent ResNet-56's 4,064 x 4,064 precision at every batch."""
+        cached = self._device_copy
+        if cached is None or cached[0] != device or any(cached[1][k] is not v for k, v in fitted.items()):
+            cached = self._device_copy = (device, fitted, {k: v.to(device, torch.float64) for k, v in fitted.items()})
+        return cached[2]
 
     def tensors(self) -> dict[str, Tensor]:
         """The fitted arrays by key (``keys``); a DetectorError if unfitted."""
@@ -305,7 +316,7 @@ class Mahalanobis(Detector):
     precision: Tensor | None = None  # (D, D)
     name: ClassVar[str] = "mahalanobis"
     keys: ClassVar[tuple[str, ...]] = ("means", "precision")
-    # the float32 precision of the fast path, made once per fitted precision and device (not saved)
+    # (the float64 precision on the scoring device, its float32 copy) for the fast path; not saved
     _precision32: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
@@ -318,11 +329,11 @@ class Mahalanobis(Detector):
         return -((d @ self._float32(fitted["precision"])) * d).sum(dim=1)
 
     def _float32(self, precision: Tensor) -> Tensor:
-        """``precision`` in float32, converted once: a refit or another device makes a new copy."""
+        """``precision`` (the float64 copy on the scoring device, see Detector._on) in float32, made
+        once per such copy: a refit or another device makes a new one."""
         cached = self._precision32
-        if cached is None or cached[0] is not self.precision or cached[1].device != precision.device:
-            assert self.precision is not None
-            cached = self._precision32 = (self.precision, precision.float())
+        if cached is None or cached[0] is not precision:
+            cached = self._precision32 = (precision, precision.float())
         return cached[1]
 
 

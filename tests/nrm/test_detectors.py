@@ -340,6 +340,20 @@ def test_mahalanobis_on_many_features_stays_close_to_the_float64_formula() -> No
     torch.testing.assert_close(det.score(cols).double(), exact, rtol=1e-4, atol=1e-3)
 
 
+def test_a_refit_detector_scores_with_its_new_state_not_a_stale_copy() -> None:
+    # the fitted tensors are copied to the scoring device (and to float32) once per fit: a refit
+    # must replace those copies
+    small = _gate_cols(0, 1500, D.FAST_DIMS // 2)
+    other = {k: v.flip(0) * (1.5 if v.is_floating_point() else 1) for k, v in _gate_cols(2, 1500, D.FAST_DIMS // 2).items()}
+    cols = _gate_cols(1, 30, D.FAST_DIMS // 2)
+    det = D.Mahalanobis("gates_acts").fit(small, 3)
+    first = det.score(cols)
+    det.fit(other, 3)
+    fresh = D.Mahalanobis("gates_acts").fit(other, 3)
+    torch.testing.assert_close(det.score(cols), fresh.score(cols), atol=0, rtol=0)
+    assert not torch.equal(det.score(cols), first)
+
+
 @pytest.mark.parametrize("name", D.DETECTORS)
 def test_a_detector_used_unfitted_says_so_and_names_itself(name: str) -> None:
     with pytest.raises(D.DetectorError, match=rf"detector '{name}' is not fitted; call \w+\.fit"):
