@@ -34,7 +34,8 @@ from nrm.graph import INPUT, Node
 
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
 # model -> its torch.compile'd bottom-up step (see NRM.use_compile); kept outside the module so that
-# copy.deepcopy and pickling of an NRM never meet a compiled function
+# copy.deepcopy and pickling of an NRM never meet a compiled function. The step compiled is the
+# unbound NRM._forward_stats: a bound method would hold its model, and the entry would never go.
 _COMPILED: weakref.WeakKeyDictionary[NRM, Any] = weakref.WeakKeyDictionary()
 
 
@@ -254,10 +255,11 @@ class NRM(nn.Module):
     def _step(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """score()'s forward-only pass (no backward): logits (N, K), penultimate features (N, F) and,
         with ``stats``, :meth:`unit_stats`. This is what :meth:`use_compile` compiles."""
-        fn = _COMPILED.get(self) if self.compiled else None
-        if fn is None and self.compiled:
-            fn = _COMPILED[self] = torch.compile(self._forward_stats)
-        return (fn or self._forward_stats)(x, stats)
+        if not self.compiled:
+            return self._forward_stats(x, stats)
+        if self not in _COMPILED:
+            _COMPILED[self] = torch.compile(NRM._forward_stats)
+        return _COMPILED[self](self, x, stats)
 
     def _forward_stats(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         logits, _, zs, feats = self._run(x, keep=False)

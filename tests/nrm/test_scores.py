@@ -240,3 +240,15 @@ def test_compiled_forward_only_columns_equal_the_eager_ones() -> None:
     assert list(compiled) == cols
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_a_compiled_model_is_freed_when_dropped() -> None:
+    import gc
+    import weakref
+
+    model = nrm.NRM(tiny_config(channels=1, size=8, classes=3)).eval().requires_grad_(False).use_compile()
+    model.score(torch.randn(4, 1, 8, 8), columns=["pred", "max_logit"])
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
