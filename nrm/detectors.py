@@ -203,7 +203,7 @@ class Detector:
     keys: ClassVar[tuple[str, ...]] = ()
     fit_options: ClassVar[tuple[str, ...]] = ()
     pure: ClassVar[str] = ""  # for a detector that adds a non-NRM feature: the pure NRM detector it extends
-    # (device, the fitted tensors, their float64 copies there): see _on; not saved
+    # (device, the fitted tensors, their float64 copies there and _derive's): see _on; not saved
     _device_copy: tuple[torch.device, dict[str, Tensor], dict[str, Tensor]] | None = field(
         default=None, init=False, repr=False)
 
@@ -242,12 +242,18 @@ class Detector:
         return s.float()
 
     def _on(self, device: torch.device, fitted: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``fitted`` (this detector's tensors()) in float64 on ``device``, converted once per fit and
-        device: a GPU would otherwise be sent ResNet-56's 4,064 x 4,064 precision at every batch."""
+        """``fitted`` (this detector's tensors()) in float64 on ``device``, with what :meth:`_derive`
+        adds, made once per fit and device: a GPU would otherwise be sent ResNet-56's 4,064 x 4,064
+        precision at every batch."""
         cached = self._device_copy
         if cached is None or cached[0] != device or any(cached[1][k] is not v for k, v in fitted.items()):
-            cached = self._device_copy = (device, fitted, {k: v.to(device, torch.float64) for k, v in fitted.items()})
+            on = {k: v.to(device, torch.float64) for k, v in fitted.items()}
+            cached = self._device_copy = (device, fitted, {**on, **self._derive(on)})
         return cached[2]
+
+    def _derive(self, fitted: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tensors ``_score`` reads that follow from the fitted ones (made once per fit and device)."""
+        return {}
 
     def tensors(self) -> dict[str, Tensor]:
         """The fitted arrays by key (``keys``); a DetectorError if unfitted."""
@@ -316,8 +322,6 @@ class Mahalanobis(Detector):
     precision: Tensor | None = None  # (D, D)
     name: ClassVar[str] = "mahalanobis"
     keys: ClassVar[tuple[str, ...]] = ("means", "precision")
-    # (the float64 precision on the scoring device, its float32 copy) for the fast path; not saved
-    _precision32: tuple[Tensor, Tensor] | None = field(default=None, init=False, repr=False)
 
     def _fit(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
         return fit_mahalanobis(f, pred, n_classes)
@@ -326,15 +330,10 @@ class Mahalanobis(Detector):
         if f.shape[1] < FAST_DIMS:
             return mahalanobis(f, pred, fitted["means"], fitted["precision"])
         d = (f - fitted["means"][pred]).float()  # (N, D)
-        return -((d @ self._float32(fitted["precision"])) * d).sum(dim=1)
+        return -((d @ fitted["precision32"]) * d).sum(dim=1)
 
-    def _float32(self, precision: Tensor) -> Tensor:
-        """``precision`` (the float64 copy on the scoring device, see Detector._on) in float32, made
-        once per such copy: a refit or another device makes a new one."""
-        cached = self._precision32
-        if cached is None or cached[0] is not precision:
-            cached = self._precision32 = (precision, precision.float())
-        return cached[1]
+    def _derive(self, fitted: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"precision32": fitted["precision"].float()}  # the fast path's D x D product
 
 
 @dataclass(eq=False)
