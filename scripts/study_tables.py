@@ -10,9 +10,18 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nrm.detectors import PREFIX, REGISTRY  # noqa: E402
+
 SCORES = ["latent_loglik", "max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
 BASELINES = ["max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
-FUSED = {"det_mahalanobis_energy"}  # detectors that add a baseline's feature (nrm.detectors: not pure NRM)
+# detectors that add a baseline's feature (Detector.pure set: not pure NRM), as main or candidate columns
+FUSED = tuple(PREFIX + cls.name for cls in REGISTRY.values() if cls.pure)
+
+
+def fused(column: str) -> bool:
+    return any(column == f or column.startswith(f + "_") for f in FUSED)
 
 
 def det_columns(m: dict) -> list[str]:
@@ -23,12 +32,12 @@ def det_columns(m: dict) -> list[str]:
 
 
 def label(sc: str, default: str | None) -> str:
-    kind = "NRM + energy" if sc in FUSED else "pure NRM"
+    kind = "NRM + energy" if fused(sc) else "pure NRM"
     return f"{sc} (default, {kind})" if sc == default else (f"{sc} ({kind})" if sc.startswith("det_") else sc)
 
 
 def pure_column(m: dict) -> str | None:
-    return next((c for c in det_columns(m) if c not in FUSED), None)
+    return next((c for c in det_columns(m) if not fused(c)), None)
 
 
 def network_table(name: str, m: dict) -> list[str]:
