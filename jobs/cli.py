@@ -159,10 +159,11 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed of the held-out split, the initial weights and the batch order.")] = 0,
     augment: Annotated[Augment, typer.Option(help="Augment training batches: random shifts (crop), plus left-right mirroring (flip-crop, natural images only).")] = Augment.none,
     cutout: Annotated[int, at_least(0, "Cutout: zero a square of this many pixels a side in each training image (16 for CIFAR-10); 0 = off.")] = 0,
+    batchnorm: Annotated[bool, typer.Option(help="Train with a BatchNorm after every conv and linear layer, folded back into them at the end (the checkpoint's graph is unchanged); needs --recon-weight 0. For fine-tuning converted ResNets, whose own BatchNorms were folded.")] = False,
     endpoint_url: EndpointUrl = None,
     depth: Annotated[int | None, at_least(8, "Depth 6n+2 of the resnet-cifar preset (default 20).")] = None,
     init: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Fine-tune this checkpoint (e.g. from `nrm-ood convert`) instead of a preset: its graph, weights and normalisation are kept.")] = None,
-    teacher: Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Distil from this trained checkpoint (same input, normalisation and classes; e.g. a deeper network fine-tuned on the same data): the loss mixes cross-entropy with its soft labels.")] = None,
+    teacher: Annotated[list[Path] | None, typer.Option(exists=True, file_okay=False, help="Distil from this trained checkpoint (same input, normalisation and classes; e.g. a deeper network fine-tuned on the same data): the loss mixes cross-entropy with its soft labels. Repeat it to distil from an ensemble (the mean of their logits).")] = None,
     distill_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --teacher: weight w of the distillation term, loss = (1 - w) CE + w KD, 0 to 1.")] = 0.5,
     distill_temperature: Annotated[float, at_least(0, "With --teacher: softmax temperature T of the distillation term.", strict=True)] = 4.0,
 ) -> None:
@@ -179,10 +180,13 @@ def train(
     dev = _device(device)
     if init is not None and (arch is not Arch.auto or width is not None or depth is not None):
         raise fail("--init fine-tunes the checkpoint's own network; drop --arch, --width and --depth")
+    if batchnorm and recon_weight > 0:
+        raise fail(f"--batchnorm trains with cross-entropy only, but --recon-weight is {recon_weight}; add "
+                   "--recon-weight 0 (a BatchNorm in training mode mixes a batch's samples, so h(0) renders none of them)")
     t0 = time.perf_counter()
     start, name, x, y = _training_data(data, arch, init, limit, store)
     try:
-        tutor = nrm.load(teacher, device=dev).use_channels_last() if teacher is not None else None  # forward only: NHWC is faster
+        tutors = [nrm.load(t, device=dev).use_channels_last() for t in teacher or []]  # forward only: NHWC is faster
     except ValueError as e:  # nrm.checkpoint.CheckpointError names the file and what is wrong
         raise fail(f"--teacher: {e}") from None
     classes = int(y.max()) + 1
@@ -199,17 +203,17 @@ def train(
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value, optimizer=optimizer.value, weight_decay=weight_decay,
                          label_smoothing=label_smoothing, cutout=cutout, distill_weight=distill_weight,
-                         distill_temperature=distill_temperature)
+                         distill_temperature=distill_temperature, batchnorm=batchnorm)
     try:
         result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start,
-                           teacher=tutor)
+                           teacher=tutors or None)
     except ValueError as e:
         raise fail(str(e)) from None
     sys.stderr.write("\n")
     mid = nrm.save(result.model, out)
     report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value,
               "optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-              "cutout": cutout, "teacher": str(teacher) if teacher else None,
+              "cutout": cutout, "batchnorm": batchnorm, "teacher": [str(t) for t in teacher] if teacher else None,
               "distill_weight": distill_weight if teacher else None, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
     if test:
@@ -518,6 +522,44 @@ def convert(
         raise fail(str(e)) from None
     typer.echo(f"converted {module}: {len(model.config.nodes)} nodes, {len(model.latent_names)} latent layers, "
                f"{len(model.config.classes)} classes; checkpoint {out} (model_id {mid[:12]})")
+    typer.echo(f"next: nrm-ood fit-detector --model {out} --data <in-distribution train split> --out {out}")
+
+
+@app.command()
+def average(
+    model: Annotated[list[Path], typer.Option(exists=True, file_okay=False, help="A checkpoint to average; give it two or more times. All must share one graph, input and classes: fine-tuned from the same start.")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="Checkpoint directory to write.")],
+    data: Annotated[str | None, typer.Option(help="The training Parquet the models were fine-tuned on: the average's top-1 on the rows `nrm-ood train` held out (--seed, --val-fraction) is printed, to choose with.")] = None,
+    seed: Annotated[int, typer.Option(help="With --data: the seed `nrm-ood train` used.")] = 0,
+    val_fraction: Annotated[float, at_least(0, "With --data: the held-out fraction `nrm-ood train` used.", strict=True)] = 0.1,
+    test: Annotated[str | None, typer.Option(help="Labelled test Parquet: the average's top-1 is printed (nothing is fitted on it).")] = None,
+    endpoint_url: EndpointUrl = None,
+) -> None:
+    """Average the weights of networks fine-tuned from one start into one network of the same graph (a "model soup")."""
+    import torch
+
+    import nrm
+    from jobs.datasets import DatasetError, load_labelled
+    from jobs.storage import StorageError, Store
+    from nrm.train import accuracy, average_weights
+
+    try:
+        soup = average_weights([nrm.load(m) for m in model])
+    except ValueError as e:  # a checkpoint that cannot be read, or networks that cannot be averaged
+        raise fail(str(e)) from None
+    store = Store(endpoint_url)
+    if data is not None:
+        try:
+            x, y = load_labelled(data, soup.input_shape, None, store)
+        except (StorageError, DatasetError) as e:
+            raise fail(str(e)) from None
+        held = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
+        typer.echo(f"validation accuracy {accuracy(soup, torch.from_numpy(x)[held], torch.from_numpy(y)[held]):.4f} "
+                   f"({len(held)} held-out rows of {data})")
+    if test is not None:
+        typer.echo(f"test accuracy {_test_accuracy(test, soup, store)['test_accuracy']:.4f} ({test})")
+    mid = nrm.save(soup, out)
+    typer.echo(f"averaged {len(model)} checkpoints into {out} (model_id {mid[:12]}); its detector is not fitted")
     typer.echo(f"next: nrm-ood fit-detector --model {out} --data <in-distribution train split> --out {out}")
 
 

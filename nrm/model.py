@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nrm import scores as S
+from nrm.batchnorm import TrainNorm
 from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
 
@@ -103,6 +104,7 @@ class NRM(nn.Module):
         self.precision = "fp32"  # see set_precision
         self.channels_last = False  # see use_channels_last
         self.compiled = False  # see use_compile
+        self.train_norm: TrainNorm | None = None  # BatchNorm while nrm.train trains with one (nrm.batchnorm)
 
     def _init_params(self, node: Node) -> nn.Module:
         """torch's own default initialisation of conv and linear (kaiming-uniform weight, bias uniform in
@@ -184,11 +186,14 @@ class NRM(nn.Module):
         latents: dict[str, Tensor] = {}
         zs: list[Tensor] = []
         bias = set(self.bias_nodes)
+        norm = self.train_norm
         for k, node in enumerate(self.config.nodes):
             xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
             if k == len(self.config.nodes) - 1:
                 feats = xs[0].flatten(1)  # (N, F) penultimate features
-            if keep:
+            if norm is not None and node.name in norm:  # training with BatchNorm: its beta is the bias
+                out = norm(node.name, node.op.forward(xs, {"weight": p["weight"]}))
+            elif keep:
                 out, lat = node.op.encode(xs, p)
                 if lat is not None:
                     latents[node.name] = lat

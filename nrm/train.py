@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nrm.config import InputSpec, ModelConfig
+from nrm.batchnorm import TrainNorm
+from nrm.config import Fitted, InputSpec, ModelConfig
 from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, PREFIX
 from nrm.fit import DEFAULT_NORMALISER, fit
 from nrm.graph import INPUT
@@ -60,6 +61,11 @@ class TrainConfig:
     # cutout (DeVries & Taylor 2017): zero (= the mean colour) a square of this side at a random
     # centre of each augmented image, clipped at the borders; 0 = off. 16 is their CIFAR-10 choice.
     cutout: int = 0
+    # train with a BatchNorm after every conv and linear bias node, folded back into them at the end
+    # (nrm.batchnorm): the converted ResNets' own training set-up; cross-entropy only (recon_weight 0)
+    batchnorm: bool = False
+    bn_calibration_rows: int = 1024  # the batch that starts each BatchNorm as the identity
+    bn_population_rows: int = 10000  # un-augmented training rows whose statistics are folded in
     # knowledge distillation, used when train() is given a teacher: loss = (1 - w) CE + w KD (distill_loss)
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
@@ -123,6 +129,29 @@ def check_teacher(student: ModelConfig, teacher: NRM, same_normalisation: bool =
                          f"{len(student.classes)}; distillation needs the same classes in the same order")
 
 
+def average_weights(models: Sequence[NRM]) -> NRM:
+    """The uniform average of the weights of networks fine-tuned from one start: a "model soup"
+    (Wortsman et al. 2022, "Model soups: averaging weights of multiple fine-tuned models improves
+    accuracy without increasing inference time"). Fine-tuned from the same weights, such networks lie
+    in one basin of the loss, where their average classifies better than each of them (docs/results.md
+    section 5); it is still one network of the same graph, so the NRM reading holds for it unchanged.
+    Every model must have the same graph, input and classes. The average is unfitted: fit it (nrm.fit,
+    ``nrm-ood fit-detector``) before scoring OOD."""
+    if len(models) < 2:
+        raise ValueError(f"a weight average needs at least 2 models, got {len(models)}")
+    first = models[0].config
+    for i, m in enumerate(models[1:], 1):
+        for what, mine, theirs in (("graph", m.config.nodes, first.nodes), ("input", m.config.input, first.input),
+                                   ("classes", m.config.classes, first.classes)):
+            if mine != theirs:
+                raise ValueError(f"model {i} has another {what} than model 0; a weight average needs networks "
+                                 "of one graph, input and classes (fine-tuned from the same start)")
+    out = NRM(replace(first, fitted=Fitted()))
+    states = [m.state_dict() for m in models]
+    out.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) for k, v in states[0].items()})
+    return out.eval().requires_grad_(False)
+
+
 def make_optimizer(model: NRM, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW, or SGD with Nesterov momentum 0.9; both at ``cfg.lr`` with ``cfg.weight_decay``."""
     if cfg.optimizer == "adamw":
@@ -130,6 +159,35 @@ def make_optimizer(model: NRM, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {list(OPTIMIZERS)}")
+
+
+def attach_batchnorm(model: NRM, x: Tensor) -> TrainNorm:
+    """Give every conv and linear bias node of ``model`` a BatchNorm (nrm.batchnorm), started so that
+    the network computes the same function on the normalised batch ``x`` (N, C, H, W)."""
+    names = [n for n in model.bias_nodes if set(model.node_params(n)) == {"weight", "bias"}]
+    norm = TrainNorm({n: model.node_params(n)["bias"] for n in names}).to(x.device)
+    model.train_norm = norm
+    norm.calibrating = True
+    with torch.no_grad():
+        model(x)
+    norm.calibrating = False
+    return norm
+
+
+def fold_batchnorm(model: NRM, clean: Iterator[Tensor]) -> None:
+    """Replace each BatchNorm's statistics by their average over the un-augmented batches ``clean``
+    (precise BatchNorm), fold them into the weights and biases and detach the norms: ``model`` is a
+    plain NRM again, with its graph unchanged."""
+    norm = model.train_norm
+    if norm is None:
+        raise ValueError("fold_batchnorm: the model has no BatchNorm attached (attach_batchnorm)")
+    model.train()
+    with torch.no_grad():
+        for k, x in enumerate(clean, 1):
+            norm.momentum = 1.0 / k  # a cumulative average over the batches
+            model(x)
+    norm.fold({n: model.node_params(n) for n in norm.names})
+    model.train_norm = None
 
 
 def check_augment(mode: str, pad: int, cutout: int = 0) -> None:
@@ -201,7 +259,7 @@ def train(
     cfg: TrainConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     init: NRM | None = None,
-    teacher: NRM | None = None,
+    teacher: NRM | Sequence[NRM] | None = None,
 ) -> TrainResult:
     """Train an NRM of architecture ``config`` on uint8 ``images`` (N, H, W[, C]) and int ``labels``,
     then fit sigma^2, log Z(y) and the threshold (nrm.fit). ``progress`` gets a dict every 20 steps.
@@ -210,18 +268,28 @@ def train(
     normalisation are kept (``config`` is ignored), and its fitted state is fitted anew. With
     ``teacher`` (a trained NRM with the same input and classes, e.g. a deeper network fine-tuned on
     the same data) the cross-entropy is mixed with :func:`distill_loss` on the teacher's logits of
-    the same augmented batch, with weight ``cfg.distill_weight``."""
+    the same augmented batch, with weight ``cfg.distill_weight``; given several teachers, on the mean
+    of their logits (an ensemble that classifies better than any one of them)."""
     cfg = cfg or TrainConfig()
     if init is not None:
         config = init.config
     if len(images) != len(labels):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
     check_augment(cfg.augment, cfg.crop_pad, cfg.cutout)
-    if teacher is not None:  # a new network takes the teacher's normalisation (below)
-        check_teacher(config, teacher, same_normalisation=init is not None)
+    teachers = [] if teacher is None else [teacher] if isinstance(teacher, NRM) else list(teacher)
+    if teachers:  # a new network takes the teachers' normalisation (below)
+        for t in teachers:
+            check_teacher(config, t, same_normalisation=init is not None)
+        norms = {(tuple(t.config.input.mean), tuple(t.config.input.std)) for t in teachers}
+        if len(norms) > 1:
+            raise ValueError(f"the teachers normalise their input differently ({sorted(norms)}); an ensemble "
+                             "of teachers scores one batch, so it needs one mean and std")
         if not 0 <= cfg.distill_weight <= 1 or cfg.distill_temperature <= 0:
             raise ValueError(f"distillation needs a weight in [0, 1] and a temperature > 0, got "
                              f"{cfg.distill_weight} and {cfg.distill_temperature}")
+    if cfg.batchnorm and cfg.recon_weight > 0:
+        raise ValueError(f"training with BatchNorm needs recon_weight 0, got {cfg.recon_weight}: in training "
+                         "mode a BatchNorm mixes the samples of a batch, so h(0) would not render one sample")
     if labels.min() < 0 or labels.max() >= len(config.classes):
         raise ValueError(f"labels must lie in [0, {len(config.classes)}), got [{int(labels.min())}, {int(labels.max())}]")
     start = time.perf_counter()
@@ -233,14 +301,16 @@ def train(
     if init is not None:  # fine-tune: the user's normalisation stays, the copy learns
         model = copy.deepcopy(init).to(cfg.device).requires_grad_(True)
     else:
-        if teacher is not None:
-            mean, std = tuple(teacher.config.input.mean), tuple(teacher.config.input.std)
+        if teachers:
+            mean, std = tuple(teachers[0].config.input.mean), tuple(teachers[0].config.input.std)
         else:
             mean, std = channel_stats(images[train_idx[:20000]])
         spec = config.input
         config = replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))
         model = NRM(config).to(cfg.device)
     labels = labels.long()
+    if cfg.batchnorm:
+        attach_batchnorm(model, next(batches(model, images, cfg.bn_calibration_rows, train_idx)))
     steps_per_epoch = (len(train_idx) + cfg.batch_size - 1) // cfg.batch_size
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
@@ -261,9 +331,9 @@ def train(
                 logits, recon = model(x), x.new_zeros(())
             ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             fit_term = ce
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = teacher(x).float()  # (B, K) the teacher's logits of the same augmented batch
+            if teachers:
+                with torch.no_grad():  # (B, K) the teachers' mean logits of the same augmented batch
+                    soft = torch.stack([t(x).float() for t in teachers]).mean(0)
                 kd = distill_loss(logits, soft, cfg.distill_temperature)
                 fit_term = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
             loss = fit_term + cfg.recon_weight * recon
@@ -284,6 +354,8 @@ def train(
                     progress(rec)
                 else:
                     log.info("epoch %d step %d loss %.4f", rec["epoch"], step, rec["loss"])
+    if cfg.batchnorm:
+        fold_batchnorm(model, batches(model, images, 512, train_idx[: cfg.bn_population_rows]))
     model.eval().requires_grad_(False)
     fit_idx = train_idx[: cfg.fit_samples]
     fit(

@@ -394,7 +394,7 @@ def test_train_distils_from_a_teacher_checkpoint(ckpt: Path, tmp_path: Path) -> 
                "--recon-weight", "0", "--device", "cpu", "--teacher", str(ckpt), "--distill-weight", "0.7")
     assert r.exit_code == 0, r.output
     report = json.loads((out / "train_report.json").read_text())
-    assert (report["teacher"], report["distill_weight"]) == (str(ckpt), 0.7)
+    assert (report["teacher"], report["distill_weight"]) == ([str(ckpt)], 0.7)
 
 
 def test_train_refuses_a_teacher_with_other_classes(ckpt: Path, tmp_path: Path) -> None:
@@ -404,6 +404,57 @@ def test_train_refuses_a_teacher_with_other_classes(ckpt: Path, tmp_path: Path) 
                "--device", "cpu", "--teacher", str(ckpt))
     assert r.exit_code == 1 and "the teacher has 3 classes, the student 5" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_train_fine_tunes_with_batchnorm_into_the_same_graph(ckpt: Path, tmp_path: Path) -> None:
+    import nrm
+
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(120, seed=9)],
+                     labels=[i % 3 for i in range(120)])
+    out = tmp_path / "ft"
+    r = invoke("train", "--data", str(tmp_path / "train.parquet"), "--out", str(out), "--epochs", "1",
+               "--recon-weight", "0", "--device", "cpu", "--init", str(ckpt), "--batchnorm", "--optimizer", "sgd")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "train_report.json").read_text())["batchnorm"] is True
+    assert nrm.load(out).config.nodes == nrm.load(ckpt).config.nodes
+
+
+def test_train_refuses_batchnorm_with_the_reconstruction_term(tmp_path: Path) -> None:
+    r = invoke("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--batchnorm")
+    assert r.exit_code == 1 and "--recon-weight is 1.0; add --recon-weight 0" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_average_writes_the_mean_of_the_checkpoints_weights(ckpt: Path, tmp_path: Path) -> None:
+    import torch
+
+    import nrm
+
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    r = invoke("average", "--model", str(ckpt), "--model", str(other), "--out", str(tmp_path / "soup"))
+    assert r.exit_code == 0, r.output
+    assert "validation accuracy" not in r.output and "test accuracy" not in r.output
+    assert "averaged 2 checkpoints" in r.output and "next: nrm-ood fit-detector" in r.output
+    a, b, soup = nrm.load(ckpt), nrm.load(other), nrm.load(tmp_path / "soup")
+    torch.testing.assert_close(soup.node_params("conv1")["weight"],
+                               (a.node_params("conv1")["weight"] + b.node_params("conv1")["weight"]) / 2)
+
+
+def test_average_reports_validation_and_test_accuracy(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(50, seed=12)],
+                     labels=[i % 3 for i in range(50)])
+    other = make_checkpoint(tmp_path / "other", seed=1)
+    r = invoke("average", "--model", str(ckpt), "--model", str(other), "--out", str(tmp_path / "soup"),
+               "--data", str(tmp_path / "train.parquet"), "--test", str(tmp_path / "train.parquet"))
+    assert r.exit_code == 0, r.output
+    assert re.search(r"validation accuracy \d\.\d{4} \(5 held-out rows of ", r.output)
+    assert re.search(r"test accuracy \d\.\d{4} \(", r.output)
+
+
+def test_average_refuses_a_single_checkpoint(ckpt: Path, tmp_path: Path) -> None:
+    r = invoke("average", "--model", str(ckpt), "--out", str(tmp_path / "soup"))
+    assert r.exit_code == 1 and "a weight average needs at least 2 models, got 1" in r.output
+    assert not (tmp_path / "soup").exists()
 
 
 def test_train_refuses_an_unknown_augmentation(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ determinism under a fixed seed, and the label checks."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ import torch
 from support import assert_same_config, tiny_config
 
 import nrm
+from nrm.graph import chain
+from nrm.ops import Conv, Flatten, GlobalAvgPool, Linear, ReLU
+from nrm.train import average_weights
 
 
 def two_halves(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,3 +262,56 @@ def test_distillation_refuses_a_teacher_with_other_classes(trained: nrm.TrainRes
     with pytest.raises(ValueError, match="the teacher has 2 classes, the student 3"):
         nrm.train(tiny_config(channels=1, size=8, classes=3), images, labels, nrm.TrainConfig(epochs=1),
                   progress=quiet, teacher=trained.model)
+
+
+def test_distilling_from_several_teachers_uses_the_mean_of_their_logits(trained: nrm.TrainResult) -> None:
+    # two copies of one teacher have that teacher's mean logits: the student learns exactly as from one
+    images, labels = two_halves(64, seed=5)
+    cfg = nrm.TrainConfig(epochs=1, batch_size=32, recon_weight=0.0, seed=0, distill_weight=1.0)
+    one = nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=quiet,
+                    teacher=trained.model).model
+    two = nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=quiet,
+                    teacher=[trained.model, trained.model]).model
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_an_ensemble_of_teachers_must_share_its_classes(trained: nrm.TrainResult) -> None:
+    other = nrm.NRM(replace(tiny_config(channels=1, size=8, classes=3), input=trained.model.config.input))
+    images, labels = two_halves(64)
+    with pytest.raises(ValueError, match="the teacher has 3 classes, the student 2"):
+        nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, nrm.TrainConfig(epochs=1),
+                  progress=quiet, teacher=[trained.model, other])
+
+
+# --------------------------------------------------------------------------- weight averages (model soups)
+
+
+def test_a_weight_average_is_the_mean_of_every_parameter_and_is_unfitted(trained: nrm.TrainResult) -> None:
+    torch.manual_seed(7)
+    other = nrm.NRM(trained.model.config)
+    soup = average_weights([trained.model, other])
+    for k, v in soup.state_dict().items():
+        torch.testing.assert_close(v, (trained.model.state_dict()[k] + other.state_dict()[k]) / 2)
+    assert soup.config.nodes == trained.model.config.nodes
+    assert soup.config.fitted.threshold is None and soup.config.fitted.detector is None
+
+
+def test_a_weight_average_refuses_networks_of_another_graph(trained: nrm.TrainResult) -> None:
+    nodes = chain(("conv1", Conv(1, 5, 3, 1, 1)), ReLU(), GlobalAvgPool(), Flatten(), ("classifier", Linear(5, 2)))
+    other = nrm.NRM(replace(trained.model.config, nodes=nodes))
+    with pytest.raises(ValueError, match="model 1 has another graph than model 0"):
+        average_weights([trained.model, other])
+
+
+def test_a_weight_average_needs_two_models(trained: nrm.TrainResult) -> None:
+    with pytest.raises(ValueError, match="at least 2 models, got 1"):
+        average_weights([trained.model])
+
+
+def test_an_ensemble_of_teachers_must_share_its_normalisation(trained: nrm.TrainResult) -> None:
+    other = nrm.NRM(tiny_config(channels=1, size=8, classes=2))  # mean 0.5, std 0.25
+    images, labels = two_halves(64)
+    with pytest.raises(ValueError, match="the teachers normalise their input differently"):
+        nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, nrm.TrainConfig(epochs=1),
+                  progress=quiet, teacher=[trained.model, other])
