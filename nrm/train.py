@@ -132,9 +132,10 @@ def check_teacher(student: ModelConfig, teacher: NRM, same_normalisation: bool =
 def average_weights(models: Sequence[NRM]) -> NRM:
     """The uniform average of the weights of networks fine-tuned from one start: a "model soup"
     (Wortsman et al. 2022, "Model soups: averaging weights of multiple fine-tuned models improves
-    accuracy without increasing inference time"). Fine-tuned from the same weights, such networks lie
-    in one basin of the loss, where their average classifies better than each of them (docs/results.md
-    section 5); it is still one network of the same graph, so the NRM reading holds for it unchanged.
+    accuracy without increasing inference time"). Fine-tuned from the same weights, such networks often
+    lie in one basin of the loss, where their average can classify better than each of them (it did for
+    nine ResNet-20 runs: docs/results.md section 5); it is one network of the same graph, so the NRM
+    reading holds for it unchanged.
     Every model must have the same graph, input and classes. The average is unfitted: fit it (nrm.fit,
     ``nrm-ood fit-detector``) before scoring OOD."""
     if len(models) < 2:
