@@ -297,14 +297,13 @@ def fit_detector(
     from jobs.evaluate import parse_ood
     from jobs.storage import StorageError, Store
     from nrm.fit import refit
-    from nrm.train import batches
+    from nrm.train import batches, held_out_split
 
     try:
         m = nrm.load(model)
         store = Store(endpoint_url)
         x, y = load_labelled(data, m.input_shape, None, store)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        refit_rows, train_rows = perm[: max(1, int(len(x) * val_fraction))], perm[max(1, int(len(x) * val_fraction)):]
+        refit_rows, train_rows = held_out_split(len(x), val_fraction, torch.Generator().manual_seed(seed))
         if baselines:
             from nrm.fit import fit_posthoc
 
@@ -541,7 +540,7 @@ def average(
     import nrm
     from jobs.datasets import DatasetError, load_labelled
     from jobs.storage import StorageError, Store
-    from nrm.train import accuracy, average_weights
+    from nrm.train import accuracy, average_weights, held_out_split
 
     try:
         soup = average_weights([nrm.load(m) for m in model])
@@ -553,7 +552,7 @@ def average(
             x, y = load_labelled(data, soup.input_shape, None, store)
         except (StorageError, DatasetError) as e:
             raise fail(str(e)) from None
-        held = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[: max(1, int(len(x) * val_fraction))]
+        held, _ = held_out_split(len(x), val_fraction, torch.Generator().manual_seed(seed))
         typer.echo(f"validation accuracy {accuracy(soup, torch.from_numpy(x)[held], torch.from_numpy(y)[held]):.4f} "
                    f"({len(held)} held-out rows of {data})")
     if test is not None:

@@ -240,6 +240,15 @@ def cutout(x: Tensor, size: int, gen: torch.Generator) -> Tensor:
     return x * keep[:, None].to(x.dtype)
 
 
+def held_out_split(n: int, fraction: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(held-out rows, training rows) of ``n`` rows: a permutation drawn from ``gen``, its first
+    max(1, int(n * fraction)) rows held out. :func:`train` draws it first from a generator seeded
+    with ``TrainConfig.seed``; ``nrm-ood fit-detector`` and ``average`` draw it again the same way."""
+    perm = torch.randperm(n, generator=gen)
+    k = max(1, int(n * fraction))
+    return perm[:k], perm[k:]
+
+
 def batches(model: NRM, images: Tensor, size: int, order: Tensor | None = None) -> Iterator[Tensor]:
     """Normalised batches of ``images`` (uint8) on the model's device, in ``order`` if given."""
     idx = order if order is not None else torch.arange(len(images))
@@ -296,9 +305,7 @@ def train(
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(images), generator=gen)
-    n_val = max(1, int(len(images) * cfg.val_fraction))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    val_idx, train_idx = held_out_split(len(images), cfg.val_fraction, gen)
     if init is not None:  # fine-tune: the user's normalisation stays, the copy learns
         model = copy.deepcopy(init).to(cfg.device).requires_grad_(True)
     else:
