@@ -34,8 +34,8 @@ if not (BIN / "ray").is_file():
                 allow_module_level=True)
 
 
-def node_args(temp_dir: str) -> list[str]:
-    nm, om, agent, agent_grpc, metrics, rt_env = ports(6)
+def node_args(temp_dir: str, six_ports: list[int]) -> list[str]:
+    nm, om, agent, agent_grpc, metrics, rt_env = six_ports
     return ["--block", "--node-ip-address", "127.0.0.1", "--num-gpus", "0", "--temp-dir", temp_dir,
             "--node-manager-port", str(nm), "--object-manager-port", str(om), "--dashboard-agent-listen-port",
             str(agent), "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
@@ -50,11 +50,11 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0",
                PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     temp_dir = tempfile.mkdtemp(prefix="nrm2n-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    (gcs,) = ports(1)
+    gcs, *more = ports(13)  # drawn together: ports drawn apart can repeat, and Ray refuses a port given twice
     head = [str(BIN / "ray"), "start", "--head", "--port", str(gcs), "--num-cpus", "1", "--include-dashboard",
-            "false", *node_args(temp_dir)]
+            "false", *node_args(temp_dir, more[:6])]
     second = [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2",
-              "--resources", '{"second": 1}', *node_args(temp_dir)]
+              "--resources", '{"second": 1}', *node_args(temp_dir, more[6:])]
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name, cmd in (("head", head), ("second", second)):
