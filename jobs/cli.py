@@ -157,6 +157,7 @@ def train(
     limit: Annotated[int | None, at_least(1, "Use only the first N training rows.")] = None,
     device: Annotated[Device, typer.Option(help="auto: cuda when torch sees a GPU, else cpu.")] = Device.auto,
     seed: Annotated[int, typer.Option(help="Seed of the held-out split, the initial weights and the batch order.")] = 0,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of the rows held out, 0 to 0.5 (at least one row): the validation accuracy and the detector's threshold come from them, training from the rest. Lower it to train the final model on (nearly) all rows once the choices are made.")] = 0.1,
     augment: Annotated[Augment, typer.Option(help="Augment training batches: random shifts (crop), plus left-right mirroring (flip-crop, natural images only).")] = Augment.none,
     cutout: Annotated[int, at_least(0, "Cutout: zero a square of this many pixels a side in each training image (16 for CIFAR-10); 0 = off.")] = 0,
     batchnorm: Annotated[bool, typer.Option(help="Train with a BatchNorm after every conv and linear layer, folded back into them at the end (the checkpoint's graph is unchanged); needs --recon-weight 0. For fine-tuning converted ResNets, whose own BatchNorms were folded.")] = False,
@@ -203,7 +204,7 @@ def train(
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value, optimizer=optimizer.value, weight_decay=weight_decay,
                          label_smoothing=label_smoothing, cutout=cutout, distill_weight=distill_weight,
-                         distill_temperature=distill_temperature, batchnorm=batchnorm)
+                         distill_temperature=distill_temperature, batchnorm=batchnorm, val_fraction=val_fraction)
     try:
         result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start,
                            teacher=tutors or None)
@@ -215,7 +216,7 @@ def train(
               "optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
               "cutout": cutout, "batchnorm": batchnorm, "teacher": [str(t) for t in teacher] if teacher else None,
               "distill_weight": distill_weight if teacher else None, "seconds": round(result.seconds, 1),
-              "val_accuracy": round(result.val_accuracy, 4), "model_id": mid, "device": dev}
+              "val_accuracy": round(result.val_accuracy, 4), "val_rows": result.val_rows, "model_id": mid, "device": dev}
     if test:
         report.update(_test_accuracy(test, result.model, store))
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")

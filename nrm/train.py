@@ -77,6 +77,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     val_accuracy: float = float("nan")
     seconds: float = 0.0
+    val_rows: int = 0  # the held-out rows val_accuracy was measured on
 
 
 def path_norm(model: NRM) -> Tensor:
@@ -376,4 +377,4 @@ def train(
         detector_features=cfg.detector_features,
     )
     val_acc = accuracy(model, images[val_idx], labels[val_idx])
-    return TrainResult(model, history, val_acc, time.perf_counter() - start)
+    return TrainResult(model, history, val_acc, time.perf_counter() - start, len(val_idx))

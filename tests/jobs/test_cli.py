@@ -386,6 +386,16 @@ def test_train_writes_a_checkpoint_and_its_report(tmp_path: Path) -> None:
     assert report["model_id"] == nrm.model_id(out)
 
 
+def test_train_holds_out_the_fraction_of_rows_asked_for(tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(200, seed=6)],
+                     labels=[i % 3 for i in range(200)])
+    out = tmp_path / "ckpt"
+    r = invoke("train", "--data", str(tmp_path / "train.parquet"), "--out", str(out), "--epochs", "1",
+               "--recon-weight", "0", "--device", "cpu", "--val-fraction", "0.02")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "train_report.json").read_text())["val_rows"] == 4
+
+
 def test_train_distils_from_a_teacher_checkpoint(ckpt: Path, tmp_path: Path) -> None:
     write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(120, seed=8)],
                      labels=[i % 3 for i in range(120)])
