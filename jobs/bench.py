@@ -55,6 +55,11 @@ def _time(fn: Callable[[], Any], reps: int) -> float:
     return min(ts)  # the VM's steal time only ever adds: the best run is the least noisy estimate
 
 
+def device_sync(device: str | torch.device) -> Callable[[], None]:
+    """What waits for ``device``'s queued work before a clock is read (nothing on a CPU)."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def random_model(cfg: ModelConfig, device: str = "cpu") -> nrm.NRM:
     torch.manual_seed(0)
     return nrm.NRM(cfg).to(device).eval().requires_grad_(False)
@@ -67,9 +72,12 @@ def fastest(fns: dict[str, Callable[[], Any]], reps: int) -> tuple[float, str]:
     return times[label], label
 
 
-def plain_variants(module: torch.nn.Module, x: torch.Tensor, sync: Callable[[], None]) -> dict[str, Callable[[], Any]]:
+def plain_variants(module: torch.nn.Module, x: torch.Tensor, sync: Callable[[], None],
+                   precision: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+                   ) -> dict[str, Callable[[], Any]]:
     """The user's torch module as it runs fastest: as given, with BatchNorm fused into the convs
-    (torch.fx's own fusion, where the module traces), in either memory format."""
+    (torch.fx's own fusion, where the module traces), in either memory format; each run inside
+    ``precision()`` (the NRM's own, so that both sides compute in the same precision)."""
     import copy
 
     variants: dict[str, torch.nn.Module] = {"as given": module}
@@ -85,12 +93,12 @@ def plain_variants(module: torch.nn.Module, x: torch.Tensor, sync: Callable[[], 
         mcl = copy.deepcopy(mod).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
         def run(m: torch.nn.Module = mod, inp: torch.Tensor = x) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 m(inp)
             sync()
 
         def run_cl(m: torch.nn.Module = mcl, inp: torch.Tensor = xcl) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 m(inp)
             sync()
 
@@ -128,8 +136,8 @@ def _plain_then_fit(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, r
     then the model's detector and baselines are fitted for cost."""
     device = model.mean.device
     x = torch.randn(batch, *model.input_shape, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tp, plain_label = fastest(plain_variants(plain_module, x, sync), reps)
+    sync = device_sync(device)
+    tp, plain_label = fastest(plain_variants(plain_module, x, sync, model.autocast), reps)
     fit_for_cost(model)
     return x, sync, {"plain_s": tp, "plain": plain_label}
 
@@ -160,9 +168,15 @@ def overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: in
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the shared ResNets' normalisation
 
 
-def bench_models(device: str, shared: Path | None) -> list[tuple[str, nrm.NRM, torch.nn.Module]]:
+def bench_models(device: str, shared: Path | None, only: tuple[str, ...] = ()) -> list[tuple[str, nrm.NRM, torch.nn.Module]]:
     """(label, NRM, the module plain inference runs) for every preset and the CIFAR ResNets: the
-    shared pretrained ones converted when ``shared`` holds them, else the resnet-cifar preset."""
+    shared pretrained ones converted when ``shared`` holds them, else the resnet-cifar preset.
+    ``only``: keep the models whose label contains one of these strings (all when empty)."""
+    out = _bench_models(device, shared)
+    return [m for m in out if not only or any(o.lower() in m[0].lower() for o in only)]
+
+
+def _bench_models(device: str, shared: Path | None) -> list[tuple[str, nrm.NRM, torch.nn.Module]]:
     out: list[tuple[str, nrm.NRM, torch.nn.Module]] = []
     for name, width in (("gray28", 0.5), ("gray28", 1.0), ("rgb32-small", 1.0), ("rgb32-allconv", 0.5)):
         m = random_model(nrm.preset(name, width), device)
@@ -174,16 +188,16 @@ def bench_models(device: str, shared: Path | None) -> list[tuple[str, nrm.NRM, t
 
             user = build_module(f"{src / 'resnet.py'}:resnet{depth}")
             user.load_state_dict(read_weights(src / f"resnet{depth}.safetensors"))
-            user = user.eval().to(device)
-            converted = nrm.from_torch(user, (3, 32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)  # its README's
-            out.append((f"ResNet-{depth} (pretrained, converted)", converted.to(device), user))
+            converted = nrm.from_torch(user.eval(), (3, 32, 32), mean=IMAGENET_MEAN, std=IMAGENET_STD)  # its README's
+            out.append((f"ResNet-{depth} (pretrained, converted)", converted.to(device), user.to(device)))
         else:
             m = random_model(nrm.preset("resnet-cifar", 1.0, depth=depth), device)
             out.append((f"resnet-cifar depth {depth} (preset)", m, m))
     return out
 
 
-def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
+def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None, echo: Echo,
+                  only: tuple[str, ...] = ()) -> list[str]:
     lines = ["## 1. NRM score / plain inference (targets: <= 2.0x full score, <= 1.15x forward-only columns)", "",
              "Plain = the network's own torch module at its fastest: for the ResNets the user's `resnet.py` module "
              "with BatchNorm fused by torch.fx and the faster memory format; for the presets the NRM's own forward "
@@ -200,7 +214,7 @@ def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for device in devices:
         batches = [batch] if device == "cpu" else [512, 4096]
-        for label, model, plain in bench_models(device, shared):
+        for label, model, plain in bench_models(device, shared, only):
             for b in batches:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -234,7 +248,7 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
     module = torch.compile(copy.deepcopy(plain_module).to(memory_format=torch.channels_last))  # type: ignore[call-overload]
 
     def plain_run() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), model.autocast():
             module(xcl)
         sync()
 
@@ -253,9 +267,11 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
     return res
 
 
-def compile_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
-    """The forward-only columns of section 1 again with torch.compile (``nrm-ood score --compile``)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def compile_section(device: str, batch: int, reps: int, shared: Path | None, echo: Echo,
+                    only: tuple[str, ...] = ()) -> list[str]:
+    """The forward-only columns of section 1 again with torch.compile (``nrm-ood score --compile``);
+    ``batch`` on a CPU, 4096 on a GPU."""
+    batch = batch if device == "cpu" else 4096
     lines = ["## 1b. Forward-only columns with torch.compile (`nrm-ood score --compile`)", "",
              "The forward-only columns of section 1 with `NRM.use_compile` (inductor, channels_last: the ReLUs and "
              "the gate statistics fuse with the convolutions), against plain inference as in section 1 (eager, at "
@@ -266,7 +282,7 @@ def compile_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> l
              "| model | device | batch | plain eager (ms) | plain compiled (ms) | forward-only compiled (ms) "
              "| ratio to eager plain | ratio to compiled plain | compile s (plain / NRM) | target met (eager plain) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for label, model, plain in bench_models(device, shared):
+    for label, model, plain in bench_models(device, shared, only):
         r = compiled_overhead(model, plain, batch, reps)
         lines.append(f"| {label} | {device} | {batch} | {r['plain_s'] * 1e3:.1f} | {r['plain_compiled_s'] * 1e3:.1f} | "
                      f"{r['forward_s'] * 1e3:.1f} | {r['forward_ratio']:.2f}x | {r['forward_ratio_compiled']:.2f}x | "
@@ -276,11 +292,13 @@ def compile_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> l
     return lines
 
 
-def precision_section(batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
-    """Speed of the full score per precision on ResNet-20, and (with the shared data) the change in AUROC."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    label, model, _ = bench_models(device, shared)[4]  # ResNet-20
+def precision_section(device: str, batch: int, reps: int, shared: Path | None, echo: Echo) -> list[str]:
+    """Speed of the full score per precision on ResNet-20, and (with the shared data) the change in AUROC;
+    ``batch`` on a CPU, 4096 on a GPU."""
+    batch = batch if device == "cpu" else 4096
+    label, model, _ = _bench_models(device, shared)[4]  # ResNet-20
     x = torch.randn(batch, *model.input_shape, device=device)
+    sync = device_sync(device)
     auroc = precision_auroc(model, shared, device) if shared else {}
     lines = ["## 2. Reduced precision (`--precision`)", "",
              f"{label}, {device}, batch {batch}, full score, channels_last; AUROC of `latent_prior` and `max_logit` "
@@ -293,7 +311,7 @@ def precision_section(batch: int, reps: int, shared: Path | None, echo: Echo) ->
     for p in ("fp32", "bf16", "fp16", "tf32"):
         model.set_precision(p)
         try:
-            t = _time(lambda: model.score(x), reps)
+            t = _time(lambda: (model.score(x), sync()), reps)
         except RuntimeError as e:  # a precision this device cannot run
             lines.append(f"| {p} | not available ({str(e).splitlines()[0][:80]}) | | | |")
             continue
@@ -329,7 +347,7 @@ def precision_auroc(model: nrm.NRM, shared: Path, device: str) -> dict[str, dict
                         for c in ("latent_prior", "max_logit")} for k, v in xs.items()}
         except RuntimeError:
             continue
-        out[p] = {k: {c: float(auroc(cols["in"][c].double().numpy(), cols[k][c].double().numpy()))
+        out[p] = {k: {c: float(auroc(cols["in"][c].double().cpu().numpy(), cols[k][c].double().cpu().numpy()))
                       for c in ("latent_prior", "max_logit")} for k in ("textures32", "mnist")}
     model.set_precision("fp32")
     return out
@@ -467,24 +485,28 @@ SECTIONS = ("speed", "compile", "precision", "job")
 
 
 def run(out_md: Path | None, n: int, batch: int, reps: int, echo: Echo, command: str,
-        sections: tuple[str, ...] = SECTIONS, shared: Path | None = None) -> str:
-    """Run the chosen ``sections`` and return the markdown report; write it to ``out_md`` when given."""
+        sections: tuple[str, ...] = SECTIONS, shared: Path | None = None, devices: tuple[str, ...] = (),
+        only: tuple[str, ...] = ()) -> str:
+    """Run the chosen ``sections`` and return the markdown report; write it to ``out_md`` when given.
+    ``devices``: where section 1 runs (default: the CPU, and the GPU when torch sees one); the compile
+    and precision sections run on the last of them. ``only``: the models of sections 1 and 1b whose
+    label contains one of these strings (all when empty)."""
     from jobs.allocator import keep_freed_memory
 
     kept = keep_freed_memory()  # as the CLI and the scoring actors run: plain and NRM alike
     lines = ["# Benchmarks", "", f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
              f"Machine: {machine()}. Freed memory {'kept in the process' if kept else 'returned to the system'} "
              "(jobs/allocator.py).", ""]
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = devices or ("cpu", *(["cuda"] if torch.cuda.is_available() else []))
     if "speed" in sections:
         echo("NRM scoring vs plain inference ...")
-        lines += speed_section(devices, batch, reps, shared, echo) + [""]
+        lines += speed_section(list(devices), batch, reps, shared, echo, only) + [""]
     if "compile" in sections:
         echo("NRM scoring vs plain inference, compiled ...")
-        lines += compile_section(batch, reps, shared, echo) + [""]
+        lines += compile_section(devices[-1], batch, reps, shared, echo, only) + [""]
     if "precision" in sections:
         echo("reduced precision ...")
-        lines += precision_section(batch, reps, shared, echo) + [""]
+        lines += precision_section(devices[-1], batch, reps, shared, echo) + [""]
     if "job" in sections:
         lines += job_sections(n, batch, echo)
     text = "\n".join(lines) + "\n"

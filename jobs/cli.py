@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -448,6 +449,11 @@ def demo(
 BENCH_DOC = "docs/benchmarks.md"
 
 
+class BenchDevice(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 class BenchSection(str, enum.Enum):
     speed = "speed"
     compile = "compile"
@@ -464,16 +470,24 @@ def bench(
     reps: Annotated[int, at_least(1, "Timed repetitions per measurement.")] = 5,
     section: Annotated[list[BenchSection] | None, typer.Option(help="Run only these sections (repeatable): speed (NRM/plain ratios), compile (the same with torch.compile; compiles take minutes), precision, job (end to end, memory). Default: all.")] = None,
     shared: Annotated[Path | None, typer.Option(help="The shared folder with models/cifar10-resnet and datasets/ (default ../shared when it exists): the pretrained ResNets and the precision AUROC.")] = None,
+    device: Annotated[list[BenchDevice] | None, typer.Option(help="Measure on these devices (repeatable; the compile and precision sections use the last). Default: cpu, and cuda when torch sees a GPU.")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="Sections speed and compile: only the models whose label contains this text, e.g. ResNet (repeatable). Default: every preset and ResNet.")] = None,
 ) -> None:
     """Measure the speed and memory targets; print the report (write it with --out, or --write-docs)."""
     from jobs.bench import run
 
     out = Path(BENCH_DOC) if write_docs else out
-    command = "nrm-ood bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "nrm-ood bench"
+    command = "nrm-ood bench " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 else "nrm-ood bench"
     if shared is None and Path("../shared").is_dir():
         shared = Path("../shared")
     sections = tuple(s.value for s in section) if section else tuple(s.value for s in BenchSection)
-    text = run(out, rows, batch_size, reps, typer.echo, command.strip(), sections, shared)
+    devices = tuple(d.value for d in device or ())
+    import torch
+
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise typer.BadParameter("--device cuda was asked for, but torch sees no CUDA GPU here; "
+                                 "leave --device out or run on a machine with one", param_hint="--device")
+    text = run(out, rows, batch_size, reps, typer.echo, command.strip(), sections, shared, devices, tuple(only or ()))
     typer.echo(text)
     if out is not None:
         typer.echo(f"wrote {out}")

@@ -41,10 +41,12 @@ _COMPILED: weakref.WeakKeyDictionary[NRM, Any] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
-def _tf32() -> Iterator[None]:
-    """TF32 matmuls and convolutions on CUDA for the duration (restored after)."""
+def _tf32(on: bool) -> Iterator[None]:
+    """TF32 matmuls and convolutions on CUDA on (``on``) or off for the duration (restored after).
+    Off matters: torch lets cuDNN run float32 convolutions in TF32 by default, which on an H200
+    moved latent_prior by 5e-3 relative between two memory formats of the same batch."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
     try:
         yield
     finally:
@@ -318,15 +320,13 @@ class NRM(nn.Module):
 
     # ------------------------------------------------------------------ precision and layout
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The numeric precision of every pass: ``self.precision`` fp32 (default), bf16 or fp16
-        (torch.autocast on the model's device), or tf32 (float32 storage, TF32 matmuls and convs on
-        CUDA; plain float32 on a CPU)."""
+        """The numeric precision of every pass: ``self.precision`` fp32 (default: float32 throughout,
+        TF32 off on CUDA, cuDNN's convolutions included), bf16 or fp16 (torch.autocast on the model's
+        device), or tf32 (float32 storage, TF32 matmuls and convs on CUDA; plain float32 on a CPU)."""
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             return torch.autocast(self.mean.device.type, dtype=dtype)
-        if self.precision == "tf32":
-            return _tf32()
-        return contextlib.nullcontext()
+        return _tf32(self.precision == "tf32")
 
     def set_precision(self, precision: str) -> NRM:
         """Score in ``precision`` (one of PRECISIONS); returns self."""

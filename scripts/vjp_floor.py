@@ -1,47 +1,81 @@
 """The floor of a full NRM score: one forward plus one input vector-Jacobian product of the plain
 module, through autograd, against the plain forward (docs/benchmarks.md, "Where the time goes").
 
-    python scripts/vjp_floor.py [MODEL_INDEX ...]     # indices into jobs.bench.bench_models (default: all)
+    python scripts/vjp_floor.py [--device cuda] [--batch N] [--profile] [MODEL_INDEX ...]
+                                 # indices into jobs.bench.bench_models (default: all)
 
 For each bench model: the plain module's forward (no grad, channels_last) and forward + d logit_y*/dx
-(autograd, channels_last), best of 5, and their ratio. Whatever a full score costs above this ratio
-is the NRM's own overhead (eta, statistics, detector)."""
+(autograd, channels_last), best of 5, their ratio, and the NRM's full score (default detector fitted
+for cost as the bench does) in the same precision (the NRM's fp32: TF32 off on CUDA). Whatever a full
+score costs above the floor is the NRM's own overhead (eta, statistics, detector). --profile prints
+torch.profiler's table of one full score per model, by device time."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import _time, bench_models  # noqa: E402
+from jobs.bench import _time, bench_models, device_sync, fit_for_cost  # noqa: E402
+from nrm import NRM  # noqa: E402
 
 
-def main(indices: list[int]) -> None:
+def main(indices: list[int], device: str, batch: int, prof: bool) -> None:
     keep_freed_memory()  # as the CLI and the scoring actors do (jobs/allocator.py)
     shared = Path(__file__).resolve().parents[2] / "shared"
-    models = bench_models("cpu", shared if shared.is_dir() else None)
+    shared = shared if shared.is_dir() else Path(".gpu/shared")  # where the GPU run carries it
+    models = bench_models(device, shared if shared.is_dir() else None)
     for i in indices or range(len(models)):
-        label, _, plain = models[i]
-        module = copy.deepcopy(plain).to(memory_format=torch.channels_last).requires_grad_(False)
-        x = torch.randn(512, *models[i][1].input_shape).contiguous(memory_format=torch.channels_last)
+        measure(*models[i], batch, prof)
 
-        def forward(module: torch.nn.Module = module, x: torch.Tensor = x) -> None:
-            with torch.no_grad():
-                module(x)
 
-        def forward_vjp(module: torch.nn.Module = module, x: torch.Tensor = x) -> None:
-            xg = x.detach().requires_grad_(True)
+def measure(label: str, model: NRM, plain: torch.nn.Module, batch: int, prof: bool) -> None:
+    device = model.mean.device.type
+    sync = device_sync(device)
+    module = copy.deepcopy(plain).to(memory_format=torch.channels_last).requires_grad_(False)
+    x = torch.randn(batch, *model.input_shape, device=device).contiguous(memory_format=torch.channels_last)
+    fit_for_cost(model)
+    model.use_channels_last(True)
+    score = [c for c in model.columns if c not in ("mahalanobis_feat", "knn", "vim")]
+
+    def forward() -> None:
+        with torch.no_grad(), model.autocast():
+            module(x)
+        sync()
+
+    def forward_vjp() -> None:
+        xg = x.detach().requires_grad_(True)
+        with model.autocast():
             logits = module(xg)
             torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xg)
+        sync()
 
-        tf, tv = _time(forward, 5), _time(forward_vjp, 5)
-        print(f"{label}: forward {tf * 1e3:.1f} ms, forward + input VJP {tv * 1e3:.1f} ms, ratio {tv / tf:.2f}x")
+    def full() -> None:
+        model.score(x, columns=score)
+        sync()
+
+    tf, tv, ts = _time(forward, 5), _time(forward_vjp, 5), _time(full, 5)
+    print(f"{label} ({device}, batch {batch}): forward {tf * 1e3:.1f} ms, forward + input VJP {tv * 1e3:.1f} ms "
+          f"({tv / tf:.2f}x), NRM full score {ts * 1e3:.1f} ms ({ts / tf:.2f}x)")
+    if prof:
+        with profile() as p:
+            full()
+        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(p.key_averages().table(sort_by=key, row_limit=15))
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("indices", nargs="*", type=int, help="bench model indices (default: all)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    ap.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
+    ap.add_argument("--profile", action="store_true", help="print a profiler table of one full score per model")
+    a = ap.parse_args()
+    main(a.indices, a.device, a.batch, a.profile)

@@ -43,3 +43,10 @@ def test_the_report_says_the_process_keeps_freed_memory() -> None:
 
     text = run(None, 1, 1, 1, lambda s: None, "nrm-ood bench", sections=())
     assert "Freed memory kept in the process (jobs/allocator.py)." in text
+
+
+def test_the_model_filter_keeps_only_the_labels_that_contain_it() -> None:
+    from jobs.bench import bench_models
+
+    labels = [label for label, _, _ in bench_models("cpu", None, ("gray28",))]
+    assert labels == ["gray28 w0.5", "gray28 w1.0"]

@@ -110,6 +110,37 @@ def test_bench_by_default_prints_the_report_and_writes_nothing(monkeypatch: pyte
     assert seen == [None] and "# the report" in r.stdout and "wrote" not in r.stdout
 
 
+def test_bench_passes_the_chosen_devices_to_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.bench
+
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(jobs.bench, "run", lambda *a: seen.append(a[-2]) or "report")
+    r = invoke("bench", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert seen == [("cpu",)]
+
+
+def test_bench_passes_the_model_filter_to_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.bench
+
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(jobs.bench, "run", lambda *a: seen.append(a[-1]) or "report")
+    r = invoke("bench", "--only", "ResNet", "--only", "gray28")
+    assert r.exit_code == 0, r.output
+    assert seen == [("ResNet", "gray28")]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_bench_on_cuda_without_a_gpu_is_refused_before_measuring(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jobs.bench
+
+    seen: list[object] = []
+    monkeypatch.setattr(jobs.bench, "run", lambda *a: seen.append(a) or "report")
+    r = invoke("bench", "--device", "cuda")
+    assert r.exit_code == 2 and seen == []
+    assert "torch sees no CUDA GPU" in r.output
+
+
 def test_score_help_documents_the_options() -> None:
     r = invoke("score", "--help")
     assert r.exit_code == 0

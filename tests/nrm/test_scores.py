@@ -252,3 +252,17 @@ def test_a_compiled_model_is_freed_when_dropped() -> None:
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize(("precision", "tf32"), [("fp32", False), ("tf32", True)])
+def test_precision_sets_tf32_for_the_pass_and_restores_it(precision: str, tf32: bool) -> None:
+    model = nrm.NRM(tiny_config()).set_precision(precision)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = not tf32  # the opposite of what the pass must use
+    try:
+        with model.autocast():
+            inside = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        assert inside == (tf32, tf32)
+        assert torch.backends.cudnn.allow_tf32 is (not tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
