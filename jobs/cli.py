@@ -474,6 +474,8 @@ def bench(
     only: Annotated[list[str] | None, typer.Option(help="Sections speed and compile: only the models whose label contains this text, e.g. ResNet (repeatable). Default: every preset and ResNet.")] = None,
 ) -> None:
     """Measure the speed and memory targets; print the report (write it with --out, or --write-docs)."""
+    import torch
+
     from jobs.bench import run
 
     out = Path(BENCH_DOC) if write_docs else out
@@ -482,8 +484,6 @@ def bench(
         shared = Path("../shared")
     sections = tuple(s.value for s in section) if section else tuple(s.value for s in BenchSection)
     devices = tuple(d.value for d in device or ())
-    import torch
-
     if "cuda" in devices and not torch.cuda.is_available():
         raise typer.BadParameter("--device cuda was asked for, but torch sees no CUDA GPU here; "
                                  "leave --device out or run on a machine with one", param_hint="--device")
