@@ -188,7 +188,7 @@ def train(
     t0 = time.perf_counter()
     start, name, x, y = _training_data(data, arch, init, limit, store)
     try:
-        tutors = [nrm.load(t, device=dev).use_channels_last() for t in teacher or []]  # forward only: NHWC is faster
+        tutors = [nrm.load(t, device=dev).use_fast_layout() for t in teacher or []]  # forward only
     except ValueError as e:  # nrm.checkpoint.CheckpointError names the file and what is wrong
         raise fail(f"--teacher: {e}") from None
     classes = int(y.max()) + 1

@@ -221,7 +221,7 @@ class Scorer:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         with checkpoint.local() as path:
             self.model = nrm.load(path, device=self.device, expect_model_id=checkpoint.model_id)
-        self.model.set_precision(precision).use_channels_last()  # NHWC: the faster layout (docs/benchmarks.md)
+        self.model.set_precision(precision).use_fast_layout()  # NHWC except fp32 on CUDA (docs/benchmarks.md)
         self.model.use_compile(compile)  # compiles at the first batch of each shape
         self.model_id = checkpoint.model_id
         self.threshold = self.model.config.fitted.threshold

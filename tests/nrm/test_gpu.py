@@ -56,3 +56,10 @@ def test_a_checkpoint_loads_onto_the_gpu(tmp_path: object) -> None:
     nrm.save(model, path)
     loaded = nrm.load(path, device="cuda")
     assert loaded.mean.device.type == "cuda" and loaded.score(torch.randn(4, 1, 8, 8, device="cuda"))["pred"].is_cuda
+
+
+@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("bf16", True), ("tf32", True)])
+def test_the_fast_layout_on_cuda_is_nchw_for_fp32_only(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor],
+                                                        precision: str, channels_last: bool) -> None:
+    _, gpu, _ = pair
+    assert gpu.set_precision(precision).use_fast_layout().channels_last is channels_last

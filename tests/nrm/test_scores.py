@@ -266,3 +266,8 @@ def test_precision_sets_tf32_for_the_pass_and_restores_it(precision: str, tf32: 
         assert torch.backends.cudnn.allow_tf32 is (not tf32)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fast_layout_on_a_cpu_is_channels_last(precision: str) -> None:
+    assert nrm.NRM(tiny_config()).set_precision(precision).use_fast_layout().channels_last is True
