@@ -1,7 +1,7 @@
 """The floor of a full NRM score: one forward plus one input vector-Jacobian product of the plain
 module, through autograd, against the plain forward (docs/benchmarks.md, "Where the time goes").
 
-    python scripts/vjp_floor.py [--device cuda] [--batch N] [--profile] [MODEL_INDEX ...]
+    python scripts/vjp_floor.py [--device cuda] [--batch N] [--profile] [--shared DIR] [MODEL_INDEX ...]
                                  # indices into jobs.bench.bench_models (default: all)
 
 For each bench model: the plain module's forward (no grad, channels_last) and forward + d logit_y*/dx
@@ -27,10 +27,8 @@ from jobs.bench import _time, bench_models, device_sync, fit_for_cost  # noqa: E
 from nrm import NRM  # noqa: E402
 
 
-def main(indices: list[int], device: str, batch: int, prof: bool) -> None:
+def main(indices: list[int], device: str, batch: int, prof: bool, shared: Path) -> None:
     keep_freed_memory()  # as the CLI and the scoring actors do (jobs/allocator.py)
-    shared = Path(__file__).resolve().parents[2] / "shared"
-    shared = shared if shared.is_dir() else Path(".gpu/shared")  # where the GPU run carries it
     models = bench_models(device, shared if shared.is_dir() else None)
     for i in indices or range(len(models)):
         measure(*models[i], batch, prof)
@@ -77,5 +75,7 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     ap.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
     ap.add_argument("--profile", action="store_true", help="print a profiler table of one full score per model")
+    ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared",
+                    help="the shared folder with models/cifar10-resnet (default: ../shared beside the repository)")
     a = ap.parse_args()
-    main(a.indices, a.device, a.batch, a.profile)
+    main(a.indices, a.device, a.batch, a.profile, a.shared)
