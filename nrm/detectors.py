@@ -99,6 +99,31 @@ def mahalanobis(f: Tensor, pred: Tensor, means: Tensor, precision: Tensor) -> Te
     return -((d @ precision) * d).sum(dim=1)
 
 
+def symmetric_slabs(p: Tensor, block: int = 512) -> list[Tensor]:
+    """Symmetric P (D, D) as its upper block rows P[a:b, a:] (blocks of ``block`` rows), the
+    off-diagonal blocks doubled, in float32: what :func:`quadratic_form` reads."""
+    slabs = []
+    for a in range(0, p.shape[0], block):
+        b = min(a + block, p.shape[0])
+        slab = p[a:b, a:].clone()
+        slab[:, b - a :] *= 2
+        slabs.append(slab.float().contiguous())
+    return slabs
+
+
+def quadratic_form(d: Tensor, slabs: list[Tensor]) -> Tensor:
+    """d^T P d (N,) for d (N, D) and symmetric P given as :func:`symmetric_slabs`: each pair of
+    blocks once, (B + 1) / 2B of the full D x D product's flops with B blocks (ResNet-56's 4,064
+    gate features: 8 blocks, 48 ms against 80 ms for 512 rows on this CPU, docs/benchmarks.md)."""
+    out = d.new_zeros(len(d))
+    a = 0
+    for slab in slabs:
+        b = a + slab.shape[0]
+        out += ((d[:, a:b] @ slab) * d[:, a:]).sum(dim=1)
+        a = b
+    return out
+
+
 def standardised_sum(parts: Tensor, centre: Tensor, scale: Tensor) -> Tensor:
     """Equal-weight fusion of J scores, each standardised: s = sum_j (p_j - c_j) / d_j.
     parts (N, J), centre and scale (J,)."""
@@ -316,7 +341,7 @@ class Mahalanobis(Detector):
         s = -(f - mu[y*])^T Sigma^-1 (f - mu[y*])
 
     with the means and precision of :func:`fit_mahalanobis`. From ``FAST_DIMS`` features on, the
-    difference is taken in float64 and the D x D product in float32."""
+    difference is taken in float64 and the quadratic form in float32 (:func:`quadratic_form`)."""
 
     means: Tensor | None = None  # (K, D)
     precision: Tensor | None = None  # (D, D)
@@ -330,10 +355,10 @@ class Mahalanobis(Detector):
         if f.shape[1] < FAST_DIMS:
             return mahalanobis(f, pred, fitted["means"], fitted["precision"])
         d = (f - fitted["means"][pred]).float()  # (N, D)
-        return -((d @ fitted["precision32"]) * d).sum(dim=1)
+        return -quadratic_form(d, [v for k, v in fitted.items() if k.startswith("slab")])  # in order
 
     def _derive(self, fitted: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"precision32": fitted["precision"].float()}  # the fast path's D x D product
+        return {f"slab{i}": s for i, s in enumerate(symmetric_slabs(fitted["precision"]))}  # float32 slabs
 
 
 @dataclass(eq=False)

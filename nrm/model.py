@@ -34,6 +34,7 @@ from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
 
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+Stats = tuple[Tensor, Tensor]  # (gate rates, act means), each (N, sum_l C_l): NRM.unit_stats
 # model -> its torch.compile'd bottom-up step (see NRM.use_compile); kept outside the module so that
 # copy.deepcopy and pickling of an NRM never meet a compiled function. The step compiled is the
 # unbound NRM._forward_stats: a bound method would hold its model, and the entry would never go.
@@ -102,6 +103,7 @@ class NRM(nn.Module):
         # Nodes whose bias is a latent prior parameter b(l): every biased op but the classifier.
         self.bias_nodes = [n.name for n in config.nodes[:-1] if n.op.has_bias()]
         self._last_use = self._plan_frees(config.nodes)
+        self._stats_at = self._plan_stats(config.nodes, self.bias_nodes)
         self._index = {n.name: k for k, n in enumerate(config.nodes)}
         self.precision = "fp32"  # see set_precision
         self.channels_last = False  # see use_channels_last
@@ -136,6 +138,17 @@ class NRM(nn.Module):
         for name, k in last.items():
             frees.setdefault(k, []).append(name)
         return frees
+
+    @staticmethod
+    def _plan_stats(nodes: list[Node], bias_nodes: list[str]) -> dict[str, str]:
+        """node -> the bias node whose unit statistics are read from its output: a ReLU that reads
+        the bias node (its output is max(z, 0) already: no second positive part), else the bias node."""
+        at = {b: b for b in bias_nodes}
+        for n in nodes:
+            if n.op.positive_part and len(n.inputs) == 1 and at.get(n.inputs[0]) == n.inputs[0]:
+                del at[n.inputs[0]]
+                at[n.name] = n.inputs[0]
+        return at
 
     def node_params(self, name: str) -> dict[str, Tensor]:
         """The tensors of node ``name`` by param name (weight, bias, scale, shift); {} for none."""
@@ -178,17 +191,23 @@ class NRM(nn.Module):
             raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
 
     # ------------------------------------------------------------------ bottom-up
-    def _run(self, x: Tensor, keep: bool) -> tuple[Tensor, Latents | None, list[Tensor], Tensor]:
+    def _run(self, x: Tensor, keep: bool, stats: bool = False) -> tuple[Tensor, Latents | None, list[Tensor], Tensor, Stats | None]:
         """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``), the
-        bias nodes' outputs z(l) (always: the autograd renderer differentiates with respect to them)
-        and the penultimate features (the classifier's input, for the post-hoc detectors)."""
+        bias nodes' outputs z(l) (when autograd records: the autograd renderer differentiates with
+        respect to them), the penultimate features (the classifier's input, for the post-hoc
+        detectors) and, with ``stats``, :meth:`unit_stats`, read as each value is made. Forward-only
+        and eager, ReLUs and adds write into an input that nothing later reads, as torch's in-place
+        ops do (2-3x cheaper than a fresh output on a CPU, docs/benchmarks.md)."""
+        caller = x.untyped_storage().data_ptr()  # the caller's tensor, never overwritten
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: dict[str, Tensor] = {INPUT: x}
         latents: dict[str, Tensor] = {}
         zs: list[Tensor] = []
+        unit: dict[str, tuple[Tensor, Tensor]] = {}
         bias = set(self.bias_nodes)
         norm = self.train_norm
+        overwrite = not (keep or torch.is_grad_enabled() or torch.compiler.is_compiling())
         for k, node in enumerate(self.config.nodes):
             xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
             if k == len(self.config.nodes) - 1:
@@ -199,16 +218,33 @@ class NRM(nn.Module):
                 out, lat = node.op.encode(xs, p)
                 if lat is not None:
                     latents[node.name] = lat
+            elif overwrite and node.op.inplace and self._may_overwrite(k, node, values, caller):
+                out = node.op.forward_(xs, p)
             else:
                 out = node.op.forward(xs, p)
             values[node.name] = out
-            if node.name in bias:
+            if node.name in bias and not overwrite:
                 zs.append(out)
+            if stats and node.name in self._stats_at:
+                unit[self._stats_at[node.name]] = _unit_stats(out, node.op.positive_part)
             if not keep:
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
         logits = values[self.classifier.name]
-        return logits, (Latents(logits, values, latents) if keep else None), zs, feats
+        st = (torch.cat([unit[n][0] for n in self.bias_nodes], 1), torch.cat([unit[n][1] for n in self.bias_nodes], 1)) if stats else None
+        return logits, (Latents(logits, values, latents) if keep else None), zs, feats, st
+
+    def _may_overwrite(self, k: int, node: Node, values: dict[str, Tensor], caller: int) -> bool:
+        """Whether node ``k`` may write into its first input: nothing later reads it, it is not the
+        model's input, no live value shares its memory (a slice or a flatten of it), and every
+        input has its dtype (under autocast an add may mix bf16 and float32)."""
+        name = node.inputs[0]
+        if name == INPUT or node.inputs.count(name) > 1 or name not in self._last_use.get(k, ()):
+            return False
+        t = values[name]
+        ptr = t.untyped_storage().data_ptr()
+        return (ptr != caller and all(v.dtype == t.dtype for v in (values[i] for i in node.inputs))
+                and all(v.untyped_storage().data_ptr() != ptr for n, v in values.items() if n != name))
 
     def forward(self, x: Tensor) -> Tensor:
         """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
@@ -219,7 +255,7 @@ class NRM(nn.Module):
     def penultimate(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(features (N, F), logits (N, K)): the classifier's input and output, forward pass only."""
         with self.autocast():
-            logits, _, _, feats = self._run(x, keep=False)
+            logits, _, _, feats, _ = self._run(x, keep=False)
         return feats.float(), logits.float()
 
     def encode(self, x: Tensor) -> Latents:
@@ -268,9 +304,9 @@ class NRM(nn.Module):
             _COMPILED[self] = torch.compile(NRM._forward_stats)
         return _COMPILED[self](self, x, stats)
 
-    def _forward_stats(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        logits, _, zs, feats = self._run(x, keep=False)
-        return logits, feats, (self.unit_stats(zs) if stats else None)
+    def _forward_stats(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, Stats | None]:
+        logits, _, _, feats, st = self._run(x, keep=False, stats=stats)
+        return logits, feats, st
 
     def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool, stats: bool = False,
              ) -> tuple[Tensor, Rendering, Tensor, tuple[Tensor, Tensor] | None]:
@@ -282,14 +318,14 @@ class NRM(nn.Module):
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits, _, zs, feats = self._run(x, keep=False)
+            logits, _, zs, feats, st = self._run(x, keep=False, stats=stats)
             if y is None:
                 y = logits.detach().argmax(1)
             picked = logits.gather(1, y[:, None]).sum()
             grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
         eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]  # (N, C_l)
                for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
-        return logits, self._rendering(y, grads[0], eta), feats, (self.unit_stats(zs) if stats else None)
+        return logits, self._rendering(y, grads[0], eta), feats, st
 
     def _bias_param(self, name: str) -> str:
         return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
@@ -299,24 +335,16 @@ class NRM(nn.Module):
         pass. ``y`` defaults to y* = argmax; ``create_graph`` lets training differentiate through it."""
         return self._vjp(x, y, create_graph)[1]
 
-    def unit_stats(self, zs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    def unit_stats(self, zs: list[Tensor]) -> Stats:
         """Per-channel statistics of the bottom-up pass, over spatial positions p, for every bias node:
 
             gate rate  g_{l,c} = mean_p 1[z(l)_{c,p} > 0]       the ReLU latents s*(l), as on-rates
             act mean   a_{l,c} = mean_p max(z(l)_{c,p}, 0)      the positive part of the activation
 
         zs are the bias nodes' outputs z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l).
-        Both come from the one positive part max(z, 0): its sum, then its sign (= the gate) in place,
-        which beats summing the boolean 1[z > 0] 4-5x on a CPU (docs/benchmarks.md)."""
-        rates, means = [], []
-        for z in zs:
-            dims = tuple(range(2, z.dim()))  # positions; () for linear features (P = 1)
-            p = math.prod(z.shape[2:])
-            pos = z.detach().clamp_min(0)  # (N, C, ...) max(z, 0)
-            means.append(pos.sum(dim=dims, dtype=torch.float32) / p if dims else pos.to(torch.float32, copy=True))  # (N, C)
-            pos.sign_()  # 1[z > 0]
-            rates.append(pos.sum(dim=dims, dtype=torch.float32) / p if dims else pos.float())
-        return torch.cat(rates, dim=1), torch.cat(means, dim=1)
+        ``score`` reads the same statistics during its bottom-up pass (:meth:`_run`)."""
+        parts = [_unit_stats(z, positive=False) for z in zs]
+        return torch.cat([r for r, _ in parts], dim=1), torch.cat([m for _, m in parts], dim=1)
 
     # ------------------------------------------------------------------ precision and layout
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -399,8 +427,9 @@ class NRM(nn.Module):
         """Per-sample score columns of normalised x (N, C, H, W): by default every column of
         ``self.columns`` plus the detectors' internal inputs; given ``columns``, exactly those, computed
         with only what they need (no backward pass unless :meth:`needs_rendering`). ``unit_stats``
-        adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`); by default only when a fitted
-        detector reads them (they cost a pass over every activation)."""
+        adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`), with or without ``columns``;
+        by default they are made only when a fitted detector reads them (they cost a pass over every
+        activation)."""
         self.check_input(x)
         want = self._wanted(columns)
         det = self.config.fitted.detector
@@ -421,7 +450,9 @@ class NRM(nn.Module):
         for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
             if want is None or type(d).column in want:
                 out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
-        return out if want is None else {c: out[c] for c in columns or []}
+        if want is None:
+            return out
+        return {c: out[c] for c in [*(columns or []), *(["latent_gates", "unit_acts"] if unit_stats else [])]}
 
     def _rendered_scores(self, x: Tensor, r: Rendering) -> dict[str, Tensor]:
         """The columns of the top-down pass: eta per layer and in all, the latent log-likelihood,
@@ -437,6 +468,19 @@ class NRM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"input={self.input_shape}, classes={len(self.config.classes)}, latent_layers={self.latent_names}"
+
+
+def _unit_stats(t: Tensor, positive: bool) -> Stats:
+    """(gate rate, act mean), both (N, C), of one bias node (see NRM.unit_stats) from its output z,
+    or from max(z, 0) when ``positive`` (a ReLU's output: read, not written). Both come from one
+    positive part: its sum, then its sign (= the gate), which beats summing the boolean 1[z > 0]
+    4-5x on a CPU (docs/benchmarks.md)."""
+    dims = tuple(range(2, t.dim()))  # positions; () for linear features (P = 1)
+    p = math.prod(t.shape[2:])
+    pos = t.detach() if positive else t.detach().clamp_min(0)  # (N, C, ...) max(z, 0)
+    mean = pos.sum(dim=dims, dtype=torch.float32) / p if dims else pos.to(torch.float32, copy=True)
+    gate = torch.sign(pos) if positive else pos.sign_()  # 1[z > 0]
+    return (gate.sum(dim=dims, dtype=torch.float32) / p if dims else gate.float()), mean
 
 
 def _per_channel(g: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ map, all on per-sample shapes (the batch dimension is never part of an attribute
 
     params()                 the tensors it owns, by name and shape (conv: weight, bias)
     forward(xs, p)           the bottom-up map; ``encode`` also returns its latent variable
-                             (ReLU gate s*(l), max-pool switch t*(l)) or None
+                             (ReLU gate s*(l), max-pool switch t*(l)) or None; ``forward_``
+                             (ops with ``inplace``) the same map written into xs[0]
     adjoint(h, xs, p, lat)   the top-down map of eq. (1): the transpose of the op at the latents
                              fixed by the forward pass, one tensor per input
     bias                     the name of the param that is a latent prior term b(l), or None
@@ -47,6 +48,8 @@ class Op:
     type: ClassVar[str]
     arity: ClassVar[int | None] = 1  # None: any number >= 2
     bias: ClassVar[str | None] = None
+    inplace: ClassVar[bool] = False  # has forward_, which overwrites xs[0] (the caller checks it may)
+    positive_part: ClassVar[bool] = False  # its output is max(input, 0)
 
     def params(self) -> dict[str, Shape]:
         return {}
@@ -59,6 +62,10 @@ class Op:
 
     def encode(self, xs: list[Tensor], p: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         return self.forward(xs, p), None
+
+    def forward_(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
+        """forward, written into xs[0] and returned (ops with ``inplace`` only)."""
+        raise NotImplementedError
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         raise NotImplementedError
@@ -180,9 +187,14 @@ class ReLU(Op):
     """a = s . z with the gate s*(l) = 1[z > 0]."""
 
     type: ClassVar[str] = "relu"
+    inplace: ClassVar[bool] = True
+    positive_part: ClassVar[bool] = True
 
     def forward(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
         return F.relu(xs[0])
+
+    def forward_(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
+        return xs[0].relu_()
 
     def encode(self, xs: list[Tensor], p: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         return F.relu(xs[0]), (xs[0] > 0).to(xs[0].dtype)
@@ -197,9 +209,13 @@ class LeakyReLU(Op):
 
     slope: float = 0.01
     type: ClassVar[str] = "leaky_relu"
+    inplace: ClassVar[bool] = True
 
     def forward(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
         return F.leaky_relu(xs[0], self.slope)
+
+    def forward_(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
+        return F.leaky_relu_(xs[0], self.slope)
 
     def _gate(self, z: Tensor) -> Tensor:
         return torch.where(z > 0, z.new_tensor(1.0), z.new_tensor(self.slope))
@@ -327,6 +343,7 @@ class Add(Op):
 
     type: ClassVar[str] = "add"
     arity: ClassVar[int | None] = None
+    inplace: ClassVar[bool] = True
 
     def check(self, shapes: list[Shape]) -> None:
         if len(set(shapes)) != 1:
@@ -337,6 +354,11 @@ class Add(Op):
         for x in xs[1:]:
             out = out + x
         return out
+
+    def forward_(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
+        for x in xs[1:]:
+            xs[0].add_(x)
+        return xs[0]
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         return [h] * len(xs)

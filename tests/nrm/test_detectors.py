@@ -340,6 +340,17 @@ def test_mahalanobis_on_many_features_stays_close_to_the_float64_formula() -> No
     torch.testing.assert_close(det.score(cols).double(), exact, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("block", [1, 4, 7, 11])
+def test_the_blocked_quadratic_form_is_d_p_d(block: int) -> None:
+    # 11 features in blocks of 1, 4 (a short last block), 7 and 11 (one block: the whole product)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(11, 11, generator=g, dtype=torch.float64)
+    p, d = a @ a.T, torch.randn(5, 11, generator=g, dtype=torch.float64)
+    exact = ((d @ p) * d).sum(dim=1)
+    got = D.quadratic_form(d.float(), D.symmetric_slabs(p, block))
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
 def test_a_refit_detector_scores_with_its_new_state_not_a_stale_copy() -> None:
     # the fitted tensors are copied to the scoring device (and to float32) once per fit: a refit
     # must replace those copies

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import nrm
 from nrm.config import InputSpec, ModelConfig
-from nrm.graph import INPUT, GraphError, Node, infer_shapes
+from nrm.graph import INPUT, GraphError, Node, chain, infer_shapes
 from nrm.ops import (
     Add,
     Affine,
@@ -212,6 +212,56 @@ def test_completeness_on_random_graphs(seed: int) -> None:
         c = model.node_params("classifier")["bias"].detach()[y]
         rebuilt = (r.h0 * x).flatten(1).sum(1) + r.eta_layers.sum(1) + c
         torch.testing.assert_close(rebuilt.detach(), logit, **TOL)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_forward_only_pass_equals_the_pass_that_keeps_every_value(seed: int) -> None:
+    # with no backward pass, ReLUs and adds write into inputs that nothing later reads; slices of
+    # live values, values read twice and the caller's input must come out as the kept pass has them
+    cfg = random_graph(seed)
+    model, x = double_model(cfg, seed), _inputs(cfg, seed)
+    fast = model.score(x, columns=["max_logit"], unit_stats=True)
+    lat = model.encode(x)
+    rates, acts = model.unit_stats([lat.values[n] for n in model.bias_nodes])
+    torch.testing.assert_close(fast["max_logit"], lat.logits.max(1).values.float(), atol=0, rtol=0)
+    torch.testing.assert_close(fast["latent_gates"], rates.float(), atol=0, rtol=0)
+    torch.testing.assert_close(fast["unit_acts"], acts.float(), atol=0, rtol=0)
+
+
+def test_the_forward_only_pass_leaves_the_callers_input_unchanged() -> None:
+    # the ReLU reads a view of the input (flatten): writing in place there would change the caller's tensor
+    nodes = chain(Flatten(), ReLU(), ("classifier", Linear(12, 2)))
+    model = nrm.NRM(ModelConfig(InputSpec(3, 2, 2, (0.0,) * 3, (1.0,) * 3), ["a", "b"], nodes))
+    x = torch.randn(4, 3, 2, 2)
+    before = x.clone()
+    with torch.no_grad():
+        model(x)
+    torch.testing.assert_close(x, before, atol=0, rtol=0)
+
+
+def test_the_forward_only_pass_leaves_a_value_read_later_unchanged_through_a_slice_of_it() -> None:
+    # the ReLU reads a slice (a view) of the conv's output, which the concat reads afterwards
+    nodes = [Node("a", Conv(2, 4, 3, 1, 1), (INPUT,)), Node("s", Slice((0, 0, 0), (2, 4, 4), (1, 1, 1)), ("a",)),
+             Node("r", ReLU(), ("s",)), Node("c", Concat(0), ("r", "a")), Node("f", Flatten(), ("c",)),
+             Node("classifier", Linear(96, 2), ("f",))]
+    model = nrm.NRM(ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b"], nodes))
+    x = torch.randn(3, 2, 4, 4)
+    with torch.no_grad():
+        fast = model(x)
+    torch.testing.assert_close(fast, model.encode(x).logits, atol=0, rtol=0)
+
+
+def test_the_forward_only_pass_in_bf16_adds_a_float32_shortcut_in_float32() -> None:
+    # under autocast the conv gives bfloat16 and the padded input stays float32: their sum is float32
+    nodes = [Node("a", Conv(2, 4, 3, 1, 1), (INPUT,)), Node("p", Pad((0, 0, 0, 0, 1, 1)), (INPUT,)),
+             Node("s", Add(), ("a", "p")), Node("f", Flatten(), ("s",)), Node("classifier", Linear(64, 2), ("f",))]
+    model = nrm.NRM(ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b"], nodes)).set_precision("bf16")
+    x = torch.randn(3, 2, 4, 4)
+    feats, _ = model.penultimate(x)  # the classifier's input: the sum, flattened
+    with model.autocast():
+        kept = model.encode(x).values["f"]
+    assert kept.dtype == torch.float32
+    torch.testing.assert_close(feats, kept, atol=0, rtol=0)
 
 
 def test_affine_shift_is_a_latent_prior_term() -> None:
