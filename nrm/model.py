@@ -198,7 +198,8 @@ class NRM(nn.Module):
         detectors) and, with ``stats``, :meth:`unit_stats`, read as each value is made. Forward-only
         and eager, ReLUs and adds write into an input that nothing later reads, as torch's in-place
         ops do (2-3x cheaper than a fresh output on a CPU, docs/benchmarks.md)."""
-        caller = x.untyped_storage().data_ptr()  # the caller's tensor, never overwritten
+        overwrite = not (keep or torch.is_grad_enabled() or torch.compiler.is_compiling())
+        caller = x.untyped_storage().data_ptr() if overwrite else 0  # never overwritten (dynamo: not traced)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: dict[str, Tensor] = {INPUT: x}
@@ -207,7 +208,6 @@ class NRM(nn.Module):
         unit: dict[str, tuple[Tensor, Tensor]] = {}
         bias = set(self.bias_nodes)
         norm = self.train_norm
-        overwrite = not (keep or torch.is_grad_enabled() or torch.compiler.is_compiling())
         for k, node in enumerate(self.config.nodes):
             xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
             if k == len(self.config.nodes) - 1:
