@@ -197,7 +197,7 @@ class NRM(nn.Module):
         respect to them), the penultimate features (the classifier's input, for the post-hoc
         detectors) and, with ``stats``, :meth:`unit_stats`, read as each value is made. Forward-only
         and eager, ReLUs and adds write into an input that nothing later reads, as torch's in-place
-        ops do (2-3x cheaper than a fresh output on a CPU, docs/benchmarks.md)."""
+        ops do (1.8-3x cheaper than a fresh output on a CPU, docs/benchmarks.md)."""
         overwrite = not (keep or torch.is_grad_enabled() or torch.compiler.is_compiling())
         caller = x.untyped_storage().data_ptr() if overwrite else 0  # never overwritten (dynamo: not traced)
         if self.channels_last and x.dim() == 4:
@@ -231,7 +231,10 @@ class NRM(nn.Module):
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
         logits = values[self.classifier.name]
-        st = (torch.cat([unit[n][0] for n in self.bias_nodes], 1), torch.cat([unit[n][1] for n in self.bias_nodes], 1)) if stats else None
+        st = None
+        if stats:  # in bias_nodes order, wherever each was read
+            rates, means = zip(*(unit[n] for n in self.bias_nodes), strict=True)
+            st = (torch.cat(rates, dim=1), torch.cat(means, dim=1))
         return logits, (Latents(logits, values, latents) if keep else None), zs, feats, st
 
     def _may_overwrite(self, k: int, node: Node, values: dict[str, Tensor], caller: int) -> bool:
@@ -309,7 +312,7 @@ class NRM(nn.Module):
         return logits, feats, st
 
     def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool, stats: bool = False,
-             ) -> tuple[Tensor, Rendering, Tensor, tuple[Tensor, Tensor] | None]:
+             ) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
         """One vector-Jacobian product of logit_y with respect to x and every bias node's output:
         h(0) = d logit_y / dx and eta_{l,c} = b_c(l) sum_p d logit_y / dz(l)_{c,p}. Returns the
         logits, the rendering, the penultimate features and (with ``stats``) the unit statistics of
