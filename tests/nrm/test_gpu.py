@@ -63,3 +63,12 @@ def test_the_fast_layout_on_cuda_is_nchw_for_fp32_only(pair: tuple[nrm.NRM, nrm.
                                                         precision: str, channels_last: bool) -> None:
     _, gpu, _ = pair
     assert gpu.set_precision(precision).use_fast_layout().channels_last is channels_last
+
+
+def test_the_forward_only_pass_on_cuda_equals_the_full_passs_columns(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
+    # forward-only, ReLUs and adds write in place (NRM._may_overwrite); the full score records for autograd
+    _, gpu, x = pair
+    cols = ["max_logit", "det_mahalanobis"]
+    fast, full = gpu.score(x.cuda(), columns=cols), gpu.score(x.cuda())
+    for k in cols:
+        torch.testing.assert_close(fast[k], full[k], rtol=1e-5, atol=1e-5 * float(full[k].abs().max()))
