@@ -20,6 +20,7 @@ def test_overhead_pairs_each_timing_with_its_measurement(monkeypatch: pytest.Mon
     timings = iter([4.0, 2.0, 3.0, 5.0,  # plain: as given, channels_last, BN fused, fused channels_last
                     7.0, 6.0,            # full score: contiguous, channels_last
                     2.4, 2.2,            # forward-only columns
+                    2.1, 2.3,            # the classifier's columns
                     3.0, 4.0])           # post-hoc baselines
     calls: list[int] = []
 
@@ -31,9 +32,10 @@ def test_overhead_pairs_each_timing_with_its_measurement(monkeypatch: pytest.Mon
     monkeypatch.setattr(jobs.bench, "_time", fake_time)
     model = nrm.NRM(tiny_config()).eval().requires_grad_(False)
     r = overhead(model, model, batch=8, reps=3)
-    assert calls == [3] * 10
+    assert calls == [3] * 12
     assert (r["plain_s"], r["plain"]) == (2.0, "as given, channels_last")
     assert (r["score_s"], r["score_ratio"], r["forward_s"], r["forward_ratio"]) == (6.0, 3.0, 2.2, 1.1)
+    assert (r["classifier_s"], r["classifier_ratio"]) == (2.1, 1.05)
     assert (r["baselines_s"], r["images_per_s"]) == (3.0, 8 / 6.0)
 
 
