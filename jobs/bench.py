@@ -29,6 +29,7 @@ import nrm
 from nrm.config import ModelConfig
 from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES
 from nrm.fit import refit
+from nrm.scores import COLUMNS, RENDERED
 
 Echo = Callable[[str], None]
 
@@ -108,7 +109,7 @@ def plain_variants(module: torch.nn.Module, x: torch.Tensor, sync: Callable[[], 
 
 
 # The forward-only columns of the default table: the classifier's and the default detector on gate statistics.
-CLASSIFIER = ["pred", "max_softmax", "max_logit", "energy"]
+CLASSIFIER = [c for c in COLUMNS if c not in RENDERED]  # pred, max_softmax, max_logit, energy
 FORWARD_ONLY = [*CLASSIFIER, "det_mahalanobis"]
 BASELINES = ["mahalanobis_feat", "knn", "vim"]  # the post-hoc baselines, fitted with `fit-detector --baselines`
 

@@ -3,7 +3,7 @@
     python scripts/strided_vjp.py
 
 At ResNet-20's two strided layers (16 -> 32 channels at 32x32, 32 -> 64 at 16x16; 3x3, padding 1,
-batch 512, channels_last float32, 2 threads, best of 10): the forward convolution, oneDNN's input
+batch 512, channels_last float32, 2 threads, best of 10 after a warm-up): the forward convolution, oneDNN's input
 gradient (what autograd runs), the transposed convolution, and a sub-pixel decomposition (each of
 the four output phases as one stride-1 convolution with the kernel taps that reach it, written into
 its phase). Prints the times and the sub-pixel result's largest difference from autograd's."""
@@ -11,8 +11,6 @@ its phase). Prints the times and the sub-pixel result's largest difference from 
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,17 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-
-
-def best_ms(fn: Callable[[], object], reps: int = 10) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+from jobs.bench import _time  # noqa: E402
 
 
 def input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -66,10 +54,10 @@ def main() -> None:
         w = torch.randn(cout, cin, 3, 3).contiguous(memory_format=torch.channels_last)
         g = torch.randn(512, cout, size // 2, size // 2).contiguous(memory_format=torch.channels_last)
         diff = (sub_pixel(g, w, size) - input_grad(g, x, w)).abs().max().item()
-        print(f"{cin} -> {cout} at {size}x{size} | {best_ms(lambda: F.conv2d(x, w, None, 2, 1)):.2f} | "  # noqa: B023
-              f"{best_ms(lambda: input_grad(g, x, w)):.2f} | "  # noqa: B023
-              f"{best_ms(lambda: F.conv_transpose2d(g, w, None, 2, 1, 1)):.2f} | "  # noqa: B023
-              f"{best_ms(lambda: sub_pixel(g, w, size)):.2f} | {diff:.1e}")  # noqa: B023
+        runs = (lambda: F.conv2d(x, w, None, 2, 1), lambda: input_grad(g, x, w),  # noqa: B023
+                lambda: F.conv_transpose2d(g, w, None, 2, 1, 1), lambda: sub_pixel(g, w, size))  # noqa: B023
+        times = " | ".join(f"{_time(fn, 10) * 1e3:.2f}" for fn in runs)
+        print(f"{cin} -> {cout} at {size}x{size} | {times} | {diff:.1e}")
 
 
 if __name__ == "__main__":
