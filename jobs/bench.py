@@ -206,7 +206,7 @@ def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None
              "Plain = the network's own torch module at its fastest: for the ResNets the user's `resnet.py` module "
              "with BatchNorm fused by torch.fx and the faster memory format; for the presets the NRM's own forward "
              "(which is the module), in the faster format. Full score = `model.score(x)`: forward + one "
-             "vector-Jacobian product + every column of the default table, with `nrm-ood train`'s default detector "
+             "vector-Jacobian product (the in-place reverse pass, no autograd) + every column of the default table, with `nrm-ood train`'s default detector "
              f"({DEFAULT_DETECTOR}[{DEFAULT_FEATURES}]) fitted. Forward-only = `model.score(x, columns=["
              f"{', '.join(FORWARD_ONLY)}])`, no backward pass. Classifier = its first four columns alone (no unit "
              "statistics: what `score --columns` of confidence columns costs). Baselines = the post-hoc columns alone "

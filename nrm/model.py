@@ -11,8 +11,10 @@ add, concat, slice, pad, ...), so residual and concatenating networks are NRMs t
 both passes into the per-sample columns of nrm.scores. Two renderers exist: ``render_explicit``
 walks the graph backwards with each op's adjoint (eq. 1 generalised); ``render`` takes one
 vector-Jacobian product, since for a piecewise-linear network h(0) = d logit_y* / dx and
-eta_l = b(l) . d logit_y* / dz(l). Tests hold them equal in float64, and the completeness identity
-logit_y* = <h(0), x> + sum_l eta_l + c_y* with them.
+eta_l = b(l) . d logit_y* / dz(l). ``score`` takes the explicit walk again, with no autograd records,
+on what an in-place forward pass kept (``_reverse``: each ReLU's output, each max-pool's switches),
+writing each gradient into memory that nothing else holds. Tests hold the three equal in float64, and
+the completeness identity logit_y* = <h(0), x> + sum_l eta_l + c_y* with them.
 """
 
 from __future__ import annotations
@@ -191,19 +193,23 @@ class NRM(nn.Module):
             raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
 
     # ------------------------------------------------------------------ bottom-up
-    def _run(self, x: Tensor, keep: bool, stats: bool = False) -> tuple[Tensor, Latents | None, list[Tensor], Tensor, Stats | None]:
-        """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``), the
-        bias nodes' outputs z(l) (when autograd records: the autograd renderer differentiates with
-        respect to them), the penultimate features (the classifier's input, for the post-hoc
-        detectors) and, with ``stats``, :meth:`unit_stats`, read as each value is made. Forward-only
-        and eager, ReLUs and adds write into an input that nothing later reads, as torch's in-place
-        ops do (1.8-3x cheaper than a fresh output on a CPU, docs/benchmarks.md)."""
+    def _run(self, x: Tensor, keep: bool, stats: bool = False, save: bool = False,
+             ) -> tuple[Tensor, Latents | None, list[Tensor], Tensor, Stats | None]:
+        """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``, or
+        ``save``: see below), the bias nodes' outputs z(l) (when autograd records: the autograd
+        renderer differentiates with respect to them), the penultimate features (the classifier's
+        input, for the post-hoc detectors) and, with ``stats``, :meth:`unit_stats`, read as each value
+        is made. Forward-only and eager, ReLUs and adds write into an input that nothing later reads,
+        as torch's in-place ops do (1.8-3x cheaper than a fresh output on a CPU, docs/benchmarks.md).
+        With ``save`` the latents hold what the in-place reverse pass reads (:meth:`_reverse`): each
+        op's ``reads()`` (a ReLU's output, a max-pool's switches), and as values shape-only stand-ins."""
         overwrite = not (keep or torch.is_grad_enabled() or torch.compiler.is_compiling())
         caller = x.untyped_storage().data_ptr() if overwrite else 0  # never overwritten (dynamo: not traced)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         values: dict[str, Tensor] = {INPUT: x}
         latents: dict[str, Tensor] = {}
+        shapes: dict[str, Tensor] = {INPUT: x}  # save: a stand-in of each value (its shape, no memory)
         zs: list[Tensor] = []
         unit: dict[str, tuple[Tensor, Tensor]] = {}
         bias = set(self.bias_nodes)
@@ -214,15 +220,19 @@ class NRM(nn.Module):
                 feats = xs[0].flatten(1)  # (N, F) penultimate features
             if norm is not None and node.name in norm:  # training with BatchNorm: its beta is the bias
                 out = norm(node.name, node.op.forward(xs, {"weight": p["weight"]}))
-            elif keep:
+            elif keep or (save and node.op.reads() == "latent"):
                 out, lat = node.op.encode(xs, p)
                 if lat is not None:
                     latents[node.name] = lat
-            elif overwrite and node.op.inplace and self._may_overwrite(k, node, values, caller):
+            elif overwrite and node.op.inplace and self._may_overwrite(k, node, values, caller, latents):
                 out = node.op.forward_(xs, p)
             else:
                 out = node.op.forward(xs, p)
             values[node.name] = out
+            if save:
+                shapes[node.name] = out.new_empty(()).expand(out.shape)
+                if node.op.reads() == "output":
+                    latents[node.name] = out  # never overwritten later (_may_overwrite)
             if node.name in bias and not overwrite:
                 zs.append(out)
             if stats and node.name in self._stats_at:
@@ -235,19 +245,23 @@ class NRM(nn.Module):
         if stats:  # in bias_nodes order, wherever each was read
             rates, means = zip(*(unit[n] for n in self.bias_nodes), strict=True)
             st = (torch.cat(rates, dim=1), torch.cat(means, dim=1))
-        return logits, (Latents(logits, values, latents) if keep else None), zs, feats, st
+        kept = Latents(logits, values, latents) if keep else Latents(logits, shapes, latents) if save else None
+        return logits, kept, zs, feats, st
 
-    def _may_overwrite(self, k: int, node: Node, values: dict[str, Tensor], caller: int) -> bool:
+    def _may_overwrite(self, k: int, node: Node, values: dict[str, Tensor], caller: int,
+                       saved: dict[str, Tensor]) -> bool:
         """Whether node ``k`` may write into its first input: nothing later reads it, it is not the
-        model's input, no live value shares its memory (a slice or a flatten of it), and every
-        input has its dtype (under autocast an add may mix bf16 and float32)."""
+        model's input, no live value shares its memory (a slice or a flatten of it), nothing the
+        reverse pass reads shares it either (``saved``), and every input has its dtype (under
+        autocast an add may mix bf16 and float32)."""
         name = node.inputs[0]
         if name == INPUT or node.inputs.count(name) > 1 or name not in self._last_use.get(k, ()):
             return False
         t = values[name]
         ptr = t.untyped_storage().data_ptr()
+        others = [v for n, v in values.items() if n != name] + list(saved.values())
         return (ptr != caller and all(v.dtype == t.dtype for v in (values[i] for i in node.inputs))
-                and all(v.untyped_storage().data_ptr() != ptr for n, v in values.items() if n != name))
+                and all(v.untyped_storage().data_ptr() != ptr for v in others))
 
     def forward(self, x: Tensor) -> Tensor:
         """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
@@ -274,8 +288,12 @@ class NRM(nn.Module):
         pad: crop; slice: scatter back; average pool: spread evenly). A node read by several others
         sums what they send it. eta_l = sum over channels and positions of b(l) . h at node l's output.
         """
-        if y is None:
-            y = lat.logits.argmax(1)
+        return self._walk(lat, lat.logits.argmax(1) if y is None else y, in_place=False)
+
+    def _walk(self, lat: Latents, y: Tensor, in_place: bool) -> Rendering:
+        """The top-down walk of :meth:`render_explicit`. ``in_place`` (:meth:`_reverse`, on what
+        ``_run(save=True)`` kept): each op's ``adjoint_``, and a gradient that nothing else holds is
+        written into (a ReLU's gate applied, a second consumer's part added) instead of copied."""
         h: dict[str, Tensor] = {self.classifier.name: F.one_hot(y, len(self.config.classes)).to(lat.logits.dtype)}
         eta: dict[str, Tensor] = {}  # per-channel terms (N, C_l); eta_l is their sum
         bias = set(self.bias_nodes)
@@ -286,9 +304,20 @@ class NRM(nn.Module):
             p = self.node_params(node.name)
             if node.name in bias:
                 eta[node.name] = _per_channel(g) * p[node.op.bias]  # type: ignore[index]
-            xs = [lat.values[i] for i in node.inputs]
-            for name, part in zip(node.inputs, node.op.adjoint(g, xs, p, lat.latents.get(node.name)), strict=True):
-                h[name] = h[name] + part if name in h else part
+            xs, saved = [lat.values[i] for i in node.inputs], lat.latents.get(node.name)
+            if in_place:
+                parts = node.op.adjoint_(g, xs, p, saved, own=_holders(g, h) == 0)
+            else:
+                parts = node.op.adjoint(g, xs, p, saved)
+            for name, part in zip(node.inputs, parts, strict=True):
+                if in_place and self.channels_last and part.dim() == 4:  # as the forward's values (pools'
+                    part = part.contiguous(memory_format=torch.channels_last)  # and slices' adjoints: NCHW)
+                if name not in h:
+                    h[name] = part
+                elif in_place and _holders(h[name], h) == 1 and h[name].dtype == torch.result_type(h[name], part):
+                    h[name].add_(part)
+                else:
+                    h[name] = h[name] + part
         per_channel = [eta.get(n, lat.logits.new_zeros(len(y), self.shapes[n][0])) for n in self.bias_nodes]
         return self._rendering(y, h[INPUT], per_channel)
 
@@ -310,6 +339,17 @@ class NRM(nn.Module):
     def _forward_stats(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, Stats | None]:
         logits, _, _, feats, st = self._run(x, keep=False, stats=stats)
         return logits, feats, st
+
+    @torch.no_grad()
+    def _reverse(self, x: Tensor, stats: bool = False) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
+        """score()'s full pass with no autograd: the forward-only pass (in place where it may), keeping
+        only what the adjoints read (each ReLU's output, each max-pool's switches), then the top-down
+        walk of eq. (1) from y* = argmax with ReLU gradients and the sums at forks written in place.
+        The same numbers as :meth:`_vjp` (tests: random graphs, float64), at less memory traffic.
+        Returns what :meth:`_vjp` returns."""
+        logits, lat, _, feats, st = self._run(x, keep=False, stats=stats, save=True)
+        assert lat is not None
+        return logits, self._walk(lat, logits.argmax(1), in_place=True), feats, st
 
     def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool, stats: bool = False,
              ) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
@@ -439,7 +479,7 @@ class NRM(nn.Module):
         stats = bool(unit_stats or (unit_stats is None and det is not None and det.needs_unit_stats(want)))
         with self.autocast():
             if self.needs_rendering(columns):
-                logits, r, feats, st = self._vjp(x, None, create_graph=False, stats=stats)
+                logits, r, feats, st = self._reverse(x, stats)
             else:
                 (logits, feats, st), r = self._step(x, stats), None
         logits = logits.detach().float()
@@ -484,6 +524,12 @@ def _unit_stats(t: Tensor, positive: bool) -> Stats:
     mean = pos.sum(dim=dims, dtype=torch.float32) / p if dims else pos.to(torch.float32, copy=True)
     gate = torch.sign(pos) if positive else pos.sign_()  # 1[z > 0]
     return (gate.sum(dim=dims, dtype=torch.float32) / p if dims else gate.float()), mean
+
+
+def _holders(t: Tensor, h: dict[str, Tensor]) -> int:
+    """How many of the pending gradients ``h`` share ``t``'s memory (an add sends one to each input)."""
+    ptr = t.untyped_storage().data_ptr()
+    return sum(v.untyped_storage().data_ptr() == ptr for v in h.values())
 
 
 def _per_channel(g: Tensor) -> Tensor:

@@ -9,6 +9,11 @@ map, all on per-sample shapes (the batch dimension is never part of an attribute
                              (ops with ``inplace``) the same map written into xs[0]
     adjoint(h, xs, p, lat)   the top-down map of eq. (1): the transpose of the op at the latents
                              fixed by the forward pass, one tensor per input
+    adjoint_(h, xs, p, saved, own)
+                             the same map for the in-place reverse pass (NRM.score): ``xs`` may be
+                             shape-only stand-ins, ``saved`` is what ``reads()`` names ("output": the
+                             op's own output, "latent": what ``encode`` returns), and with ``own``
+                             it may write into h
     bias                     the name of the param that is a latent prior term b(l), or None
 
 Piecewise-linear only: with the latents fixed, every op is affine, so the adjoint of the whole
@@ -70,6 +75,17 @@ class Op:
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         raise NotImplementedError
 
+    def reads(self) -> str:
+        """What :meth:`adjoint_` reads of the forward pass besides the shapes of the inputs: ""
+        (nothing), "output" (this op's own output) or "latent" (the latent :meth:`encode` returns)."""
+        return ""
+
+    def adjoint_(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], saved: Tensor | None, own: bool) -> list[Tensor]:
+        """:meth:`adjoint` for the in-place reverse pass: ``xs`` may be stand-ins that carry only their
+        shapes, ``saved`` is what :meth:`reads` names, and with ``own`` (nothing else holds ``h``) the
+        result may be written into ``h``. Ops whose adjoint reads only shapes need not override it."""
+        return self.adjoint(h, xs, p, saved)
+
     def has_bias(self) -> bool:
         return self.bias is not None and self.bias in self.params()
 
@@ -82,11 +98,18 @@ def _transpose2d(h: Tensor, weight: Tensor, size: tuple[int, int], stride: tuple
     """W^T h placed back at every window position (the B(l, p) of eq. 1), cropped to the input size.
 
     The transposed convolution of h without padding, then the padding rows and columns cut off
-    (and zero rows added where a floor-mode window never reached the input's last rows)."""
+    (and zero rows added where a floor-mode window never reached the input's last rows). Average
+    pooling's adjoint; a convolution's is torch's own input gradient (:meth:`Conv.adjoint`), which
+    does the same in one kernel but needs h of the shape a convolution gives (no ceil mode)."""
     full = F.conv_transpose2d(h, weight, None, stride, 0, 0, groups, dilation)  # (N, C_in, H', W')
     (ph, pw), (hh, ww) = padding, size
     full = F.pad(full, (0, max(0, pw + ww - full.shape[-1]), 0, max(0, ph + hh - full.shape[-2])))
     return full[..., ph : ph + hh, pw : pw + ww]
+
+
+def _layout(h: Tensor) -> torch.memory_format:
+    """The memory format of a map ``h``: channels-last when it is laid out so (NCHW otherwise)."""
+    return torch.channels_last if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 # ---------------------------------------------------------------------------- affine ops with params
@@ -125,8 +148,13 @@ class Conv(Op):
         return F.conv2d(xs[0], p["weight"], p.get("bias"), self.stride, self.padding, self.dilation, self.groups)
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
-        size = (xs[0].shape[-2], xs[0].shape[-1])
-        return [_transpose2d(h, p["weight"], size, self.stride, self.padding, self.dilation, self.groups)]
+        # W^T h placed back at every window position (the B(l, p) of eq. 1): one transposed convolution
+        # that crops the padding, its output padding the input rows no floor-mode window reached
+        # (autograd's own input gradient, in the memory format of h and the weight)
+        extra = [size - ((o - 1) * s - 2 * pad + d * (k - 1) + 1) for size, o, s, pad, d, k in
+                 zip(xs[0].shape[-2:], h.shape[-2:], self.stride, self.padding, self.dilation, self.kernel, strict=True)]
+        w = p["weight"].to(h.dtype)  # under autocast the forward ran in h's dtype
+        return [F.conv_transpose2d(h, w, None, self.stride, self.padding, tuple(extra), self.groups, self.dilation)]
 
 
 @dataclass(frozen=True)
@@ -202,6 +230,15 @@ class ReLU(Op):
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         return [h * (lat if lat is not None else (xs[0] > 0).to(h.dtype))]
 
+    def reads(self) -> str:
+        return "output"  # max(z, 0) > 0 exactly where the gate is open: no gate tensor is made
+
+    def adjoint_(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], saved: Tensor | None, own: bool) -> list[Tensor]:
+        assert saved is not None  # the ReLU's output
+        if own and h.dtype == saved.dtype:  # autograd's own ReLU gradient, written into h
+            return [torch.ops.aten.threshold_backward.grad_input(h, saved, 0, grad_input=h)]
+        return [torch.where(saved > 0, h, 0)]
+
 
 @dataclass(frozen=True)
 class LeakyReLU(Op):
@@ -225,6 +262,18 @@ class LeakyReLU(Op):
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         return [h * (lat if lat is not None else self._gate(xs[0]))]
+
+    def reads(self) -> str:
+        # with slope >= 0 the output is > 0 exactly where z > 0; a negative slope needs the gate itself
+        return "output" if self.slope >= 0 else "latent"
+
+    def adjoint_(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], saved: Tensor | None, own: bool) -> list[Tensor]:
+        assert saved is not None  # the output (slope >= 0) or the gate
+        if self.slope < 0:
+            return self.adjoint(h, xs, p, saved)
+        if own and h.dtype == saved.dtype:
+            return [torch.ops.aten.leaky_relu_backward.grad_input(h, saved, self.slope, True, grad_input=h)]
+        return [torch.where(saved > 0, h, h * self.slope)]
 
 
 @dataclass(frozen=True)
@@ -250,6 +299,15 @@ class MaxPool(Op):
 
     def encode(self, xs: list[Tensor], p: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         return F.max_pool2d(xs[0], *self._args(), return_indices=True)
+
+    def reads(self) -> str:
+        return "latent"  # the switches
+
+    def adjoint_(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], saved: Tensor | None, own: bool) -> list[Tensor]:
+        # autograd's own max-pool gradient: each value to its switch, in h's memory format; it reads
+        # its input for the shape and layout only (an unwritten buffer of that size)
+        like = torch.empty(xs[0].shape, dtype=h.dtype, device=h.device, memory_format=_layout(h))
+        return [torch.ops.aten.max_pool2d_with_indices_backward(h, like, *self._args(), saved)]
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         x = xs[0]
@@ -412,6 +470,11 @@ class Slice(Op):
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         out = h.new_zeros(xs[0].shape)
+        out[self._index()] = h
+        return [out]
+
+    def adjoint_(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], saved: Tensor | None, own: bool) -> list[Tensor]:
+        out = torch.empty(xs[0].shape, dtype=h.dtype, device=h.device, memory_format=_layout(h)).zero_()  # h's layout
         out[self._index()] = h
         return [out]
 

@@ -66,9 +66,24 @@ def test_the_fast_layout_on_cuda_is_nchw_for_fp32_only(pair: tuple[nrm.NRM, nrm.
 
 
 def test_the_forward_only_pass_on_cuda_equals_the_full_passs_columns(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
-    # forward-only, ReLUs and adds write in place (NRM._may_overwrite); the full score records for autograd
+    # forward-only, ReLUs and adds write in place (NRM._may_overwrite); the full score keeps each ReLU's
+    # output for its reverse pass (NRM._reverse), so it writes in place less
     _, gpu, x = pair
     cols = ["max_logit", "det_mahalanobis"]
     fast, full = gpu.score(x.cuda(), columns=cols), gpu.score(x.cuda())
     for k in cols:
         torch.testing.assert_close(fast[k], full[k], rtol=1e-5, atol=1e-5 * float(full[k].abs().max()))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
+def test_the_in_place_reverse_pass_on_cuda_equals_autograd(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor],
+                                                           channels_last: bool) -> None:
+    # score()'s full pass (NRM._reverse: cuDNN's transposed convolutions, gradients written in place)
+    # against the autograd renderer, both in strict fp32 (the model's autocast turns TF32 off)
+    _, gpu, x = pair
+    gpu.use_channels_last(channels_last)
+    with torch.no_grad(), gpu.autocast():
+        _, ref, _, _ = gpu._vjp(x.cuda(), None, create_graph=False)
+        _, got, _, _ = gpu._reverse(x.cuda())
+    for a, b in [(got.h0, ref.h0), (got.eta_channels, ref.eta_channels)]:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))  # type: ignore[union-attr]

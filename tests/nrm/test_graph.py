@@ -203,6 +203,69 @@ def test_explicit_renderer_equals_autograd_renderer(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_the_in_place_reverse_pass_equals_the_autograd_renderer(seed: int) -> None:
+    # score()'s full pass (NRM._reverse): forward in place, each op's adjoint_ walked back, gradients
+    # written into where nothing else holds them; the same logits, rendering and statistics
+    cfg = random_graph(seed)
+    model, x = double_model(cfg, seed), _inputs(cfg, seed)
+    logits, r, feats, (rates, acts) = model._vjp(x, None, create_graph=False, stats=True)  # type: ignore[misc]
+    got_logits, got, got_feats, (got_rates, got_acts) = model._reverse(x, stats=True)  # type: ignore[misc]
+    assert torch.equal(got.y, r.y)
+    for a, b in [(got_logits, logits), (got.h0, r.h0), (got.eta_layers, r.eta_layers),
+                 (got.eta_channels, r.eta_channels), (got_feats, feats), (got_rates, rates), (got_acts, acts)]:
+        torch.testing.assert_close(a, b.detach(), **TOL)
+
+
+def _two_relus_into_an_add(extra: bool) -> ModelConfig:
+    """u = relu(conv(x)), v = relu(conv(x)), s = u + v: the add sends one gradient to both ReLUs.
+    With ``extra``, k = conv(u) (made before s) and out = s + k: u also gets k's part, while v still
+    holds the add's gradient."""
+    nodes = [Node("c1", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("u", ReLU(), ("c1",)),
+             Node("c2", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("v", ReLU(), ("c2",))]
+    if extra:
+        nodes += [Node("k", Conv(3, 3, 3, 1, 1), ("u",)), Node("s", Add(), ("u", "v")), Node("o", Add(), ("s", "k"))]
+    else:
+        nodes += [Node("o", Add(), ("u", "v"))]
+    nodes += [Node("f", Flatten(), ("o",)), Node("classifier", Linear(48, 3), ("f",))]
+    return ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b", "c"], nodes)
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["a ReLU's gate on a shared gradient",
+                                                      "a second part added into a shared gradient"])
+def test_the_in_place_reverse_pass_never_writes_into_a_gradient_another_node_holds(extra: bool) -> None:
+    cfg = _two_relus_into_an_add(extra)
+    model, x = double_model(cfg, 0), _inputs(cfg, 0, n=8)
+    _, r, _, _ = model._vjp(x, None, create_graph=False)
+    _, got, _, _ = model._reverse(x)
+    torch.testing.assert_close(got.h0, r.h0.detach(), **TOL)
+    torch.testing.assert_close(got.eta_channels, r.eta_channels.detach(), **TOL)  # type: ignore[arg-type]
+
+
+def test_the_in_place_forward_never_overwrites_a_relu_output_the_reverse_pass_reads() -> None:
+    # r's last forward use is the add, which would write into its first input: r, whose positive
+    # entries are the gates the reverse pass reads
+    nodes = [Node("a", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("r", ReLU(), ("a",)),
+             Node("b", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("s", Add(), ("r", "b")),
+             Node("f", Flatten(), ("s",)), Node("classifier", Linear(48, 2), ("f",))]
+    cfg = ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b"], nodes)
+    model, x = double_model(cfg, 0), _inputs(cfg, 0, n=8)
+    _, r, _, _ = model._vjp(x, None, create_graph=False)
+    _, got, _, _ = model._reverse(x)
+    torch.testing.assert_close(got.h0, r.h0.detach(), **TOL)
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5], ids=["slice", "avgpool", "maxpool"])
+def test_the_in_place_reverse_pass_in_channels_last_equals_nchw(seed: int) -> None:
+    # pools' and slices' adjoints make NCHW gradients; the walk turns them channels-last
+    cfg = random_graph(seed)
+    model, x = double_model(cfg, seed).float(), _inputs(cfg, seed).float()
+    ref = model._reverse(x)[1]
+    got = model.use_channels_last()._reverse(x)[1]
+    torch.testing.assert_close(got.h0, ref.h0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.eta_channels, ref.eta_channels, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_completeness_on_random_graphs(seed: int) -> None:
     cfg = random_graph(seed)
     model, x = double_model(cfg, seed), _inputs(cfg, seed + 100)
