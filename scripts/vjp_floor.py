@@ -7,8 +7,10 @@ module, through autograd, against the plain forward (docs/benchmarks.md, "Where 
 For each bench model: the plain module's forward (no grad, channels_last) and forward + d logit_y*/dx
 (autograd, channels_last), best of 5, their ratio, and the NRM's full score (default detector fitted
 for cost as the bench does) in the same precision (the NRM's fp32: TF32 off on CUDA). Whatever a full
-score costs above the floor is the NRM's own overhead (eta, statistics, detector). --profile prints
-torch.profiler's table of one full score per model, by device time."""
+score costs above the floor is the NRM's own overhead (eta, statistics, detector). Last, the NRM's
+bottom-up and top-down passes alone (with the unit statistics), two ways: through autograd
+(``NRM._vjp``, what score() ran before) and as the in-place reverse pass (``NRM._reverse``, what it
+runs now). --profile prints torch.profiler's table of one full score per model, by device time."""
 
 from __future__ import annotations
 
@@ -59,9 +61,21 @@ def measure(label: str, model: NRM, plain: torch.nn.Module, batch: int, prof: bo
         model.score(x, columns=score)
         sync()
 
+    def passes_autograd() -> None:
+        with torch.no_grad(), model.autocast():
+            model._vjp(x, None, create_graph=False, stats=True)
+        sync()
+
+    def passes_reverse() -> None:
+        with torch.no_grad(), model.autocast():
+            model._reverse(x, stats=True)
+        sync()
+
     tf, tv, ts = _time(forward, 5), _time(forward_vjp, 5), _time(full, 5)
+    ta, tr = _time(passes_autograd, 5), _time(passes_reverse, 5)
     print(f"{label} ({device}, batch {batch}): forward {tf * 1e3:.1f} ms, forward + input VJP {tv * 1e3:.1f} ms "
-          f"({tv / tf:.2f}x), NRM full score {ts * 1e3:.1f} ms ({ts / tf:.2f}x)")
+          f"({tv / tf:.2f}x), NRM full score {ts * 1e3:.1f} ms ({ts / tf:.2f}x); NRM passes through autograd "
+          f"{ta * 1e3:.1f} ms ({ta / tf:.2f}x), in-place reverse {tr * 1e3:.1f} ms ({tr / tf:.2f}x)", flush=True)
     if prof:
         with profile() as p:
             full()
