@@ -310,8 +310,8 @@ class NRM(nn.Module):
             else:
                 parts = node.op.adjoint(g, xs, p, saved)
             for name, part in zip(node.inputs, parts, strict=True):
-                if in_place and self.channels_last and part.dim() == 4:  # as the forward's values (pools'
-                    part = part.contiguous(memory_format=torch.channels_last)  # and slices' adjoints: NCHW)
+                if in_place and self.channels_last and part.dim() == 4:  # as the forward's values (an
+                    part = part.contiguous(memory_format=torch.channels_last)  # average pool's adjoint: NCHW)
                 if name not in h:
                     h[name] = part
                 elif in_place and _holders(h[name], h) == 1 and h[name].dtype == torch.result_type(h[name], part):

@@ -99,8 +99,8 @@ def _transpose2d(h: Tensor, weight: Tensor, size: tuple[int, int], stride: tuple
 
     The transposed convolution of h without padding, then the padding rows and columns cut off
     (and zero rows added where a floor-mode window never reached the input's last rows). Average
-    pooling's adjoint; a convolution's is torch's own input gradient (:meth:`Conv.adjoint`), which
-    does the same in one kernel but needs h of the shape a convolution gives (no ceil mode)."""
+    pooling's adjoint, whose ceil mode can give h more rows than a convolution would; a
+    convolution's (:meth:`Conv.adjoint`) crops and pads inside the one transposed convolution."""
     full = F.conv_transpose2d(h, weight, None, stride, 0, 0, groups, dilation)  # (N, C_in, H', W')
     (ph, pw), (hh, ww) = padding, size
     full = F.pad(full, (0, max(0, pw + ww - full.shape[-1]), 0, max(0, ph + hh - full.shape[-2])))
