@@ -245,18 +245,21 @@ def _first_call(fn: Callable[[], Any]) -> float:
 
 
 def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
-    """The forward-only columns with ``NRM.use_compile`` (channels_last), against plain inference
-    eager at its fastest (the targets' ratio) and compiled the same way (the like-for-like ratio);
-    each first call's seconds are its compile time."""
+    """The forward-only columns with ``NRM.use_compile`` in the model's fast layout (as the scoring
+    actors run them: channels_last, NCHW for fp32 on CUDA), against plain inference eager at its
+    fastest (the targets' ratio) and the plain module compiled in the same layout (the like-for-like
+    ratio); each first call's seconds are its compile time."""
     import copy
 
     x, sync, res = _plain_then_fit(model, plain_module, batch, reps)
-    tp, xcl = res["plain_s"], x.contiguous(memory_format=torch.channels_last)
-    module = torch.compile(copy.deepcopy(plain_module).to(memory_format=torch.channels_last))  # type: ignore[call-overload]
+    model.use_fast_layout().use_compile(True)
+    layout = torch.channels_last if model.channels_last else torch.contiguous_format
+    tp, xin = res["plain_s"], x.contiguous(memory_format=layout)
+    module = torch.compile(copy.deepcopy(plain_module).to(memory_format=layout))  # type: ignore[call-overload]
 
     def plain_run() -> None:
         with torch.no_grad(), model.autocast():
-            module(xcl)
+            module(xin)
         sync()
 
     def run() -> None:
@@ -265,7 +268,6 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
 
     res["plain_compile_s"] = _first_call(plain_run)
     res["plain_compiled_s"] = _time(plain_run, reps)
-    model.use_channels_last(True).use_compile(True)
     res["forward_compile_s"] = _first_call(run)
     res["forward_s"] = _time(run, reps)
     model.use_compile(False).use_channels_last(False)
@@ -280,8 +282,8 @@ def compile_section(device: str, batch: int, reps: int, shared: Path | None, ech
     ``batch`` on a CPU, 4096 on a GPU."""
     batch = batch if device == "cpu" else 4096
     lines = ["## 1b. Forward-only columns with torch.compile (`nrm-ood score --compile`)", "",
-             "The forward-only columns of section 1 with `NRM.use_compile` (inductor, channels_last: the ReLUs and "
-             "the gate statistics fuse with the convolutions), against plain inference as in section 1 (eager, at "
+             "The forward-only columns of section 1 with `NRM.use_compile` (inductor, in the model's fast layout "
+             "as the scoring actors run it: the ReLUs and the gate statistics fuse with the convolutions), against plain inference as in section 1 (eager, at "
              "its fastest: the target's ratio) and against the plain module compiled the same way (the "
              "like-for-like ratio). The full score's backward pass stays eager: inductor's CPU backward of these "
              "graphs measured slower than autograd's (gray28 w0.5: 98 ms against 68 ms). Compile = the first "
