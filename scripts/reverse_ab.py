@@ -1,0 +1,67 @@
+"""The whole default table, its top-down pass taken two ways, interleaved (docs/benchmarks.md, "Where
+the time goes"): through autograd (``NRM._vjp``, what score() ran before) and as the in-place reverse
+pass (``NRM._reverse``, what it runs now), against plain inference in channels_last.
+
+    python scripts/reverse_ab.py [--reps N] [--shared DIR] [LABEL ...]   # LABEL: part of a bench model's name
+
+Each model: the default detector and baselines fitted for cost as the bench does, then plain, autograd
+and reverse timed in turn ``reps`` times (so drift in this VM's speed hits all three alike), best of
+each. Prints ms and the ratios to plain."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.allocator import keep_freed_memory  # noqa: E402
+from jobs.bench import BASELINES, bench_models, fit_for_cost, plain_variants  # noqa: E402
+from nrm import NRM  # noqa: E402
+
+
+def measure(label: str, model: NRM, plain: torch.nn.Module, reps: int) -> None:
+    x = torch.randn(512, *model.input_shape)
+    fit_for_cost(model)
+    model.use_channels_last(True)
+    cols = [c for c in model.columns if c not in BASELINES]
+    variants = plain_variants(plain, x, lambda: None, model.autocast)
+    run_plain = variants.get("BN fused, channels_last", variants["as given, channels_last"])
+
+    def autograd() -> None:
+        model._reverse = lambda x, stats=False: model._vjp(x, None, create_graph=False, stats=stats)  # type: ignore[method-assign]
+        model.score(x, columns=cols)
+
+    def reverse() -> None:
+        vars(model).pop("_reverse", None)  # the class's own pass again
+        model.score(x, columns=cols)
+
+    runs = {"plain": run_plain, "autograd": autograd, "reverse": reverse}
+    best = dict.fromkeys(runs, float("inf"))
+    for fn in runs.values():
+        fn()  # warm-up
+    for _ in range(reps):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    vars(model).pop("_reverse", None)
+    p, a, r = (best[k] * 1e3 for k in runs)
+    print(f"{label}: plain {p:.1f} ms, through autograd {a:.1f} ms ({a / p:.2f}x), in-place reverse {r:.1f} ms "
+          f"({r / p:.2f}x): {100 * (1 - r / a):.0f}% less time", flush=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("labels", nargs="*", help="bench models whose name contains one of these (default: all)")
+    ap.add_argument("--reps", type=int, default=6, help="rounds of the three timings (default 6)")
+    ap.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared",
+                    help="the shared folder with models/cifar10-resnet (default: ../shared beside the repository)")
+    a = ap.parse_args()
+    keep_freed_memory()  # as the CLI and the scoring actors do (jobs/allocator.py)
+    for m in bench_models("cpu", a.shared if a.shared.is_dir() else None, tuple(a.labels)):
+        measure(*m, a.reps)
