@@ -216,6 +216,19 @@ def test_the_in_place_reverse_pass_equals_the_autograd_renderer(seed: int) -> No
         torch.testing.assert_close(a, b.detach(), **TOL)
 
 
+def _small(nodes: list[Node]) -> ModelConfig:
+    """A graph of ``nodes`` on 2 x 4 x 4 inputs, three classes."""
+    return ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b", "c"], nodes)
+
+
+def _assert_reverse_equals_autograd(cfg: ModelConfig) -> None:
+    model, x = double_model(cfg, 0), _inputs(cfg, 0, n=8)
+    _, r, _, _ = model._vjp(x, None, create_graph=False)
+    _, got, _, _ = model._reverse(x)
+    torch.testing.assert_close(got.h0, r.h0.detach(), **TOL)
+    torch.testing.assert_close(got.eta_channels, r.eta_channels.detach(), **TOL)  # type: ignore[arg-type]
+
+
 def _two_relus_into_an_add(extra: bool) -> ModelConfig:
     """u = relu(conv(x)), v = relu(conv(x)), s = u + v: the add sends one gradient to both ReLUs.
     With ``extra``, k = conv(u) (made before s) and out = s + k: u also gets k's part, while v still
@@ -226,37 +239,34 @@ def _two_relus_into_an_add(extra: bool) -> ModelConfig:
         nodes += [Node("k", Conv(3, 3, 3, 1, 1), ("u",)), Node("s", Add(), ("u", "v")), Node("o", Add(), ("s", "k"))]
     else:
         nodes += [Node("o", Add(), ("u", "v"))]
-    nodes += [Node("f", Flatten(), ("o",)), Node("classifier", Linear(48, 3), ("f",))]
-    return ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b", "c"], nodes)
+    return _small([*nodes, Node("f", Flatten(), ("o",)), Node("classifier", Linear(48, 3), ("f",))])
 
 
 @pytest.mark.parametrize("extra", [False, True], ids=["a ReLU's gate on a shared gradient",
                                                       "a second part added into a shared gradient"])
 def test_the_in_place_reverse_pass_never_writes_into_a_gradient_another_node_holds(extra: bool) -> None:
-    cfg = _two_relus_into_an_add(extra)
-    model, x = double_model(cfg, 0), _inputs(cfg, 0, n=8)
-    _, r, _, _ = model._vjp(x, None, create_graph=False)
-    _, got, _, _ = model._reverse(x)
-    torch.testing.assert_close(got.h0, r.h0.detach(), **TOL)
-    torch.testing.assert_close(got.eta_channels, r.eta_channels.detach(), **TOL)  # type: ignore[arg-type]
+    _assert_reverse_equals_autograd(_two_relus_into_an_add(extra))
 
 
 def test_the_in_place_forward_never_overwrites_a_relu_output_the_reverse_pass_reads() -> None:
     # r's last forward use is the add, which would write into its first input: r, whose positive
     # entries are the gates the reverse pass reads
-    nodes = [Node("a", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("r", ReLU(), ("a",)),
-             Node("b", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("s", Add(), ("r", "b")),
-             Node("f", Flatten(), ("s",)), Node("classifier", Linear(48, 2), ("f",))]
-    cfg = ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b"], nodes)
-    model, x = double_model(cfg, 0), _inputs(cfg, 0, n=8)
-    _, r, _, _ = model._vjp(x, None, create_graph=False)
-    _, got, _, _ = model._reverse(x)
-    torch.testing.assert_close(got.h0, r.h0.detach(), **TOL)
+    _assert_reverse_equals_autograd(_small([
+        Node("a", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("r", ReLU(), ("a",)), Node("b", Conv(2, 3, 3, 1, 1), (INPUT,)),
+        Node("s", Add(), ("r", "b")), Node("f", Flatten(), ("s",)), Node("classifier", Linear(48, 3), ("f",))]))
+
+
+def test_the_in_place_reverse_pass_keeps_the_gate_of_a_negative_leaky_slope() -> None:
+    # with a negative slope the output is > 0 on both sides of zero, so the pass keeps the gate itself
+    _assert_reverse_equals_autograd(_small([
+        Node("a", Conv(2, 3, 3, 1, 1), (INPUT,)), Node("r", LeakyReLU(-0.3), ("a",)),
+        Node("f", Flatten(), ("r",)), Node("classifier", Linear(48, 3), ("f",))]))
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5], ids=["slice", "avgpool", "maxpool"])
 def test_the_in_place_reverse_pass_in_channels_last_equals_nchw(seed: int) -> None:
-    # pools' and slices' adjoints make NCHW gradients; the walk turns them channels-last
+    # an average pool's adjoint makes an NCHW gradient, which the walk turns channels-last; a slice's
+    # and a max-pool's make theirs in the incoming gradient's layout
     cfg = random_graph(seed)
     model, x = double_model(cfg, seed).float(), _inputs(cfg, seed).float()
     ref = model._reverse(x)[1]
