@@ -117,7 +117,7 @@ EOF
 
 cat > "$B/run.sh" << 'RUNSH'
 #!/usr/bin/env bash
-# GPU check bundle (not tracked: .gpu/ is in .git/info/exclude). On the GPU machine, from the repo root,
+# GPU check bundle (not tracked: .gitignore names /.gpu/). On the GPU machine, from the repo root,
 # with $OUT set:   bash .gpu/run.sh
 #   1. unpacks the trimmed Ray 2.60.0 (cp312, manylinux x86-64) into /tmp/site and installs the
 #      wheels in .gpu/wheels (jsonschema and its needs: `import ray` fails without it) there too;
@@ -176,5 +176,5 @@ fi
 ignored=0
 git check-ignore -q "$OUT_DIR" 2> /dev/null || ignored=$?
 if [ "$ignored" = 1 ]; then
-    echo "gpu_bundle: note: $OUT_DIR is not git-ignored (add /${OUT_DIR%/}/ to .git/info/exclude to keep it out of git)" >&2
+    echo "gpu_bundle: note: $OUT_DIR is not git-ignored (add /${OUT_DIR%/}/ to .gitignore or .git/info/exclude to keep it out of git)" >&2
 fi
