@@ -438,10 +438,11 @@ def decode_throughput(data: Path, shape: tuple[int, int, int]) -> float:
 
 
 def in_memory_throughput(ckpt: Path, data: Path, threads: int, batch: int) -> float:
-    """Images/s of model.score on already decoded, preprocessed tensors (no I/O, no Ray)."""
+    """Images/s of model.score on already decoded, preprocessed tensors (no I/O, no Ray), in the
+    layout the scoring actors use (``use_fast_layout``: channels_last on a CPU)."""
     from jobs.datasets import load_labelled
 
-    model = nrm.load(ckpt)
+    model = nrm.load(ckpt).use_fast_layout()
     x, _ = load_labelled(str(data), model.input_shape, limit=8192)
     xs = model.preprocess(torch.from_numpy(x))
     old = torch.get_num_threads()
