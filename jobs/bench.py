@@ -208,8 +208,9 @@ def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None
              "(which is the module), in the faster format. Full score = `model.score(x)`: forward + one "
              "vector-Jacobian product (the in-place reverse pass, no autograd) + every column of the default "
              f"table, with `nrm-ood train`'s default detector ({DEFAULT_DETECTOR}[{DEFAULT_FEATURES}]) fitted. "
-             f"Forward-only = `model.score(x, columns=[{', '.join(FORWARD_ONLY)}])`, no backward pass. Classifier = its first four columns alone (no unit "
-             "statistics: what `score --columns` of confidence columns costs). Baselines = the post-hoc columns alone "
+             f"Forward-only = `model.score(x, columns=[{', '.join(FORWARD_ONLY)}])`, no backward pass. "
+             "Classifier = its first four columns alone (no unit statistics: what `score --columns` of "
+             "confidence columns costs). Baselines = the post-hoc columns alone "
              f"({', '.join(BASELINES)}; KNN with a bank of 45,000 training rows, as CIFAR-10 gives: its cost grows "
              f"with the bank, not with the network). Best of {reps} runs after a warm-up (this VM's timings vary by "
              f"tens of percent between runs; noise only adds time); torch threads "
@@ -284,9 +285,9 @@ def compile_section(device: str, batch: int, reps: int, shared: Path | None, ech
     lines = ["## 1b. Forward-only columns with torch.compile (`nrm-ood score --compile`)", "",
              "The forward-only columns of section 1 with `NRM.use_compile` (inductor, in the model's fast layout "
              "as the scoring actors run it: the ReLUs and the gate statistics fuse with the convolutions), against "
-             "plain inference as in section 1 (eager, at its fastest: the target's ratio) and against the plain module compiled the same way (the "
-             "like-for-like ratio). The full score's backward pass stays eager: inductor's CPU backward of these "
-             "graphs measured slower than autograd's (gray28 w0.5: 98 ms against 68 ms). Compile = the first "
+             "plain inference as in section 1 (eager, at its fastest: the target's ratio) and against the plain "
+             "module compiled the same way (the like-for-like ratio). The full score's backward pass stays "
+             "eager: inductor's CPU backward of these graphs measured slower than autograd's (gray28 w0.5: 98 ms against 68 ms). Compile = the first "
              f"call's seconds, paid once per batch shape and actor. Best of {reps} runs after that call.", "",
              "| model | device | batch | plain eager (ms) | plain compiled (ms) | forward-only compiled (ms) "
              "| ratio to eager plain | ratio to compiled plain | compile s (plain / NRM) | target met (eager plain) |",

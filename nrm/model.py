@@ -218,9 +218,10 @@ class NRM(nn.Module):
             xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
             if k == len(self.config.nodes) - 1:
                 feats = xs[0].flatten(1)  # (N, F) penultimate features
+            reads = node.op.reads() if save else ""  # what the in-place reverse pass keeps of this node
             if norm is not None and node.name in norm:  # training with BatchNorm: its beta is the bias
                 out = norm(node.name, node.op.forward(xs, {"weight": p["weight"]}))
-            elif keep or (save and node.op.reads() == "latent"):
+            elif keep or reads == "latent":
                 out, lat = node.op.encode(xs, p)
                 if lat is not None:
                     latents[node.name] = lat
@@ -231,7 +232,7 @@ class NRM(nn.Module):
             values[node.name] = out
             if save:
                 shapes[node.name] = out.new_empty(()).expand(out.shape)
-                if node.op.reads() == "output":
+                if reads == "output":
                     latents[node.name] = out  # never overwritten later (_may_overwrite)
             if node.name in bias and not overwrite:
                 zs.append(out)
