@@ -360,9 +360,9 @@ def score(
         "det_* on gate statistics, mahalanobis_feat, knn, vim) skip the backward pass.")] = None,
     precision: Annotated[Precision, typer.Option(help="Numeric precision of scoring: fp32, or bf16 / fp16 / tf32 "
                                                       "(faster; docs/benchmarks.md gives the AUROC change).")] = Precision.fp32,
-    compile: Annotated[bool, typer.Option(help="torch.compile each actor's forward-only pass (with forward-only "
-                                               "--columns): faster per batch, but each new batch shape first compiles "
-                                               "(long jobs only; the full score's backward stays eager).")] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile each actor's scoring pass (forward-only, or the full "
+                                               "table's forward and top-down walk as one graph): faster per batch, but "
+                                               "each new batch shape first compiles (long jobs only).")] = False,
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary

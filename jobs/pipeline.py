@@ -326,7 +326,7 @@ class ScoreOptions:
     actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)
     columns: tuple[str, ...] | None = None  # None: the full table; else these (plus pred and the threshold score)
     precision: str = "fp32"  # nrm.model.PRECISIONS
-    compile: bool = False  # torch.compile each actor's forward-only pass (pays over long jobs: docs/benchmarks.md)
+    compile: bool = False  # torch.compile each actor's scoring pass (pays over long jobs: docs/benchmarks.md)
 
 
 class Interrupted(JobError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +37,11 @@ from nrm.graph import INPUT, Node
 
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
 Stats = tuple[Tensor, Tensor]  # (gate rates, act means), each (N, sum_l C_l): NRM.unit_stats
-# model -> its torch.compile'd bottom-up step (see NRM.use_compile); kept outside the module so that
-# copy.deepcopy and pickling of an NRM never meet a compiled function. The step compiled is the
-# unbound NRM._forward_stats: a bound method would hold its model, and the entry would never go.
-_COMPILED: weakref.WeakKeyDictionary[NRM, Any] = weakref.WeakKeyDictionary()
+# model -> its torch.compile'd passes by name (see NRM.use_compile): "forward" (score()'s forward-only
+# pass) and "full" (the full table's). Kept outside the module so that copy.deepcopy and pickling of
+# an NRM never meet a compiled function. What is compiled is an unbound method (NRM._forward_stats,
+# NRM._full): a bound one would hold its model, and the entry would never go.
+_COMPILED: weakref.WeakKeyDictionary[NRM, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -289,12 +290,14 @@ class NRM(nn.Module):
         pad: crop; slice: scatter back; average pool: spread evenly). A node read by several others
         sums what they send it. eta_l = sum over channels and positions of b(l) . h at node l's output.
         """
-        return self._walk(lat, lat.logits.argmax(1) if y is None else y, in_place=False)
+        return self._walk(lat, lat.logits.argmax(1) if y is None else y, reverse=False)
 
-    def _walk(self, lat: Latents, y: Tensor, in_place: bool) -> Rendering:
-        """The top-down walk of :meth:`render_explicit`. ``in_place`` (:meth:`_reverse`, on what
-        ``_run(save=True)`` kept): each op's ``adjoint_``, and a gradient that nothing else holds is
-        written into (a ReLU's gate applied, a second consumer's part added) instead of copied."""
+    def _walk(self, lat: Latents, y: Tensor, reverse: bool) -> Rendering:
+        """The top-down walk of :meth:`render_explicit`. ``reverse`` (:meth:`_reverse`, on what
+        ``_run(save=True)`` kept): each op's ``adjoint_``, and, eager, a gradient that nothing else
+        holds is written into (a ReLU's gate applied, a second consumer's part added) instead of
+        copied; traced by torch.compile, every step makes a new value and inductor plans the memory."""
+        in_place = reverse and not torch.compiler.is_compiling()
         h: dict[str, Tensor] = {self.classifier.name: F.one_hot(y, len(self.config.classes)).to(lat.logits.dtype)}
         eta: dict[str, Tensor] = {}  # per-channel terms (N, C_l); eta_l is their sum
         bias = set(self.bias_nodes)
@@ -306,12 +309,12 @@ class NRM(nn.Module):
             if node.name in bias:
                 eta[node.name] = _per_channel(g) * p[node.op.bias]  # type: ignore[index]
             xs, saved = [lat.values[i] for i in node.inputs], lat.latents.get(node.name)
-            if in_place:
-                parts = node.op.adjoint_(g, xs, p, saved, own=_holders(g, h) == 0)
+            if reverse:
+                parts = node.op.adjoint_(g, xs, p, saved, own=in_place and _holders(g, h) == 0)
             else:
                 parts = node.op.adjoint(g, xs, p, saved)
             for name, part in zip(node.inputs, parts, strict=True):
-                if in_place and self.channels_last and part.dim() == 4:  # as the forward's values (an
+                if reverse and self.channels_last and part.dim() == 4:  # as the forward's values (an
                     part = part.contiguous(memory_format=torch.channels_last)  # average pool's adjoint: NCHW)
                 if name not in h:
                     h[name] = part
@@ -328,14 +331,19 @@ class NRM(nn.Module):
             return Rendering(y, h0, zero, zero)
         return Rendering(y, h0, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
 
+    def _compiled(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` (an unbound method) through torch.compile, once per model and pass ``name``."""
+        passes = _COMPILED.setdefault(self, {})
+        if name not in passes:
+            passes[name] = torch.compile(fn)
+        return passes[name]
+
     def _step(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """score()'s forward-only pass (no backward): logits (N, K), penultimate features (N, F) and,
-        with ``stats``, :meth:`unit_stats`. This is what :meth:`use_compile` compiles."""
-        if not self.compiled:
-            return self._forward_stats(x, stats)
-        if self not in _COMPILED:
-            _COMPILED[self] = torch.compile(NRM._forward_stats)
-        return _COMPILED[self](self, x, stats)
+        with ``stats``, :meth:`unit_stats`; compiled with :meth:`use_compile`."""
+        if self.compiled:
+            return self._compiled("forward", NRM._forward_stats)(self, x, stats)
+        return self._forward_stats(x, stats)
 
     def _forward_stats(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, Stats | None]:
         logits, _, _, feats, st = self._run(x, keep=False, stats=stats)
@@ -346,11 +354,16 @@ class NRM(nn.Module):
         """score()'s full pass with no autograd: the forward-only pass (in place where it may), keeping
         only what the adjoints read (each ReLU's output, each max-pool's switches), then the top-down
         walk of eq. (1) from y* = argmax with ReLU gradients and the sums at forks written in place.
-        The same numbers as :meth:`_vjp` (tests: random graphs, float64), at less memory traffic.
-        Returns what :meth:`_vjp` returns."""
+        The same numbers as :meth:`_vjp` (tests: random graphs, float64), at less memory traffic;
+        compiled whole, both passes, with :meth:`use_compile`. Returns what :meth:`_vjp` returns."""
+        if self.compiled:
+            return self._compiled("full", NRM._full)(self, x, stats)
+        return self._full(x, stats)
+
+    def _full(self, x: Tensor, stats: bool) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
         logits, lat, _, feats, st = self._run(x, keep=False, stats=stats, save=True)
         assert lat is not None
-        return logits, self._walk(lat, logits.argmax(1), in_place=True), feats, st
+        return logits, self._walk(lat, logits.argmax(1), reverse=True), feats, st
 
     def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool, stats: bool = False,
              ) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
@@ -408,11 +421,12 @@ class NRM(nn.Module):
         return self
 
     def use_compile(self, on: bool = True) -> NRM:
-        """Run score()'s forward-only pass (the columns that need no backward: see
-        :meth:`needs_rendering`) through torch.compile (inductor): the ReLUs and the gate statistics
-        fuse with the convolutions, so the statistics cost almost nothing. Each new input shape
-        compiles once (tens of seconds to minutes on a small CPU), so it pays over a long job, not a
-        test; scores equal the eager ones to float rounding. The full score's backward stays eager
+        """Run score()'s passes through torch.compile (inductor): the forward-only one (the columns
+        that need no backward: see :meth:`needs_rendering`) and the full table's (:meth:`_reverse`,
+        its forward and top-down walk as one graph). The ReLUs, their gradients, the residual sums and
+        the statistics fuse into a few loops around the convolutions, so they cost little. Each new
+        input shape compiles once (tens of seconds on a small CPU), so it pays over a long job, not a
+        test; scores equal the eager ones to float rounding. :meth:`render` and training stay eager
         (see :meth:`_vjp`). Returns self."""
         self.compiled = on
         _COMPILED.pop(self, None)

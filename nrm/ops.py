@@ -107,6 +107,16 @@ def _transpose2d(h: Tensor, weight: Tensor, size: tuple[int, int], stride: tuple
     return full[..., ph : ph + hh, pw : pw + ww]
 
 
+def _spread(h: Tensor, kernel: tuple[int, int], size: tuple[int, ...]) -> Tensor:
+    """The adjoint of an average pool whose windows tile the input (stride = kernel, no padding, floor
+    mode): each value of h (N, C, H', W') spread evenly over its kh x kw window, (N, C, H, W) with the
+    rows and columns no window reached left zero. A copy of h, not the depthwise transposed convolution
+    of the general case (which costs 160 ms for a ResNet's 8 x 8 pool at batch 512 in bf16 on a CPU)."""
+    (kh, kw), (n, c, hh, ww) = kernel, h.shape
+    out = (h / (kh * kw))[:, :, :, None, :, None].expand(n, c, hh, kh, ww, kw).reshape(n, c, hh * kh, ww * kw)
+    return F.pad(out, (0, size[1] - ww * kw, 0, size[0] - hh * kh))
+
+
 def _layout(h: Tensor) -> torch.memory_format:
     """The memory format of a map ``h``: channels-last when it is laid out so (NCHW otherwise)."""
     return torch.channels_last if h.dim() == 4 and h.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -339,6 +349,8 @@ class AvgPool(Op):
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
         x = xs[0]
+        if self.kernel == self.stride and self.padding == (0, 0) and not self.ceil_mode:
+            return [_spread(h, self.kernel, x.shape[-2:])]  # disjoint windows (a ResNet's final pool)
         ones = x.new_ones(1, 1, *x.shape[-2:])
         args = (self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad)
         divisor = F.avg_pool2d(ones, *args, divisor_override=1) / F.avg_pool2d(ones, *args)  # (1, 1, H', W')

@@ -87,3 +87,15 @@ def test_the_in_place_reverse_pass_on_cuda_equals_autograd(pair: tuple[nrm.NRM, 
         _, got, _, _ = gpu._reverse(x.cuda())
     for a, b in [(got.h0, ref.h0), (got.eta_channels, ref.eta_channels)]:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("bf16", True)], ids=["fp32 NCHW", "bf16 channels_last"])
+def test_the_compiled_full_pass_on_cuda_equals_the_eager_one(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor],
+                                                             precision: str, channels_last: bool) -> None:
+    # NRM.use_compile: the full table's forward and top-down walk as one inductor graph (Triton on CUDA)
+    _, gpu, x = pair
+    gpu.set_precision(precision).use_channels_last(channels_last)
+    ref = gpu.score(x.cuda())
+    got = gpu.use_compile().score(x.cuda())
+    for k in ("max_logit", "latent_prior", "recon_sq_error", "det_mahalanobis"):
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-2, atol=1e-2 * float(ref[k].abs().max()))

@@ -275,6 +275,25 @@ def test_the_in_place_reverse_pass_in_channels_last_equals_nchw(seed: int) -> No
     torch.testing.assert_close(got.eta_channels, ref.eta_channels, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("seed", "channels_last"), [(3, False), (4, True)],
+                         ids=["concat, slice, pad, affine, leaky ReLU, reshape", "max-pool, average pool, slice, channels-last"])
+def test_the_compiled_full_pass_equals_the_eager_one(seed: int, channels_last: bool) -> None:
+    # NRM.use_compile traces _reverse whole (forward with what the adjoints read, then the walk),
+    # writing nothing in place: the same logits, rendering and statistics in one graph
+    from torch._dynamo.utils import counters
+
+    cfg = random_graph(seed)
+    model, x = double_model(cfg, seed).float().use_channels_last(channels_last), _inputs(cfg, seed).float()
+    logits, r, feats, (rates, acts) = model._reverse(x, stats=True)  # type: ignore[misc]
+    counters.clear()
+    got_logits, got, got_feats, (got_rates, got_acts) = model.use_compile()._reverse(x, stats=True)  # type: ignore[misc]
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # compiled, as one graph
+    assert torch.equal(got.y, r.y)
+    for a, b in [(got_logits, logits), (got.h0, r.h0), (got.eta_layers, r.eta_layers),
+                 (got.eta_channels, r.eta_channels), (got_feats, feats), (got_rates, rates), (got_acts, acts)]:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_completeness_on_random_graphs(seed: int) -> None:
     cfg = random_graph(seed)
@@ -359,6 +378,20 @@ def test_maxpool_adjoint_never_routes_to_padding() -> None:
     (grad,) = torch.autograd.grad((F.max_pool2d(xg, 3, 2, 1, 1, True) * h).sum(), xg)
     torch.testing.assert_close(back, grad, atol=0, rtol=0)
     assert back.sum().item() == pytest.approx(h.sum().item())
+
+
+@pytest.mark.parametrize(("kernel", "size"), [((8, 8), (8, 8)), ((2, 2), (9, 9)), ((2, 3), (7, 8))],
+                         ids=["one window (a ResNet's final pool)", "a floor-mode tail", "non-square"])
+def test_the_adjoint_of_an_average_pool_whose_windows_tile_the_input_is_its_gradient(
+        kernel: tuple[int, int], size: tuple[int, int]) -> None:
+    # stride = kernel, no padding: each value spread over its own window, the tail no window reached zero
+    op = AvgPool(kernel, kernel)
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    out = op.forward([x], {})
+    h = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * h).sum(), x)
+    (back,) = op.adjoint(h, [x.detach()], {}, None)
+    torch.testing.assert_close(back, grad, **TOL)
 
 
 @pytest.mark.parametrize(("nodes", "match"), [
