@@ -536,9 +536,19 @@ def _unit_stats(t: Tensor, positive: bool) -> Stats:
     dims = tuple(range(2, t.dim()))  # positions; () for linear features (P = 1)
     p = math.prod(t.shape[2:])
     pos = t.detach() if positive else t.detach().clamp_min(0)  # (N, C, ...) max(z, 0)
-    mean = pos.sum(dim=dims, dtype=torch.float32) / p if dims else pos.to(torch.float32, copy=True)
+    mean = _sum32(pos, dims) / p if dims else pos.to(torch.float32, copy=True)
     gate = torch.sign(pos) if positive else pos.sign_()  # 1[z > 0]
-    return (gate.sum(dim=dims, dtype=torch.float32) / p if dims else gate.float()), mean
+    return (_sum32(gate, dims) / p if dims else gate.float()), mean
+
+
+def _sum32(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Float32 sums over ``dims``. A bf16 map is summed in its own dtype (torch accumulates in
+    float32 and rounds the sum once, 2^-9 relative) and then widened: ``sum(dtype=float32)`` first
+    copies the whole map to float32, which cost bf16 scoring more than its sums (docs/benchmarks.md).
+    fp16 keeps the float32 sum: a sum of 1,024 activations can pass fp16's largest value."""
+    if t.dtype == torch.bfloat16:
+        return t.sum(dim=dims).float()
+    return t.sum(dim=dims, dtype=torch.float32)
 
 
 def _holders(t: Tensor, h: dict[str, Tensor]) -> int:
