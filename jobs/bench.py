@@ -340,7 +340,7 @@ def precision_section(device: str, batch: int, reps: int, shared: Path | None, e
             lines.append(f"| {p} | not available ({str(e).splitlines()[0][:80]}) | | | | | | | | |")
             continue
         base = base or t
-        compiled = "not run (no fp16 arithmetic on a CPU: 15x slower eager) | - | -"
+        compiled = "not run (fp16 on a CPU: slower than fp32, eager) | - | -"
         if device != "cpu" or p != "fp16":
             model.use_compile(True)
             model.score(x, columns=default)  # compiles

@@ -244,6 +244,17 @@ def test_unit_stats_of_a_linear_layer_are_its_gates_and_positive_part() -> None:
     torch.testing.assert_close(acts, torch.tensor([[0.0, 0.0, 2.0], [3.0, 0.0, 0.25]]), atol=0, rtol=0)
 
 
+def test_unit_stats_of_a_bf16_map_are_float32_within_one_bf16_rounding() -> None:
+    # a bf16 map is summed in bf16 (torch accumulates in float32, then rounds once) and widened
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 8, 32, 32, generator=g).to(torch.bfloat16)  # 1,024 positions per channel
+    rates, acts = _model().unit_stats([z])
+    zd = z.double()
+    assert rates.dtype == acts.dtype == torch.float32
+    torch.testing.assert_close(rates.double(), (zd > 0).double().mean(dim=(2, 3)), rtol=2**-8, atol=0)
+    torch.testing.assert_close(acts.double(), zd.clamp_min(0).mean(dim=(2, 3)), rtol=2**-8, atol=0)
+
+
 def test_gate_feature_sets_concatenate_their_parts() -> None:
     cols = _model().score(_data(0, 5), unit_stats=True)
     g, a = cols["latent_gates"].double(), cols["unit_acts"].double()
