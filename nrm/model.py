@@ -427,7 +427,10 @@ class NRM(nn.Module):
         the statistics fuse into a few loops around the convolutions, so they cost little. Each new
         input shape compiles once (tens of seconds on a small CPU), so it pays over a long job, not a
         test; scores equal the eager ones to float rounding. :meth:`render` and training stay eager
-        (see :meth:`_vjp`). Returns self."""
+        (see :meth:`_vjp`). On a CPU inductor writes C++ kernels, so a C++ compiler must run here
+        (RuntimeError now, not at the first batch). Returns self."""
+        if on and self.mean.device.type == "cpu":
+            _check_cpp_compiler()
         self.compiled = on
         _COMPILED.pop(self, None)
         return self
@@ -549,6 +552,17 @@ def _sum32(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     if t.dtype == torch.bfloat16:
         return t.sum(dim=dims).float()
     return t.sum(dim=dims, dtype=torch.float32)
+
+
+def _check_cpp_compiler() -> None:
+    """Raise, in one sentence, when torch.compile cannot build CPU kernels: no C++ compiler runs."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as e:
+        raise RuntimeError(f"compiling on a CPU needs a C++ compiler, as torch.compile writes C++ kernels, and none "
+                           f"runs here ({e}): install g++ (or set CXX) or score without compiling") from None
 
 
 def _holders(t: Tensor, h: dict[str, Tensor]) -> int:

@@ -541,6 +541,13 @@ def test_cpu_image_takes_torch_from_the_cpu_index() -> None:
     assert str(_pins(INFRA / "docker" / "Dockerfile.cpu")["torch"][1]).endswith("+cpu")
 
 
+def test_cpu_image_has_the_cpp_compiler_torch_compile_needs_and_runs_as_ray() -> None:
+    # Ray's CPU image removes g++; `score --compile` on a CPU builds inductor's C++ kernels with it
+    text = (INFRA / "docker" / "Dockerfile.cpu").read_text()
+    assert re.search(r"apt-get install -y --no-install-recommends g\+\+", text)
+    assert re.findall(r"^USER (\S+)$", text, re.MULTILINE)[-1] == "ray"
+
+
 # --------------------------------------------------------------------------- nrm-ood calls
 
 
