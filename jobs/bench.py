@@ -282,8 +282,8 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
 
 def compile_section(device: str, batch: int, reps: int, shared: Path | None, echo: Echo,
                     only: tuple[str, ...] = ()) -> list[str]:
-    """The forward-only columns of section 1 again with torch.compile (``nrm-ood score --compile``);
-    ``batch`` on a CPU, 4096 on a GPU."""
+    """The forward-only columns and the full score of section 1 again with torch.compile (``nrm-ood
+    score --compile``); ``batch`` on a CPU, 4096 on a GPU."""
     batch = batch if device == "cpu" else 4096
     lines = ["## 1b. With torch.compile (`nrm-ood score --compile`)", "",
              "The forward-only columns and the full score of section 1 with `NRM.use_compile` (inductor, in the "
