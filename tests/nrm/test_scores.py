@@ -246,12 +246,12 @@ def test_compiled_forward_only_columns_equal_the_eager_ones() -> None:
         torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-4, msg=k)
 
 
-def test_compiling_on_a_cpu_without_a_cpp_compiler_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiling_on_a_cpu_without_a_cpp_compiler_fails_at_once_naming_it() -> None:
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/g++",))
     model = nrm.NRM(tiny_config(channels=1, size=8, classes=3)).eval()
-    with pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*/nonexistent/g\+\+.*install g\+\+"):
+    with inductor.patch({"cpp.cxx": ("/nonexistent/g++",)}), \
+            pytest.raises(RuntimeError, match=r"needs a C\+\+ compiler.*/nonexistent/g\+\+.*install g\+\+"):
         model.use_compile()
     assert not model.compiled
 
