@@ -114,6 +114,11 @@ FORWARD_ONLY = [*CLASSIFIER, "det_mahalanobis"]
 BASELINES = ["mahalanobis_feat", "knn", "vim"]  # the post-hoc baselines, fitted with `fit-detector --baselines`
 
 
+def full_table(model: nrm.NRM) -> list[str]:
+    """The full score's columns: every column of the default table, the post-hoc baselines left out."""
+    return [c for c in model.columns if c not in BASELINES]
+
+
 def fit_for_cost(model: nrm.NRM, bank: int = 45000) -> None:
     """Fit the default detector and the post-hoc baselines on random data of the real sizes (a KNN
     bank of ``bank`` rows, as a CIFAR-10 training split gives): only their cost is measured."""
@@ -151,7 +156,7 @@ def overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: in
     module (or the NRM itself for a preset)."""
     x, sync, res = _plain_then_fit(model, plain_module, batch, reps)
     tp = res["plain_s"]
-    default = [c for c in model.columns if c not in BASELINES]
+    default = full_table(model)
     for label, cols in (("score", default), ("forward", FORWARD_ONLY), ("classifier", CLASSIFIER),
                         ("baselines", ["pred", *BASELINES])):
         for cl in (False, True):
@@ -266,7 +271,7 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
 
     res["plain_compile_s"] = _first_call(plain_run)
     res["plain_compiled_s"] = _time(plain_run, reps)
-    default = [c for c in model.columns if c not in BASELINES]
+    default = full_table(model)
     for label, cols in (("forward", FORWARD_ONLY), ("score", default)):
         def run(cols: list[str] = cols) -> None:
             model.score(x, columns=cols)
@@ -320,7 +325,7 @@ def precision_section(device: str, batch: int, reps: int, shared: Path | None, e
     sync = device_sync(device)
     auroc = precision_auroc(model, shared, device) if shared else {}
     fit_for_cost(model)
-    default = [c for c in model.columns if c not in BASELINES]
+    default = full_table(model)
     lines = ["## 2. Reduced precision (`--precision`)", "",
              f"{label}, {device}, batch {batch}, full score (section 1's), channels_last, eager and with "
              "`--compile`; plain = the user's module in the same precision at its fastest (as section 1). AUROC of "

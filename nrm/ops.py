@@ -481,12 +481,8 @@ class Slice(Op):
         return xs[0][self._index()]
 
     def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
-        out = h.new_zeros(xs[0].shape)
-        out[self._index()] = h
-        return [out]
-
-    def adjoint_(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], saved: Tensor | None, own: bool) -> list[Tensor]:
-        out = torch.empty(xs[0].shape, dtype=h.dtype, device=h.device, memory_format=_layout(h)).zero_()  # h's layout
+        # zeros of the input's shape (xs[0] may be a stand-in) in h's layout, h scattered back into them
+        out = torch.empty(xs[0].shape, dtype=h.dtype, device=h.device, memory_format=_layout(h)).zero_()
         out[self._index()] = h
         return [out]
 

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import BASELINES, bench_models, fit_for_cost, plain_variants  # noqa: E402
+from jobs.bench import bench_models, fit_for_cost, full_table, plain_variants  # noqa: E402
 from nrm import NRM  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def measure(label: str, model: NRM, plain: torch.nn.Module, reps: int) -> None:
     x = torch.randn(512, *model.input_shape)
     fit_for_cost(model)
     model.use_channels_last(True)
-    cols = [c for c in model.columns if c not in BASELINES]
+    cols = full_table(model)
     variants = plain_variants(plain, x, lambda: None, model.autocast)
     run_plain = variants.get("BN fused, channels_last", variants["as given, channels_last"])
 

@@ -14,6 +14,7 @@ dilation), leaky ReLUs, affine nodes and reshapes. On each:
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -208,12 +209,17 @@ def test_the_in_place_reverse_pass_equals_the_autograd_renderer(seed: int) -> No
     # written into where nothing else holds them; the same logits, rendering and statistics
     cfg = random_graph(seed)
     model, x = double_model(cfg, seed), _inputs(cfg, seed)
-    logits, r, feats, (rates, acts) = model._vjp(x, None, create_graph=False, stats=True)  # type: ignore[misc]
-    got_logits, got, got_feats, (got_rates, got_acts) = model._reverse(x, stats=True)  # type: ignore[misc]
-    assert torch.equal(got.y, r.y)
-    for a, b in [(got_logits, logits), (got.h0, r.h0), (got.eta_layers, r.eta_layers),
-                 (got.eta_channels, r.eta_channels), (got_feats, feats), (got_rates, rates), (got_acts, acts)]:
-        torch.testing.assert_close(a, b.detach(), **TOL)
+    _assert_same_pass(model._reverse(x, stats=True), model._vjp(x, None, create_graph=False, stats=True), **TOL)
+
+
+def _assert_same_pass(got: tuple[Any, ...], ref: tuple[Any, ...], **tol: float) -> None:
+    """Two full passes (logits, rendering, features, (gate rates, act means)) agree: the same y*, and
+    logits, h(0), eta per layer and per channel, features and statistics within ``tol``."""
+    (got_logits, g, got_feats, (got_rates, got_acts)), (logits, r, feats, (rates, acts)) = got, ref
+    assert torch.equal(g.y, r.y)
+    for a, b in [(got_logits, logits), (g.h0, r.h0), (g.eta_layers, r.eta_layers),
+                 (g.eta_channels, r.eta_channels), (got_feats, feats), (got_rates, rates), (got_acts, acts)]:
+        torch.testing.assert_close(a, b.detach(), **tol)
 
 
 def _small(nodes: list[Node]) -> ModelConfig:
@@ -284,14 +290,11 @@ def test_the_compiled_full_pass_equals_the_eager_one(seed: int, channels_last: b
 
     cfg = random_graph(seed)
     model, x = double_model(cfg, seed).float().use_channels_last(channels_last), _inputs(cfg, seed).float()
-    logits, r, feats, (rates, acts) = model._reverse(x, stats=True)  # type: ignore[misc]
+    ref = model._reverse(x, stats=True)
     counters.clear()
-    got_logits, got, got_feats, (got_rates, got_acts) = model.use_compile()._reverse(x, stats=True)  # type: ignore[misc]
+    got = model.use_compile()._reverse(x, stats=True)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # compiled, as one graph
-    assert torch.equal(got.y, r.y)
-    for a, b in [(got_logits, logits), (got.h0, r.h0), (got.eta_layers, r.eta_layers),
-                 (got.eta_channels, r.eta_channels), (got_feats, feats), (got_rates, rates), (got_acts, acts)]:
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_same_pass(got, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
