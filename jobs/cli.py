@@ -79,6 +79,13 @@ class Precision(str, enum.Enum):
     tf32 = "tf32"
 
 
+# nrm.train.TRAIN_PRECISIONS, spelled out for the same reason (fp16 would need loss scaling).
+class TrainPrecision(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    tf32 = "tf32"
+
+
 # nrm.scores.COLUMNS and nrm.posthoc's columns, for the same reason; det_* are the fitted detectors' columns.
 SCORE_NAMES = ("pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
                "recon_sq_error", "loglik_bound", "mahalanobis_feat", "knn", "vim")
@@ -168,6 +175,7 @@ def train(
     teacher: Annotated[list[Path] | None, typer.Option(exists=True, file_okay=False, help="Distil from this trained checkpoint (same input, normalisation and classes; e.g. a deeper network fine-tuned on the same data): the loss mixes cross-entropy with its soft labels. Repeat it to distil from an ensemble (the mean of their logits).")] = None,
     distill_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --teacher: weight w of the distillation term, loss = (1 - w) CE + w KD, 0 to 1.")] = 0.5,
     distill_temperature: Annotated[float, at_least(0, "With --teacher: softmax temperature T of the distillation term.", strict=True)] = 4.0,
+    precision: Annotated[TrainPrecision, typer.Option(help="Numeric precision of the training steps: fp32, bf16 (mixed precision: bf16 convolutions, float32 weights; 2-3x faster on a CPU with AMX and on GPUs; the checkpoint is float32) or tf32 (CUDA).")] = TrainPrecision.fp32,
 ) -> None:
     """Train an NRM on labelled images (or fine-tune one with --init) and write a checkpoint directory."""
     import json
@@ -205,7 +213,8 @@ def train(
                          pathnorm_weight=pathnorm_weight, seed=seed, device=dev, normaliser=normaliser.value,
                          augment=augment.value, optimizer=optimizer.value, weight_decay=weight_decay,
                          label_smoothing=label_smoothing, cutout=cutout, distill_weight=distill_weight,
-                         distill_temperature=distill_temperature, batchnorm=batchnorm, val_fraction=val_fraction)
+                         distill_temperature=distill_temperature, batchnorm=batchnorm, val_fraction=val_fraction,
+                         precision=precision.value)
     try:
         result = nrm.train(cfg, torch.from_numpy(x), torch.from_numpy(y), tc, progress=_progress, init=start,
                            teacher=tutors or None)
@@ -215,7 +224,7 @@ def train(
     mid = nrm.save(result.model, out)
     report = {"arch": name, "width": width if width is not None else "preset default", "train_rows": len(x), "epochs": epochs, "augment": augment.value,
               "optimizer": optimizer.value, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing,
-              "cutout": cutout, "batchnorm": batchnorm, "teacher": [str(t) for t in teacher] if teacher else None,
+              "cutout": cutout, "batchnorm": batchnorm, "precision": precision.value, "teacher": [str(t) for t in teacher] if teacher else None,
               "distill_weight": distill_weight if teacher else None, "seconds": round(result.seconds, 1),
               "val_accuracy": round(result.val_accuracy, 4), "val_rows": result.val_rows, "model_id": mid, "device": dev}
     if test:

@@ -30,6 +30,9 @@ from nrm.model import NRM
 
 log = logging.getLogger(__name__)
 
+# fp16 is left out: it needs loss scaling, which train() does not do (bf16 has float32's range)
+TRAIN_PRECISIONS = ("fp32", "bf16", "tf32")
+
 
 @dataclass
 class TrainConfig:
@@ -69,6 +72,11 @@ class TrainConfig:
     # knowledge distillation, used when train() is given a teacher: loss = (1 - w) CE + w KD (distill_loss)
     distill_weight: float = 0.5
     distill_temperature: float = 4.0
+    # numeric precision of the training steps (TRAIN_PRECISIONS): "bf16" runs them under torch.autocast
+    # (bf16 convolutions and matmuls; float32 weights, gradients and optimiser state), "tf32" allows TF32
+    # on CUDA (float32 on a CPU). The steps run in the device's fast layout (channels-last on a CPU) in
+    # every precision; the model comes back in float32 and its own layout.
+    precision: str = "fp32"
 
 
 @dataclass
@@ -263,6 +271,27 @@ def accuracy(model: NRM, images: Tensor, labels: Tensor, batch_size: int = 512) 
     return float((preds == labels).float().mean())
 
 
+def _losses(model: NRM, x: Tensor, y: Tensor, cfg: TrainConfig, teachers: list[NRM],
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One batch's logits (B, K), cross-entropy, reconstruction term and total loss."""
+    if cfg.recon_weight > 0:
+        logits, r, _, _ = model._vjp(x, y, create_graph=True)
+        recon = (x - r.h0).pow(2).mean()
+    else:
+        logits, recon = model(x), x.new_zeros(())
+    ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    fit_term = ce
+    if teachers:
+        with torch.no_grad():  # (B, K) the teachers' mean logits of the same augmented batch
+            soft = torch.stack([t(x).float() for t in teachers]).mean(0)
+        kd = distill_loss(logits, soft, cfg.distill_temperature)
+        fit_term = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
+    loss = fit_term + cfg.recon_weight * recon
+    if cfg.pathnorm_weight > 0:
+        loss = loss + cfg.pathnorm_weight * path_norm(model)
+    return logits, ce, recon, loss
+
+
 def train(
     config: ModelConfig,
     images: Tensor,
@@ -301,6 +330,9 @@ def train(
     if cfg.batchnorm and cfg.recon_weight > 0:
         raise ValueError(f"training with BatchNorm needs recon_weight 0, got {cfg.recon_weight}: in training "
                          "mode a BatchNorm mixes the samples of a batch, so h(0) would not render one sample")
+    if cfg.precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"unknown training precision {cfg.precision!r}; expected one of {list(TRAIN_PRECISIONS)} "
+                         "(fp16 would need loss scaling: train in bf16)")
     if labels.min() < 0 or labels.max() >= len(config.classes):
         raise ValueError(f"labels must lie in [0, {len(config.classes)}), got [{int(labels.min())}, {int(labels.max())}]")
     start = time.perf_counter()
@@ -318,6 +350,8 @@ def train(
         config = replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))
         model = NRM(config).to(cfg.device)
     labels = labels.long()
+    precision, channels_last = model.precision, model.channels_last  # given back after training
+    model.set_precision(cfg.precision).use_fast_layout()  # before the optimiser: the layout moves the weights
     if cfg.batchnorm:
         attach_batchnorm(model, next(batches(model, images, cfg.bn_calibration_rows, train_idx)))
     steps_per_epoch = (len(train_idx) + cfg.batch_size - 1) // cfg.batch_size
@@ -333,21 +367,8 @@ def train(
             x = augment(model.preprocess(images[idx]), cfg.augment, cfg.crop_pad, gen)  # (B, C, H, W)
             x = cutout(x, cfg.cutout, gen)
             y = labels[idx].to(x.device)
-            if cfg.recon_weight > 0:
-                logits, r, _, _ = model._vjp(x, y, create_graph=True)
-                recon = (x - r.h0).pow(2).mean()
-            else:
-                logits, recon = model(x), x.new_zeros(())
-            ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            fit_term = ce
-            if teachers:
-                with torch.no_grad():  # (B, K) the teachers' mean logits of the same augmented batch
-                    soft = torch.stack([t(x).float() for t in teachers]).mean(0)
-                kd = distill_loss(logits, soft, cfg.distill_temperature)
-                fit_term = (1 - cfg.distill_weight) * ce + cfg.distill_weight * kd
-            loss = fit_term + cfg.recon_weight * recon
-            if cfg.pathnorm_weight > 0:
-                loss = loss + cfg.pathnorm_weight * path_norm(model)
+            with model.autocast():  # the teachers' forward too; losses in float32 (autocast's policy)
+                logits, ce, recon, loss = _losses(model, x, y, cfg, teachers)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -363,6 +384,7 @@ def train(
                     progress(rec)
                 else:
                     log.info("epoch %d step %d loss %.4f", rec["epoch"], step, rec["loss"])
+    model.set_precision(precision).use_channels_last(channels_last)
     if cfg.batchnorm:
         fold_batchnorm(model, batches(model, images, 512, train_idx[: cfg.bn_population_rows]))
     model.eval().requires_grad_(False)

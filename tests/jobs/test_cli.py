@@ -427,14 +427,19 @@ def test_train_holds_out_the_fraction_of_rows_asked_for(tmp_path: Path) -> None:
     assert json.loads((out / "train_report.json").read_text())["val_rows"] == 4
 
 
-def test_train_distils_from_a_teacher_checkpoint(ckpt: Path, tmp_path: Path) -> None:
-    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(120, seed=8)],
+def _train_one_epoch(tmp_path: Path, seed: int, *options: str) -> tuple[Path, dict[str, Any]]:
+    """`nrm-ood train` for one epoch, cross-entropy only, on 120 random 3-class rows; (out, its report)."""
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(120, seed=seed)],
                      labels=[i % 3 for i in range(120)])
-    out = tmp_path / "student"
+    out = tmp_path / "out"
     r = invoke("train", "--data", str(tmp_path / "train.parquet"), "--out", str(out), "--epochs", "1",
-               "--recon-weight", "0", "--device", "cpu", "--teacher", str(ckpt), "--distill-weight", "0.7")
+               "--recon-weight", "0", "--device", "cpu", *options)
     assert r.exit_code == 0, r.output
-    report = json.loads((out / "train_report.json").read_text())
+    return out, json.loads((out / "train_report.json").read_text())
+
+
+def test_train_distils_from_a_teacher_checkpoint(ckpt: Path, tmp_path: Path) -> None:
+    _, report = _train_one_epoch(tmp_path, 8, "--teacher", str(ckpt), "--distill-weight", "0.7")
     assert (report["teacher"], report["distill_weight"]) == ([str(ckpt)], 0.7)
 
 
@@ -450,14 +455,25 @@ def test_train_refuses_a_teacher_with_other_classes(ckpt: Path, tmp_path: Path) 
 def test_train_fine_tunes_with_batchnorm_into_the_same_graph(ckpt: Path, tmp_path: Path) -> None:
     import nrm
 
-    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(120, seed=9)],
-                     labels=[i % 3 for i in range(120)])
-    out = tmp_path / "ft"
-    r = invoke("train", "--data", str(tmp_path / "train.parquet"), "--out", str(out), "--epochs", "1",
-               "--recon-weight", "0", "--device", "cpu", "--init", str(ckpt), "--batchnorm", "--optimizer", "sgd")
-    assert r.exit_code == 0, r.output
-    assert json.loads((out / "train_report.json").read_text())["batchnorm"] is True
+    out, report = _train_one_epoch(tmp_path, 9, "--init", str(ckpt), "--batchnorm", "--optimizer", "sgd")
+    assert report["batchnorm"] is True
     assert nrm.load(out).config.nodes == nrm.load(ckpt).config.nodes
+
+
+def test_train_in_bf16_writes_a_float32_checkpoint_and_names_its_precision(ckpt: Path, tmp_path: Path) -> None:
+    import torch
+
+    import nrm
+
+    out, report = _train_one_epoch(tmp_path, 9, "--init", str(ckpt), "--precision", "bf16")
+    assert report["precision"] == "bf16"
+    assert {t.dtype for t in nrm.load(out).state_dict().values()} == {torch.float32}
+
+
+def test_train_refuses_fp16_at_parse_time(tmp_path: Path) -> None:
+    r = invoke("train", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--precision", "fp16")
+    assert r.exit_code == 2 and "'fp16' is not one of 'fp32', 'bf16', 'tf32'" in r.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_refuses_batchnorm_with_the_reconstruction_term(tmp_path: Path) -> None:
@@ -552,7 +568,7 @@ def test_cli_choices_match_the_library() -> None:
     from nrm.posthoc import REGISTRY as POSTHOC
     from nrm.presets import PRESETS
     from nrm.scores import COLUMNS
-    from nrm.train import AUGMENTATIONS
+    from nrm.train import AUGMENTATIONS, TRAIN_PRECISIONS
 
     assert [a.value for a in cli.Arch] == ["auto", *PRESETS]
     assert [a.value for a in cli.Augment] == list(AUGMENTATIONS)
@@ -561,6 +577,7 @@ def test_cli_choices_match_the_library() -> None:
     assert [f.value for f in cli.FeatureSet] == list(D.FEATURE_SETS)
     assert (cli.DEFAULT_DETECTOR.value, cli.DEFAULT_FEATURES.value) == (D.DEFAULT_DETECTOR, D.DEFAULT_FEATURES)
     assert [p.value for p in cli.Precision] == list(PRECISIONS)
+    assert [p.value for p in cli.TrainPrecision] == list(TRAIN_PRECISIONS)
     assert list(cli.SCORE_NAMES) == [*COLUMNS, *(c.column for c in POSTHOC.values())]
 
 

@@ -99,3 +99,14 @@ def test_the_compiled_full_pass_on_cuda_equals_the_eager_one(pair: tuple[nrm.NRM
     got = gpu.use_compile().score(x.cuda())
     for k in ("max_logit", "latent_prior", "recon_sq_error", "det_mahalanobis"):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-2, atol=1e-2 * float(ref[k].abs().max()))
+
+
+def test_bf16_training_on_cuda_gives_back_a_float32_model_that_learned() -> None:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 2, (256,), generator=g)
+    images = torch.randint(0, 60, (256, 8, 8), generator=g).to(torch.uint8)
+    images[labels == 0, :4] += 180  # class 0: a bright top half, class 1: a dark image
+    cfg = nrm.TrainConfig(epochs=3, batch_size=32, recon_weight=0.1, seed=0, device="cuda", precision="bf16")
+    result = nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=lambda _: None)
+    assert result.val_accuracy > 0.9
+    assert {t.dtype for t in result.model.state_dict().values()} == {torch.float32}

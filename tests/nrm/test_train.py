@@ -106,6 +106,35 @@ def test_fixed_seed_gives_identical_weights() -> None:
     assert not torch.equal(c.node_params("conv1")["weight"], a.node_params("conv1")["weight"])
 
 
+def test_bf16_training_follows_the_fp32_steps_to_bf16_rounding() -> None:
+    """The same seed in both precisions: weights that differ (the steps ran in bf16) by a small fraction
+    of how far training moved them (the same training), and the model given back in float32."""
+    images, labels = two_halves(64, seed=2)
+    start = nrm.NRM(tiny_config(classes=2))
+    runs = {p: nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, batch_size=32, recon_weight=0.1,
+                                                                                  seed=7, precision=p),
+                         progress=quiet, init=start).model for p in ("fp32", "bf16")}
+    w0 = start.node_params("conv1")["weight"]
+    w32, w16 = (runs[p].node_params("conv1")["weight"] for p in ("fp32", "bf16"))
+    assert w16.dtype == torch.float32 and runs["bf16"].precision == "fp32"
+    assert not torch.equal(w16, w32)
+    assert (w16 - w32).norm() < 0.05 * (w32 - w0).norm()
+
+
+def test_bf16_training_gives_the_model_back_in_its_own_layout() -> None:
+    images, labels = two_halves(64, seed=2)
+    result = nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, batch_size=32, seed=7,
+                                                                                precision="bf16"), progress=quiet)
+    assert not result.model.channels_last
+    assert result.model.node_params("conv1")["weight"].is_contiguous()
+
+
+def test_fp16_training_is_refused_with_the_reason() -> None:
+    images, labels = two_halves(64, seed=2)
+    with pytest.raises(ValueError, match=r"unknown training precision 'fp16'.*loss scaling"):
+        nrm.train(tiny_config(classes=2), images, labels, nrm.TrainConfig(epochs=1, precision="fp16"), progress=quiet)
+
+
 @pytest.mark.parametrize("bad", [2, -1, 5])
 def test_labels_out_of_range_raise(bad: int) -> None:
     images, labels = two_halves(16)
