@@ -311,7 +311,7 @@ def fit_detector(
     from nrm.train import batches, held_out_split
 
     try:
-        m = nrm.load(model)
+        m = nrm.load(model).use_fast_layout()  # scores its rows as the actors do (channels-last on a CPU)
         store = Store(endpoint_url)
         x, y = load_labelled(data, m.input_shape, None, store)
         refit_rows, train_rows = held_out_split(len(x), val_fraction, torch.Generator().manual_seed(seed))
