@@ -175,7 +175,7 @@ def train(
     teacher: Annotated[list[Path] | None, typer.Option(exists=True, file_okay=False, help="Distil from this trained checkpoint (same input, normalisation and classes; e.g. a deeper network fine-tuned on the same data): the loss mixes cross-entropy with its soft labels. Repeat it to distil from an ensemble (the mean of their logits).")] = None,
     distill_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="With --teacher: weight w of the distillation term, loss = (1 - w) CE + w KD, 0 to 1.")] = 0.5,
     distill_temperature: Annotated[float, at_least(0, "With --teacher: softmax temperature T of the distillation term.", strict=True)] = 4.0,
-    precision: Annotated[TrainPrecision, typer.Option(help="Numeric precision of the training steps: fp32, bf16 (mixed precision: bf16 convolutions, float32 weights; 2-3x faster on a CPU with AMX and on GPUs; the checkpoint is float32) or tf32 (CUDA).")] = TrainPrecision.fp32,
+    precision: Annotated[TrainPrecision, typer.Option(help="Numeric precision of the training steps: fp32, bf16 (mixed precision: bf16 convolutions, float32 weights; 2-3x faster on a CPU with AMX and on GPUs; the checkpoint is float32) or tf32 (TF32 convolutions and matmuls on CUDA; fp32 is strict float32 there).")] = TrainPrecision.fp32,
 ) -> None:
     """Train an NRM on labelled images (or fine-tune one with --init) and write a checkpoint directory."""
     import json

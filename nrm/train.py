@@ -74,7 +74,8 @@ class TrainConfig:
     distill_temperature: float = 4.0
     # numeric precision of the training steps (TRAIN_PRECISIONS): "bf16" runs them under torch.autocast
     # (bf16 convolutions and matmuls; float32 weights, gradients and optimiser state), "tf32" allows TF32
-    # on CUDA (float32 on a CPU). The steps, and the fitting after them, run in the device's fast layout
+    # on CUDA (float32 on a CPU). "fp32" is strict float32, as in scoring (NRM.autocast): on CUDA torch's
+    # own default would let cuDNN run the convolutions in TF32, which "tf32" now asks for by name. The steps, and the fitting after them, run in the device's fast layout
     # (channels-last on a CPU) in every precision; the model comes back in float32 and its own layout.
     precision: str = "fp32"
 
