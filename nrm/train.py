@@ -75,8 +75,9 @@ class TrainConfig:
     # numeric precision of the training steps (TRAIN_PRECISIONS): "bf16" runs them under torch.autocast
     # (bf16 convolutions and matmuls; float32 weights, gradients and optimiser state), "tf32" allows TF32
     # on CUDA (float32 on a CPU). "fp32" is strict float32, as in scoring (NRM.autocast): on CUDA torch's
-    # own default would let cuDNN run the convolutions in TF32, which "tf32" now asks for by name. The steps, and the fitting after them, run in the device's fast layout
-    # (channels-last on a CPU) in every precision; the model comes back in float32 and its own layout.
+    # own default would let cuDNN run the convolutions in TF32, which "tf32" now asks for by name. The
+    # steps, and the fitting after them, run in the device's fast layout (channels-last on a CPU) in
+    # every precision; the model comes back in float32 and its own layout.
     precision: str = "fp32"
 
 
@@ -293,6 +294,19 @@ def _losses(model: NRM, x: Tensor, y: Tensor, cfg: TrainConfig, teachers: list[N
     return logits, ce, recon, loss
 
 
+def train_step(model: NRM, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: TrainConfig,
+               teachers: list[NRM]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One optimiser step on batch ``x`` (B, C, H, W), labels ``y`` (B,), in the model's precision
+    (its autocast: the teachers' forward too; losses in float32, autocast's policy). Returns
+    :func:`_losses`' (logits, cross-entropy, reconstruction term, total loss)."""
+    with model.autocast():
+        out = _losses(model, x, y, cfg, teachers)
+    opt.zero_grad(set_to_none=True)
+    out[3].backward()
+    opt.step()
+    return out
+
+
 def train(
     config: ModelConfig,
     images: Tensor,
@@ -368,11 +382,7 @@ def train(
             x = augment(model.preprocess(images[idx]), cfg.augment, cfg.crop_pad, gen)  # (B, C, H, W)
             x = cutout(x, cfg.cutout, gen)
             y = labels[idx].to(x.device)
-            with model.autocast():  # the teachers' forward too; losses in float32 (autocast's policy)
-                logits, ce, recon, loss = _losses(model, x, y, cfg, teachers)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            logits, ce, recon, loss = train_step(model, opt, x, y, cfg, teachers)
             sched.step()
             step += 1
             if step % 20 == 0 or i + cfg.batch_size >= len(order):

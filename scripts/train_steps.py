@@ -3,10 +3,9 @@
     python scripts/train_steps.py [REPS] [DEVICE]
 
 For each network (the presets gray28, rgb32-small and resnet-cifar at depth 20, random weights), batch
-128, AdamW: the step of ``nrm.train`` (its ``_losses`` under the model's autocast, backward, optimiser
-step) with cross-entropy alone (``--recon-weight 0``, what fine-tuning a converted ResNet uses) and with
-the reconstruction term (a double backward through the renderer), in NCHW and channels-last, fp32 and
-bf16. Prints a Markdown table of the best of REPS steps (default 10) after two warm-up steps, on DEVICE
+128, AdamW: ``nrm.train.train_step``, the step ``nrm.train`` takes, with cross-entropy alone
+(``--recon-weight 0``, what fine-tuning a converted ResNet uses) and with the reconstruction term (a
+double backward through the renderer), in NCHW and channels-last, fp32 and bf16. Prints a Markdown table of the best of REPS steps (default 10) after two warm-up steps, on DEVICE
 (default cpu; scripts/gpu_check.sh runs it on cuda)."""
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nrm  # noqa: E402
 from jobs.allocator import keep_freed_memory  # noqa: E402
 from jobs.bench import device_sync  # noqa: E402
-from nrm.train import _losses, make_optimizer  # noqa: E402
+from nrm.train import make_optimizer, train_step  # noqa: E402
 
 NETS = [("gray28", {}), ("rgb32-small", {}), ("resnet-cifar", {"depth": 20})]
 
@@ -34,11 +33,7 @@ def step_ms(model: nrm.NRM, cfg: nrm.TrainConfig, x: torch.Tensor, y: torch.Tens
     for i in range(reps + 2):
         sync()
         t = time.perf_counter()
-        with model.autocast():
-            loss = _losses(model, x, y, cfg, [])[3]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, y, cfg, [])
         sync()
         if i >= 2:
             best = min(best, time.perf_counter() - t)
