@@ -11,7 +11,6 @@ double backward through the renderer), in NCHW and channels-last, fp32 and bf16.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nrm  # noqa: E402
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import device_sync  # noqa: E402
+from jobs.bench import _time, device_sync  # noqa: E402
 from nrm.train import make_optimizer, train_step  # noqa: E402
 
 NETS = [("gray28", {}), ("rgb32-small", {}), ("resnet-cifar", {"depth": 20})]
@@ -29,15 +28,13 @@ NETS = [("gray28", {}), ("rgb32-small", {}), ("resnet-cifar", {"depth": 20})]
 def step_ms(model: nrm.NRM, cfg: nrm.TrainConfig, x: torch.Tensor, y: torch.Tensor, reps: int) -> float:
     opt = make_optimizer(model, cfg)
     sync = device_sync(x.device)
-    best = float("inf")
-    for i in range(reps + 2):
-        sync()
-        t = time.perf_counter()
+
+    def step() -> None:
         train_step(model, opt, x, y, cfg, [])
         sync()
-        if i >= 2:
-            best = min(best, time.perf_counter() - t)
-    return best * 1e3
+
+    step()  # the first warm-up step (AdamW makes its state); _time takes the second
+    return _time(step, reps) * 1e3
 
 
 def main(reps: int, device: str) -> None:
