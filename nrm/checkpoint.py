@@ -3,7 +3,8 @@
 config.json is the graph and the fitted state (format version 2; version 1 still loads);
 weights.safetensors holds every tensor: ``<node>.<param>`` for the network (node names are module
 paths, so a converted ResNet keeps keys like ``layer1.0.conv1.weight``) and ``detector.*`` for the
-fitted detector's arrays.
+fitted detector's arrays. The network's tensors keep the model's dtype (float32, or the float64,
+bfloat16 or float16 of a module converted in it), one dtype for all; ``load`` gives an NRM of it.
 
 ``model_id`` is the sha256 of the network's weights (the fitted arrays beside them excluded): the job records it with every scored row, and
 ``load(path, expect_model_id=...)`` refuses a weights file whose hash does not match.
@@ -66,7 +67,7 @@ def save(model: NRM, path: str | os.PathLike[str]) -> str:
     tensors = {k: v.cpu().contiguous() for k, v in fitted.items()}
     for node in model.config.nodes:
         for pname, t in model.node_params(node.name).items():
-            tensors[f"{node.name}.{pname}"] = t.detach().float().cpu().contiguous()
+            tensors[f"{node.name}.{pname}"] = t.detach().cpu().contiguous()  # in the model's dtype
     save_file(tensors, str(p / WEIGHTS))
     mid = model_id(p)
     checksum = file_sha256(p)
@@ -107,7 +108,14 @@ def load(
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {str(p)!r}: {e}") from None
     model = NRM(cfg)
-    _load_weights(model, {k: v for k, v in tensors.items() if not k.startswith(FITTED_PREFIXES)}, p)
+    network = {k: v for k, v in tensors.items() if not k.startswith(FITTED_PREFIXES)}
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in network.values()})
+    if len(dtypes) > 1 or not all(v.is_floating_point() for v in network.values()):
+        raise CheckpointError(f"checkpoint {str(p)!r}: the network's tensors have dtypes {dtypes}, expected one "
+                              f"floating dtype for all")
+    if network:
+        model.to_dtype(next(iter(network.values())).dtype)
+    _load_weights(model, network, p)
     if not math.isfinite(cfg.fitted.sigma2):
         raise CheckpointError(f"checkpoint {str(p)!r}: sigma2 is not finite")
     return model.to(device).eval().requires_grad_(False)

@@ -1,15 +1,21 @@
 """nrm.from_torch: turn a user's piecewise-linear PyTorch classifier into an NRM, no retraining.
 
-The module is traced with torch.fx and its graph rewritten node by node into nrm.ops, with shapes
-from one example pass (so ``x.size(3)`` and ``x.view(x.size(0), -1)`` become constants). BatchNorm
-is folded into the conv or linear before it with torch's own fusion helpers; where it cannot be
-(its input is read elsewhere too, or no conv/linear precedes it) it becomes a per-channel affine op
-whose shift is a latent prior term of its own. Dropout and identities vanish (eval mode). Anything
-that is not piecewise-linear is refused with one sentence naming the op, the module path and why.
+The module is traced with torch.fx and its graph rewritten node by node into nrm.ops. The trace runs
+on a copy of the module whose tensors are meta tensors (shapes, no data), so every traced value knows
+its shape: ``x.shape``, ``x.size(3)`` and ``x.ndim`` are the example's numbers, and code that asserts or
+branches on sizes (timm's ``_assert(x.ndim == 4)``) traces to a graph without them. BatchNorm is folded
+into the conv or linear before it with torch's own fusion helpers, in float64, then cast to the
+module's dtype; where it cannot be (its input is read elsewhere too, or no conv/linear precedes it) it
+becomes a per-channel affine op whose shift is a latent prior term of its own. Dropout and identities
+vanish (eval mode). The NRM keeps the module's dtype. Anything that is not piecewise-linear is refused
+with one sentence naming the op, the module path and why; the graph is scanned for such ops first, so
+the refusal names the op that rules the network out, not an unsupported one before it.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from nrm.config import InputSpec, ModelConfig
@@ -27,6 +32,7 @@ from nrm.ops import (
     Add,
     Affine,
     AvgPool,
+    Clamp,
     Concat,
     Conv,
     Flatten,
@@ -36,13 +42,15 @@ from nrm.ops import (
     MaxPool,
     Op,
     Pad,
+    Permute,
     ReLU,
     Reshape,
     Slice,
 )
 
-SUPPORTED = ("Conv2d, Linear, BatchNorm (eval), ReLU, LeakyReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, add, "
-             "cat, slicing, F.pad (constant 0), flatten/view/reshape, Dropout, Identity")
+SUPPORTED = ("Conv2d, Linear, BatchNorm (eval), ReLU, LeakyReLU, ReLU6/Hardtanh, MaxPool2d, AvgPool2d, "
+             "AdaptiveAvgPool2d, add, cat, chunk/split, slicing, F.pad (constant 0), flatten/view/reshape, "
+             "permute/transpose, Dropout, Identity")
 NOT_PIECEWISE_LINEAR = (nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LogSoftmax, nn.ELU, nn.SELU, nn.CELU,
                         nn.Mish, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.GLU, nn.LayerNorm, nn.GroupNorm,
                         nn.MultiheadAttention, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)
@@ -50,6 +58,8 @@ _SMOOTH_FUNCTIONS = {F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tan
                      F.log_softmax, torch.log_softmax, F.elu, F.selu, F.celu, F.mish, F.softplus, F.hardswish,
                      F.hardsigmoid, torch.exp, torch.log, F.layer_norm, F.group_norm, operator.mul, torch.mul,
                      operator.truediv, torch.div, torch.matmul, operator.matmul, torch.bmm}
+_PRODUCTS = {operator.mul, torch.mul, operator.truediv, torch.div, torch.matmul, operator.matmul, torch.bmm}
+_SMOOTH_METHODS = ("sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax", "exp", "exp_", "log", "log_")
 
 
 class ConversionError(ValueError):
@@ -61,10 +71,115 @@ def _refuse(path: str, what: str, why: str) -> ConversionError:
                            f"(supported: {SUPPORTED})")
 
 
+class _Proxy(fx.Proxy):
+    """A traced value that carries what it stands for on the meta copy (``value``: a meta tensor, a tuple
+    of them, or None where that op could not run on meta tensors). Its shape is concrete."""
+
+    value: Any = None
+
+    def _known(self) -> Tensor | None:
+        return self.value if isinstance(self.value, Tensor) else None
+
+    @property
+    def shape(self) -> Any:
+        t = self._known()
+        return t.shape if t is not None else self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
+
+    @property
+    def ndim(self) -> Any:
+        t = self._known()
+        return t.dim() if t is not None else self.tracer.create_proxy("call_function", getattr, (self, "ndim"), {})
+
+    def size(self, dim: int | None = None) -> Any:
+        t = self._known()
+        if t is None:
+            return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
+        return t.shape if dim is None else t.shape[dim]
+
+    def dim(self) -> Any:
+        t = self._known()
+        return t.dim() if t is not None else self.tracer.create_proxy("call_method", "dim", (self,), {})
+
+    def __len__(self) -> int:
+        if isinstance(self.value, Tensor | tuple | list):
+            return len(self.value)
+        raise fx.proxy.TraceError("len() of a traced value whose size is unknown")
+
+    def __iter__(self) -> Any:
+        if isinstance(self.value, tuple | list):  # x1, x2 = x.chunk(2, dim=1)
+            return iter([self[i] for i in range(len(self.value))])  # type: ignore[index]
+        return self.tracer.iter(self)
+
+
 class _Tracer(fx.Tracer):
-    """fx tracer that remembers which module is being traced, for the control-flow error."""
+    """fx tracer over the meta copy of the module: each op also runs on meta tensors as it is recorded,
+    so each traced value knows its shape (:class:`_Proxy`). Non-piecewise-linear modules are leaves
+    even when they subclass torch's (torchvision's LayerNorm2d), so that the refusal names them. It
+    remembers which module is being traced, for the control-flow error."""
 
     path = ""  # the innermost module being traced when an error unwinds
+
+    def __init__(self, example: Tensor):
+        # math is not wrapped (fx's default): sizes are concrete here, and a patched math.prod seen by
+        # torch._dynamo's first import (a meta kernel can import it mid-trace) breaks torch.compile later
+        super().__init__(autowrap_modules=())  # type: ignore[arg-type]
+        self.example = example  # a meta tensor, the traced module's input
+        self._evaluating = False
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, NOT_PIECEWISE_LINEAR) or super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._evaluating:  # a module run on meta tensors reads its own (meta) parameters
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     name: str | None = None, type_expr: Any = None,
+                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        value = self._evaluate(kind, target, args, kwargs)
+        if isinstance(proxy, _Proxy):
+            proxy.value = value
+        proxy.node.meta["value"] = value
+        return proxy
+
+    def _evaluate(self, kind: str, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """What the op gives on meta tensors, or None where it cannot run on them (or a value it reads is
+        unknown); the converter then names the op it cannot read."""
+        if kind == "placeholder":
+            return self.example
+        if kind == "output":
+            return None
+        unknown = False
+
+        def value(a: Any) -> Any:
+            nonlocal unknown
+            if isinstance(a, fx.Proxy):
+                v = getattr(a, "value", None)
+                unknown = unknown or v is None
+                return v
+            return a
+
+        vals, kw = fx.node.map_aggregate(args, value), fx.node.map_aggregate(kwargs, value)
+        if unknown:
+            return None
+        self._evaluating = True
+        try:
+            if kind == "get_attr":
+                return operator.attrgetter(target)(self.root)
+            if kind == "call_function":
+                return target(*vals, **kw)
+            if kind == "call_method":
+                return getattr(vals[0], target)(*vals[1:], **kw)
+            return type(m := self.root.get_submodule(target)).forward(m, *vals, **kw)  # call_module
+        except Exception:  # an op with no meta kernel: its value stays unknown
+            return None
+        finally:
+            self._evaluating = False
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         outer, self.path = self.path, self.path_of_module(m)
@@ -82,6 +197,27 @@ class _Tracer(fx.Tracer):
                                   f"({e})") from None
 
 
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are meta tensors (shape and dtype, no data): the
+    trace runs every op on it for the shapes, at no cost, and leaves the user's module untouched."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as e:
+        raise ConversionError(f"<top>: the module cannot be copied to trace it ({type(e).__name__}: {e}); "
+                              f"copy.deepcopy(module) must work") from None
+
+
+def module_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's floating parameters (the first one's; buffers where it has none), float32
+    for a module without any."""
+    floating = (t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
+    return next((t.dtype for t in floating), torch.float32)
+
+
 def from_torch(
     module: nn.Module,
     input_shape: tuple[int, int, int],
@@ -92,22 +228,22 @@ def from_torch(
     """Convert ``module`` (any piecewise-linear network of the supported ops) with input (C, H, W).
 
     ``mean``/``std`` describe the normalisation of [0, 1] pixels the module was trained with (default:
-    none, mean 0 and std 1). Raises ConversionError naming the first op that cannot be converted."""
+    none, mean 0 and std 1). The NRM has the module's dtype (:func:`module_dtype`). Raises
+    ConversionError naming the first non-piecewise-linear op, or else the first op that cannot be
+    converted."""
     if any(m.training for m in module.modules()):
         raise ConversionError("the module is in training mode; call module.eval() before from_torch")
-    tracer = _Tracer()
-    graph = tracer.trace(module)
-    gm = fx.GraphModule(module, graph)
-    scope = tracer.node_name_to_scope
-    example = torch.randn(3, *input_shape)  # batch 3: told apart from every per-sample size
-    ShapeProp(gm).propagate(example)
-    conv = _Converter(gm, scope, batch=3)
+    dtype = module_dtype(module)
+    # batch 3: told apart from every per-sample size
+    tracer = _Tracer(torch.empty(3, *input_shape, dtype=dtype, device="meta"))
+    graph = tracer.trace(_meta_copy(module))
+    conv = _Converter(graph, dict(module.named_modules()), module, tracer.node_name_to_scope, batch=3, dtype=dtype)
+    conv.check_piecewise_linear()
     nodes, tensors = conv.run()
     c = input_shape[0]
-    n_classes = nodes[-1].op.out if isinstance(nodes[-1].op, Linear) else 0
-    names = [str(x) for x in classes] if classes is not None else [str(i) for i in range(n_classes)]
+    names = [str(x) for x in classes] if classes is not None else [str(i) for i in range(conv.n_classes)]
     spec = InputSpec(c, input_shape[1], input_shape[2], tuple(mean or (0.0,) * c), tuple(std or (1.0,) * c))
-    nrm = NRM(ModelConfig(spec, names, nodes))
+    nrm = NRM(ModelConfig(spec, names, nodes)).to_dtype(dtype)
     with torch.no_grad():
         for node in nodes:
             for pname, t in nrm.node_params(node.name).items():
@@ -118,28 +254,51 @@ def from_torch(
 class _Converter:
     """One pass over the fx graph: each fx node becomes an nrm node, an alias of one, or a constant."""
 
-    def __init__(self, gm: fx.GraphModule, scope: dict[str, tuple[str, Any]], batch: int):
-        self.gm, self.scope, self.batch = gm, scope, batch
-        self.modules = dict(gm.named_modules())
+    def __init__(self, graph: fx.Graph, modules: dict[str, nn.Module], root: nn.Module,
+                 scope: dict[str, tuple[str, Any]], batch: int, dtype: torch.dtype):
+        self.graph, self.modules, self.root, self.scope = graph, modules, root, scope
+        self.batch, self.dtype = batch, dtype
+        self.n_classes = 0  # the logits' width, read at the output
         self.nodes: list[Node] = []
         self.tensors: dict[str, dict[str, Tensor]] = {}
         self.env: dict[fx.Node, Any] = {}  # fx node -> nrm node name (str wrapped in _Ref) or a constant
         self.users: dict[str, int] = {}
 
+    def check_piecewise_linear(self) -> None:
+        """Refuse, naming it, the first op of the graph that is not piecewise-linear (before converting,
+        so that an unsupported op earlier in the graph, such as a ViT's class token, is not what the
+        refusal names)."""
+        for n in self.graph.nodes:
+            if n.op == "call_module" and isinstance(m := self.modules.get(str(n.target)), NOT_PIECEWISE_LINEAR):
+                raise _refuse(str(n.target), type(m).__name__, "not piecewise-linear")
+            if n.op == "call_function" and n.target in _SMOOTH_FUNCTIONS - _PRODUCTS:
+                raise _refuse(self._path(n), getattr(n.target, "__name__", str(n.target)), "not piecewise-linear")
+            if n.op == "call_method" and n.target in _SMOOTH_METHODS:
+                raise _refuse(self._path(n), f"tensor.{n.target}", "not piecewise-linear")
+
     def run(self) -> tuple[list[Node], dict[str, dict[str, Tensor]]]:
-        for n in self.gm.graph.nodes:
+        for n in self.graph.nodes:
             if n.op == "placeholder":
                 if self.env:
                     raise _refuse("", f"a second input {n.name!r}", "not supported (one image tensor in)")
                 self.env[n] = _Ref(INPUT)
             elif n.op == "output":
-                out = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
-                if not isinstance(out, _Ref) or not isinstance(self._node(out.name).op, Linear):
-                    raise _refuse("", "the output", "not a linear classifier's logits (the network must end in nn.Linear)")
-                self._move_last(out.name)
+                self._output(n)
             else:
                 self.env[n] = self._convert(n)
         return self.nodes, self.tensors
+
+    def _output(self, n: fx.Node) -> None:
+        """The returned tensor must be the logits, (N, K), made by the graph: its node goes last."""
+        src = n.args[0]
+        out = self.env[src] if isinstance(src, fx.Node) else None
+        value = src.meta.get("value") if isinstance(src, fx.Node) else None
+        shape = tuple(value.shape) if isinstance(value, Tensor) else None
+        if not isinstance(out, _Ref) or out.name == INPUT or shape is None or len(shape) != 2:
+            got = f"shape {shape} for a batch of {self.batch}" if shape else "not one tensor"
+            raise _refuse("", "the output", f"not the logits, one (N, K) tensor (got {got})")
+        self.n_classes = shape[1]
+        self._move_last(out.name)
 
     # ------------------------------------------------------------------ helpers
     def _path(self, n: fx.Node) -> str:
@@ -148,7 +307,10 @@ class _Converter:
     def _label(self, n: fx.Node) -> str:
         """A node name: the module path for modules, path + function name for functions."""
         path = self._path(n)
-        base = str(n.target) if n.op == "call_module" else (f"{path}.{n.name}" if path else n.name)
+        if n.op == "call_module" or (n.target is F.batch_norm and path):  # timm's BatchNormAct2d: its path
+            base = path
+        else:
+            base = f"{path}.{n.name}" if path else n.name
         name, k = base, 1
         while any(x.name == name for x in self.nodes):
             k += 1
@@ -169,7 +331,7 @@ class _Converter:
         for r in inputs:
             self.users[r.name] = self.users.get(r.name, 0) + 1
         if params:
-            self.tensors[name] = {k: v.detach().clone().float() for k, v in params.items()}
+            self.tensors[name] = {k: v.detach().to(self.dtype, copy=True) for k, v in params.items()}
         return _Ref(name)
 
     def _value(self, a: Any) -> Any:
@@ -183,17 +345,21 @@ class _Converter:
         return a
 
     def _shape(self, n: fx.Node) -> tuple[int, ...]:
-        meta = n.meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape"):
-            raise _refuse(self._path(n), f"{n.target}", "not a tensor op")
-        return tuple(meta.shape)
+        value = n.meta.get("value")
+        if not isinstance(value, Tensor):
+            raise _refuse(self._path(n), f"{getattr(n.target, '__name__', n.target)}", "not an op whose output "
+                          "shape could be read (it did not run on meta tensors)")
+        return tuple(value.shape)
 
     # ------------------------------------------------------------------ dispatch
     def _convert(self, n: fx.Node) -> Any:
         if n.op == "get_attr":
-            raise _refuse(self._path(n), f"the parameter or buffer {n.target!r} used directly", "not supported")
+            return _Param(str(n.target))
         args = [self._value(a) for a in n.args]
         kwargs = {k: self._value(v) for k, v in n.kwargs.items()}
+        if n.target is not F.batch_norm and (p := _first(_Param, [args, list(kwargs.values())])) is not None:
+            raise _refuse(self._path(n), f"the parameter or buffer {p.target!r} used directly", "not supported "
+                          "(only through the module that owns it, or F.batch_norm)")
         if n.op == "call_module":
             return self._module(n, self.modules[str(n.target)], args)
         if n.op == "call_method":
@@ -215,11 +381,13 @@ class _Converter:
         if isinstance(m, nn.Linear):
             return self._add(n, Linear(m.in_features, m.out_features, m.bias is not None), [x], _weights(m))
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-            return self._batchnorm(n, m, x)
+            return self._bn_module(n, m, x)
         if isinstance(m, nn.ReLU):
             return self._add(n, ReLU(), [x])
         if isinstance(m, nn.LeakyReLU):
             return self._add(n, LeakyReLU(float(m.negative_slope)), [x])
+        if isinstance(m, nn.Hardtanh):  # nn.ReLU6 too
+            return self._add(n, Clamp(m.min_val, m.max_val), [x])
         if isinstance(m, nn.MaxPool2d):
             return self._add(n, MaxPool(m.kernel_size, m.stride or m.kernel_size, m.padding, m.dilation, m.ceil_mode), [x])
         if isinstance(m, nn.AvgPool2d):
@@ -241,10 +409,31 @@ class _Converter:
         path = self._path(n)
         if fn is operator.getitem:
             return self._getitem(n, args[0], args[1])
-        if args and not _holds_ref(args) and not _holds_ref(list(kwargs.values())):
+        if fn is getattr and args[1] in ("shape", "ndim") and isinstance(args[0], _Ref):
+            shape = torch.Size(self._shape(n.args[0]))  # type: ignore[arg-type]
+            return shape if args[1] == "shape" else len(shape)
+        if args and _first(_Ref, [args, list(kwargs.values())]) is None:
             return fn(*args, **kwargs)  # arithmetic on sizes: a constant
         if fn in (F.relu, torch.relu):
             return self._add(n, ReLU(), [args[0]])
+        if fn is F.relu6:
+            return self._add(n, Clamp(0.0, 6.0), [args[0]])
+        if fn is F.hardtanh:
+            lo, hi = _args(args, kwargs, ("min_val", "max_val"), (-1.0, 1.0))
+            return self._add(n, Clamp(lo, hi), [args[0]])
+        if fn is F.batch_norm:
+            mean, var, weight, bias, training, _, eps = _args(args, kwargs, (
+                "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+                (None, None, None, None, False, 0.1, 1e-5))
+            if training or mean is None or var is None:
+                raise _refuse(path, "F.batch_norm with batch statistics", "not foldable (training=True or no "
+                              "running statistics normalises by each batch, which is not a fixed affine map)")
+            t = [None if v is None else self._tensor(v) for v in (mean, var, weight, bias)]
+            return self._batchnorm(n, args[0], t[0], t[1], t[2], t[3], float(eps))  # type: ignore[arg-type]
+        if fn in (torch.permute, torch.transpose):
+            return self._permute(n, args[0], "permute" if fn is torch.permute else "transpose", args[1:], kwargs)
+        if fn in (torch.chunk, torch.split):
+            return self._pieces(n, args[0])
         if fn is F.leaky_relu:
             return self._add(n, LeakyReLU(float(args[1] if len(args) > 1 else kwargs.get("negative_slope", 0.01))),
                              [args[0]])
@@ -252,7 +441,12 @@ class _Converter:
             return self._add_op(n, args, kwargs)
         if fn in (torch.cat, torch.concat):
             dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
-            return self._add(n, Concat(self._sample_dim(n, dim)), list(args[0]))
+            parts = list(args[0])
+            if not all(isinstance(a, _Ref) for a in parts):
+                raise _refuse(path, "cat of something other than traced tensors", "not supported")
+            if len(parts) == 1:  # DenseNet's first layer concatenates a one-element list: the tensor itself
+                return parts[0]
+            return self._add(n, Concat(self._sample_dim(n, dim)), parts)
         if fn is F.pad:
             return self._pad(n, args, kwargs)
         if fn in (F.max_pool2d, torch.max_pool2d):
@@ -274,7 +468,7 @@ class _Converter:
             return args[0]
         what = getattr(fn, "__name__", str(fn))
         why = "not piecewise-linear" if fn in _SMOOTH_FUNCTIONS else "not supported by the NRM converter"
-        if fn in (operator.mul, torch.mul, operator.truediv, torch.div, torch.matmul, operator.matmul, torch.bmm):
+        if fn in _PRODUCTS:
             why = "not piecewise-linear (a product of two activations, or scaling the NRM cannot read)"
         return self._fail(path, what, why)
 
@@ -291,6 +485,10 @@ class _Converter:
             return x
         if name in ("relu", "relu_"):
             return self._add(n, ReLU(), [x])
+        if name in ("permute", "transpose"):
+            return self._permute(n, x, name, args[1:], kwargs)
+        if name in ("chunk", "split"):
+            return self._pieces(n, x)
         if name in ("add", "add_", "__add__", "__iadd__"):
             return self._add_op(n, args, kwargs)
         if name == "mean":
@@ -312,6 +510,43 @@ class _Converter:
             raise _refuse(self._path(n), "add of a constant (or with alpha)", "not supported (a bias the NRM cannot "
                           "place)")
         return self._add(n, Add(), refs)
+
+    def _tensor(self, p: Any) -> Tensor:
+        """The tensor a get_attr node reads, from the user's module (not the meta copy that was traced)."""
+        if not isinstance(p, _Param):
+            raise ConversionError(f"expected a parameter or buffer of the module, got {p!r}")
+        try:
+            tensor: Tensor = operator.attrgetter(p.target)(self.root)
+            return tensor.detach()
+        except AttributeError:
+            raise _refuse("", f"the tensor {p.target!r}", "not a parameter or buffer of the module (a constant "
+                          "made while tracing)") from None
+
+    def _permute(self, n: fx.Node, x: _Ref, kind: str, rest: list[Any], kwargs: dict[str, Any]) -> _Ref:
+        """x.permute(dims) / torch.permute(x, dims) / transpose(d0, d1): the batch dimension must stay first."""
+        rank = len(self._shape(n.args[0]))  # type: ignore[arg-type]
+        if kind == "transpose":
+            d0, d1 = _args([None, *rest], kwargs, ("dim0", "dim1"), (None, None))
+            order = list(range(rank))
+            order[d0 % rank], order[d1 % rank] = order[d1 % rank], order[d0 % rank]
+        else:
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], tuple | list) else rest or kwargs["dims"]
+            order = [int(d) % rank for d in dims]
+        if order[0] != 0:
+            raise _refuse(self._path(n), f"{kind} {order}", "not supported (it moves the batch dimension)")
+        return self._add(n, Permute(tuple(d - 1 for d in order[1:])), [x])
+
+    def _pieces(self, n: fx.Node, x: _Ref) -> _Pieces:
+        """chunk / split along a per-sample dimension: the pieces' ranges, read from the traced values; each
+        piece becomes a slice node where it is taken (``x1, x2 = x.chunk(2, dim=1)``)."""
+        value, src = n.meta.get("value"), self._shape(n.args[0])  # type: ignore[arg-type]
+        if not isinstance(value, tuple | list) or not value:
+            raise _refuse(self._path(n), f"{getattr(n.target, '__name__', n.target)}", "not readable here")
+        dims = [d for d in range(len(src)) if any(v.shape[d] != src[d] for v in value)] or [1]
+        if dims[0] == 0 or len(dims) > 1:
+            raise _refuse(self._path(n), "chunk or split along the batch dimension", "not supported")
+        starts = list(itertools.accumulate((v.shape[dims[0]] for v in value), initial=0))
+        return _Pieces(x, src, dims[0], list(zip(starts[:-1], starts[1:], strict=True)))
 
     def _sample_dim(self, n: fx.Node, dim: int) -> int:
         rank = len(self._shape(n))
@@ -350,6 +585,11 @@ class _Converter:
         return self._add(n, Pad(pad), [args[0]])
 
     def _getitem(self, n: fx.Node, x: Any, index: Any) -> Any:
+        if isinstance(x, _Pieces):  # one piece of a chunk or split: a slice of its source
+            lo, hi = x.ranges[index]
+            start, stop = [0] * (len(x.shape) - 1), list(x.shape[1:])
+            start[x.dim - 1], stop[x.dim - 1] = lo, hi
+            return self._add(n, Slice(tuple(start), tuple(stop), (1,) * len(start)), [x.source])
         if not isinstance(x, _Ref):
             return x[index]  # indexing a size or a tuple: a constant
         src = self._shape(n.args[0])  # type: ignore[arg-type]
@@ -361,26 +601,33 @@ class _Converter:
         ranges = [s.indices(size) for s, size in zip(full, src[1:], strict=True)]
         return self._add(n, Slice(*zip(*ranges, strict=True)), [x])
 
-    def _batchnorm(self, n: fx.Node, m: nn.BatchNorm1d | nn.BatchNorm2d, x: _Ref) -> _Ref:
-        path = str(n.target)
+    def _bn_module(self, n: fx.Node, m: nn.BatchNorm1d | nn.BatchNorm2d, x: _Ref) -> _Ref:
         if m.running_mean is None or m.running_var is None:
-            raise _refuse(path, type(m).__name__ + " without running statistics", "not foldable (track_running_stats"
-                          "=False normalises by each batch, which is not a fixed affine map)")
+            raise _refuse(str(n.target), type(m).__name__ + " without running statistics", "not foldable ("
+                          "track_running_stats=False normalises by each batch, which is not a fixed affine map)")
+        weight, bias = (m.weight, m.bias) if m.affine else (None, None)
+        return self._batchnorm(n, x, m.running_mean, m.running_var, weight, bias, m.eps)
+
+    def _batchnorm(self, n: fx.Node, x: _Ref, mean: Tensor, var: Tensor, weight: Tensor | None,
+                   bias: Tensor | None, eps: float) -> _Ref:
+        """Eval-mode BatchNorm, folded into the conv or linear before it where that is its only reader,
+        else an affine node; either way computed in float64 and cast to the module's dtype."""
+        mean, var = mean.detach().double(), var.detach().double()
+        weight = torch.ones_like(mean) if weight is None else weight.detach().double()
+        bias = torch.zeros_like(mean) if bias is None else bias.detach().double()
         prev = self._node(x.name) if x.name != INPUT else None
         src = n.args[0]
         only_user = isinstance(src, fx.Node) and len(src.users) == 1 and self.users.get(x.name, 0) == 0
         if prev is not None and only_user and isinstance(prev.op, Conv | Linear) and prev.name in self.tensors:
             p = self.tensors[prev.name]
             fuse = fuse_conv_bn_weights if isinstance(prev.op, Conv) else fuse_linear_bn_weights
-            w, b = fuse(p["weight"], p.get("bias"), m.running_mean, m.running_var, m.eps,
-                        m.weight if m.affine else torch.ones_like(m.running_mean),
-                        m.bias if m.affine else torch.zeros_like(m.running_mean))
+            b0 = p["bias"].double() if "bias" in p else None
+            w, b = fuse(p["weight"].double(), b0, mean, var, eps, weight, bias)
             self.nodes[self.nodes.index(prev)] = Node(prev.name, _with_bias(prev.op), prev.inputs)
-            self.tensors[prev.name] = {"weight": w.detach().float(), "bias": b.detach().float()}
+            self.tensors[prev.name] = {"weight": w.detach().to(self.dtype), "bias": b.detach().to(self.dtype)}
             return x
-        scale = (m.weight.detach() if m.affine else 1.0) / torch.sqrt(m.running_var + m.eps)
-        shift = (m.bias.detach() if m.affine else 0.0) - m.running_mean * scale
-        return self._add(n, Affine(m.num_features), [x], {"scale": scale, "shift": shift})
+        scale = weight / torch.sqrt(var + eps)
+        return self._add(n, Affine(len(mean)), [x], {"scale": scale, "shift": bias - mean * scale})
 
 
 class _Ref:
@@ -399,11 +646,30 @@ def _weights(m: nn.Conv2d | nn.Linear) -> dict[str, Tensor]:
     return {"weight": m.weight} if m.bias is None else {"weight": m.weight, "bias": m.bias}
 
 
-def _holds_ref(args: Any) -> bool:
-    """Whether an argument (nested in tuples or lists) is or holds a converted tensor."""
-    if isinstance(args, _Ref):
-        return True
-    return isinstance(args, tuple | list) and any(_holds_ref(a) for a in args)
+class _Param:
+    """What a get_attr node became: the dotted path of a parameter or buffer of the module."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: str):
+        self.target = target
+
+
+class _Pieces:
+    """What chunk / split became: the source, its per-sample shape (with the batch first) and the
+    (start, stop) of each piece along per-sample-plus-one dimension ``dim``; indexed by getitem."""
+
+    def __init__(self, source: _Ref, shape: tuple[int, ...], dim: int, ranges: list[tuple[int, int]]):
+        self.source, self.shape, self.dim, self.ranges = source, shape, dim, ranges
+
+
+def _first(cls: type, args: Any) -> Any:
+    """The first instance of ``cls`` in an argument (nested in tuples or lists), or None."""
+    if isinstance(args, cls):
+        return args
+    if isinstance(args, tuple | list):
+        return next((f for a in args if (f := _first(cls, a)) is not None), None)
+    return None
 
 
 def _with_bias(op: Conv | Linear) -> Conv | Linear:
@@ -417,10 +683,15 @@ def _as_pair(size: Any, current: tuple[int, ...]) -> tuple[int, int]:
     return (int(s[0] if s[0] is not None else current[0]), int(s[1] if s[1] is not None else current[1]))
 
 
+def _args(args: list[Any], kwargs: dict[str, Any], names: Sequence[str], defaults: Sequence[Any]) -> list[Any]:
+    """A function's positional-or-keyword arguments after its input, in ``names`` order."""
+    return [args[i + 1] if i + 1 < len(args) else kwargs.get(k, d)
+            for i, (k, d) in enumerate(zip(names, defaults, strict=True))]
+
+
 def _pool_args(args: list[Any], kwargs: dict[str, Any], names: Sequence[str], defaults: Sequence[Any]) -> list[Any]:
     """Positional-or-keyword pooling arguments in ``names`` order; stride None or () means the kernel."""
-    out = [args[i + 1] if i + 1 < len(args) else kwargs.get(k, d) for i, (k, d) in enumerate(zip(names, defaults,
-                                                                                                    strict=True))]
+    out = _args(args, kwargs, names, defaults)
     if out[1] in (None, (), []):
         out[1] = out[0]
     return out

@@ -2,8 +2,8 @@
 
     Node("layer1.0.conv1", Conv(16, 16, 3, padding=1), ("stem.relu",))
 
-The graph's input is called ``INPUT``; the last node is the classifier (a linear op with one output
-per class) and its output is the logits. Node names are the module paths of the converted torch
+The graph's input is called ``INPUT``; the last node's output is the logits, one value per class:
+a linear classifier, or another head (SqueezeNet's 1x1 conv, ReLU and global average pool, flattened). Node names are the module paths of the converted torch
 module (latent names), unique, and the checkpoint keys its tensors by them (``<name>.weight``).
 ``chain`` builds the plain stack of earlier versions; ``infer_shapes`` validates a graph and says
 which node is wrong.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nrm.ops import Linear, Op, OpError, Shape, op_from_dict, out_shape
+from nrm.ops import Op, OpError, Shape, op_from_dict, out_shape
 
 INPUT = "input"
 RESERVED = ("detector", "posthoc")  # checkpoint keys of fitted arrays start with these
@@ -81,11 +81,13 @@ def infer_shapes(nodes: Sequence[Node], input_shape: Shape, n_classes: int) -> d
         except OpError as e:
             raise GraphError(f"node {node.name!r}: {e}") from None
     last = nodes[-1]
-    if not isinstance(last.op, Linear):
-        raise GraphError(f"node {last.name!r}: the last node must be the linear classifier, got {last.op.type!r}")
-    if last.op.out != n_classes:
-        raise GraphError(f"node {last.name!r}: the classifier has {last.op.out} outputs but there are {n_classes} classes")
+    if len(shapes[last.name]) != 1:
+        raise GraphError(f"node {last.name!r}: the last node's output is the logits, one value per class, but it has "
+                         f"shape {shapes[last.name]} per sample")
+    if shapes[last.name][0] != n_classes:
+        raise GraphError(f"node {last.name!r}: the network has {shapes[last.name][0]} outputs but there are "
+                         f"{n_classes} classes")
     used = {i for n in nodes for i in n.inputs}
     if dead := [n.name for n in nodes[:-1] if n.name not in used]:
-        raise GraphError(f"node(s) {dead}: output never used (every node must lead to the classifier)")
+        raise GraphError(f"node(s) {dead}: output never used (every node must lead to the logits)")
     return shapes

@@ -6,8 +6,8 @@ class template mu_y* through the transposed weights of the same network, eq. (1)
 
     h(l-1) = sum_p T(t*(l, p)) B(l, p) W(l)^T (s*(l, p) h(l, p))
 
-The network is a graph of ops (nrm.graph, nrm.ops: conv, linear, relu, max-pool, average pool,
-add, concat, slice, pad, ...), so residual and concatenating networks are NRMs too. ``score`` turns
+The network is a graph of ops (nrm.graph, nrm.ops: conv, linear, relu, clamp, max-pool, average pool,
+add, concat, slice, pad, permute, ...), so residual and concatenating networks are NRMs too. ``score`` turns
 both passes into the per-sample columns of nrm.scores. Two renderers exist: ``render_explicit``
 walks the graph backwards with each op's adjoint (eq. 1 generalised); ``render`` takes one
 vector-Jacobian product, since for a piecewise-linear network h(0) = d logit_y* / dx and
@@ -103,10 +103,15 @@ class NRM(nn.Module):
             "log_partition", torch.tensor(config.fitted.log_partition or [0.0] * len(config.classes)),
             persistent=False,
         )
-        # Nodes whose bias is a latent prior parameter b(l): every biased op but the classifier.
-        self.bias_nodes = [n.name for n in config.nodes[:-1] if n.op.has_bias()]
+        # The latent prior's terms: every node with a bias b(l) but a biased output node (its bias is
+        # the constant c_y of the completeness identity), and every clamp (its clipped units' bounds).
+        last = config.nodes[-1]
+        self.bias_nodes = [n.name for n in config.nodes if n.op.has_prior() and not (n is last and n.op.has_bias())]
+        # The layers whose units have statistics (unit_stats): the prior terms that own a bias.
+        self.unit_nodes = [n.name for n in config.nodes if n.name in self.bias_nodes and n.op.has_bias()]
         self._last_use = self._plan_frees(config.nodes)
-        self._stats_at = self._plan_stats(config.nodes, self.bias_nodes)
+        self._stats_at = self._plan_stats(config.nodes, self.unit_nodes)
+        self._head = self._plan_head(config.nodes)
         self._index = {n.name: k for k, n in enumerate(config.nodes)}
         self.precision = "fp32"  # see set_precision
         self.channels_last = False  # see use_channels_last
@@ -153,6 +158,17 @@ class NRM(nn.Module):
                 at[n.name] = n.inputs[0]
         return at
 
+    @staticmethod
+    def _plan_head(nodes: list[Node]) -> int:
+        """The index of the head: the node whose input is the penultimate features. The output node
+        when it is linear; else the last conv or linear before it on a path of one-input, parameter-free
+        ops (SqueezeNet: conv 1x1, ReLU, global average pool, flatten); else the output node."""
+        index = {n.name: k for k, n in enumerate(nodes)}
+        k = len(nodes) - 1
+        while not nodes[k].op.params() and len(nodes[k].inputs) == 1 and nodes[k].inputs[0] in index:
+            k = index[nodes[k].inputs[0]]
+        return k if "weight" in nodes[k].op.params() else len(nodes) - 1
+
     def node_params(self, name: str) -> dict[str, Tensor]:
         """The tensors of node ``name`` by param name (weight, bias, scale, shift); {} for none."""
         key = _key(name)
@@ -171,11 +187,35 @@ class NRM(nn.Module):
         return list(self.bias_nodes)
 
     @property
-    def classifier(self) -> Node:
+    def output(self) -> Node:
+        """The last node: its output is the logits."""
         return self.config.nodes[-1]
 
+    @property
+    def classifier(self) -> Node:
+        """The linear classifier, logits = W f + b on the penultimate features f: the output node when
+        it is linear. ValueError when the logits come from another head, which has no such W and b."""
+        node = self.output
+        if node.op.type != "linear":
+            raise ValueError(f"this network's logits come from node {node.name!r} ({node.op.type}), not from a linear "
+                             f"classifier on its penultimate features, so they are no W f + b (which ViM needs)")
+        return node
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the network's tensors: the converted module's (float32, float64, bfloat16, float16)."""
+        return next(iter(self.params.parameters()), self.mean).dtype
+
+    def to_dtype(self, dtype: torch.dtype) -> NRM:
+        """The network's tensors in ``dtype``; the preprocessing constants and log Z(y) in float32 or wider
+        (in bfloat16 a mean of 0.485 would round to 0.484375, moving every pixel). Returns self."""
+        self.to(torch.promote_types(dtype, torch.float32))
+        self.params.to(dtype)
+        return self
+
     def preprocess(self, images: Tensor) -> Tensor:
-        """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
+        """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised (N, C, H, W) in the model's dtype and on its
+        device (normalised in float32 or wider, then cast)."""
         c, h, w = self.input_shape
         if images.dim() == 3 and c == 1:
             images = images.unsqueeze(-1)
@@ -187,7 +227,7 @@ class NRM(nn.Module):
         if images.dtype != torch.uint8:
             raise ValueError(f"preprocess: got dtype {images.dtype}, expected torch.uint8 pixels")
         x = images.to(self.mean.device).permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0  # (N, C, H, W)
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).to(self.dtype)
 
     def check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
@@ -217,8 +257,8 @@ class NRM(nn.Module):
         norm = self.train_norm
         for k, node in enumerate(self.config.nodes):
             xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
-            if k == len(self.config.nodes) - 1:
-                feats = xs[0].flatten(1)  # (N, F) penultimate features
+            if k == self._head:  # (N, F) penultimate features; a conv head's input map averaged over positions
+                feats = xs[0].flatten(1) if xs[0].dim() == 2 else xs[0].mean(dim=tuple(range(2, xs[0].dim())))
             reads = node.op.reads() if save else ""  # what the in-place reverse pass keeps of this node
             if norm is not None and node.name in norm:  # training with BatchNorm: its beta is the bias
                 out = norm(node.name, node.op.forward(xs, {"weight": p["weight"]}))
@@ -242,10 +282,10 @@ class NRM(nn.Module):
             if not keep:
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
-        logits = values[self.classifier.name]
+        logits = values[self.output.name]
         st = None
-        if stats:  # in bias_nodes order, wherever each was read
-            rates, means = zip(*(unit[n] for n in self.bias_nodes), strict=True)
+        if stats:  # in unit_nodes order, wherever each was read
+            rates, means = zip(*(unit[n] for n in self.unit_nodes), strict=True)
             st = (torch.cat(rates, dim=1), torch.cat(means, dim=1))
         kept = Latents(logits, values, latents) if keep else Latents(logits, shapes, latents) if save else None
         return logits, kept, zs, feats, st
@@ -298,7 +338,7 @@ class NRM(nn.Module):
         holds is written into (a ReLU's gate applied, a second consumer's part added) instead of
         copied; traced by torch.compile, every step makes a new value and inductor plans the memory."""
         in_place = reverse and not torch.compiler.is_compiling()
-        h: dict[str, Tensor] = {self.classifier.name: F.one_hot(y, len(self.config.classes)).to(lat.logits.dtype)}
+        h: dict[str, Tensor] = {self.output.name: F.one_hot(y, len(self.config.classes)).to(lat.logits.dtype)}
         eta: dict[str, Tensor] = {}  # per-channel terms (N, C_l); eta_l is their sum
         bias = set(self.bias_nodes)
         for node in reversed(self.config.nodes):
@@ -306,9 +346,9 @@ class NRM(nn.Module):
             if g is None:  # nothing downstream depends on this node
                 continue
             p = self.node_params(node.name)
-            if node.name in bias:
-                eta[node.name] = _per_channel(g) * p[node.op.bias]  # type: ignore[index]
             xs, saved = [lat.values[i] for i in node.inputs], lat.latents.get(node.name)
+            if node.name in bias:
+                eta[node.name] = node.op.prior(g, p, saved)
             if reverse:
                 parts = node.op.adjoint_(g, xs, p, saved, own=in_place and _holders(g, h) == 0)
             else:
@@ -380,12 +420,9 @@ class NRM(nn.Module):
                 y = logits.detach().argmax(1)
             picked = logits.gather(1, y[:, None]).sum()
             grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
-        eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]  # (N, C_l)
-               for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
+        eta = [self.config.nodes[self._index[n]].op.prior(g, self.node_params(n), z)  # (N, C_l)
+               for n, g, z in zip(self.bias_nodes, grads[1:], zs, strict=True)]
         return logits, self._rendering(y, grads[0], eta), feats, st
-
-    def _bias_param(self, name: str) -> str:
-        return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
 
     def render(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False) -> Rendering:
         """Fast renderer: h(0) = d logit_y / dx and eta_l = b(l) . d logit_y / dz(l), in one backward
@@ -393,12 +430,13 @@ class NRM(nn.Module):
         return self._vjp(x, y, create_graph)[1]
 
     def unit_stats(self, zs: list[Tensor]) -> Stats:
-        """Per-channel statistics of the bottom-up pass, over spatial positions p, for every bias node:
+        """Per-channel statistics of the bottom-up pass, over spatial positions p, for every unit node
+        (a latent prior term that owns a bias, see ``unit_nodes``; a clamp's terms have none):
 
             gate rate  g_{l,c} = mean_p 1[z(l)_{c,p} > 0]       the ReLU latents s*(l), as on-rates
             act mean   a_{l,c} = mean_p max(z(l)_{c,p}, 0)      the positive part of the activation
 
-        zs are the bias nodes' outputs z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l).
+        zs are the unit nodes' outputs z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l).
         ``score`` reads the same statistics during its bottom-up pass (:meth:`_run`)."""
         parts = [_unit_stats(z, positive=False) for z in zs]
         return torch.cat([r for r, _ in parts], dim=1), torch.cat([m for _, m in parts], dim=1)
@@ -569,11 +607,6 @@ def _holders(t: Tensor, h: dict[str, Tensor]) -> int:
     """How many of the pending gradients ``h`` share ``t``'s memory (an add sends one to each input)."""
     ptr = t.untyped_storage().data_ptr()
     return sum(v.untyped_storage().data_ptr() == ptr for v in h.values())
-
-
-def _per_channel(g: Tensor) -> Tensor:
-    """Sum over positions: (N, C, H, W) -> (N, C) (in either memory format, no copy); flat features (N, F) stay."""
-    return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
 
 
 def fitted_columns(config: ModelConfig) -> list[str]:

@@ -15,9 +15,12 @@ map, all on per-sample shapes (the batch dimension is never part of an attribute
                              op's own output, "latent": what ``encode`` returns), and with ``own``
                              it may write into h
     bias                     the name of the param that is a latent prior term b(l), or None
+    prior(g, p, out)         the node's latent prior term per output channel, (N, C), from
+                             g = d logit_y / d(its output): b_c(l) sum_p g_{c,p} for a bias; a
+                             clamp's is what its clipped units hold (see Clamp)
 
 Piecewise-linear only: with the latents fixed, every op is affine, so the adjoint of the whole
-graph is the vector-Jacobian product and the completeness identity holds. ``OPS`` maps each op's
+graph is the vector-Jacobian product and the completeness identity holds (docs/theory.md). ``OPS`` maps each op's
 JSON ``type`` to its class; ``op_from_dict`` is the only way back from JSON.
 """
 
@@ -89,6 +92,15 @@ class Op:
     def has_bias(self) -> bool:
         return self.bias is not None and self.bias in self.params()
 
+    def has_prior(self) -> bool:
+        """Whether the node is a latent prior term: a bias b(l), or a constant its latents choose."""
+        return self.has_bias()
+
+    def prior(self, g: Tensor, p: dict[str, Tensor], out: Tensor | None) -> Tensor:
+        """The latent prior term per output channel, (N, C): b_c(l) sum_p g_{c,p}, with g (N, C, ...)
+        = d logit_y / d(this node's output). ``out`` is the node's output (a clamp reads it)."""
+        return _channel_sum(g) * p[self.bias]  # type: ignore[index]
+
     def to_dict(self) -> dict[str, Any]:
         return {k.rstrip("_"): list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
@@ -115,6 +127,11 @@ def _spread(h: Tensor, kernel: tuple[int, int], size: tuple[int, ...]) -> Tensor
     (kh, kw), (n, c, hh, ww) = kernel, h.shape
     out = (h / (kh * kw))[:, :, :, None, :, None].expand(n, c, hh, kh, ww, kw).reshape(n, c, hh * kh, ww * kw)
     return F.pad(out, (0, size[1] - ww * kw, 0, size[0] - hh * kh))
+
+
+def _channel_sum(g: Tensor) -> Tensor:
+    """Sum over positions: (N, C, H, W) -> (N, C) (in either memory format, no copy); (N, F) stays."""
+    return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
 
 
 def _layout(h: Tensor) -> torch.memory_format:
@@ -287,6 +304,61 @@ class LeakyReLU(Op):
 
 
 @dataclass(frozen=True)
+class Clamp(Op):
+    """a = min(max(z, lo), hi) (ReLU6 is lo 0, hi 6; nn.Hardtanh): two gates per unit, 1[z > lo] and
+    1[z < hi]. Where both are open a = z; where one is shut the unit holds its bound whatever z is,
+    a constant like a bias: a = s . z + k with s = 1[lo < z < hi] and k = lo 1[z <= lo] + hi 1[z >= hi].
+    So the node is a latent prior term of its own, sum_{c,p} k_{c,p} h_{c,p} (h the gradient at its
+    output), which keeps the completeness identity exact (docs/theory.md). Both gates and k are read
+    from the output a (a unit is clipped exactly where a <= lo or a >= hi), so the latent ``encode``
+    keeps is the output itself. Gates shut at the bounds themselves, as torch's hardtanh gradient."""
+
+    lo: float
+    hi: float
+    type: ClassVar[str] = "clamp"
+    inplace: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lo", float(self.lo))
+        object.__setattr__(self, "hi", float(self.hi))
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
+            raise OpError(f"clamp needs finite bounds lo < hi, got lo {self.lo} and hi {self.hi}")
+
+    def forward(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
+        return F.hardtanh(xs[0], self.lo, self.hi)
+
+    def forward_(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
+        return F.hardtanh_(xs[0], self.lo, self.hi)
+
+    def encode(self, xs: list[Tensor], p: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        out = self.forward(xs, p)
+        return out, out  # the output: gates and constants are read from it
+
+    def _open(self, a: Tensor) -> Tensor:
+        return (a > self.lo) & (a < self.hi)  # both gates open: lo < z < hi
+
+    def reads(self) -> str:
+        return "output"
+
+    def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
+        a = lat if lat is not None else self.forward(xs, p)
+        return [torch.where(self._open(a), h, 0)]
+
+    def adjoint_(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], saved: Tensor | None, own: bool) -> list[Tensor]:
+        assert saved is not None  # the output: a <= lo exactly where z <= lo, a >= hi where z >= hi
+        if own and h.dtype == saved.dtype:  # autograd's own hardtanh gradient, written into h
+            return [torch.ops.aten.hardtanh_backward.grad_input(h, saved, self.lo, self.hi, grad_input=h)]
+        return self.adjoint(h, xs, p, saved)
+
+    def has_prior(self) -> bool:
+        return True
+
+    def prior(self, g: Tensor, p: dict[str, Tensor], out: Tensor | None) -> Tensor:
+        assert out is not None  # the output a: k = a where a gate is shut, 0 where both are open
+        return _channel_sum(torch.where(self._open(out), 0, out) * g)
+
+
+@dataclass(frozen=True)
 class MaxPool(Op):
     """a(p) = z(t*(l, p)): the switch t* is the argmax of each window (padding never wins)."""
 
@@ -408,6 +480,31 @@ class Reshape(Op):
 
 
 @dataclass(frozen=True)
+class Permute(Op):
+    """Per-sample dimensions reordered, a = z.permute(0, 1 + dims) (ShuffleNet's channel shuffle is a
+    reshape, a permute and a reshape; ``transpose`` swaps two); the adjoint applies the inverse order."""
+
+    dims: tuple[int, ...]
+    type: ClassVar[str] = "permute"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        if sorted(self.dims) != list(range(len(self.dims))):
+            raise OpError(f"permute needs an order of the per-sample dimensions 0..{len(self.dims) - 1}, got {self.dims}")
+
+    def check(self, shapes: list[Shape]) -> None:
+        if len(shapes[0]) != len(self.dims):
+            raise OpError(f"permute {self.dims} needs {len(self.dims)} per-sample dimensions, got {shapes[0]}")
+
+    def forward(self, xs: list[Tensor], p: dict[str, Tensor]) -> Tensor:
+        return xs[0].permute(0, *(d + 1 for d in self.dims))
+
+    def adjoint(self, h: Tensor, xs: list[Tensor], p: dict[str, Tensor], lat: Tensor | None) -> list[Tensor]:
+        inverse = sorted(range(len(self.dims)), key=lambda k: self.dims[k])
+        return [h.permute(0, *(d + 1 for d in inverse))]
+
+
+@dataclass(frozen=True)
 class Add(Op):
     """a = z_1 + z_2 + ... (residual connections); the adjoint sends h to every input."""
 
@@ -511,8 +608,8 @@ class Pad(Op):
         return [F.pad(h, tuple(-v for v in self.pad))]  # negative padding crops
 
 
-OPS: dict[str, type[Op]] = {c.type: c for c in (Conv, Linear, Affine, ReLU, LeakyReLU, MaxPool, AvgPool,
-                                                  GlobalAvgPool, Flatten, Reshape, Add, Concat, Slice, Pad)}
+OPS: dict[str, type[Op]] = {c.type: c for c in (Conv, Linear, Affine, ReLU, LeakyReLU, Clamp, MaxPool, AvgPool,
+                                                  GlobalAvgPool, Flatten, Reshape, Permute, Add, Concat, Slice, Pad)}
 
 
 def op_from_dict(kind: str, attrs: dict[str, Any]) -> Op:

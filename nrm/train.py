@@ -98,7 +98,7 @@ def path_norm(model: NRM) -> Tensor:
     for node in model.config.nodes:
         p = {k: v.pow(2) if k in ("weight", "scale") else torch.zeros_like(v) for k, v in model.node_params(node.name).items()}
         values[node.name] = node.op.forward([values[i] for i in node.inputs], p)
-    return values[model.classifier.name].sum()
+    return values[model.output.name].sum()
 
 
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
