@@ -195,10 +195,11 @@ class NRM(nn.Module):
     def classifier(self) -> Node:
         """The linear classifier, logits = W f + b on the penultimate features f: the output node when
         it is linear. ValueError when the logits come from another head, which has no such W and b."""
-        node = self.output
+        node, head = self.output, self.config.nodes[self._head]
         if node.op.type != "linear":
-            raise ValueError(f"this network's logits come from node {node.name!r} ({node.op.type}), not from a linear "
-                             f"classifier on its penultimate features, so they are no W f + b (which ViM needs)")
+            raise ValueError(f"this network's logits come from node {head.name!r} ({head.op.type}) and the ops after it "
+                             f"up to {node.name!r} ({node.op.type}), not from a linear classifier on its penultimate "
+                             f"features, so they are no W f + b (which ViM needs)")
         return node
 
     @property

@@ -3,12 +3,14 @@
 A seeded generator builds graphs of every op: plain conv blocks (grouped, dilated, non-square,
 strided, with or without bias), residual adds, concatenating branches, option-A slice + pad
 shortcuts, average pools (padding, ceil_mode, count_include_pad), max-pools (padding, ceil_mode,
-dilation), leaky ReLUs, affine nodes and reshapes. On each:
+dilation), leaky ReLUs, clamps (ReLU6-like), channel shuffles (reshape, permute, reshape), affine nodes
+and reshapes, and a linear classifier or a conv head (1x1 conv, ReLU, global average pool). On each:
 
 - ``render_explicit(encode(x))`` (each op's adjoint, walked backwards) equals ``render(x)`` (one
   vector-Jacobian product) in h(0), eta per layer and eta per channel;
 - h(0) equals d logit_y / dx taken with torch.autograd on the plain forward pass;
-- completeness: logit_y = <h(0), x> + sum_l eta_l + c_y, c_y the classifier's bias.
+- completeness: logit_y = <h(0), x> + sum_l eta_l + c_y, c_y the linear classifier's bias (0 for a
+  conv head), eta_l including each clamp's clipped units.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from nrm.ops import (
     Add,
     Affine,
     AvgPool,
+    Clamp,
     Concat,
     Conv,
     Flatten,
@@ -37,6 +40,7 @@ from nrm.ops import (
     Op,
     OpError,
     Pad,
+    Permute,
     ReLU,
     Reshape,
     Shape,
@@ -74,7 +78,12 @@ class _Builder:
 
 
 def _act(rng: random.Random) -> Op:
-    return ReLU() if rng.random() < 0.6 else LeakyReLU(rng.choice([0.05, 0.1, 0.25]))
+    u = rng.random()
+    if u < 0.5:
+        return ReLU()
+    if u < 0.8:
+        return LeakyReLU(rng.choice([0.05, 0.1, 0.25]))
+    return Clamp(rng.choice([0.0, -0.3]), rng.choice([0.4, 0.8]))  # both bounds reached at these scales
 
 
 def _conv(b: _Builder, rng: random.Random, x: str) -> str:
@@ -124,7 +133,18 @@ def _affine_reshape(b: _Builder, rng: random.Random, x: str) -> str:
     return b.add(Reshape((c, w, h)), b.add(Affine(c), x))
 
 
-BLOCKS = (_conv, _residual, _concat, _shortcut, _avgpool, _maxpool, _affine_reshape)
+def _shuffle(b: _Builder, rng: random.Random, x: str) -> str:
+    """ShuffleNet's channel shuffle on an even number of channels: (C, H, W) -> (2, C/2, H, W), the two
+    leading dimensions swapped, back to (C, H, W); then a clamp."""
+    c, h, w = b.shapes[x]
+    if c % 2:
+        x = b.add(ReLU(), b.add(Conv(c, c + 1, 1, bias_=False), x))
+        c += 1
+    x = b.add(Reshape((c, h, w)), b.add(Permute((1, 0, 2, 3)), b.add(Reshape((2, c // 2, h, w)), x)))
+    return b.add(Clamp(0.0, 0.5), x)
+
+
+BLOCKS = (_conv, _residual, _concat, _shortcut, _avgpool, _maxpool, _affine_reshape, _shuffle)
 
 
 def random_graph(seed: int) -> ModelConfig:
@@ -136,14 +156,18 @@ def random_graph(seed: int) -> ModelConfig:
     kinds = [BLOCKS[seed % len(BLOCKS)]] + [rng.choice(BLOCKS) for _ in range(rng.randint(2, 5))]
     for kind in kinds:
         x = b.block(lambda v, kind=kind: kind(b, rng, v), x)  # type: ignore[misc]
-    if rng.random() < 0.5:
-        x = b.add(Flatten(), b.add(GlobalAvgPool(), x))
-    else:
-        x = b.add(Reshape((int(torch.tensor(b.shapes[x]).prod()),)), x)
-    if rng.random() < 0.5:
-        x = b.add(ReLU(), b.add(Linear(b.shapes[x][0], 4), x))
     classes = rng.randint(2, 4)
-    nodes = [*b.nodes, Node("classifier", Linear(b.shapes[x][0], classes), (x,))]
+    if seed % 4 == 1:  # a conv head: logits = mean_p ReLU(conv1x1(x)), no linear classifier
+        x = b.add(GlobalAvgPool(), b.add(ReLU(), b.add(Conv(b.shapes[x][0], classes, 1), x)))
+        nodes = [*b.nodes, Node("classifier", Flatten(), (x,))]
+    else:
+        if rng.random() < 0.5:
+            x = b.add(Flatten(), b.add(GlobalAvgPool(), x))
+        else:
+            x = b.add(Reshape((int(torch.tensor(b.shapes[x]).prod()),)), x)
+        if rng.random() < 0.5:
+            x = b.add(ReLU(), b.add(Linear(b.shapes[x][0], 4), x))
+        nodes = [*b.nodes, Node("classifier", Linear(b.shapes[x][0], classes), (x,))]
     return ModelConfig(InputSpec(channels, size, size, (0.0,) * channels, (1.0,) * channels),
                        [f"c{k}" for k in range(classes)], nodes)
 
@@ -179,8 +203,9 @@ def _autograd(model: nrm.NRM, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
 def test_generator_covers_every_op() -> None:
     """The seeds below exercise every op type (else the tests say less than they claim)."""
     seen = {n.op.type for s in SEEDS for n in random_graph(s).nodes}
-    assert seen == {"conv", "linear", "affine", "relu", "leaky_relu", "maxpool", "avgpool", "global_avgpool",
-                    "flatten", "reshape", "add", "concat", "slice", "pad"}
+    assert seen == {"conv", "linear", "affine", "relu", "leaky_relu", "clamp", "maxpool", "avgpool", "global_avgpool",
+                    "flatten", "reshape", "permute", "add", "concat", "slice", "pad"}
+    assert any(random_graph(s).nodes[-1].op.type == "flatten" for s in SEEDS)  # a conv head
     convs = [n.op for s in SEEDS for n in random_graph(s).nodes if isinstance(n.op, Conv)]
     assert any(c.groups > 1 for c in convs) and any(c.dilation != (1, 1) for c in convs)
     assert any(c.kernel[0] != c.kernel[1] for c in convs) and any(not c.bias_ for c in convs)
@@ -281,8 +306,9 @@ def test_the_in_place_reverse_pass_in_channels_last_equals_nchw(seed: int) -> No
     torch.testing.assert_close(got.eta_channels, ref.eta_channels, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("seed", "channels_last"), [(3, False), (4, True)],
-                         ids=["concat, slice, pad, affine, leaky ReLU, reshape", "max-pool, average pool, slice, channels-last"])
+@pytest.mark.parametrize(("seed", "channels_last"), [(6, False), (5, True)],
+                         ids=["concat, affine, average pool, reshape, shuffle, clamp",
+                              "max-pool, slice, pad, leaky ReLU, shuffle, clamp, conv head, channels-last"])
 def test_the_compiled_full_pass_equals_the_eager_one(seed: int, channels_last: bool) -> None:
     # NRM.use_compile traces _reverse whole (forward with what the adjoints read, then the walk),
     # writing nothing in place: the same logits, rendering and statistics in one graph
@@ -304,7 +330,8 @@ def test_completeness_on_random_graphs(seed: int) -> None:
     y = torch.tensor([0, 1, len(cfg.classes) - 1])  # from given classes, not only y*
     for r in (model.render(x, y), model.render_explicit(model.encode(x), y)):
         _, logit = _autograd(model, x, y)
-        c = model.node_params("classifier")["bias"].detach()[y]
+        head = model.node_params(model.output.name)
+        c = head["bias"].detach()[y] if "bias" in head else 0.0  # a conv head's biases are eta terms
         rebuilt = (r.h0 * x).flatten(1).sum(1) + r.eta_layers.sum(1) + c
         torch.testing.assert_close(rebuilt.detach(), logit, **TOL)
 
@@ -317,7 +344,7 @@ def test_the_forward_only_pass_equals_the_pass_that_keeps_every_value(seed: int)
     model, x = double_model(cfg, seed), _inputs(cfg, seed)
     fast = model.score(x, columns=["max_logit"], unit_stats=True)
     lat = model.encode(x)
-    rates, acts = model.unit_stats([lat.values[n] for n in model.bias_nodes])
+    rates, acts = model.unit_stats([lat.values[n] for n in model.unit_nodes])
     torch.testing.assert_close(fast["max_logit"], lat.logits.max(1).values.float(), atol=0, rtol=0)
     torch.testing.assert_close(fast["latent_gates"], rates.float(), atol=0, rtol=0)
     torch.testing.assert_close(fast["unit_acts"], acts.float(), atol=0, rtol=0)
