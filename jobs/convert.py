@@ -1,17 +1,23 @@
 """Bring your own model: load a user's model file and weights, convert with nrm.from_torch, save.
 
-The model file is the user's own Python (``path/to/file.py:factory``), imported once to build the
-module; its weights are read without unpickling (safetensors, or a .pt/.pth state dict through
-``torch.load(weights_only=True)``).
+The module comes from a factory: the user's own Python file (``path/to/file.py:factory``) or an
+importable module (``torchvision.models:resnet50``, ``timm:create_model`` with ``model_name=...``),
+called once with the keyword arguments of ``--module-kwargs`` (Python literals). torchvision, and what
+imports it, is imported through jobs.torchvision_compat. Weights are read without unpickling
+(safetensors, or a .pt/.pth state dict through ``torch.load(weights_only=True)``). Class names come
+from ``--classes`` or ``--classes-file`` (one per line, or a JSON list), checked against the outputs.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import json
 import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -20,34 +26,93 @@ from safetensors.torch import load_file
 from torch import nn
 
 import nrm
+from jobs.torchvision_compat import import_module
 from nrm.convert import state_dict_prefix_free
+
+SPEC = "path/to/file.py:factory or package.module:factory"
 
 
 class ConvertError(ValueError):
     """A model file, factory or weights file that cannot be used; the message says which and why."""
 
 
-def build_module(spec: str) -> nn.Module:
-    """``path/to/file.py:factory`` -> factory() (an nn.Module)."""
-    path_s, sep, factory = spec.rpartition(":")
-    if not sep or not path_s or not factory:
-        raise ConvertError(f"--module {spec!r}: expected path/to/file.py:factory")
-    path = Path(path_s)
-    if not path.is_file():
-        raise ConvertError(f"--module {spec!r}: no file {path}")
-    name = f"_nrm_user_model_{abs(hash(path.resolve()))}"
-    mod_spec = importlib.util.spec_from_file_location(name, path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ConvertError(f"--module {spec!r}: {path} is not an importable Python file")
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[name] = module
-    mod_spec.loader.exec_module(module)
+def parse_kwargs(text: str) -> dict[str, Any]:
+    """``num_classes=100,width_per_group=64`` -> {"num_classes": 100, "width_per_group": 64}: name=value
+    pairs, each value a Python literal (number, 'string', True/False/None, or a tuple, list or dict of
+    them; commas inside them are fine). ValueError names the pair that is not one."""
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        call = None
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        raise ValueError(f"expected name=value pairs separated by commas, e.g. num_classes=100,width_per_group=64, "
+                         f"got {text!r}")
+    out: dict[str, Any] = {}
+    for kw in call.keywords:
+        try:
+            out[str(kw.arg)] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise ValueError(f"{kw.arg}={ast.get_source_segment(f'f({text})', kw.value)}: the value is not a Python "
+                             f"literal (a number, a quoted string, True, False, None, or a tuple, list or dict of "
+                             f"them)") from None
+    return out
+
+
+def read_classes(path: Path) -> list[str]:
+    """Class names in logit order from ``path``: a JSON list, or one name per line (blank lines skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"--classes-file {path}: cannot be read as UTF-8 text ({e})") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"--classes-file {path}: starts with '[' but is not a JSON list ({e})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str | int) for n in names):
+            raise ConvertError(f"--classes-file {path}: expected a JSON list of class names (strings)")
+        return [str(n) for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _import_target(spec: str, target: str) -> tuple[ModuleType, str]:
+    """The module that holds the factory, and how to name it in errors."""
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise ConvertError(f"--module {spec!r}: no file {path}")
+        name = f"_nrm_user_model_{abs(hash(path.resolve()))}"
+        mod_spec = importlib.util.spec_from_file_location(name, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise ConvertError(f"--module {spec!r}: {path} is not an importable Python file")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[name] = module
+        mod_spec.loader.exec_module(module)
+        return module, str(path)
+    try:
+        return import_module(target), target
+    except ImportError as e:
+        raise ConvertError(f"--module {spec!r}: cannot import {target} ({type(e).__name__}: {e}); expected "
+                           f"{SPEC}") from None
+
+
+def build_module(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """``path/to/file.py:factory`` or ``package.module:factory`` -> factory(**kwargs) (an nn.Module)."""
+    target, sep, factory = spec.rpartition(":")
+    if not sep or not target or not factory:
+        raise ConvertError(f"--module {spec!r}: expected {SPEC}")
+    module, where = _import_target(spec, target)
     fn = getattr(module, factory, None)
     if not callable(fn):
-        raise ConvertError(f"--module {spec!r}: {path} has no callable {factory!r}")
-    net = fn()
+        raise ConvertError(f"--module {spec!r}: {where} has no callable {factory!r}")
+    kwargs = kwargs or {}
+    call = f"{factory}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    try:
+        net = fn(**kwargs)
+    except (TypeError, ValueError) as e:  # a keyword the factory does not take, or a value it refuses
+        raise ConvertError(f"--module {spec!r}: {call} failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(net, nn.Module):
-        raise ConvertError(f"--module {spec!r}: {factory}() returned {type(net).__name__}, expected an nn.Module")
+        raise ConvertError(f"--module {spec!r}: {call} returned {type(net).__name__}, expected an nn.Module")
     return net
 
 
@@ -70,13 +135,20 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def convert(module_spec: str, weights: Path | None, input_shape: tuple[int, int, int], mean: Sequence[float] | None,
-            std: Sequence[float] | None, classes: Sequence[str] | None, out: Path) -> tuple[nrm.NRM, str]:
-    """Build, load, convert and save; returns the NRM and its model_id."""
-    net = build_module(module_spec)
+            std: Sequence[float] | None, classes: Sequence[str] | None, out: Path,
+            module_kwargs: dict[str, Any] | None = None, classes_from: str = "--classes") -> tuple[nrm.NRM, str]:
+    """Build, load, convert and save; returns the NRM and its model_id. ``classes_from`` names the option
+    the class names came from, for the error when their count is not the network's outputs."""
+    net = build_module(module_spec, module_kwargs)
     if weights is not None:
         try:
             net.load_state_dict(read_weights(weights))
         except RuntimeError as e:
             raise ConvertError(f"--weights {weights} does not fit {module_spec}: {str(e).splitlines()[0]}") from None
-    model = nrm.from_torch(net.eval(), input_shape, classes, mean, std)
+    model = nrm.from_torch(net.eval(), input_shape, None, mean, std)
+    if classes is not None:
+        if len(classes) != len(model.config.classes):
+            raise ConvertError(f"{classes_from}: {len(classes)} class names, but the network has "
+                               f"{len(model.config.classes)} outputs")
+        model.config.classes = [str(c) for c in classes]
     return model, nrm.save(model, out)

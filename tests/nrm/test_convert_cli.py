@@ -174,3 +174,87 @@ def test_train_init_refuses_arch_options(tiny_ckpt: Path, tmp_path: Path) -> Non
                             "--out", str(tmp_path / "o")])
     assert r.exit_code == 1
     assert "error: --init fine-tunes the checkpoint's own network; drop --arch, --width and --depth" in r.output
+
+
+# --------------------------------------------------------------------------- importable factories, kwargs, class files
+
+
+def test_convert_an_importable_torchvision_factory_with_kwargs(tmp_path: Path) -> None:
+    from jobs.torchvision_compat import import_module
+
+    try:
+        models = import_module("torchvision.models")
+    except ImportError as e:
+        pytest.skip(f"torchvision cannot be imported ({e})")
+    torch.manual_seed(0)
+    net = models.resnet18(num_classes=10, width_per_group=64).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)  # type: ignore[union-attr]
+                m.running_var.uniform_(0.5, 1.5)  # type: ignore[union-attr]
+    save_file(dict(net.state_dict()), str(tmp_path / "w.safetensors"))
+    r = runner.invoke(app, ["convert", "--module", "torchvision.models:resnet18", "--module-kwargs",
+                            "num_classes=10,width_per_group=64", "--weights", str(tmp_path / "w.safetensors"),
+                            "--input-shape", "3,64,64", "--out", str(tmp_path / "ckpt")])
+    assert r.exit_code == 0, r.output
+    model = nrm.load(tmp_path / "ckpt")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("text", ["cat\ndog\nfox\n", '["cat", "dog", "fox"]'], ids=["lines", "json"])
+def test_classes_file_names_the_outputs(user_model: tuple[Path, torch.nn.Module], text: str) -> None:
+    root, _ = user_model
+    (root / "classes.txt").write_text(text)
+    r = _convert(root, root / "w.safetensors", "--classes-file", str(root / "classes.txt"))
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    assert nrm.load(root / "ckpt").config.classes == ["cat", "dog", "fox"]
+
+
+def test_classes_file_of_the_wrong_length_is_refused(user_model: tuple[Path, torch.nn.Module]) -> None:
+    root, _ = user_model
+    (root / "classes.txt").write_text("tench, Tinca tinca\ngoldfish\n")
+    r = _convert(root, root / "w.safetensors", "--classes-file", str(root / "classes.txt"))
+    assert r.exit_code == 1  # type: ignore[attr-defined]
+    assert r.output.strip() == (f"error: --classes-file {root / 'classes.txt'}: 2 class names, but the network "  # type: ignore[attr-defined]
+                                f"has 3 outputs")
+    assert not (root / "ckpt").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ("num_classes=ten", "num_classes=ten: the value is not a Python literal"),
+    ("num_classes", "expected name=value pairs separated by commas"),
+], ids=["not-a-literal", "not-a-pair"])
+def test_bad_module_kwargs_are_a_usage_error_naming_the_pair(user_model: tuple[Path, torch.nn.Module], kwargs: str,
+                                                            message: str) -> None:
+    root, _ = user_model
+    r = _convert(root, root / "w.safetensors", "--module-kwargs", kwargs)
+    assert r.exit_code == 2  # type: ignore[attr-defined]
+    assert message in " ".join(r.output.split())  # type: ignore[attr-defined]
+
+
+def test_a_keyword_the_factory_does_not_take_is_one_line(user_model: tuple[Path, torch.nn.Module]) -> None:
+    root, _ = user_model
+    r = _convert(root, root / "w.safetensors", "--module-kwargs", "depth=(2, 3)")
+    assert r.exit_code == 1  # type: ignore[attr-defined]
+    lines = r.output.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith(f"error: --module '{root / 'model.py'}:make': make(depth=(2, 3)) "
+                                                   f"failed (TypeError: "), r.output  # type: ignore[attr-defined]
+
+
+def test_a_module_that_cannot_be_imported_is_one_line(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["convert", "--module", "no_such_package.models:make", "--input-shape", "3,8,8", "--out",
+                            str(tmp_path / "ckpt")])
+    assert r.exit_code == 1
+    assert r.output.startswith("error: --module 'no_such_package.models:make': cannot import no_such_package.models "
+                               "(ModuleNotFoundError: "), r.output
+
+
+def test_classes_and_classes_file_together_are_refused(user_model: tuple[Path, torch.nn.Module]) -> None:
+    root, _ = user_model
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    r = _convert(root, root / "w.safetensors", "--classes", "a,b,c", "--classes-file", str(root / "classes.txt"))
+    assert r.exit_code == 1  # type: ignore[attr-defined]
+    assert r.output.strip() == "error: give --classes or --classes-file, not both"  # type: ignore[attr-defined]
