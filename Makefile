@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q --no-deps torchvision==0.29.1 timm==1.0.31  # tests' ImageNet families; see pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

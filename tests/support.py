@@ -106,3 +106,13 @@ def inputs_of(m: dict[str, Any]) -> list[dict[str, Any]]:
     from jobs.storage import Store
 
     return manifest.inputs(Store(), m)
+
+
+def autograd_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d logit_y / dx of a torch module (a user's original, or an NRM's plain forward), and logit_y."""
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        picked = net(xg).gather(1, y[:, None]).squeeze(1)
+        (grad,) = torch.autograd.grad(picked.sum(), xg)
+    return grad, picked.detach()
+

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from support import autograd_of
 from torch import nn
 
 import nrm
@@ -52,15 +53,6 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = REL) -
     """|actual - expected| <= rel * max|expected| elementwise (relative to the tensor's scale)."""
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
-
-
-def autograd_of(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d logit_y / dx of the ORIGINAL torch module, and logit_y."""
-    xg = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        picked = net(xg).gather(1, y[:, None]).squeeze(1)
-        (grad,) = torch.autograd.grad(picked.sum(), xg)
-    return grad, picked.detach()
 
 
 def check_conversion(net: nn.Module, model: nrm.NRM, x: torch.Tensor, tmp_path: Path) -> None:

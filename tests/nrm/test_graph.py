@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from support import autograd_of
 
 import nrm
 from nrm.config import InputSpec, ModelConfig
@@ -191,15 +192,6 @@ def _inputs(cfg: ModelConfig, seed: int, n: int = 3) -> torch.Tensor:
     return torch.randn(n, *cfg.input.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-def _autograd(model: nrm.NRM, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d logit_y / dx and logit_y, from the plain forward pass."""
-    xg = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        picked = model(xg).gather(1, y[:, None]).squeeze(1)
-        (grad,) = torch.autograd.grad(picked.sum(), xg)
-    return grad, picked.detach()
-
-
 def test_generator_covers_every_op() -> None:
     """The seeds below exercise every op type (else the tests say less than they claim)."""
     seen = {n.op.type for s in SEEDS for n in random_graph(s).nodes}
@@ -224,7 +216,7 @@ def test_explicit_renderer_equals_autograd_renderer(seed: int) -> None:
     torch.testing.assert_close(explicit.h0, fast.h0.detach(), **TOL)
     torch.testing.assert_close(explicit.eta_layers, fast.eta_layers.detach(), **TOL)
     torch.testing.assert_close(explicit.eta_channels, fast.eta_channels.detach(), **TOL)  # type: ignore[arg-type]
-    grad, _ = _autograd(model, x, fast.y)
+    grad, _ = autograd_of(model, x, fast.y)
     torch.testing.assert_close(explicit.h0, grad, **TOL)
 
 
@@ -329,7 +321,7 @@ def test_completeness_on_random_graphs(seed: int) -> None:
     model, x = double_model(cfg, seed), _inputs(cfg, seed + 100)
     y = torch.tensor([0, 1, len(cfg.classes) - 1])  # from given classes, not only y*
     for r in (model.render(x, y), model.render_explicit(model.encode(x), y)):
-        _, logit = _autograd(model, x, y)
+        _, logit = autograd_of(model, x, y)
         head = model.node_params(model.output.name)
         c = head["bias"].detach()[y] if "bias" in head else 0.0  # a conv head's biases are eta terms
         rebuilt = (r.h0 * x).flatten(1).sum(1) + r.eta_layers.sum(1) + c
