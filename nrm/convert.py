@@ -167,6 +167,8 @@ class _Tracer(fx.Tracer):
         vals, kw = fx.node.map_aggregate(args, value), fx.node.map_aggregate(kwargs, value)
         if unknown:
             return None
+        if _keeps_shape(self.root, kind, target) and isinstance(vals[0], Tensor):
+            return vals[0]  # BatchNorm's meta kernel is a slow Python decomposition; its shape is its input's
         self._evaluating = True
         try:
             if kind == "get_attr":
@@ -195,6 +197,16 @@ class _Tracer(fx.Tracer):
             raise ConversionError(f"{path or '<top>'}: control flow on tensor values (an if, loop or bool() on a "
                                   f"traced tensor) cannot be converted: an NRM is one fixed piecewise-linear graph "
                                   f"({e})") from None
+
+
+def _keeps_shape(root: nn.Module, kind: str, target: Any) -> bool:
+    """Whether the op's output has its first input's shape and dtype: eval-mode BatchNorm, dropout, identity."""
+    if kind == "call_function":
+        return target in (F.batch_norm, F.dropout, F.dropout2d)
+    if kind == "call_module":
+        return isinstance(root.get_submodule(target), nn.BatchNorm1d | nn.BatchNorm2d | nn.Dropout | nn.Dropout2d
+                          | nn.Identity)
+    return False
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:

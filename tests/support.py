@@ -108,11 +108,14 @@ def inputs_of(m: dict[str, Any]) -> list[dict[str, Any]]:
     return manifest.inputs(Store(), m)
 
 
-def autograd_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """d logit_y / dx of a torch module (a user's original, or an NRM's plain forward), and logit_y."""
+def autograd_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d logit_y / dx of a torch module (a user's original, or an NRM's plain forward), logit_y and all
+    the logits, from one forward and one backward pass."""
     xg = x.clone().requires_grad_(True)
     with torch.enable_grad():
-        picked = net(xg).gather(1, y[:, None]).squeeze(1)
+        logits = net(xg)
+        picked = logits.gather(1, y[:, None]).squeeze(1)
         (grad,) = torch.autograd.grad(picked.sum(), xg)
-    return grad, picked.detach()
+    return grad, picked.detach(), logits.detach()
 

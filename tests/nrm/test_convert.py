@@ -68,7 +68,7 @@ def check_conversion(net: nn.Module, model: nrm.NRM, x: torch.Tensor, tmp_path: 
     with torch.no_grad():
         assert_rel(model64(x64), net64(x64))
     r = model64.render(x64)
-    grad, logit = autograd_of(net64, x64, r.y)
+    grad, logit, _ = autograd_of(net64, x64, r.y)
     assert_rel(r.h0, grad)
     c = model64.node_params(model64.classifier.name)["bias"].detach()[r.y]
     assert_rel((r.h0 * x64).flatten(1).sum(1) + r.eta_layers.sum(1) + c, logit)

@@ -216,7 +216,7 @@ def test_explicit_renderer_equals_autograd_renderer(seed: int) -> None:
     torch.testing.assert_close(explicit.h0, fast.h0.detach(), **TOL)
     torch.testing.assert_close(explicit.eta_layers, fast.eta_layers.detach(), **TOL)
     torch.testing.assert_close(explicit.eta_channels, fast.eta_channels.detach(), **TOL)  # type: ignore[arg-type]
-    grad, _ = autograd_of(model, x, fast.y)
+    grad, _, _ = autograd_of(model, x, fast.y)
     torch.testing.assert_close(explicit.h0, grad, **TOL)
 
 
@@ -321,7 +321,7 @@ def test_completeness_on_random_graphs(seed: int) -> None:
     model, x = double_model(cfg, seed), _inputs(cfg, seed + 100)
     y = torch.tensor([0, 1, len(cfg.classes) - 1])  # from given classes, not only y*
     for r in (model.render(x, y), model.render_explicit(model.encode(x), y)):
-        _, logit = autograd_of(model, x, y)
+        _, logit, _ = autograd_of(model, x, y)
         head = model.node_params(model.output.name)
         c = head["bias"].detach()[y] if "bias" in head else 0.0  # a conv head's biases are eta terms
         rebuilt = (r.h0 * x).flatten(1).sum(1) + r.eta_layers.sum(1) + c
