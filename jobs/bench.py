@@ -27,8 +27,8 @@ import torch
 
 import nrm
 from nrm.config import ModelConfig
-from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES
 from nrm.fit import refit
+from nrm.names import DEFAULT_DETECTOR, DEFAULT_FEATURES
 from nrm.scores import COLUMNS, RENDERED
 
 Echo = Callable[[str], None]

@@ -25,11 +25,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Score image datasets for out-of-distribution samples with the Neural Rendering Model.")
 
 
-# Choices that name library constants. They are spelled out here because importing any nrm module
-# imports torch (nrm/__init__.py does) and `nrm-ood --help` must not; tests/jobs/test_cli.py
-# (test_cli_choices_match_the_library) holds each equal to its source:
-# Arch = "auto" + nrm.presets.PRESETS, Augment = nrm.train.AUGMENTATIONS, Normaliser = nrm.fit.NORMALISERS,
-# Detector = nrm.detectors.DETECTORS, FeatureSet = nrm.detectors.FEATURE_SETS, the defaults likewise.
+# Choices that name library constants: the names of nrm.names, which imports no torch (so that
+# `nrm-ood --help` does not); tests/jobs/test_cli.py (test_cli_choices_match_the_library) holds each
+# enum equal to its list there: Arch = "auto" + PRESETS, Augment = AUGMENTATIONS, Normaliser = NORMALISERS,
+# Detector = DETECTORS, FeatureSet = FEATURE_SETS, Precision = PRECISIONS, TrainPrecision = TRAIN_PRECISIONS.
 class Arch(str, enum.Enum):
     auto = "auto"
     gray28 = "gray28"
@@ -71,7 +70,6 @@ def _resource_pairs(specs: list[str]) -> list[tuple[str, float]]:
     return out
 
 
-# nrm.model.PRECISIONS spelled out so `--help` does not import torch; a test holds them equal.
 class Precision(str, enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -79,14 +77,14 @@ class Precision(str, enum.Enum):
     tf32 = "tf32"
 
 
-# nrm.train.TRAIN_PRECISIONS, spelled out for the same reason (fp16 would need loss scaling).
+# fp16 training would need loss scaling
 class TrainPrecision(str, enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     tf32 = "tf32"
 
 
-# nrm.scores.COLUMNS and nrm.posthoc's columns, for the same reason; det_* are the fitted detectors' columns.
+# nrm.names.COLUMNS and POSTHOC; det_* are the fitted detectors' columns.
 SCORE_NAMES = ("pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
                "recon_sq_error", "loglik_bound", "mahalanobis_feat", "knn", "vim")
 
@@ -107,9 +105,9 @@ def _resources(specs: list[str] | None) -> list[str] | None:
 
 
 class Detector(str, enum.Enum):
+    typicality = "typicality"
     mahalanobis = "mahalanobis"
     gmm = "gmm"
-    typicality = "typicality"
     mahalanobis_energy = "mahalanobis_energy"
 
 
@@ -125,8 +123,8 @@ class FeatureSet(str, enum.Enum):
     gates_channels_recon = "gates_channels_recon"
 
 
-DEFAULT_DETECTOR = Detector.mahalanobis  # nrm.detectors.DEFAULT_DETECTOR
-DEFAULT_FEATURES = FeatureSet.gates_acts  # nrm.detectors.DEFAULT_FEATURES
+DEFAULT_DETECTOR = Detector.mahalanobis  # nrm.names.DEFAULT_DETECTOR
+DEFAULT_FEATURES = FeatureSet.gates_acts  # nrm.names.DEFAULT_FEATURES
 
 
 class Device(str, enum.Enum):
@@ -268,7 +266,7 @@ def _test_accuracy(test: str, model: Any, store: Any) -> dict[str, Any]:
 
     from jobs.datasets import DatasetError, load_labelled
     from jobs.storage import StorageError
-    from nrm.train import accuracy
+    from nrm.training import accuracy
 
     try:
         xt, yt = load_labelled(test, model.input_shape, None, store)
@@ -308,7 +306,7 @@ def fit_detector(
     from jobs.evaluate import parse_ood
     from jobs.storage import StorageError, Store
     from nrm.fit import refit
-    from nrm.train import batches, held_out_split
+    from nrm.training import batches, held_out_split
 
     try:
         m = nrm.load(model).use_fast_layout()  # scores its rows as the actors do (channels-last on a CPU)
@@ -564,7 +562,7 @@ def average(
     import nrm
     from jobs.datasets import DatasetError, load_labelled
     from jobs.storage import StorageError, Store
-    from nrm.train import accuracy, average_weights, held_out_split
+    from nrm.training import accuracy, average_weights, held_out_split
 
     try:
         soup = average_weights([nrm.load(m) for m in model])

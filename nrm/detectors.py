@@ -49,14 +49,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon", "gates", "gates_recon", "gates_acts",
-                "gates_channels_recon")
+from nrm.names import DEFAULT_FEATURES, FEATURE_SETS
+from nrm.names import DETECTOR_PREFIX as PREFIX
+
 # The score-dict entry behind each part of a feature-set name; "recon" is log ||x - h(0)||^2.
 _PARTS = {"eta": "latent_prior", "layers": "latent_prior_layers", "channels": "latent_prior_channels",
           "gates": "latent_gates", "acts": "unit_acts", "recon": "recon_sq_error"}
-DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC over checkpoints (docs/results-detectors.md)
-DEFAULT_FEATURES = "gates_acts"  # ditto, round 2: 8 checkpoints incl. two CIFAR-10 (round 1: channels_recon)
-PREFIX = "det_"
 # From this many features on, mahalanobis scores its quadratic form in float32 (about 4x the speed of
 # float64 on AVX-512; a ResNet-56 has 4,064 gate features); tests hold it to the float64 formula at 1e-4.
 FAST_DIMS = 512

@@ -24,13 +24,14 @@ import torch
 from torch import Tensor
 
 from nrm import detectors as D
+from nrm import names
 from nrm import posthoc as P
 from nrm import scores as S
 from nrm.config import Fitted, Threshold
 from nrm.metrics import threshold_at_tpr
 from nrm.model import NRM
+from nrm.names import NORMALISERS
 
-NORMALISERS = ("none", "class_mean", "harmonic")
 DEFAULT_NORMALISER = "none"
 DEFAULT_THRESHOLD_SCORE = "latent_loglik"
 
@@ -113,7 +114,7 @@ def fit(
     return fitted
 
 
-def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DETECTOR,
+def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = names.DEFAULT_DETECTOR,
           feature_set: str = D.DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
           val_ood: Mapping[str, Iterable[Tensor]] | None = None, fit_batches: Iterable[Tensor] | None = None,
           **options: Any) -> D.FittedDetectors:

@@ -34,8 +34,8 @@ from nrm import scores as S
 from nrm.batchnorm import TrainNorm
 from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
+from nrm.names import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
 Stats = tuple[Tensor, Tensor]  # (gate rates, act means), each (N, sum_l C_l): NRM.unit_stats
 # model -> its torch.compile'd passes by name (see NRM.use_compile): "forward" (score()'s forward-only
 # pass) and "full" (the full table's). Kept outside the module so that copy.deepcopy and pickling of
@@ -111,7 +111,7 @@ class NRM(nn.Module):
         self.precision = "fp32"  # see set_precision
         self.channels_last = False  # see use_channels_last
         self.compiled = False  # see use_compile
-        self.train_norm: TrainNorm | None = None  # BatchNorm while nrm.train trains with one (nrm.batchnorm)
+        self.train_norm: TrainNorm | None = None  # BatchNorm while nrm.training trains with one (nrm.batchnorm)
 
     def _init_params(self, node: Node) -> nn.Module:
         """torch's own default initialisation of conv and linear (kaiming-uniform weight, bias uniform in

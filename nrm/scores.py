@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nrm import names
+
 # column -> True if higher = more in-distribution. latent_prior_layers is the per-layer vector of
 # latent_prior (same direction per entry).
 HIGHER_IS_IN: dict[str, bool] = {
@@ -28,8 +30,7 @@ HIGHER_IS_IN: dict[str, bool] = {
 # Columns that need the top-down pass (one vector-Jacobian product); the rest of COLUMNS need the forward only.
 RENDERED = frozenset({"latent_prior_layers", "latent_prior", "latent_loglik", "recon_sq_error", "loglik_bound"})
 # Columns of NRM.score, in output order (fitted det_* detector columns follow). pred is the class index y*.
-COLUMNS = ["pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
-           "recon_sq_error", "loglik_bound"]
+COLUMNS = list(names.COLUMNS)
 
 
 def latent_prior(eta_layers: Tensor) -> Tensor:

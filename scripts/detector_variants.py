@@ -24,7 +24,7 @@ from jobs.datasets import load_images, load_labelled  # noqa: E402
 from jobs.storage import Store  # noqa: E402
 from nrm.detectors import fit_mahalanobis, mahalanobis  # noqa: E402
 from nrm.metrics import auroc  # noqa: E402
-from nrm.train import batches  # noqa: E402
+from nrm.training import batches  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 VAL_OOD = {"tin": str(SHARED / "tinyimagenet" / "train_sample"), "textures": "data/textures32-val", "noise": "data/noise32-val"}

@@ -1,9 +1,9 @@
-"""Time one training step of nrm.train per precision and memory format (docs/benchmarks.md section 6).
+"""Time one training step of nrm.training per precision and memory format (docs/benchmarks.md section 6).
 
     python scripts/train_steps.py [REPS] [DEVICE]
 
 For each network (the presets gray28, rgb32-small and resnet-cifar at depth 20, random weights), batch
-128, AdamW: ``nrm.train.train_step``, the step ``nrm.train`` takes, with cross-entropy alone
+128, AdamW: ``nrm.training.train_step``, the step ``nrm.training.train`` takes, with cross-entropy alone
 (``--recon-weight 0``, what fine-tuning a converted ResNet uses) and with the reconstruction term (a
 double backward through the renderer), in NCHW and channels-last, fp32 and bf16. Prints a Markdown table of the best of REPS steps (default 10) after two warm-up steps, on DEVICE
 (default cpu; scripts/gpu_check.sh runs it on cuda)."""
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nrm  # noqa: E402
 from jobs.allocator import keep_freed_memory  # noqa: E402
 from jobs.bench import _time, device_sync  # noqa: E402
-from nrm.train import make_optimizer, train_step  # noqa: E402
+from nrm.training import make_optimizer, train_step  # noqa: E402
 
 NETS = [("gray28", {}), ("rgb32-small", {}), ("resnet-cifar", {"depth": 20})]
 

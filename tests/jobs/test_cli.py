@@ -560,25 +560,37 @@ def test_fit_detector_refuses_a_bad_val_ood_spec(ckpt: Path, tmp_path: Path, spe
 
 
 def test_cli_choices_match_the_library() -> None:
-    """jobs/cli.py spells these out so that `--help` does not import torch (see the comment there)."""
+    """jobs/cli.py offers the names of nrm.names (torch-free, so `--help` imports no torch)."""
     from jobs import cli
-    from nrm import detectors as D
-    from nrm.fit import NORMALISERS
-    from nrm.model import PRECISIONS
-    from nrm.posthoc import REGISTRY as POSTHOC
-    from nrm.presets import PRESETS
-    from nrm.scores import COLUMNS
-    from nrm.train import AUGMENTATIONS, TRAIN_PRECISIONS
+    from nrm import names
 
-    assert [a.value for a in cli.Arch] == ["auto", *PRESETS]
-    assert [a.value for a in cli.Augment] == list(AUGMENTATIONS)
-    assert [n.value for n in cli.Normaliser] == list(NORMALISERS)
-    assert {d.value for d in cli.Detector} == set(D.DETECTORS)
-    assert [f.value for f in cli.FeatureSet] == list(D.FEATURE_SETS)
-    assert (cli.DEFAULT_DETECTOR.value, cli.DEFAULT_FEATURES.value) == (D.DEFAULT_DETECTOR, D.DEFAULT_FEATURES)
-    assert [p.value for p in cli.Precision] == list(PRECISIONS)
-    assert [p.value for p in cli.TrainPrecision] == list(TRAIN_PRECISIONS)
-    assert list(cli.SCORE_NAMES) == [*COLUMNS, *(c.column for c in POSTHOC.values())]
+    assert [a.value for a in cli.Arch] == ["auto", *names.PRESETS]
+    assert [a.value for a in cli.Augment] == list(names.AUGMENTATIONS)
+    assert [n.value for n in cli.Normaliser] == list(names.NORMALISERS)
+    assert [d.value for d in cli.Detector] == list(names.DETECTORS)
+    assert [f.value for f in cli.FeatureSet] == list(names.FEATURE_SETS)
+    assert (cli.DEFAULT_DETECTOR.value, cli.DEFAULT_FEATURES.value) == (names.DEFAULT_DETECTOR, names.DEFAULT_FEATURES)
+    assert [p.value for p in cli.Precision] == list(names.PRECISIONS)
+    assert [p.value for p in cli.TrainPrecision] == list(names.TRAIN_PRECISIONS)
+    assert list(cli.SCORE_NAMES) == [*names.COLUMNS, *names.POSTHOC]
+
+
+def test_the_names_module_matches_the_library() -> None:
+    """nrm.names lists what the library's registries hold."""
+    from nrm import detectors, names, posthoc, presets
+
+    assert tuple(presets.PRESETS) == names.PRESETS
+    assert tuple(detectors.REGISTRY) == names.DETECTORS
+    assert tuple(c.column for c in posthoc.REGISTRY.values()) == names.POSTHOC
+
+
+def test_importing_the_names_imports_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, nrm.names; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_an_unknown_score_column_is_a_usage_error_naming_it() -> None:

@@ -1,4 +1,4 @@
-"""nrm.train smoke tests on a tiny synthetic 2-class problem: 8x8 images, class 0 has a bright top
+"""nrm.training smoke tests on a tiny synthetic 2-class problem: 8x8 images, class 0 has a bright top
 half, class 1 a bright bottom half. Accuracy, falling loss, fitted state, checkpoint round trip,
 determinism under a fixed seed, and the label checks."""
 
@@ -14,7 +14,7 @@ from support import assert_same_config, tiny_config
 import nrm
 from nrm.graph import chain
 from nrm.ops import Conv, Flatten, GlobalAvgPool, Linear, ReLU
-from nrm.train import average_weights
+from nrm.training import average_weights
 
 
 def two_halves(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +151,7 @@ def test_length_mismatch_raises() -> None:
 
 
 def test_augment_shifts_and_mirrors_within_bounds() -> None:
-    from nrm.train import augment
+    from nrm.training import augment
 
     g = torch.Generator().manual_seed(0)
     x = torch.arange(64 * 2 * 5 * 5, dtype=torch.float).reshape(64, 2, 5, 5) + 1  # no zeros in the input
@@ -175,7 +175,7 @@ def test_augment_shifts_and_mirrors_within_bounds() -> None:
 
 
 def test_cutout_zeroes_one_square_per_image_clipped_at_the_borders() -> None:
-    from nrm.train import cutout
+    from nrm.training import cutout
 
     x = torch.ones(200, 2, 8, 8)
     out = cutout(x, 4, torch.Generator().manual_seed(0))
@@ -191,14 +191,14 @@ def test_cutout_zeroes_one_square_per_image_clipped_at_the_borders() -> None:
 
 
 def test_cutout_of_zero_pixels_leaves_the_batch_unchanged() -> None:
-    from nrm.train import cutout
+    from nrm.training import cutout
 
     x = torch.randn(3, 1, 5, 5)
     assert cutout(x, 0, torch.Generator()) is x
 
 
 def test_cutout_refuses_a_negative_size() -> None:
-    from nrm.train import cutout
+    from nrm.training import cutout
 
     with pytest.raises(ValueError, match="cutout must be >= 0 pixels, got -2"):
         cutout(torch.randn(3, 1, 5, 5), -2, torch.Generator())
@@ -252,7 +252,7 @@ def test_depth_is_refused_for_other_presets() -> None:
 
 # --------------------------------------------------------------------------- distillation
 def test_distill_loss_is_t_squared_times_the_kl_of_the_softened_distributions() -> None:
-    from nrm.train import distill_loss
+    from nrm.training import distill_loss
 
     student, teacher = torch.tensor([[0.0, 2.0, -1.0]]), torch.tensor([[1.0, 0.0, 3.0]])
     p, q = (teacher / 2).softmax(1), (student / 2).softmax(1)

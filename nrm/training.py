@@ -23,15 +23,13 @@ from torch import Tensor
 
 from nrm.batchnorm import TrainNorm
 from nrm.config import Fitted, InputSpec, ModelConfig
-from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, PREFIX
 from nrm.fit import DEFAULT_NORMALISER, fit
 from nrm.graph import INPUT
 from nrm.model import NRM
+from nrm.names import AUGMENTATIONS, DEFAULT_DETECTOR, DEFAULT_FEATURES, OPTIMIZERS, TRAIN_PRECISIONS
+from nrm.names import DETECTOR_PREFIX as PREFIX
 
 log = logging.getLogger(__name__)
-
-# fp16 is left out: it needs loss scaling, which train() does not do (bf16 has float32's range)
-TRAIN_PRECISIONS = ("fp32", "bf16", "tf32")
 
 
 @dataclass
@@ -108,10 +106,8 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(x.mean(0).tolist()), tuple(x.std(0).clamp_min(1e-3).tolist())
 
 
-AUGMENTATIONS = ("none", "crop", "flip-crop")
 
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
