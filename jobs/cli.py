@@ -84,18 +84,16 @@ class TrainPrecision(str, enum.Enum):
     tf32 = "tf32"
 
 
-# nrm.names.COLUMNS and POSTHOC; det_* are the fitted detectors' columns.
-SCORE_NAMES = ("pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
-               "recon_sq_error", "loglik_bound", "mahalanobis_feat", "knn", "vim")
-
-
 def _columns(value: str | None) -> str | None:
+    """--columns checked by name (no model at parse time; the run checks them against the model)."""
+    from nrm import names as nrm_names
+
     if value is None:
         return None
     names = [c.strip() for c in value.split(",")]
-    if bad := [c for c in names if c not in SCORE_NAMES and not c.startswith("det_")]:
+    if bad := nrm_names.unknown_columns(names):
         raise typer.BadParameter(f"unknown score column(s) {', '.join(map(repr, bad))}; expected some of "
-                                 f"{', '.join(SCORE_NAMES)} or det_<detector>")
+                                 f"{', '.join((*nrm_names.COLUMNS, *nrm_names.POSTHOC))} or det_<detector>")
     return ",".join(names)
 
 

@@ -47,8 +47,8 @@ from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError, ScoreOptions, run_score
 from jobs.storage import StorageError, Store, absolute
 from nrm import metrics
-from nrm.posthoc import REGISTRY as POSTHOC
-from nrm.scores import HIGHER_IS_IN
+from nrm.names import DETECTOR_PREFIX, POSTHOC
+from nrm.scores import higher_is_in
 
 IN = "in"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -270,7 +270,7 @@ def score_columns(table: pa.Table, layer_names: list[str]) -> dict[str, tuple[bo
 
     def add(name: str) -> None:
         if name in table.column_names:
-            out[name] = (HIGHER_IS_IN[name], _column(table, name, ok))
+            out[name] = (higher_is_in(name), _column(table, name, ok))
 
     add("latent_loglik")
     add("latent_prior")
@@ -287,14 +287,14 @@ def score_columns(table: pa.Table, layer_names: list[str]) -> dict[str, tuple[bo
             layers = flat.reshape(len(col), width)[ok]
             for i in range(width):
                 lname = layer_names[i] if i < len(layer_names) else f"layer{i}"
-                out[f"latent_prior_{lname}"] = (HIGHER_IS_IN["latent_prior_layers"], layers[:, i])
+                out[f"latent_prior_{lname}"] = (higher_is_in("latent_prior_layers"), layers[:, i])
     for name in ("recon_sq_error", "loglik_bound", "max_softmax", "max_logit", "energy"):
         add(name)
     for f in table.schema:
-        if f.name.startswith("det_") and pa.types.is_floating(f.type):
-            out[f.name] = (True, _column(table, f.name, ok))
-    for cls in POSTHOC.values():  # the field's post-hoc baselines, when the checkpoint has them fitted
-        add(cls.column)
+        if f.name.startswith(DETECTOR_PREFIX) and pa.types.is_floating(f.type):
+            add(f.name)
+    for name in POSTHOC:  # the field's post-hoc baselines, when the checkpoint has them fitted
+        add(name)
     return out
 
 

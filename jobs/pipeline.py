@@ -192,18 +192,15 @@ def output_schema(n_layers: int | None, columns: list[str]) -> pa.Schema:
 
 
 def made_columns(config: ModelConfig, wanted: tuple[str, ...] | None) -> list[str]:
-    """The model columns a run makes, in output order: every one (``wanted`` None), else ``wanted`` plus
-    pred and the threshold score (is_ood needs it). Raises JobError naming an unknown column."""
-    from nrm.model import fitted_columns
+    """The model columns a run makes, in output order (nrm.plan: every one, or ``wanted`` plus pred
+    and the threshold score). Raises JobError naming an unknown column."""
+    from nrm.plan import ColumnError, plan_for
 
-    known = [*nrm_scores.COLUMNS, *fitted_columns(config)]
-    if wanted is None:
-        return known
-    if unknown := [c for c in wanted if c not in known]:
-        raise JobError(f"--columns {','.join(unknown)}: not a column of this model; expected some of {', '.join(known)}")
-    th = config.fitted.threshold
-    keep = {*wanted, "pred", th.score if th else "latent_loglik"}
-    return [c for c in known if c in keep]
+    try:
+        return list(plan_for(config, wanted).columns)
+    except ColumnError as e:
+        raise JobError(f"--columns {','.join(e.unknown)}: not a column of this model; expected some of "
+                       f"{', '.join(e.known)}") from None
 
 
 class Scorer:
@@ -224,10 +221,9 @@ class Scorer:
         self.model.set_precision(precision).use_fast_layout()  # NHWC except fp32 on CUDA (docs/benchmarks.md)
         self.model.use_compile(compile)  # compiles at the first batch of each shape
         self.model_id = checkpoint.model_id
-        self.threshold = self.model.config.fitted.threshold
-        self.made = made_columns(self.model.config, columns)  # the model columns score() is asked for
-        self.columns = [c for c in self.made if c not in ("pred", "latent_prior_layers")]  # float score columns
-        self.n_layers = len(self.model.latent_names) if "latent_prior_layers" in self.made else None
+        self.plan = self.model.plan(columns)  # the model columns made, their passes, the threshold column
+        self.columns = [c for c in self.plan.columns if c not in ("pred", "latent_prior_layers")]  # float score columns
+        self.n_layers = len(self.model.latent_names) if "latent_prior_layers" in self.plan.columns else None
         self.schema = output_schema(self.n_layers, self.columns)
         self.batches = 0
 
@@ -259,7 +255,7 @@ class Scorer:
         if ok.any():
             try:
                 x = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-                cols = {k: v.double().cpu().numpy() for k, v in self.model.score(x, columns=self.made).items()}
+                cols = {k: v.double().cpu().numpy() for k, v in self.model.score_plan(x, self.plan).items()}
                 for c in self.columns:
                     out[c][ok] = cols[c]
                 pred[ok] = cols["pred"].astype(np.int64)
@@ -273,9 +269,7 @@ class Scorer:
         for i in np.flatnonzero(ok & ~finite):
             error[i] = "non-finite score (input produced NaN/inf)"
         ok &= finite
-        th_col = self.threshold.score if self.threshold else "latent_loglik"
-        ood_score = -out[th_col]  # higher = more OOD
-        is_ood = (out[th_col] < self.threshold.value) if self.threshold else np.zeros(n, dtype=bool)
+        ood_score, is_ood = (v.numpy() for v in self.plan.flag({c: torch.from_numpy(v) for c, v in out.items()}))
         arrays: dict[str, pa.Array] = {
             "id": pa.array(batch["id"].tolist(), pa.string()),
             "source_path": pa.array(batch["source_path"].tolist(), pa.string()),

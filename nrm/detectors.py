@@ -242,6 +242,10 @@ class Detector:
         """The feature parts it reads (eta, layers, channels, gates, acts, recon)."""
         return set(self.features.split("_"))
 
+    def inputs(self) -> set[str]:
+        """The score-dict entries it reads: pred and its feature parts' columns (nrm.plan)."""
+        return {"pred", *(_PARTS[p] for p in self.parts())}
+
     def fit(self: _D, cols: dict[str, Tensor], n_classes: int, **options: Any) -> _D:
         """Fit on in-distribution NRM.score columns (``pred`` and the feature parts); returns self."""
         if unknown := sorted(set(options) - set(self.fit_options)):
@@ -407,6 +411,9 @@ class MahalanobisEnergy(Mahalanobis):
     name: ClassVar[str] = "mahalanobis_energy"
     keys: ClassVar[tuple[str, ...]] = ("means", "precision", "centre", "scale")
     pure: ClassVar[str] = "mahalanobis"
+
+    def inputs(self) -> set[str]:
+        return {*super().inputs(), "energy"}
 
     def fit(self, cols: dict[str, Tensor], n_classes: int, **options: Any) -> MahalanobisEnergy:
         n = len(cols["pred"])

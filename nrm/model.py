@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from nrm.batchnorm import TrainNorm
 from nrm.config import ModelConfig, validate
 from nrm.graph import INPUT, Node
 from nrm.names import PRECISIONS
+from nrm.plan import ScorePlan, fitted_columns, known_columns, plan_for
 
 Stats = tuple[Tensor, Tensor]  # (gate rates, act means), each (N, sum_l C_l): NRM.unit_stats
 # model -> its torch.compile'd passes by name (see NRM.use_compile): "forward" (score()'s forward-only
@@ -454,7 +455,7 @@ class NRM(nn.Module):
     # ------------------------------------------------------------------ scores
     @property
     def extra_columns(self) -> list[str]:
-        """The fitted columns score() adds after nrm.scores.COLUMNS (see :func:`fitted_columns`)."""
+        """The fitted columns score() adds after nrm.scores.COLUMNS (nrm.plan.fitted_columns)."""
         return fitted_columns(self.config)
 
     @property
@@ -464,56 +465,51 @@ class NRM(nn.Module):
     @property
     def columns(self) -> list[str]:
         """Every column score() can make, in output order."""
-        return [*S.COLUMNS, *self.extra_columns]
+        return known_columns(self.config)
 
-    def _wanted(self, columns: list[str] | None) -> set[str] | None:
-        if columns is None:
-            return None
-        if unknown := [c for c in columns if c not in self.columns]:
-            raise ValueError(f"unknown score column(s) {unknown}; this model makes {self.columns}")
-        return set(columns)
+    def plan(self, columns: Sequence[str] | None = None, inputs: Iterable[str] = (), flag: bool = True) -> ScorePlan:
+        """The plan of a scoring run of this model (nrm.plan.plan_for): every column, or ``columns`` plus
+        pred and the threshold column (``flag``), with the passes they need and the threshold."""
+        return plan_for(self.config, columns, inputs, flag)
 
-    def needs_rendering(self, columns: list[str] | None = None) -> bool:
-        """Whether ``columns`` (default: all) need the top-down pass (one backward); the others,
-        pred, max_softmax, max_logit, energy, det_* on gates/acts and the post-hoc baselines, are
-        made by the forward pass alone."""
-        want = self._wanted(columns)
-        if want is None:
-            return True
-        det = self.config.fitted.detector
-        return bool(want & S.RENDERED) or (det is not None and det.needs_rendering(want))
+    def flag(self, cols: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(ood_score, is_ood) of score columns ``cols`` by this model's threshold (ScorePlan.flag)."""
+        return self.plan().flag(cols)
 
     @torch.no_grad()
     def score(self, x: Tensor, columns: list[str] | None = None, unit_stats: bool | None = None) -> dict[str, Tensor]:
         """Per-sample score columns of normalised x (N, C, H, W): by default every column of
-        ``self.columns`` plus the detectors' internal inputs; given ``columns``, exactly those, computed
-        with only what they need (no backward pass unless :meth:`needs_rendering`). ``unit_stats``
-        adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`), with or without ``columns``;
-        by default they are made only when a fitted detector reads them (they cost a pass over every
-        activation)."""
+        ``self.columns`` plus the detectors' inputs the passes made; given ``columns``, exactly those,
+        computed with only what they need (no backward pass unless one of them, or its detector, reads
+        the top-down pass). ``unit_stats`` adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`),
+        with or without ``columns``; by default they are made only when a fitted detector reads them
+        (they cost a pass over every activation)."""
+        p = self.plan(columns, ("latent_gates", "unit_acts") if unit_stats else (), flag=False)
+        return self.score_plan(x, p)
+
+    def score_plan(self, x: Tensor, plan: ScorePlan) -> dict[str, Tensor]:
+        """The score dict of ``plan`` (exactly ``plan.outputs``) for normalised x."""
         self.check_input(x)
-        want = self._wanted(columns)
-        det = self.config.fitted.detector
-        stats = bool(unit_stats or (unit_stats is None and det is not None and det.needs_unit_stats(want)))
-        with self.autocast():
-            if self.needs_rendering(columns):
-                logits, r, feats, st = self._reverse(x, stats)
+        with torch.no_grad(), self.autocast():
+            if plan.render:
+                logits, r, feats, st = self._reverse(x, plan.unit_stats)
             else:
-                (logits, feats, st), r = self._step(x, stats), None
+                (logits, feats, st), r = self._step(x, plan.unit_stats), None
         logits = logits.detach().float()
         out = S.classifier_scores(logits)
         if r is not None:
             out.update(self._rendered_scores(x, r))
         if st is not None:
             out["latent_gates"], out["unit_acts"] = (v.detach().float() for v in st)  # detector inputs only
+        want = set(plan.columns)
+        det = self.config.fitted.detector
         if det is not None:
             out.update(det.score(out, want))  # det_<name> (nrm.detectors)
         for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
-            if want is None or type(d).column in want:
+            if type(d).column in want:
                 out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
-        if want is None:
-            return out
-        return {c: out[c] for c in [*(columns or []), *(["latent_gates", "unit_acts"] if unit_stats else [])]}
+        out["penultimate"], out["logits"] = feats.detach().float(), logits
+        return {c: out[c] for c in plan.outputs}
 
     def _rendered_scores(self, x: Tensor, r: Rendering) -> dict[str, Tensor]:
         """The columns of the top-down pass: eta per layer and in all, the latent log-likelihood,
@@ -574,10 +570,3 @@ def _holders(t: Tensor, h: dict[str, Tensor]) -> int:
 def _per_channel(g: Tensor) -> Tensor:
     """Sum over positions: (N, C, H, W) -> (N, C) (in either memory format, no copy); flat features (N, F) stay."""
     return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
-
-
-def fitted_columns(config: ModelConfig) -> list[str]:
-    """The fitted columns of a model, all higher = in-distribution: the detectors on NRM statistics
-    (``det_*``), then the post-hoc baselines (nrm.posthoc). Known from the config alone."""
-    det = config.fitted.detector
-    return [*(det.columns if det else []), *(type(d).column for d in config.fitted.posthoc.values())]

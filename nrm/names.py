@@ -22,6 +22,9 @@ PRESETS = ("gray28", "gray28-flat", "rgb32-allconv", "rgb32-small", "digits8", "
 # Per-sample score columns of NRM.score, in output order (nrm.scores); fitted columns follow them.
 COLUMNS = ("pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", "latent_prior", "latent_loglik",
            "recon_sq_error", "loglik_bound")
+# The threshold score nrm.fit fits by default, and the column that ranks ood_score on a model without a
+# fitted threshold (nrm.plan).
+DEFAULT_THRESHOLD_SCORE = "latent_loglik"
 # Detectors on the NRM's statistics (nrm.detectors): each makes column det_<name>.
 DETECTORS = ("typicality", "mahalanobis", "gmm", "mahalanobis_energy")
 DETECTOR_PREFIX = "det_"
@@ -31,3 +34,10 @@ DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC over c
 DEFAULT_FEATURES = "gates_acts"
 # The field's post-hoc baselines on the penultimate features (nrm.posthoc): each is its own column.
 POSTHOC = ("mahalanobis_feat", "knn", "vim")
+
+
+def unknown_columns(columns: list[str]) -> list[str]:
+    """The names in ``columns`` that no model makes: not in COLUMNS or POSTHOC and not det_<...>. What a
+    given model makes is checked by nrm.plan.plan_for; this check needs no model (the command line's, at
+    parse time)."""
+    return [c for c in columns if c not in (*COLUMNS, *POSTHOC) and not c.startswith(DETECTOR_PREFIX)]

@@ -171,6 +171,7 @@ class MahalanobisPenultimate:
     precision: Tensor | None = None  # (F, F)
     name: ClassVar[str] = "mahalanobis_penultimate"
     column: ClassVar[str] = "mahalanobis_feat"
+    inputs: ClassVar[tuple[str, ...]] = ("penultimate",)  # the score-dict entries it reads (nrm.plan)
 
     def fit(self, features: Tensor, labels: Tensor, n_classes: int) -> MahalanobisPenultimate:
         f = _finite(_matrix(features, "features"), "features").double()
@@ -228,6 +229,7 @@ class KNN:
     chunk_size: int = 1024
     name: ClassVar[str] = "knn"
     column: ClassVar[str] = "knn"
+    inputs: ClassVar[tuple[str, ...]] = ("penultimate",)
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.chunk_size < 1:
@@ -279,6 +281,7 @@ class ViM:
     alpha: Tensor | None = None  # ()
     name: ClassVar[str] = "vim"
     column: ClassVar[str] = "vim"
+    inputs: ClassVar[tuple[str, ...]] = ("penultimate", "logits")
 
     def fit(self, features: Tensor, logits: Tensor, weight: Tensor, bias: Tensor, dim: int | None = None) -> ViM:
         f = _finite(_matrix(features, "features"), "features").double()

@@ -33,6 +33,16 @@ RENDERED = frozenset({"latent_prior_layers", "latent_prior", "latent_loglik", "r
 COLUMNS = list(names.COLUMNS)
 
 
+def higher_is_in(column: str) -> bool:
+    """Whether a higher value of ``column`` means more in-distribution: HIGHER_IS_IN's entry; every
+    fitted detector's column (det_*, the baselines) is oriented that way."""
+    if column in HIGHER_IS_IN:
+        return HIGHER_IS_IN[column]
+    if column.startswith(names.DETECTOR_PREFIX) or column in names.POSTHOC:
+        return True
+    raise ValueError(f"column {column!r} is not a score; expected one of {list(HIGHER_IS_IN)} or det_<detector>")
+
+
 def latent_prior(eta_layers: Tensor) -> Tensor:
     """eta = sum_l eta_l = sum_l b(l)^T (s(l) . h(l))   (eq. 3, numerator).  (N, L) -> (N,)"""
     return eta_layers.sum(dim=1)

@@ -572,7 +572,6 @@ def test_cli_choices_match_the_library() -> None:
     assert (cli.DEFAULT_DETECTOR.value, cli.DEFAULT_FEATURES.value) == (names.DEFAULT_DETECTOR, names.DEFAULT_FEATURES)
     assert [p.value for p in cli.Precision] == list(names.PRECISIONS)
     assert [p.value for p in cli.TrainPrecision] == list(names.TRAIN_PRECISIONS)
-    assert list(cli.SCORE_NAMES) == [*names.COLUMNS, *names.POSTHOC]
 
 
 def test_the_names_module_matches_the_library() -> None:
