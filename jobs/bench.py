@@ -122,19 +122,18 @@ def full_table(model: nrm.NRM) -> list[str]:
 def fit_for_cost(model: nrm.NRM, bank: int = 45000) -> None:
     """Fit the default detector and the post-hoc baselines on random data of the real sizes (a KNN
     bank of ``bank`` rows, as a CIFAR-10 training split gives): only their cost is measured."""
-    from nrm import posthoc as P
+    from nrm.fit import fit_baselines
 
     device = model.mean.device
     refit(model, [torch.randn(256, *model.input_shape, device=device) for _ in range(2)])
-    if model.config.fitted.posthoc:
+    det = model.config.fitted.detector
+    if det is None or det.baselines:
         return
     f, logits = model.penultimate(torch.randn(512, *model.input_shape, device=device))
     feats = f[torch.randint(len(f), (bank,))].cpu() + 0.01 * torch.randn(bank, f.shape[1])
-    head = model.node_params(model.classifier.name)
     labels = torch.arange(bank) % len(model.config.classes)
-    model.config.fitted.posthoc = P.fit_all(feats, logits.cpu()[torch.randint(len(f), (bank,))], labels,
-                                            head["weight"].double().cpu(), head["bias"].double().cpu(),
-                                            len(model.config.classes))
+    rows = {"penultimate": feats, "logits": logits.cpu()[torch.randint(len(f), (bank,))], "label": labels}
+    det.baselines = fit_baselines(rows, model.head())
 
 
 def _plain_then_fit(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int,

@@ -314,7 +314,7 @@ def fit_detector(
         if baselines:
             from nrm.fit import fit_posthoc
 
-            fit_posthoc(m, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
+            fitted = fit_posthoc(m, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
         ood = {name: batches(m, torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)), 512)
                for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
         fit_rows = train_rows[:detector_rows] if detector_rows else None
@@ -325,7 +325,7 @@ def fit_detector(
         raise fail(str(e)) from None
     mid = nrm.save(m, out)
     th = m.config.fitted.threshold
-    assert th is not None
+    assert th is not None and det.main is not None
     for column, row in det.selection.items():
         typer.echo(f"  validation AUROC {column}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                    + f" (worst {min(row.values()):.3f})")
@@ -333,7 +333,7 @@ def fit_detector(
     typer.echo(f"fitted {det.main.name}[{det.main.features}] on {fitted_on}; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
     if baselines:
-        typer.echo(f"fitted the post-hoc baselines {', '.join(m.posthoc_columns)} on {len(train_rows)} training rows")
+        typer.echo(f"fitted the post-hoc baselines {', '.join(d.column for d in fitted)} on {len(train_rows)} training rows")
 
 
 # ---------------------------------------------------------------------------- score

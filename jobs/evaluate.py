@@ -689,7 +689,7 @@ def evaluate(opts: EvalOptions, echo: Callable[[str], None] = print) -> EvalResu
     det = model.config.fitted.detector
     info = {"uri": opts.model, "model_id": ckpt.model_id,
             "detector": {"name": det.main.name, "features": det.main.features,
-                         **({"selection": det.selection} if det.selection else {})} if det else None}
+                         **({"selection": det.selection} if det.selection else {})} if det and det.main else None}
     m = write_evaluation(sets, model, opts.out, info, store)
     incomplete = [s.name for s in sets if m["sets"][s.name]["failed_inputs"]]
     return EvalResult(opts.out, m, incomplete)

@@ -1,9 +1,9 @@
 """Checkpoints: a directory with config.json and weights.safetensors. Nothing is ever unpickled.
 
-config.json is the graph and the fitted state (format version 2; version 1 still loads);
-weights.safetensors holds every tensor: ``<node>.<param>`` for the network (node names are module
-paths, so a converted ResNet keeps keys like ``layer1.0.conv1.weight``) and ``detector.*`` for the
-fitted detector's arrays.
+config.json is the graph and the fitted state (format version 3; versions 1 and 2 still load, see
+nrm.config); weights.safetensors holds every tensor: ``<node>.<param>`` for the network (node names
+are module paths, so a converted ResNet keeps keys like ``layer1.0.conv1.weight``) and
+``detector.<column>.<key>`` for the fitted detectors' arrays (``detector.*`` / ``posthoc.*`` in version 2).
 
 ``model_id`` is the sha256 of the network's weights (the fitted arrays beside them excluded): the job records it with every scored row, and
 ``load(path, expect_model_id=...)`` refuses a weights file whose hash does not match.

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from nrm import scores as S
 from nrm.batchnorm import TrainNorm
 from nrm.config import ModelConfig, validate
+from nrm.detectors import Head
 from nrm.graph import INPUT, Node
 from nrm.names import PRECISIONS
 from nrm.plan import ScorePlan, fitted_columns, known_columns, plan_for
@@ -174,6 +175,14 @@ class NRM(nn.Module):
     @property
     def classifier(self) -> Node:
         return self.config.nodes[-1]
+
+    def head(self) -> Head:
+        """The classifier the detectors are fitted for: the class count and the final layer's weight
+        and bias (float64, on the CPU; a zero bias where it has none)."""
+        p = self.node_params(self.classifier.name)
+        weight = p["weight"].detach().double().cpu()
+        bias = p["bias"].detach().double().cpu() if "bias" in p else torch.zeros(weight.shape[0], dtype=torch.float64)
+        return Head(len(self.config.classes), weight, bias)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
@@ -459,10 +468,6 @@ class NRM(nn.Module):
         return fitted_columns(self.config)
 
     @property
-    def posthoc_columns(self) -> list[str]:
-        return [type(d).column for d in self.config.fitted.posthoc.values()]
-
-    @property
     def columns(self) -> list[str]:
         """Every column score() can make, in output order."""
         return known_columns(self.config)
@@ -501,14 +506,10 @@ class NRM(nn.Module):
             out.update(self._rendered_scores(x, r))
         if st is not None:
             out["latent_gates"], out["unit_acts"] = (v.detach().float() for v in st)  # detector inputs only
-        want = set(plan.columns)
+        out["penultimate"], out["logits"] = feats.detach().float(), logits
         det = self.config.fitted.detector
         if det is not None:
-            out.update(det.score(out, want))  # det_<name> (nrm.detectors)
-        for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
-            if type(d).column in want:
-                out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
-        out["penultimate"], out["logits"] = feats.detach().float(), logits
+            out.update(det.score(out, set(plan.columns)))  # the fitted detectors' columns (nrm.detectors)
         return {c: out[c] for c in plan.outputs}
 
     def _rendered_scores(self, x: Tensor, r: Rendering) -> dict[str, Tensor]:

@@ -25,14 +25,15 @@ COLUMNS = ("pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", 
 # The threshold score nrm.fit fits by default, and the column that ranks ood_score on a model without a
 # fitted threshold (nrm.plan).
 DEFAULT_THRESHOLD_SCORE = "latent_loglik"
-# Detectors on the NRM's statistics (nrm.detectors): each makes column det_<name>.
+# The detector registry (nrm.detectors) holds DETECTORS then POSTHOC, in this order.
+# Detectors on the NRM's statistics (StatisticsDetector): each makes column det_<name>.
 DETECTORS = ("typicality", "mahalanobis", "gmm", "mahalanobis_energy")
 DETECTOR_PREFIX = "det_"
 FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon", "gates", "gates_recon", "gates_acts",
                 "gates_channels_recon")
 DEFAULT_DETECTOR = "mahalanobis"  # best mean worst-case validation AUROC over checkpoints (docs/results-detectors.md)
 DEFAULT_FEATURES = "gates_acts"
-# The field's post-hoc baselines on the penultimate features (nrm.posthoc): each is its own column.
+# The field's post-hoc baselines on the penultimate features (BaselineDetector): each makes a column of its name.
 POSTHOC = ("mahalanobis_feat", "knn", "vim")
 
 

@@ -82,7 +82,7 @@ def fitted_columns(config: ModelConfig) -> list[str]:
     """The fitted columns of a model, each higher = in-distribution: the detectors on NRM statistics
     (``det_*``), then the field's baselines (nrm.detectors)."""
     det = config.fitted.detector
-    return [*(det.columns if det else []), *(type(d).column for d in config.fitted.posthoc.values())]
+    return det.columns if det else []
 
 
 def known_columns(config: ModelConfig) -> list[str]:
@@ -124,7 +124,4 @@ def _needs(config: ModelConfig, columns: list[str], inputs: Iterable[str]) -> se
     det = config.fitted.detector
     for d in (det.by_column(set(columns)).values() if det else ()):
         needs |= d.inputs()
-    for p in config.fitted.posthoc.values():
-        if type(p).column in columns:
-            needs |= set(type(p).inputs)
     return needs

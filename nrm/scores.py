@@ -22,7 +22,7 @@ HIGHER_IS_IN: dict[str, bool] = {
     "max_softmax": True,
     "max_logit": True,
     "energy": False,
-    # the field's post-hoc baselines on the penultimate features (nrm.posthoc), when fitted
+    # the field's post-hoc baselines on the penultimate features (nrm.detectors), when fitted
     "mahalanobis_feat": True,
     "knn": True,
     "vim": True,

@@ -10,7 +10,7 @@ import argparse
 
 import nrm
 from jobs.bench import overhead
-from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES
+from nrm.names import DEFAULT_DETECTOR, DEFAULT_FEATURES
 
 
 def main() -> None:

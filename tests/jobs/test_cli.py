@@ -532,7 +532,9 @@ def test_fit_detector_chooses_on_validation_ood_sets(ckpt: Path, tmp_path: Path)
     r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path / "train.parquet"), "--out", str(out),
                "--val-ood", f"flat={tmp_path / 'flat.parquet'}", "--val-fraction", "0.5")
     assert r.exit_code == 0, r.output
-    det = json.loads((out / "config.json").read_text())["detector"]
+    saved = json.loads((out / "config.json").read_text())["detectors"]  # the main detector first
+    det = {"name": saved["fitted"][0]["name"], "features": saved["fitted"][0]["options"]["features"],
+           "selection": saved["selection"]}
     assert set(det["selection"]["det_mahalanobis_gates"]) == {"flat"}
     winner = f"det_{det['name']}_{det['features']}"
     assert min(det["selection"][winner].values()) == max(min(v.values()) for v in det["selection"].values())
@@ -576,11 +578,13 @@ def test_cli_choices_match_the_library() -> None:
 
 def test_the_names_module_matches_the_library() -> None:
     """nrm.names lists what the library's registries hold."""
-    from nrm import detectors, names, posthoc, presets
+    from nrm import detectors, names, presets
 
     assert tuple(presets.PRESETS) == names.PRESETS
-    assert tuple(detectors.REGISTRY) == names.DETECTORS
-    assert tuple(c.column for c in posthoc.REGISTRY.values()) == names.POSTHOC
+    assert tuple(detectors.REGISTRY) == (*names.DETECTORS, *names.POSTHOC)
+    on_statistics = [n for n, c in detectors.REGISTRY.items() if issubclass(c, detectors.StatisticsDetector)]
+    assert tuple(on_statistics) == names.DETECTORS
+    assert tuple(c().column for c in detectors.REGISTRY.values() if issubclass(c, detectors.BaselineDetector)) == names.POSTHOC
 
 
 def test_importing_the_names_imports_no_torch(tmp_path: Path) -> None:
