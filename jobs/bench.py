@@ -29,6 +29,9 @@ import nrm
 from nrm.config import ModelConfig
 from nrm.fit import refit
 from nrm.names import DEFAULT_DETECTOR, DEFAULT_FEATURES
+from nrm.plan import ScorePlan
+from nrm.precision import autocast
+from nrm.runner import Runner
 from nrm.scores import COLUMNS, RENDERED
 
 Echo = Callable[[str], None]
@@ -129,7 +132,9 @@ def fit_for_cost(model: nrm.NRM, bank: int = 45000) -> None:
     det = model.config.fitted.detector
     if det is None or det.baselines:
         return
-    f, logits = model.penultimate(torch.randn(512, *model.input_shape, device=device))
+    with torch.no_grad():
+        p = model.forward_pass(torch.randn(512, *model.input_shape, device=device))
+    f, logits = p.features.float(), p.logits.float()
     feats = f[torch.randint(len(f), (bank,))].cpu() + 0.01 * torch.randn(bank, f.shape[1])
     labels = torch.arange(bank) % len(model.config.classes)
     rows = {"penultimate": feats, "logits": logits.cpu()[torch.randint(len(f), (bank,))], "label": labels}
@@ -143,7 +148,7 @@ def _plain_then_fit(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, r
     device = model.mean.device
     x = torch.randn(batch, *model.input_shape, device=device)
     sync = device_sync(device)
-    tp, plain_label = fastest(plain_variants(plain_module, x, sync, model.autocast), reps)
+    tp, plain_label = fastest(plain_variants(plain_module, x, sync, lambda: autocast("fp32", device.type)), reps)
     fit_for_cost(model)
     return x, sync, {"plain_s": tp, "plain": plain_label}
 
@@ -159,16 +164,16 @@ def overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: in
     for label, cols in (("score", default), ("forward", FORWARD_ONLY), ("classifier", CLASSIFIER),
                         ("baselines", ["pred", *BASELINES])):
         for cl in (False, True):
-            model.use_channels_last(cl)
+            runner = Runner(model, layout="channels_last" if cl else "nchw")
 
-            def run(cols: list[str] = cols, m: nrm.NRM = model) -> None:
-                m.score(x, columns=cols)
+            def run(r: Runner = runner, plan: ScorePlan = model.plan(cols, flag=False)) -> None:
+                r.score(x, plan)
                 sync()
 
             res[f"{label}_s_{'cl' if cl else 'nchw'}"] = _time(run, reps)
         res[f"{label}_s"] = min(res[f"{label}_s_nchw"], res[f"{label}_s_cl"])
         res[f"{label}_ratio"] = res[f"{label}_s"] / tp
-    model.use_channels_last(False)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     res["images_per_s"] = batch / res["score_s"]
     return res
 
@@ -251,20 +256,20 @@ def _first_call(fn: Callable[[], Any]) -> float:
 
 def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
     """The forward-only columns and the full score (the default table, as in section 1) with
-    ``NRM.use_compile`` in the model's fast layout (as the scoring actors run them: channels_last,
+    ``Runner(compile=True)`` in the model's fast layout (as the scoring actors run them: channels_last,
     NCHW for fp32 on CUDA), against plain inference eager at its fastest (the targets' ratio) and the
     plain module compiled in the same layout (the like-for-like ratio); each first call's seconds are
     its compile time."""
     import copy
 
     x, sync, res = _plain_then_fit(model, plain_module, batch, reps)
-    model.use_fast_layout().use_compile(True)
-    layout = torch.channels_last if model.channels_last else torch.contiguous_format
+    runner = Runner(model, compile=True)
+    layout = torch.channels_last if runner.channels_last else torch.contiguous_format
     tp, xin = res["plain_s"], x.contiguous(memory_format=layout)
     module = torch.compile(copy.deepcopy(plain_module).to(memory_format=layout))  # type: ignore[call-overload]
 
     def plain_run() -> None:
-        with torch.no_grad(), model.autocast():
+        with torch.no_grad(), runner.autocast():
             module(xin)
         sync()
 
@@ -272,15 +277,15 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
     res["plain_compiled_s"] = _time(plain_run, reps)
     default = full_table(model)
     for label, cols in (("forward", FORWARD_ONLY), ("score", default)):
-        def run(cols: list[str] = cols) -> None:
-            model.score(x, columns=cols)
+        def run(plan: ScorePlan = model.plan(cols, flag=False)) -> None:
+            runner.score(x, plan)
             sync()
 
         res[f"{label}_compile_s"] = _first_call(run)
         res[f"{label}_s"] = _time(run, reps)
         res[f"{label}_ratio"] = res[f"{label}_s"] / tp
         res[f"{label}_ratio_compiled"] = res[f"{label}_s"] / res["plain_compiled_s"]
-    model.use_compile(False).use_channels_last(False)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return res
 
 
@@ -290,7 +295,7 @@ def compile_section(device: str, batch: int, reps: int, shared: Path | None, ech
     score --compile``); ``batch`` on a CPU, 4096 on a GPU."""
     batch = batch if device == "cpu" else 4096
     lines = ["## 1b. With torch.compile (`nrm-ood score --compile`)", "",
-             "The forward-only columns and the full score of section 1 with `NRM.use_compile` (inductor, in the "
+             "The forward-only columns and the full score of section 1 with `Runner(compile=True)` (inductor, in the "
              "model's fast layout as the scoring actors run it; the full score's forward and top-down walk compile "
              "as one graph, so the ReLUs, their gradients, the residual sums and the statistics fuse into a few "
              "loops around the convolutions), against plain inference as in section 1 (eager, at its fastest: the "
@@ -334,30 +339,37 @@ def precision_section(device: str, batch: int, reps: int, shared: Path | None, e
              "| ratio to plain | speed vs fp32 eager | AUROC textures32 latent_prior / max_logit "
              "| AUROC MNIST latent_prior / max_logit |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = None
+    plan = model.plan(default, flag=False)
     for p in ("fp32", "bf16", "fp16", "tf32"):
-        model.set_precision(p).use_channels_last(False)
         try:
-            tp, _ = fastest(plain_variants(plain, x, sync, model.autocast), reps)
-            model.use_channels_last(True)
-            t = _time(lambda: (model.score(x, columns=default), sync()), reps)
+            tp, _ = fastest(plain_variants(plain, x, sync, Runner(model, precision=p, layout="nchw").autocast), reps)
+            t = _score_s(Runner(model, precision=p, layout="channels_last"), x, plan, sync, reps)
         except RuntimeError as e:  # a precision this device cannot run
             lines.append(f"| {p} | not available ({str(e).splitlines()[0][:80]}) | | | | | | | | |")
             continue
         base = base or t
         compiled, compiled_ms = "not run (fp16 on a CPU: slower than fp32, eager) | - | -", "not run"
         if device != "cpu" or p != "fp16":
-            model.use_compile(True)
-            model.score(x, columns=default)  # compiles
-            tc = _time(lambda: (model.score(x, columns=default), sync()), reps)
-            model.use_compile(False)
+            runner = Runner(model, precision=p, layout="channels_last", compile=True)
+            runner.score(x, plan)  # compiles
+            tc = _score_s(runner, x, plan, sync, reps)
             compiled_ms = f"{tc * 1e3:.1f} ms"
             compiled = f"{tc * 1e3:.1f} | {tc / tp:.2f}x | {base / tc:.2f}x"
         cells = [_auroc_cell(auroc.get(p, {}), name) for name in ("textures32", "mnist")]
         lines.append(f"| {p} | {tp * 1e3:.1f} | {t * 1e3:.1f} | {t / tp:.2f}x | {base / t:.2f}x | {compiled} | "
                      f"{cells[0]} | {cells[1]} |")
         echo(f"  {p}: plain {tp * 1e3:.1f} ms, full {t * 1e3:.1f} ms, compiled {compiled_ms}")
-    model.set_precision("fp32").use_channels_last(False)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return lines
+
+
+def _score_s(runner: Runner, x: torch.Tensor, plan: ScorePlan, sync: Callable[[], None], reps: int) -> float:
+    """Best-run seconds of ``runner.score(x, plan)``."""
+    def run() -> None:
+        runner.score(x, plan)
+        sync()
+
+    return _time(run, reps)
 
 
 def _auroc_cell(a: dict[str, dict[str, float]], name: str) -> str:
@@ -378,15 +390,15 @@ def precision_auroc(model: nrm.NRM, shared: Path, device: str) -> dict[str, dict
     xs["textures32"] = xs["textures32"][torch.from_numpy(np.sort(order[len(order) // 2 :]))]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for p in ("fp32", "bf16", "fp16", "tf32"):
-        model.set_precision(p)
+        runner = Runner(model, precision=p, layout=None)
         try:
-            cols = {k: {c: torch.cat([model.score(v[i : i + 256], columns=[c])[c] for i in range(0, len(v), 256)])
+            cols = {k: {c: torch.cat([runner.score(v[i : i + 256], model.plan([c], flag=False))[c]
+                                      for i in range(0, len(v), 256)])
                         for c in ("latent_prior", "max_logit")} for k, v in xs.items()}
         except RuntimeError:
             continue
         out[p] = {k: {c: float(auroc(cols["in"][c].double().cpu().numpy(), cols[k][c].double().cpu().numpy()))
                       for c in ("latent_prior", "max_logit")} for k in ("textures32", "mnist")}
-    model.set_precision("fp32")
     return out
 
 
@@ -467,10 +479,11 @@ def decode_throughput(data: Path, shape: tuple[int, int, int]) -> float:
 
 def in_memory_throughput(ckpt: Path, data: Path, threads: int, batch: int) -> float:
     """Images/s of model.score on already decoded, preprocessed tensors (no I/O, no Ray), in the
-    layout the scoring actors use (``use_fast_layout``: channels_last on a CPU)."""
+    layout the scoring actors use (the Runner's fast layout: channels_last on a CPU)."""
     from jobs.datasets import load_labelled
 
-    model = nrm.load(ckpt).use_fast_layout()
+    runner = Runner(nrm.load(ckpt))
+    model = runner.model
     x, _ = load_labelled(str(data), model.input_shape, limit=8192)
     xs = model.preprocess(torch.from_numpy(x))
     old = torch.get_num_threads()
@@ -478,7 +491,7 @@ def in_memory_throughput(ckpt: Path, data: Path, threads: int, batch: int) -> fl
     try:
         def run() -> None:
             for i in range(0, len(xs), batch):
-                model.score(xs[i : i + batch])
+                runner.score(xs[i : i + batch])
 
         return len(xs) / _time(run, 3)
     finally:

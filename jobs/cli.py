@@ -181,6 +181,7 @@ def train(
 
     import nrm
     from jobs.storage import Store
+    from nrm.runner import Runner
 
     store = Store(endpoint_url)
     dev = _device(device)
@@ -192,7 +193,7 @@ def train(
     t0 = time.perf_counter()
     start, name, x, y = _training_data(data, arch, init, limit, store)
     try:
-        tutors = [nrm.load(t, device=dev).use_fast_layout() for t in teacher or []]  # forward only
+        tutors = [Runner(nrm.load(t, device=dev)) for t in teacher or []]  # forward only, in the fast layout
     except ValueError as e:  # nrm.checkpoint.CheckpointError names the file and what is wrong
         raise fail(f"--teacher: {e}") from None
     classes = int(y.max()) + 1
@@ -304,21 +305,23 @@ def fit_detector(
     from jobs.evaluate import parse_ood
     from jobs.storage import StorageError, Store
     from nrm.fit import refit
+    from nrm.runner import Runner
     from nrm.training import batches, held_out_split
 
     try:
-        m = nrm.load(model).use_fast_layout()  # scores its rows as the actors do (channels-last on a CPU)
+        runner = Runner(nrm.load(model))  # scores its rows as the actors do (channels-last on a CPU)
+        m = runner.model
         store = Store(endpoint_url)
         x, y = load_labelled(data, m.input_shape, None, store)
         refit_rows, train_rows = held_out_split(len(x), val_fraction, torch.Generator().manual_seed(seed))
         if baselines:
             from nrm.fit import fit_posthoc
 
-            fitted = fit_posthoc(m, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
+            fitted = fit_posthoc(runner, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
         ood = {name: batches(m, torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)), 512)
                for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
         fit_rows = train_rows[:detector_rows] if detector_rows else None
-        det = refit(m, batches(m, torch.from_numpy(x), 512, refit_rows), detector.value, features.value,
+        det = refit(runner, batches(m, torch.from_numpy(x), 512, refit_rows), detector.value, features.value,
                     candidates=candidates, val_ood=ood or None,
                     fit_batches=batches(m, torch.from_numpy(x), 512, fit_rows) if fit_rows is not None else None)
     except (nrm.CheckpointError, StorageError, DatasetError, ValueError) as e:

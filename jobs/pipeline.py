@@ -37,7 +37,7 @@ from jobs.planning import Plan, Unit, plan_inputs, read_tasks
 from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, absolute, is_s3, join
 from nrm import scores as nrm_scores
 from nrm.config import ModelConfig
-from nrm.model import PRECISIONS
+from nrm.names import PRECISIONS
 
 log = logging.getLogger("nrm_ood")
 
@@ -212,14 +212,15 @@ class Scorer:
 
         import nrm
         from jobs.allocator import keep_freed_memory
+        from nrm.runner import Runner
 
         keep_freed_memory()  # each batch reuses the pages of the batch before (jobs/allocator.py)
         torch.set_num_threads(max(1, threads))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         with checkpoint.local() as path:
             self.model = nrm.load(path, device=self.device, expect_model_id=checkpoint.model_id)
-        self.model.set_precision(precision).use_fast_layout()  # NHWC except fp32 on CUDA (docs/benchmarks.md)
-        self.model.use_compile(compile)  # compiles at the first batch of each shape
+        # the fast layout (NHWC except fp32 on CUDA, docs/benchmarks.md); compiles at the first batch of each shape
+        self.runner = Runner(self.model, precision=precision, compile=compile)
         self.model_id = checkpoint.model_id
         self.plan = self.model.plan(columns)  # the model columns made, their passes, the threshold column
         self.columns = [c for c in self.plan.columns if c not in ("pred", "latent_prior_layers")]  # float score columns
@@ -255,7 +256,7 @@ class Scorer:
         if ok.any():
             try:
                 x = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-                cols = {k: v.double().cpu().numpy() for k, v in self.model.score_plan(x, self.plan).items()}
+                cols = {k: v.double().cpu().numpy() for k, v in self.runner.score(x, self.plan).items()}
                 for c in self.columns:
                     out[c][ok] = cols[c]
                 pred[ok] = cols["pred"].astype(np.int64)

@@ -67,7 +67,9 @@ class Threshold:
 
 @dataclass
 class Fitted:
-    """State fitted on in-distribution data after training; see nrm.fit."""
+    """State fitted on in-distribution data after training; see nrm.fit. A new fitted quantity is a
+    field here, written by :meth:`ModelConfig.to_json` and read by ``_fitted`` (its tensors, if any,
+    under a ``detector.``-prefixed key, which model_id leaves out)."""
 
     sigma2: float = 1.0  # ML noise variance of x | z,y (mean squared residual per input value)
     log_partition: list[float] = field(default_factory=list)  # log Z(y), one per class; zeros = "none"

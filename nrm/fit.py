@@ -48,16 +48,21 @@ from nrm.names import (
     DETECTORS,
     NORMALISERS,
 )
+from nrm.plan import UNIT_STATS
+from nrm.runner import Runner, as_runner
 from nrm.scores import HIGHER_IS_IN
 
 DEFAULT_NORMALISER = "none"
 
 
 @torch.no_grad()
-def collect(model: NRM, batches: Iterable[Tensor]) -> dict[str, Tensor]:
-    """Concatenate ``model.score`` over normalised batches (on the model's device) into CPU tensors, with
-    every detector input (``unit_stats=True``), since fitting may choose any feature set."""
-    cols = gather(model.score(x, unit_stats=True) for x in batches)
+def collect(model: NRM | Runner, batches: Iterable[Tensor]) -> dict[str, Tensor]:
+    """The full score table of normalised batches (on the model's device), concatenated into CPU
+    tensors, with the unit statistics (fitting may choose any feature set). A bare model is scored as
+    ``NRM.score`` does, a Runner as it runs (nrm.runner.as_runner); so are the fits below."""
+    runner = as_runner(model)
+    plan = runner.model.plan(inputs=UNIT_STATS)
+    cols = gather(runner.score(x, plan) for x in batches)
     if not cols:
         raise ValueError("collect: got no batches")
     return cols
@@ -103,7 +108,7 @@ def _rows(cols: Rows, idx: Tensor) -> dict[str, Tensor]:
 
 
 def fit(
-    model: NRM,
+    model: NRM | Runner,
     train_batches: Iterable[Tensor],
     val_batches: Iterable[Tensor],
     normaliser: str = DEFAULT_NORMALISER,
@@ -117,16 +122,18 @@ def fit(
     fitted on one seeded half of ``val_batches``, and a threshold on its ``det_<name>`` column is set
     on the other half. Installs the result on ``model`` and returns it."""
     _check_threshold_score(threshold_score, detector)
-    train = collect(model, train_batches)
-    d = model.input_shape[0] * model.input_shape[1] * model.input_shape[2]
+    runner = as_runner(model)
+    net = runner.model
+    train = collect(runner, train_batches)
+    d = net.input_shape[0] * net.input_shape[1] * net.input_shape[2]
     sigma2 = float(train["recon_sq_error"].double().sum() / (train["recon_sq_error"].numel() * d))
-    log_z = log_partition(train["latent_prior"], train["pred"], len(model.config.classes), normaliser)
+    log_z = log_partition(train["latent_prior"], train["pred"], len(net.config.classes), normaliser)
     fitted = Fitted(sigma2=sigma2, log_partition=[float(v) for v in log_z], normaliser=normaliser)
-    apply(model, fitted)
-    val = collect(model, val_batches)
+    apply(net, fitted)
+    val = collect(runner, val_batches)
     if detector is not None:
         fit_idx, thr_idx = split_halves(len(val["pred"]))
-        det = statistics_detector(detector, detector_features).fit(_rows(val, fit_idx), model.head())
+        det = statistics_detector(detector, detector_features).fit(_rows(val, fit_idx), net.head())
         fitted.detector = FittedDetectors(det)
         if threshold_score == det.column:  # the detector's own fitting half would bias its threshold
             val = _rows(val, thr_idx)
@@ -135,7 +142,7 @@ def fit(
     return fitted
 
 
-def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
+def refit(model: NRM | Runner, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
           feature_set: str = DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
           val_ood: Mapping[str, Iterable[Tensor]] | None = None, fit_batches: Iterable[Tensor] | None = None,
           **options: Any) -> FittedDetectors:
@@ -150,10 +157,11 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETE
     threshold on ``model.config.fitted``; ``nrm.save(model, path)`` then writes them. Returns the
     fitted detectors."""
     main = statistics_detector(name, feature_set)  # an unknown name fails before any batch is scored
-    head = model.head()
-    half, rest = _fit_and_threshold_rows(model, in_val_batches, fit_batches)
+    runner = as_runner(model)
+    head = runner.model.head()
+    half, rest = _fit_and_threshold_rows(runner, in_val_batches, fit_batches)
     if val_ood:
-        det = choose(half, rest, {k: collect(model, b) for k, b in val_ood.items()}, head.n_classes)
+        det = choose(half, rest, {k: collect(runner, b) for k, b in val_ood.items()}, head.n_classes)
     else:
         det = FittedDetectors(main.fit(half, head, **options))
     assert det.main is not None
@@ -161,7 +169,7 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETE
         have = {(d.name, d.features) for d in (det.main, *det.candidates)}
         det.candidates += [statistics_detector(n, f, candidate=True).fit(half, head)
                            for n, f in CANDIDATES if (n, f) not in have]
-    fitted = model.config.fitted
+    fitted = runner.model.config.fitted
     det.baselines = fitted.detector.baselines if fitted.detector else []
     fitted.detector = det
     rate = tpr if tpr is not None else (fitted.threshold.tpr if fitted.threshold else 0.95)
@@ -170,7 +178,7 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETE
     return det
 
 
-def _fit_and_threshold_rows(model: NRM, held_out: Iterable[Tensor], fit_batches: Iterable[Tensor] | None,
+def _fit_and_threshold_rows(model: Runner, held_out: Iterable[Tensor], fit_batches: Iterable[Tensor] | None,
                             ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(rows a detector is fitted on, rows its threshold is set on): the training batches and every
     held-out row, or the two seeded halves of the held-out rows."""
@@ -191,19 +199,20 @@ def fit_baselines(data: Rows | Iterable[Rows], head: Head, knn_k: int = 50, vim_
 
 
 @torch.no_grad()
-def fit_posthoc(model: NRM, batches: Iterable[Tensor], labels: Tensor, knn_k: int = 50,
+def fit_posthoc(model: NRM | Runner, batches: Iterable[Tensor], labels: Tensor, knn_k: int = 50,
                 vim_dim: int | None = None) -> list[BaselineDetector]:
     """Fit the field's post-hoc baselines (:func:`fit_baselines`) on in-distribution TRAINING batches
     (normalised) with their true ``labels``, and install them beside the model's other detectors
     (``model.config.fitted.detector``); ``nrm.save`` writes their arrays. Returns them."""
-    plan = model.plan([], ("penultimate", "logits"), flag=False)  # the forward pass alone
-    rows = gather(model.score_plan(x, plan) for x in batches)
+    runner = as_runner(model)
+    plan = runner.model.plan([], ("penultimate", "logits"), flag=False)  # the forward pass alone
+    rows = gather(runner.score(x, plan) for x in batches)
     if not rows:
         raise ValueError("fit_posthoc: got no batches")
     if len(rows["logits"]) != len(labels):
         raise ValueError(f"fit_posthoc: {len(rows['logits'])} images but {len(labels)} labels")
-    baselines = fit_baselines({**rows, "label": labels.long().cpu()}, model.head(), knn_k, vim_dim)
-    fitted = model.config.fitted
+    baselines = fit_baselines({**rows, "label": labels.long().cpu()}, runner.model.head(), knn_k, vim_dim)
+    fitted = runner.model.config.fitted
     fitted.detector = fitted.detector or FittedDetectors()
     fitted.detector.baselines = baselines
     return baselines

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nrm import scores as S
+from nrm import scores
 from nrm.config import ModelConfig, Threshold
 from nrm.names import DEFAULT_THRESHOLD_SCORE
 
@@ -31,7 +31,7 @@ INPUTS = (
     "penultimate",  # (N, F) the classifier's input
     "logits",  # (N, K)
 )
-RENDERED = S.RENDERED | {"latent_prior_channels"}  # entries of the top-down pass
+RENDERED = scores.RENDERED | {"latent_prior_channels"}  # entries of the top-down pass
 UNIT_STATS = frozenset({"latent_gates", "unit_acts"})  # entries of the unit statistics
 
 
@@ -87,7 +87,7 @@ def fitted_columns(config: ModelConfig) -> list[str]:
 
 def known_columns(config: ModelConfig) -> list[str]:
     """Every column a model makes, in output order."""
-    return [*S.COLUMNS, *fitted_columns(config)]
+    return [*scores.COLUMNS, *fitted_columns(config)]
 
 
 def plan_for(config: ModelConfig, columns: Sequence[str] | None = None, inputs: Iterable[str] = (),

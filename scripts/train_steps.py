@@ -20,17 +20,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nrm  # noqa: E402
 from jobs.allocator import keep_freed_memory  # noqa: E402
 from jobs.bench import _time, device_sync  # noqa: E402
+from nrm.runner import Runner  # noqa: E402
 from nrm.training import make_optimizer, train_step  # noqa: E402
 
 NETS = [("gray28", {}), ("rgb32-small", {}), ("resnet-cifar", {"depth": 20})]
 
 
-def step_ms(model: nrm.NRM, cfg: nrm.TrainConfig, x: torch.Tensor, y: torch.Tensor, reps: int) -> float:
-    opt = make_optimizer(model, cfg)
+def step_ms(runner: Runner, cfg: nrm.TrainConfig, x: torch.Tensor, y: torch.Tensor, reps: int) -> float:
+    opt = make_optimizer(runner.model, cfg)
     sync = device_sync(x.device)
 
     def step() -> None:
-        train_step(model, opt, x, y, cfg, [])
+        train_step(runner, opt, x, y, cfg, [])
         sync()
 
     step()  # the first warm-up step (AdamW makes its state); _time takes the second
@@ -53,8 +54,8 @@ def main(reps: int, device: str) -> None:
             ms = {}
             for precision in ("fp32", "bf16"):
                 for cl in (False, True):
-                    model.set_precision(precision).use_channels_last(cl)
-                    ms[precision, cl] = step_ms(model, cfg, x, y, reps)
+                    runner = Runner(model, precision=precision, layout="channels_last" if cl else "nchw")
+                    ms[precision, cl] = step_ms(runner, cfg, x, y, reps)
             print(f"| {name} | {'CE + reconstruction' if recon else 'CE'} | {ms['fp32', False]:.1f} | {ms['fp32', True]:.1f} | "
                   f"{ms['bf16', False]:.1f} | {ms['bf16', True]:.1f} | {ms['fp32', False] / ms['bf16', True]:.2f}x faster |",
                   flush=True)

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from nrm.detectors.statistics import StatisticsDetector, per_class
 
-# From this many features on, the quadratic form is taken in float32 (about 4x the speed of float64 on
-# AVX-512; a ResNet-56 has 4,064 gate features); tests hold it to the float64 formula at 1e-4.
+# From this many features on, the quadratic form is taken in float32, much faster than float64 (a
+# ResNet-56 has 4,064 gate features); tests hold it to the float64 formula at 1e-4.
 FAST_DIMS = 512
 
 

@@ -36,10 +36,10 @@ class Typicality(StatisticsDetector):
 
     with the median and MAD of :func:`fit_typicality`."""
 
-    median: Tensor | None = None  # (K, D)
-    mad: Tensor | None = None  # (K, D)
     name: ClassVar[str] = "typicality"
     keys: ClassVar[tuple[str, ...]] = ("median", "mad")
+    median: Tensor | None = None  # (K, D)
+    mad: Tensor | None = None  # (K, D)
 
     def _fit_features(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:
         return fit_typicality(f, pred, n_classes)
