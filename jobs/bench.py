@@ -455,14 +455,15 @@ def request_counts(log: Path) -> dict[str, int]:
 def decode_throughput(data: Path, shape: tuple[int, int, int]) -> float:
     """Images/s of Parquet read + PNG decode in this one process (one CPU), as a read task does it."""
     from jobs.images import Policy
-    from jobs.pipeline import ReadSpec, plan_inputs, read_unit
+    from jobs.pipeline import ReadSpec, read_unit
+    from jobs.planning import plan_inputs
     from jobs.storage import Store
 
     store = Store()
     plan = plan_inputs(store, store.list_parquet(str(data))[:2], None, None, None)
     spec = ReadSpec(store, shape, Policy.adapt)
     t = time.perf_counter()
-    n = sum(len(read_unit(vars(u), spec)["id"]) for u in plan.units)
+    n = sum(len(read_unit(u, spec)["id"]) for u in plan.units)
     return n / (time.perf_counter() - t)
 
 

@@ -374,8 +374,10 @@ def score(
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
 
-    opts = ScoreOptions(model, input, output, run_id, actors, gpus_per_actor, cpus_per_actor, batch_size,
-                        incremental, address, image_column, id_column, label_column, resize_policy, endpoint_url,
+    opts = ScoreOptions(model=model, input=input, output=output, run_id=run_id, actors=actors,
+                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+                        incremental=incremental, address=address, image_column=image_column, id_column=id_column,
+                        label_column=label_column, resize_policy=resize_policy, endpoint_url=endpoint_url,
                         resume=resume, rows_per_file=rows_per_file,
                         actor_resources=dict(_resource_pairs(actor_resource or [])) or None,
                         columns=tuple(columns.split(",")) if columns else None,

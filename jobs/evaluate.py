@@ -235,7 +235,7 @@ def score_sets(opts: EvalOptions, ckpt: Checkpoint, echo: Callable[[str], None] 
         else:
             echo(f"set {name}: scoring {source}")
             try:
-                res = run_score(ScoreOptions(opts.model, source, scores_root, run_id=rid, batch_size=opts.batch_size,
+                res = run_score(ScoreOptions(model=opts.model, input=source, output=scores_root, run_id=rid, batch_size=opts.batch_size,
                                              address=opts.address, endpoint_url=opts.endpoint_url), echo=echo)
             except JobError as e:
                 raise EvaluateError(f"set {name}: {e}") from None
@@ -669,8 +669,6 @@ def _json_default(o: Any) -> Any:
 # ---------------------------------------------------------------------------- the command
 def evaluate(opts: EvalOptions, echo: Callable[[str], None] = print) -> EvalResult:
     """Score every set (or reuse its committed run) and write the metrics and the report to ``opts.out``."""
-    import nrm
-
     if opts.limit is not None and opts.limit < 1:
         raise EvaluateError(f"--limit must be >= 1, got {opts.limit}")
     if not opts.ood:
@@ -684,8 +682,7 @@ def evaluate(opts: EvalOptions, echo: Callable[[str], None] = print) -> EvalResu
         raise EvaluateError(str(e)) from None
     group_of = {name: g for g, names in opts.groups.items() for name in names}
     sets = [replace(s, group=group_of.get(s.name)) for s in score_sets(opts, ckpt, echo)]
-    with ckpt.local() as path:
-        model = nrm.load(path, expect_model_id=ckpt.model_id)
+    model = ckpt.load()
     det = model.config.fitted.detector
     info = {"uri": opts.model, "model_id": ckpt.model_id,
             "detector": {"name": det.main.name, "features": det.main.features,

@@ -149,14 +149,11 @@ def load_audit(opts: ReportOptions, store: Store) -> Audit:
                      "the threshold shown is the first run's")
     model = None
     if opts.input is not None or opts.model is not None:
-        import nrm
-
         try:
             ckpt = Checkpoint.fetch(store, model_uri)
         except JobError as e:
             raise ReportError(str(e)) from None
-        with ckpt.local() as path:
-            model = nrm.load(path, expect_model_id=ckpt.model_id)
+        model = ckpt.load()
         if ckpt.model_id not in model_ids:
             notes.append(f"renderings use model {ckpt.model_id[:12]} ({model_uri}), which did not score these rows")
     return Audit(runs, table, model_uri, model_ids, model, notes)

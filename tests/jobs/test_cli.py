@@ -267,12 +267,12 @@ def test_output_naming_an_existing_file_is_one_sentence_and_writes_nothing(ckpt:
 
 def test_ctrl_c_says_nothing_was_committed_and_how_to_resume(ckpt: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs import pipeline
+    from jobs.pipeline import Run
 
     def interrupted(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_score", interrupted)
+    monkeypatch.setattr(Run, "score", interrupted)
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
     r = invoke("score", "--model", str(ckpt), "--input", str(tmp_path / "a.parquet"), "--output",
                str(tmp_path / "out"), "--run-id", "ctrlc")

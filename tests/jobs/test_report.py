@@ -25,7 +25,8 @@ from jobs.cli import app
 from jobs.evaluate import ScoredSet, write_evaluation
 from jobs.images import Policy
 from jobs.parts import ADAPT_COLUMN
-from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
+from jobs.pipeline import Checkpoint, ReadSpec, Scorer, read_unit
+from jobs.planning import plan_inputs
 from jobs.report import ReportError, ReportOptions, build_report, class_table, locate, newest_rows, rate_table
 from jobs.storage import Store
 
@@ -40,7 +41,7 @@ def score_file(ck: Checkpoint, path: Path) -> pa.Table:
     spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
     scorer = Scorer(ck, 1)
     # the write task drops the internal ADAPT_COLUMN before a part is written
-    return pa.concat_tables([scorer(read_unit(asdict(u), spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
+    return pa.concat_tables([scorer(read_unit(u, spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
 
 
 @pytest.fixture(scope="module")

@@ -391,7 +391,7 @@ def test_resume_keeps_the_complete_files_of_an_earlier_attempt_and_lists_every_r
         raise KeyboardInterrupt
 
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline, "_commit", driver_dies)
+        mp.setattr(pipeline.Run, "commit", driver_dies)
         with pytest.raises(pipeline.Interrupted, match="--resume r"):
             score(ckpt, inp, out, "r", **opts)
     (first,) = parts.attempts(Store(), str(out / "r"))
