@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import nrm
-from jobs.bench import overhead
+from jobs.bench.speed import overhead
 from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES
 
 

@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import bench_models, fit_for_cost, full_table, plain_variants  # noqa: E402
+from jobs.bench.speed import bench_models, fit_for_cost, full_table  # noqa: E402
+from jobs.bench.timing import plain_variants  # noqa: E402
 from nrm import NRM  # noqa: E402
 
 

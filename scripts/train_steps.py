@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nrm  # noqa: E402
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import _time, device_sync  # noqa: E402
+from jobs.bench.timing import best_time, device_sync  # noqa: E402
 from nrm.training import make_optimizer, train_step  # noqa: E402
 
 NETS = [("gray28", {}), ("rgb32-small", {}), ("resnet-cifar", {"depth": 20})]
@@ -33,8 +33,8 @@ def step_ms(model: nrm.NRM, cfg: nrm.TrainConfig, x: torch.Tensor, y: torch.Tens
         train_step(model, opt, x, y, cfg, [])
         sync()
 
-    step()  # the first warm-up step (AdamW makes its state); _time takes the second
-    return _time(step, reps) * 1e3
+    step()  # the first warm-up step (AdamW makes its state); best_time takes the second
+    return best_time(step, reps) * 1e3
 
 
 def main(reps: int, device: str) -> None:
