@@ -301,6 +301,8 @@ def test_fractional_cpus_per_actor_completes(ckpt: Path, tmp_path: Path, actors:
 @pytest.mark.parametrize(("kw", "text"), [
     ({"run_id": "a/b"}, "must not contain '/'"),
     ({"run_id": "_x"}, "must not contain '/' or start with"),
+    ({"run_id": " x"}, "--run-id ' x' is not a run id"),
+    ({"run_id": "x" * 300}, "--run-id 'x+'... is 300 characters long; expected at most 128"),
     ({"batch_size": 0}, "--batch-size must be >= 1"),
 ])
 def test_bad_options_are_job_errors(ckpt: Path, tmp_path: Path, kw: dict[str, Any], text: str) -> None:
