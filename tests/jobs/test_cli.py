@@ -263,7 +263,7 @@ def test_filter_without_a_committed_run_is_one_error_line(tmp_path: Path) -> Non
     assert r.stderr.startswith("error: no committed run at") and "Traceback" not in r.output
 
 
-# ---------------------------------------------------------------------------- bad runs a new user meets (issue 13)
+# ---------------------------------------------------------------------------- bad runs a new user meets
 def test_output_naming_an_existing_file_is_one_sentence_and_writes_nothing(ckpt: Path, tmp_path: Path) -> None:
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
     (tmp_path / "taken.txt").write_text("mine")

@@ -223,7 +223,7 @@ def test_incremental_scores_only_new_files_then_nothing(ckpt: Path, tmp_path: Pa
 
 
 def test_incremental_fails_in_one_sentence_when_the_output_cannot_be_listed(ckpt: Path, tmp_path: Path) -> None:
-    # issue 13: a listing error used to read as "nothing committed yet", so everything was scored again
+    # a listing error must not read as "nothing committed yet", which would score everything again
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     write_hf_parquet(inp / "a.parquet", [png_bytes(p) for p in random_images(2, seed=6)])
@@ -270,7 +270,7 @@ def test_unreadable_and_foreign_files_are_listed_failed_inputs(ckpt: Path, tmp_p
 
 
 def test_a_run_whose_every_input_failed_commits_nothing(ckpt: Path, tmp_path: Path) -> None:
-    # issue 13: it used to commit an `incomplete` run of 0 rows, which the corrected command then skipped
+    # an `incomplete` run of 0 rows would make the corrected command skip its run id
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "junk.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
     with pytest.raises(JobError, match=r"every input file failed \(1; first .*junk.parquet: cannot read Parquet "
@@ -377,7 +377,7 @@ def test_a_non_integer_label_column_makes_the_file_a_failed_input(ckpt: Path, tm
         score(ckpt, tmp_path / "c.parquet", tmp_path / "out", "strlabel", label_column="caption")
 
 
-# ---------------------------------------------------------------------------- resume (issue 13)
+# ---------------------------------------------------------------------------- resume
 def test_resume_keeps_the_complete_files_of_an_earlier_attempt_and_lists_every_row_once(
         ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from jobs import parts, pipeline
@@ -429,7 +429,7 @@ def test_output_files_are_sized_by_rows_not_one_per_block(ckpt: Path, tmp_path: 
     assert sum(o["ok"] for o in listed) == r.manifest["rows"]["ok"] == 95
 
 
-# ---------------------------------------------------------------------------- columns on demand (issue 15)
+# ---------------------------------------------------------------------------- columns on demand
 def test_columns_on_demand_make_only_those_plus_pred_and_the_threshold_score(ckpt: Path, tmp_path: Path) -> None:
     pixels = random_images(12, seed=41)
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in pixels])
