@@ -19,6 +19,7 @@ import typer
 from jobs.cli_errors import fail
 from jobs.cli_eval import register as _register_eval
 from jobs.cli_options import Address, BatchSize, EndpointUrl, ModelUri, at_least, named_sets
+from jobs.cli_runs import register as _register_runs
 from jobs.images import Policy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -391,29 +392,6 @@ def score(
         raise typer.Exit(result.exit_code)
 
 
-@app.command()
-def runs(
-    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="Output directory or s3:// prefix given to `score`.")],
-    endpoint_url: EndpointUrl = None,
-) -> None:
-    """List the committed runs under OUTPUT."""
-    from jobs.manifest import committed_runs
-    from jobs.storage import StorageError, Store
-
-    try:
-        found = committed_runs(Store(endpoint_url), output, must_exist=True)
-    except StorageError as e:
-        raise fail(f"{e}; expected the --output given to `score`") from None
-    if not found:
-        typer.echo(f"no committed runs under {output}")
-        return
-    typer.echo(f"{'run id':36} {'status':10} {'created':25} {'rows':>9} {'ok':>9} {'error':>7} {'ood':>7}  model")
-    for r in found:
-        m = r.manifest
-        typer.echo(f"{r.run_id:36} {m['status']:10} {m['created']:25} {m['rows']['in']:>9} {m['rows']['ok']:>9} "
-                   f"{m['rows']['error']:>7} {m['flagged_ood']:>7}  {m['model']['model_id'][:12]}")
-
-
 @app.command("filter")
 def filter_(
     scores: Annotated[str, typer.Option(help="A committed run (<output>/<run-id>) or an output root (all its runs).")],
@@ -501,6 +479,7 @@ def bench(
 
 
 _register_eval(app)
+_register_runs(app)  # runs, audit (jobs/cli_runs.py)
 
 
 def _floats(value: str | None) -> list[float] | None:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import manifest, parts
+from jobs import drift, manifest, parts, runs
 from jobs.images import Columns, Policy, decode_column
 from jobs.parts import ADAPT_COLUMN
 from jobs.planning import Plan, Unit, plan_inputs, read_tasks
@@ -42,7 +42,7 @@ from nrm.model import PRECISIONS
 log = logging.getLogger("nrm_ood")
 
 # The output's float score columns of the public contract, in nrm.scores.COLUMNS order (pred is an
-# int64 column, latent_prior_layers a fixed-size list); fitted det_* / post-hoc columns follow.
+# int64 column, latent_prior_layers a list of one value per layer); fitted det_* / post-hoc columns follow.
 SCORE_COLUMNS = ["pred", *(c for c in nrm_scores.COLUMNS if c not in ("pred", "latent_prior_layers"))]
 
 # Fault tolerance, set here rather than left to Ray Data's defaults (which retry forever): a read task whose
@@ -186,7 +186,9 @@ def output_schema(n_layers: int | None, columns: list[str]) -> pa.Schema:
     fields += [pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field("pred", pa.int64())]
     fields += [pa.field(c, f64) for c in columns]
     if n_layers is not None:
-        fields.append(pa.field("latent_prior_layers", pa.list_(pa.float64(), n_layers)))
+        # a variable-size list (each row holds n_layers values): Polars reads a fixed-size one from a Delta
+        # table as an Array that mismatches the table's schema
+        fields.append(pa.field("latent_prior_layers", pa.list_(pa.float64())))
     fields += [pa.field("ood_score", f64), pa.field("is_ood", pa.bool_()), pa.field("model_id", pa.string())]
     return pa.schema(fields)
 
@@ -289,7 +291,8 @@ class Scorer:
             arrays[c] = pa.array(out[c], pa.float64(), mask=~ok)
         if self.n_layers is not None:
             flat = pa.array(np.where(ok[:, None], layers, 0.0).ravel(), pa.float64())
-            arrays["latent_prior_layers"] = pa.FixedSizeListArray.from_arrays(flat, self.n_layers, mask=pa.array(~ok))
+            offsets = pa.array(np.arange(0, (n + 1) * self.n_layers, self.n_layers), pa.int32())
+            arrays["latent_prior_layers"] = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~ok))
         arrays["ood_score"] = pa.array(ood_score, pa.float64(), mask=~ok)
         arrays["is_ood"] = pa.array(is_ood & ok, pa.bool_(), mask=~ok)
         arrays["model_id"] = pa.array([self.model_id] * n, pa.string())
@@ -544,7 +547,10 @@ def _dataset(opts: ScoreOptions, store: Store, ckpt: Checkpoint, units: list[Uni
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
             resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES,
         )
-        return ds.map_batches(parts.write_part, fn_kwargs={"spec": parts.PartSpec(store, attempt_uri)},  # type: ignore[arg-type]
+        th = cfg.fitted.threshold  # drift: each write task counts its scores per reference bin (jobs.drift)
+        quantiles = th.reference.quantiles if th is not None and th.reference is not None else None
+        spec_out = parts.PartSpec(store, attempt_uri, quantiles)
+        return ds.map_batches(parts.write_part, fn_kwargs={"spec": spec_out},  # type: ignore[arg-type]
                               batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_CPUS,
                               max_retries=READ_TASK_RETRIES)
 
@@ -567,6 +573,9 @@ def _commit(store: Store, opts: ScoreOptions, ckpt: Checkpoint, plan: Plan, writ
                                       manifest.OUTPUT_SCHEMA)
     resumed = sum(int(p["rows"]) for p in written if not str(p["uri"]).startswith(attempt_uri + "/"))
     body = _body(opts, ckpt, plan, totals, {**lists, "outputs": outputs_ref}, resumed, timings)
+    assert ckpt.config is not None
+    body["drift"] = drift.measure(ckpt.config.fitted.threshold, totals["ok"], totals["error"], totals["ood"],
+                                  drift.merge_counts([p.get("bins") for p in written])).to_json(drift.Limits())
     try:
         manifest.point(store, opts.output, run_id)
         uri = manifest.commit(store, opts.output, run_id, body)
@@ -575,6 +584,7 @@ def _commit(store: Store, opts: ScoreOptions, ckpt: Checkpoint, plan: Plan, writ
         return RunResult(run_id, "lost-commit-race", body)
     except StorageError as e:  # the outcome is unknown, so the attempt stays: unlisted, it is not output
         raise JobError(f"cannot commit run {run_id} ({e}); it is committed only if `nrm-ood runs` lists it") from None
+    runs.after_commit(store, opts.output, run_id)  # its Delta log; attempts it does not use are removed
     return RunResult(run_id, body["status"], body, uri, {**timings, "commit_s": time.perf_counter() - t})
 
 
@@ -595,7 +605,8 @@ def _body(opts: ScoreOptions, ckpt: Checkpoint, plan: Plan, totals: dict[str, in
         "flagged_ood": totals["ood"],
         "adapted": {"policy": opts.resize_policy.value, "converted": totals["converted"], "resized": totals["resized"]},
         "resumed_rows": resumed,
-        "threshold": asdict(cfg.fitted.threshold) if cfg.fitted.threshold else None,
+        "threshold": ({k: v for k, v in cfg.fitted.threshold.to_json().items() if k != "reference"}
+                      if cfg.fitted.threshold else None),  # the reference's quantiles stay in the checkpoint
         "columns": made_columns(cfg, opts.columns),  # the model columns this run made (--columns)
         "precision": opts.precision,
         "compiled": opts.compile,
@@ -666,6 +677,8 @@ def summary(result: RunResult) -> str:
         f"  {t['seconds']:.1f} s (plan {t['plan_s']:.1f}, score {t['score_s']:.1f}), {t['images_per_s'] or 0:.0f} images/s"
         + (f"; {m['resumed_rows']} rows kept from an earlier attempt" if m.get("resumed_rows") else ""),
     ]
+    if "drift" in m:
+        lines.append(f"  drift: {m['drift']['line']}")
     if ad["converted"] or ad["resized"]:
         lines.append(f"  --resize-policy {ad['policy']}: {ad['converted']} row(s) colour-converted, "
                      f"{ad['resized']} resized to the model's input")
