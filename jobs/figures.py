@@ -40,6 +40,9 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+to_png = _png  # for the figures drawn in other modules (jobs/report_history.py)
+
+
 def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 

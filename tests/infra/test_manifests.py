@@ -439,8 +439,11 @@ def test_iam_policy_is_least_privilege() -> None:
         for r in _as_list(st["Resource"])
     ]
     assert writes == ["arn:aws:s3:::my-datasets/nrm-ood-scores/*"], "writes only under the output prefix"
+    deletes = [r for st in policy["Statement"] if "s3:DeleteObject" in _as_list(st["Action"])
+               for r in _as_list(st["Resource"])]
+    assert deletes == ["arn:aws:s3:::my-datasets/nrm-ood-scores/*"], "deletes only the job's own unused attempts"
     actions = {a for st in policy["Statement"] for a in _as_list(st["Action"])}
-    assert not actions & {"s3:DeleteObject", "s3:PutBucketPolicy", "s3:PutObjectAcl"}
+    assert not actions & {"s3:DeleteBucket", "s3:PutBucketPolicy", "s3:PutObjectAcl"}
 
 
 def _allows(action: str, bucket: str, key: str) -> bool:
