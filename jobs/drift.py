@@ -25,7 +25,7 @@ above a threshold the user sets *and* a p-value below ``alpha``:
 * error rows > ``max_errors`` of all rows (default: not checked).
 
 A significant change below those thresholds is ``shift`` (reported, no alert); otherwise ``no drift``.
-docs/results.md section 8 measures how often clean nights raise an alert with the defaults.
+docs/results.md, "Scheduled audits", measures how often clean nights raise an alert with the defaults.
 """
 
 from __future__ import annotations

@@ -741,12 +741,16 @@ def test_calls_cover_the_documented_runs() -> None:
     sources = {source for source, _ in calls}
     assert {"rayjob-score.yaml", "raycronjob-audit.yaml", "README.md"} <= sources
     cron = [args for source, args in calls if source == "raycronjob-audit.yaml"]
-    assert cron and all(args[0] == "score" and "--incremental" in args for args in cron)
+    (score,) = [args for args in cron if args[0] == "score"]
+    (audit,) = [args for args in cron if args[0] == "audit"]
+    assert "--incremental" in score, "the nightly run scores only new images"
+    assert audit[1] == score[score.index("--output") + 1], "the audit reads the runs the nightly score commits"
+    assert "--max-flagged" in audit and "--max-drift" in audit
     (job,) = [args for source, args in calls if source == "rayjob-score.yaml"]
     for option, value in {"--actors": None, "--gpus-per-actor": "1", "--batch-size": "512"}.items():
         assert option in job and (value is None or job[job.index(option) + 1] == value), option
     # The GPU group scales from zero: without --address the job's up-front resource check would
     # find no GPU and stop before the autoscaler could add one.
     assert min(g["minReplicas"] for g in docs_of_kind("RayCluster")[0]["spec"]["workerGroupSpecs"]) == 0
-    for args in [job, *cron]:
+    for args in [job, score]:
         assert args[args.index("--address") + 1] == "auto"

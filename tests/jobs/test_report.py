@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-from html import unescape
 import shutil
 import subprocess
 from dataclasses import asdict
 from datetime import datetime, timezone
+from html import unescape
 from pathlib import Path
 from typing import Any
 
