@@ -77,6 +77,7 @@ def write_part(batch: pa.Table, spec: PartSpec) -> dict[str, list[Any]]:
         pq.write_table(table, path, filesystem=fs)
     else:
         tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a racing winner's tidy may have removed it
         pq.write_table(table, tmp)
         os.replace(tmp, path)
     return {"uri": [uri], **{k: [info[k]] for k in COUNTS}, "bins": [info.get("bins")]}
