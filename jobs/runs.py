@@ -14,13 +14,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from jobs import drift, manifest, table
-from jobs.storage import StorageError, Store, join
+from jobs.storage import StorageError, Store, is_s3, join, local_path, split_s3
 
 log = logging.getLogger("nrm_ood")
 
@@ -96,9 +97,23 @@ def unused(store: Store, output: str, run_id: str, m: dict[str, Any]) -> list[st
 
 
 def _delete(store: Store, uris: list[str]) -> None:
+    """Delete files: S3 keys with DeleteObjects, 1,000 a request (pyarrow's delete_file would leave a
+    directory marker behind on S3); local files one by one."""
+    keys: dict[str, list[str]] = {}
     for u in uris:
-        fs, path = store.filesystem(u)
-        fs.delete_file(path)
+        if is_s3(u):
+            bucket, key = split_s3(u)
+            keys.setdefault(bucket, []).append(key)
+        else:
+            os.unlink(local_path(u))
+    for bucket, ks in keys.items():
+        for i in range(0, len(ks), 1000):
+            answer = store.s3().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in ks[i:i + 1000]],
+                                                                      "Quiet": True})
+            if errors := answer.get("Errors"):
+                e = errors[0]
+                raise StorageError(f"cannot delete s3://{bucket}/{e.get('Key')}: {e.get('Code')} ({len(errors)} "
+                                   "object(s) not deleted)")
 
 
 def _empty_dirs(store: Store, run_uri: str) -> None:

@@ -255,3 +255,17 @@ def test_audit_refuses_a_limit_outside_0_1(nights: Path) -> None:
 def test_audit_of_an_output_without_runs_fails_in_one_sentence(tmp_path: Path) -> None:
     r = runner.invoke(app, ["audit", str(tmp_path)])
     assert r.exit_code == 1 and r.stderr.startswith(f"error: no committed run under '{tmp_path}'")
+
+
+def test_prune_on_s3_removes_a_leftover_object_and_keeps_the_committed_parts(resumed: dict[str, Any],
+                                                                              moto_server: str, s3_bucket: str) -> None:
+    import boto3
+
+    out = f"s3://{s3_bucket}/scores"
+    assert score(resumed["ckpt"], resumed["in"], out, "s3run").status == "complete"
+    key = "scores/s3run/attempt-29991231T000000000000Z-dead00/part-x.parquet"
+    s3 = boto3.client("s3", endpoint_url=moto_server)
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=b"PAR1")
+    assert runs.prune(Store(), out) == {"s3run": ([f"s3://{s3_bucket}/{key}"], False)}
+    left = {f"s3://{s3_bucket}/{o['Key']}" for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="scores/s3run/")["Contents"]}
+    assert set(runs.files(Store(), out, "s3run")) < left and not any("dead00" in u for u in left)
