@@ -1,4 +1,4 @@
-"""Costs of the single ops behind the forward-only pass's choices (docs/benchmarks.md, "Where the time goes").
+"""Costs of the single ops behind the forward-only pass's choices (docs/benchmarks.md section 7).
 
     python scripts/op_costs.py [--threads 2] [--reps 30]
 

@@ -1,4 +1,4 @@
-"""Where the forward-only columns spend their time (docs/benchmarks.md, "Where the time goes").
+"""Where the forward-only columns spend their time (docs/benchmarks.md section 7).
 
     python scripts/profile_score.py [MODEL_INDEX]     # index into jobs.bench.bench_models; 5 = ResNet-56
 

@@ -1,5 +1,5 @@
-"""The whole default table, its top-down pass taken two ways, interleaved (docs/benchmarks.md, "Where
-the time goes"): through autograd (``NRM._vjp``, what score() ran before) and as the in-place reverse
+"""The whole default table, its top-down pass taken two ways, interleaved (docs/benchmarks.md section
+7): through autograd (``NRM._vjp``, what score() ran before) and as the in-place reverse
 pass (``NRM._reverse``, what it runs now), against plain inference in channels_last.
 
     python scripts/reverse_ab.py [--reps N] [--shared DIR] [LABEL ...]   # LABEL: part of a bench model's name

@@ -1,4 +1,4 @@
-"""A stride-2 convolution's input gradient three ways (docs/benchmarks.md, "What is left to try").
+"""A stride-2 convolution's input gradient three ways (docs/benchmarks.md section 7).
 
     python scripts/strided_vjp.py
 

@@ -1,5 +1,5 @@
 """The floor of a full NRM score: one forward plus one input vector-Jacobian product of the plain
-module, through autograd, against the plain forward (docs/benchmarks.md, "Where the time goes").
+module, through autograd, against the plain forward (docs/benchmarks.md section 7).
 
     python scripts/vjp_floor.py [--device cuda] [--batch N] [--profile] [--shared DIR] [MODEL_INDEX ...]
                                  # indices into jobs.bench.bench_models (default: all)
