@@ -9,7 +9,10 @@ run under it, via jobs.filtering.read_scores) and shows
 * the most OOD rows (table, with the true label when the input has one), and with ``--input`` (the dataset that was scored, or where it now
   lives) their images next to the model's rendering h(0); the model is the manifest's
   ``model.uri`` unless ``--model`` overrides it;
-* error rows grouped by reason.
+* error rows grouped by reason;
+* on an output root, first the runs over time (jobs/report_history.py): flagged fraction and drift
+  distance per run against the in-distribution band, and the latest run's most OOD images beside
+  typical ones.
 
 Each input row counts once: when runs under an output root scored the same rows, the newest run's
 row is used (and a note says how many were repeated).
@@ -31,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import figures, manifest
+from jobs import figures, manifest, report_history
 from jobs.evaluate import GALLERY, error_reasons, extreme_rows, ok_mask
 from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError
@@ -166,7 +169,8 @@ def build_report(opts: ReportOptions, echo: Callable[[str], None] = print) -> di
     store = Store(opts.endpoint_url)
     audit = load_audit(opts, store)
     rep = report_tables(opts, audit)
-    body = summary_html(opts, rep)
+    body, rep["history"] = report_history.section(store, opts.scores, audit.model, opts.input, min(opts.top, GALLERY))
+    body += summary_html(opts, rep)
     body += tables_html(opts, rep, store, audit)
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "report.html").write_text(figures.page("NRM OOD audit report", "\n".join(body)))

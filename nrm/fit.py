@@ -31,6 +31,7 @@ from nrm.config import Fitted, Threshold
 from nrm.metrics import threshold_at_tpr
 from nrm.model import NRM
 from nrm.names import NORMALISERS
+from nrm.reference import describe
 
 DEFAULT_NORMALISER = "none"
 DEFAULT_THRESHOLD_SCORE = "latent_loglik"
@@ -110,8 +111,15 @@ def fit(
         if threshold_score == det_column:  # the detector's own fitting half would bias its threshold
             val = {k: v[thr_idx] for k, v in val.items()}
         val.update(fitted.detector.score(val))
-    fitted.threshold = Threshold(threshold_score, float(threshold_at_tpr(val[threshold_score].numpy(), tpr)), tpr)
+    fitted.threshold = fit_threshold(threshold_score, val[threshold_score], tpr)
     return fitted
+
+
+def fit_threshold(score: str, held_out: Tensor, tpr: float) -> Threshold:
+    """The threshold on column ``score`` that keeps ``tpr`` of the held-out in-distribution values, with
+    their distribution recorded beside it (nrm.reference: what a scheduled audit compares against)."""
+    value = float(threshold_at_tpr(held_out.numpy(), tpr))
+    return Threshold(score, value, tpr, describe(held_out, value))
 
 
 def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = names.DEFAULT_DETECTOR,
@@ -150,7 +158,7 @@ def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = names.DEFAUL
     old = fitted.threshold
     rate = tpr if tpr is not None else (old.tpr if old else 0.95)
     held = det.main.score(rest)
-    fitted.threshold = Threshold(D.PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
+    fitted.threshold = fit_threshold(D.PREFIX + name, held, rate)
     return det
 
 

@@ -56,6 +56,16 @@ def choice(values: Sequence[str], help: str) -> Any:
     return typer.Option(callback=check, metavar="[" + "|".join(values) + "]", help=help)
 
 
+def run_id_callback(value: str | None) -> str | None:
+    """A Typer callback: a run id that can name a folder (jobs.pipeline.check_run_id), checked at parse time."""
+    from jobs.pipeline import check_run_id
+
+    try:
+        return None if value is None else check_run_id(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 EndpointUrl = Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")]
 Address = Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")]
 ModelUri = Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")]

@@ -1,4 +1,4 @@
-"""`nrm-ood score`, `runs` and `filter`: the scoring job, its committed runs, and the kept rows."""
+"""`nrm-ood score` and `nrm-ood filter`: the scoring job, and the rows its scores keep."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli.options import Address, BatchSize, EndpointUrl, ModelUri, at_least, choice, fail, finish
+from jobs.cli.options import (
+    Address,
+    BatchSize,
+    EndpointUrl,
+    ModelUri,
+    at_least,
+    choice,
+    fail,
+    finish,
+    run_id_callback,
+)
 from jobs.images import Policy
 from nrm.names import COLUMNS, POSTHOC, PRECISIONS
 
@@ -46,16 +56,6 @@ def _resources(specs: list[str] | None) -> list[str] | None:
     return specs
 
 
-def _run_id(value: str | None) -> str | None:
-    """--run-id and --resume: a run id that can name a folder (jobs.pipeline.check_run_id), checked at parse time."""
-    from jobs.pipeline import check_run_id
-
-    try:
-        return None if value is None else check_run_id(value)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-
-
 @app.command()
 def score(
     model: ModelUri,
@@ -65,7 +65,7 @@ def score(
     gpus_per_actor: Annotated[float, at_least(0, "GPUs per actor (fractions share a GPU).")] = 0.0,
     cpus_per_actor: Annotated[float, at_least(0, "CPUs per actor (fractions allowed).", strict=True)] = 1.0,
     batch_size: BatchSize = 512,
-    run_id: Annotated[str | None, typer.Option(callback=_run_id, help="Run id (default: time-stamped): letters, digits, '.', '_', '-'. A committed id is never redone; an uncommitted one is resumed.")] = None,
+    run_id: Annotated[str | None, typer.Option(callback=run_id_callback, help="Run id (default: time-stamped): letters, digits, '.', '_', '-'. A committed id is never redone; an uncommitted one is resumed.")] = None,
     incremental: Annotated[bool, typer.Option(help="Score only input files no committed run under --output covers.")] = False,
     address: Address = None,
     image_column: Annotated[str | None, typer.Option(help="Image column (default: guessed).")] = None,
@@ -73,7 +73,7 @@ def score(
     label_column: Annotated[str | None, typer.Option(help="Label column (default: 'label' if present).")] = None,
     resize_policy: Annotated[Policy, typer.Option(help="adapt: convert mode and resize to the model; strict: mismatches are error rows.")] = Policy.adapt,
     endpoint_url: EndpointUrl = None,
-    resume: Annotated[str | None, typer.Option(callback=_run_id, help="Finish the uncommitted run RUN_ID (interrupted, or its driver died): input files an earlier attempt completed are not scored again.")] = None,
+    resume: Annotated[str | None, typer.Option(callback=run_id_callback, help="Finish the uncommitted run RUN_ID (interrupted, or its driver died): input files an earlier attempt completed are not scored again.")] = None,
     rows_per_file: Annotated[int, at_least(1, "Scored rows per output Parquet file.")] = 50_000,
     actor_resource: Annotated[list[str] | None, typer.Option(
         callback=_resources, help="NAME=AMOUNT of a custom Ray resource each scoring actor needs (repeatable): "
@@ -106,29 +106,6 @@ def score(
     except JobError as e:
         raise fail(str(e)) from None
     finish(summary(result), result.exit_code)
-
-
-@app.command()
-def runs(
-    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="Output directory or s3:// prefix given to `score`.")],
-    endpoint_url: EndpointUrl = None,
-) -> None:
-    """List the committed runs under OUTPUT."""
-    from jobs.manifest import committed_runs
-    from jobs.storage import StorageError, Store
-
-    try:
-        found = committed_runs(Store(endpoint_url), output, must_exist=True)
-    except StorageError as e:
-        raise fail(f"{e}; expected the --output given to `score`") from None
-    if not found:
-        typer.echo(f"no committed runs under {output}")
-        return
-    typer.echo(f"{'run id':36} {'status':10} {'created':25} {'rows':>9} {'ok':>9} {'error':>7} {'ood':>7}  model")
-    for r in found:
-        m = r.manifest
-        typer.echo(f"{r.run_id:36} {m['status']:10} {m['created']:25} {m['rows']['in']:>9} {m['rows']['ok']:>9} "
-                   f"{m['rows']['error']:>7} {m['flagged_ood']:>7}  {m['model']['model_id'][:12]}")
 
 
 @app.command("filter")

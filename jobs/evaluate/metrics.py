@@ -54,16 +54,11 @@ def score_columns(table: pa.Table, layer_names: list[str]) -> dict[str, tuple[bo
     add("latent_loglik")
     add("latent_prior")
     if "latent_prior_layers" in table.column_names:
-        col = table["latent_prior_layers"].combine_chunks()
-        if pa.types.is_fixed_size_list(col.type):  # .values keeps the slots of null rows (flatten drops them)
-            width = col.type.list_size
-            flat = col.values.slice(col.offset * width, len(col) * width)
-        else:
-            width = len(layer_names)
-            flat = col.flatten()
-        flat = pc.fill_null(flat, np.nan).to_numpy(zero_copy_only=False)
+        col = table["latent_prior_layers"].filter(pa.array(ok)).combine_chunks()  # ok rows hold every layer
+        width = col.type.list_size if pa.types.is_fixed_size_list(col.type) else len(layer_names)
+        flat = pc.fill_null(col.flatten(), np.nan).to_numpy(zero_copy_only=False)
         if len(flat) == len(col) * width:
-            layers = flat.reshape(len(col), width)[ok]
+            layers = flat.reshape(len(col), width)
             for i in range(width):
                 lname = layer_names[i] if i < len(layer_names) else f"layer{i}"
                 out[f"latent_prior_{lname}"] = (HIGHER_IS_IN["latent_prior_layers"], layers[:, i])

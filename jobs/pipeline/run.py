@@ -17,7 +17,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
-from jobs import manifest, parts
+from jobs import drift, manifest, parts, runs
 from jobs.pipeline.checkpoint import Checkpoint
 from jobs.pipeline.options import Interrupted, JobError, ScoreOptions, checked
 from jobs.pipeline.read import ReadSpec, read_batch, read_items
@@ -178,7 +178,10 @@ class Run:
                 resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_TASK_RETRIES,
             )
-            return ds.map_batches(parts.write_part, fn_kwargs={"spec": parts.PartSpec(self.store, self.attempt_uri)},  # type: ignore[arg-type]
+            th = self.checkpoint.config.fitted.threshold  # drift: each write task counts its scores per reference bin
+            quantiles = th.reference.quantiles if th is not None and th.reference is not None else None
+            spec_out = parts.PartSpec(self.store, self.attempt_uri, quantiles)
+            return ds.map_batches(parts.write_part, fn_kwargs={"spec": spec_out},  # type: ignore[arg-type]
                                   batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_CPUS,
                                   max_retries=READ_TASK_RETRIES)
 
@@ -195,6 +198,9 @@ class Run:
                                           manifest.OUTPUT_SCHEMA)
         resumed = sum(int(p["rows"]) for p in written if not str(p["uri"]).startswith(self.attempt_uri + "/"))
         body = self.manifest_body(plan, totals, {**lists, "outputs": outputs_ref}, resumed)
+        body["drift"] = drift.measure(self.checkpoint.config.fitted.threshold, totals["ok"], totals["error"],
+                                      totals["ood"], drift.merge_counts([p.get("bins") for p in written])
+                                      ).to_json(drift.Limits())
         try:
             manifest.point(self.store, self.opts.output, self.run_id)
             uri = manifest.commit(self.store, self.opts.output, self.run_id, body)
@@ -204,6 +210,7 @@ class Run:
         except StorageError as e:  # the outcome is unknown, so the attempt stays: unlisted, it is not output
             raise JobError(f"cannot commit run {self.run_id} ({e}); it is committed only if `nrm-ood runs` "
                            "lists it") from None
+        runs.after_commit(self.store, self.opts.output, self.run_id)  # its Delta log; attempts it does not use are removed
         return RunResult(self.run_id, body["status"], body, uri, {**self.timings, "commit_s": time.perf_counter() - t})
 
     def manifest_body(self, plan: Plan, totals: dict[str, int], lists: dict[str, Any], resumed: int) -> dict[str, Any]:
@@ -224,7 +231,8 @@ class Run:
             "adapted": {"policy": opts.resize_policy.value, "converted": totals["converted"],
                         "resized": totals["resized"]},
             "resumed_rows": resumed,
-            "threshold": asdict(threshold) if threshold else None,
+            "threshold": ({k: v for k, v in threshold.to_json().items() if k != "reference"}
+                          if threshold else None),  # the reference's quantiles stay in the checkpoint
             "columns": self.columns,  # the model columns this run made (--columns)
             "precision": opts.precision,
             "compiled": opts.compile,

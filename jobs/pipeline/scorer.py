@@ -35,7 +35,9 @@ def output_schema(n_layers: int | None, columns: list[str]) -> pa.Schema:
     fields += [pa.field("status", pa.string()), pa.field("error", pa.string()), pa.field("pred", pa.int64())]
     fields += [pa.field(c, f64) for c in columns]
     if n_layers is not None:
-        fields.append(pa.field("latent_prior_layers", pa.list_(pa.float64(), n_layers)))
+        # a variable-size list (each row holds n_layers values): Polars reads a fixed-size one from a Delta
+        # table as an Array that mismatches the table's schema
+        fields.append(pa.field("latent_prior_layers", pa.list_(pa.float64())))
     fields += [pa.field("ood_score", f64), pa.field("is_ood", pa.bool_()), pa.field("model_id", pa.string())]
     return pa.schema(fields)
 
@@ -136,7 +138,8 @@ class Scorer:
             arrays[c] = pa.array(out[c], pa.float64(), mask=~ok)
         if self.n_layers is not None:
             flat = pa.array(np.where(ok[:, None], layers, 0.0).ravel(), pa.float64())
-            arrays["latent_prior_layers"] = pa.FixedSizeListArray.from_arrays(flat, self.n_layers, mask=pa.array(~ok))
+            offsets = pa.array(np.arange(0, (n + 1) * self.n_layers, self.n_layers), pa.int32())
+            arrays["latent_prior_layers"] = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~ok))
         arrays["ood_score"] = pa.array(ood_score, pa.float64(), mask=~ok)
         arrays["is_ood"] = pa.array(is_ood & ok, pa.bool_(), mask=~ok)
         arrays["model_id"] = pa.array([self.model_id] * n, pa.string())

@@ -217,10 +217,10 @@ def test_score_again_is_already_committed(scored: dict[str, Any], ckpt: Path) ->
 def test_runs_lists_the_committed_run(scored: dict[str, Any]) -> None:
     r = invoke("runs", str(scored["out"]))
     assert r.exit_code == 0
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("cli1 "))
+    line = next(ln for ln in r.stdout.splitlines() if " cli1 " in ln)
     ood = int(pc.sum(read_scores(scored["out"], "cli1")["is_ood"]).as_py())
-    assert line.split()[1:2] == ["complete"]
-    assert line.split()[3:7] == ["12", "11", "1", str(ood)]
+    expected = json.loads((scored["out"] / "cli1" / "_manifest.json").read_text())["drift"]["expected"]
+    assert line.split()[1:6] == ["cli1", "12", "1", f"{ood / 11:.1%}", f"{expected:.1%}"]  # flagged: of ok rows
 
 
 def test_runs_on_an_empty_output(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def test_config_json_keys(tiny_ckpt: Path) -> None:
                                 "attrs": {"in": 6, "out": 3, "bias": True}}
     assert isinstance(cfg["sigma2"], float) and cfg["sigma2"] > 0
     assert len(cfg["log_partition"]) == 3
-    assert set(cfg["threshold"]) == {"score", "value", "tpr"}
+    assert set(cfg["threshold"]) == {"score", "value", "tpr", "reference"}  # reference: nrm.reference
     assert cfg["threshold"]["score"] == "latent_loglik" and cfg["threshold"]["tpr"] == 0.95
     assert cfg["weights_sha256"] == nrm.model_id(tiny_ckpt)
     assert sorted(load_file(str(tiny_ckpt / "weights.safetensors"))) == [
