@@ -11,7 +11,7 @@ reading the previous one) and its detector's arrays as float lists.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -19,6 +19,7 @@ from torch import Tensor
 from nrm.detectors import Detector, DetectorError, FittedDetectors, StatisticsDetector, lookup
 from nrm.graph import GraphError, Node, chain, infer_shapes
 from nrm.ops import OpError, op_from_dict
+from nrm.reference import Reference
 
 FORMAT = "nrm-checkpoint"
 VERSION = 3
@@ -63,6 +64,22 @@ class Threshold:
     score: str
     value: float
     tpr: float = 0.95
+    reference: Reference | None = None  # the score on the held-out rows that set the value (nrm.reference)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"score": self.score, "value": self.value, "tpr": self.tpr}
+        if self.reference is not None:
+            out["reference"] = self.reference.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, th: dict[str, Any]) -> Threshold:
+        try:
+            ref = Reference.from_json(th["reference"]) if th.get("reference") else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"config.json: 'threshold.reference' needs rows, expected_rate and non-decreasing "
+                              f"quantiles ({e})") from None
+        return cls(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95)), ref)
 
 
 @dataclass
@@ -98,7 +115,7 @@ class ModelConfig:
             "sigma2": self.fitted.sigma2,
             "log_partition": list(self.fitted.log_partition),
             "normaliser": self.fitted.normaliser,
-            "threshold": asdict(self.fitted.threshold) if self.fitted.threshold else None,
+            "threshold": self.fitted.threshold.to_json() if self.fitted.threshold else None,
         }
         if self.fitted.detector:
             out["detectors"] = self.fitted.detector.to_json(tensors, lambda key: {TENSOR_REF: key})
@@ -173,7 +190,7 @@ def _fitted(d: dict[str, Any], n_classes: int, tensors: dict[str, Tensor]) -> Fi
         sigma2=sigma2,
         log_partition=log_z,
         normaliser=str(d.get("normaliser", "none")),
-        threshold=Threshold(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95))) if th else None,
+        threshold=Threshold.from_json(th) if th else None,
         detector=_detectors(d, tensors),
     )
 

@@ -49,6 +49,7 @@ from nrm.names import (
     NORMALISERS,
 )
 from nrm.plan import UNIT_STATS
+from nrm.reference import describe
 from nrm.runner import Runner, as_runner
 from nrm.scores import HIGHER_IS_IN
 
@@ -138,8 +139,15 @@ def fit(
         if threshold_score == det.column:  # the detector's own fitting half would bias its threshold
             val = _rows(val, thr_idx)
         val.update(fitted.detector.score(val))
-    fitted.threshold = Threshold(threshold_score, float(threshold_at_tpr(val[threshold_score].numpy(), tpr)), tpr)
+    fitted.threshold = fit_threshold(threshold_score, val[threshold_score], tpr)
     return fitted
+
+
+def fit_threshold(score: str, held_out: Tensor, tpr: float) -> Threshold:
+    """The threshold on column ``score`` that keeps ``tpr`` of the held-out in-distribution values, with
+    their distribution recorded beside it (nrm.reference: what a scheduled audit compares against)."""
+    value = float(threshold_at_tpr(held_out.numpy(), tpr))
+    return Threshold(score, value, tpr, describe(held_out, value))
 
 
 def refit(model: NRM | Runner, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
@@ -174,7 +182,7 @@ def refit(model: NRM | Runner, in_val_batches: Iterable[Tensor], name: str = DEF
     fitted.detector = det
     rate = tpr if tpr is not None else (fitted.threshold.tpr if fitted.threshold else 0.95)
     held = det.main.score(rest)
-    fitted.threshold = Threshold(det.main.column, float(threshold_at_tpr(held.numpy(), rate)), rate)
+    fitted.threshold = fit_threshold(det.main.column, held, rate)
     return det
 
 

@@ -1,6 +1,6 @@
-"""The whole default table, its top-down pass taken two ways, interleaved (docs/benchmarks.md, "Where
-the time goes"): through autograd (``NRM.autograd_pass``) and as the in-place reverse pass
-(``NRM.full_pass``, what scoring runs), against plain inference in channels_last.
+"""The whole default table, its top-down pass taken two ways, interleaved (docs/benchmarks.md section
+7): through autograd (``NRM.autograd_pass``) and as the in-place reverse pass (``NRM.full_pass``,
+what scoring runs), against plain inference in channels_last.
 
     python scripts/reverse_ab.py [--reps N] [--shared DIR] [LABEL ...]   # LABEL: part of a bench model's name
 
@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import bench_models, fit_for_cost, full_table, plain_variants  # noqa: E402
+from jobs.bench.speed import bench_models, fit_for_cost, full_table  # noqa: E402
+from jobs.bench.timing import plain_variants  # noqa: E402
 from nrm import NRM  # noqa: E402
 from nrm.runner import Runner  # noqa: E402
 

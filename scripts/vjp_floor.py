@@ -1,8 +1,8 @@
 """The floor of a full NRM score: one forward plus one input vector-Jacobian product of the plain
-module, through autograd, against the plain forward (docs/benchmarks.md, "Where the time goes").
+module, through autograd, against the plain forward (docs/benchmarks.md section 7).
 
     python scripts/vjp_floor.py [--device cuda] [--batch N] [--profile] [--shared DIR] [MODEL_INDEX ...]
-                                 # indices into jobs.bench.bench_models (default: all)
+                                 # indices into jobs.bench.speed.bench_models (default: all)
 
 For each bench model: the plain module's forward (no grad, channels_last) and forward + d logit_y*/dx
 (autograd, channels_last), best of 5, their ratio, and the NRM's full score (default detector fitted
@@ -24,7 +24,8 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import _time, bench_models, device_sync, fit_for_cost  # noqa: E402
+from jobs.bench.speed import bench_models, fit_for_cost  # noqa: E402
+from jobs.bench.timing import best_time, device_sync  # noqa: E402
 from nrm import NRM  # noqa: E402
 from nrm.runner import Runner  # noqa: E402
 
@@ -71,8 +72,8 @@ def measure(label: str, model: NRM, plain: torch.nn.Module, batch: int, prof: bo
             model.full_pass(x, stats=True, channels_last=True)
         sync()
 
-    tf, tv, ts = _time(forward, 5), _time(forward_vjp, 5), _time(full, 5)
-    ta, tr = _time(passes_autograd, 5), _time(passes_reverse, 5)
+    tf, tv, ts = best_time(forward, 5), best_time(forward_vjp, 5), best_time(full, 5)
+    ta, tr = best_time(passes_autograd, 5), best_time(passes_reverse, 5)
     print(f"{label} ({device}, batch {batch}): forward {tf * 1e3:.1f} ms, forward + input VJP {tv * 1e3:.1f} ms "
           f"({tv / tf:.2f}x), NRM full score {ts * 1e3:.1f} ms ({ts / tf:.2f}x); NRM passes through autograd "
           f"{ta * 1e3:.1f} ms ({ta / tf:.2f}x), in-place reverse {tr * 1e3:.1f} ms ({tr / tf:.2f}x)", flush=True)

@@ -88,7 +88,7 @@ def test_config_json_keys(tiny_ckpt: Path) -> None:
                                 "attrs": {"in": 6, "out": 3, "bias": True}}
     assert isinstance(cfg["sigma2"], float) and cfg["sigma2"] > 0
     assert len(cfg["log_partition"]) == 3
-    assert set(cfg["threshold"]) == {"score", "value", "tpr"}
+    assert set(cfg["threshold"]) == {"score", "value", "tpr", "reference"}  # reference: nrm.reference
     assert cfg["threshold"]["score"] == "latent_loglik" and cfg["threshold"]["tpr"] == 0.95
     assert cfg["weights_sha256"] == nrm.model_id(tiny_ckpt)
     assert sorted(load_file(str(tiny_ckpt / "weights.safetensors"))) == [
@@ -98,6 +98,23 @@ def test_config_json_keys(tiny_ckpt: Path) -> None:
 def test_load_rejects_unexpected_model_id(tiny_ckpt: Path) -> None:
     with pytest.raises(nrm.CheckpointError, match="sha256"):
         nrm.load(tiny_ckpt, expect_model_id="0" * 64)
+
+
+def test_load_bytes_loads_what_load_loads(tiny_ckpt: Path) -> None:
+    from nrm.checkpoint import load_bytes
+
+    config, weights = (tiny_ckpt / "config.json").read_bytes(), (tiny_ckpt / "weights.safetensors").read_bytes()
+    a, b = nrm.load(tiny_ckpt), load_bytes(config, weights, expect_model_id=nrm.model_id(tiny_ckpt))
+    assert_same_config(b.config, a.config)
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in a.state_dict().items())
+
+
+def test_load_bytes_names_the_checkpoint_it_was_given(tiny_ckpt: Path) -> None:
+    from nrm.checkpoint import load_bytes
+
+    config = (tiny_ckpt / "config.json").read_bytes()
+    with pytest.raises(nrm.CheckpointError, match="checkpoint 's3://b/m': weights.safetensors has sha256 "):
+        load_bytes(config, b"not the weights", name="s3://b/m")
 
 
 # --------------------------------------------------------------------------- bad checkpoints
