@@ -154,8 +154,8 @@ def speed_section(devices: list[str], batch: int, reps: int, shared: Path | None
 def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int, reps: int) -> dict[str, Any]:
     """The forward-only columns and the full score (the default table, as in section 1) with
     ``Runner(compile=True)`` in the model's fast layout (as the scoring actors run them: channels_last,
-    NCHW for fp32 on CUDA), against plain inference eager at its fastest (the targets' ratio) and the
-    plain module compiled in the same layout (the like-for-like ratio); each first call's seconds are
+    NCHW for fp32 on CUDA), against plain inference eager at its fastest and the plain module compiled
+    in the same layout (the targets count the larger ratio: ``like_for_like``); each first call's seconds are
     its compile time."""
     import copy
 
@@ -186,6 +186,12 @@ def compiled_overhead(model: nrm.NRM, plain_module: torch.nn.Module, batch: int,
     return res
 
 
+def like_for_like(r: dict[str, Any], label: str) -> float:
+    """The compiled ``label`` columns' ratio that the targets count: the larger of the ratios to eager
+    plain and to compiled plain (a compiled NRM against an eager module would flatter it)."""
+    return max(r[f"{label}_ratio"], r[f"{label}_ratio_compiled"])
+
+
 def compile_section(device: str, batch: int, reps: int, shared: Path | None, echo: Echo,
                     only: tuple[str, ...] = ()) -> list[str]:
     """The forward-only columns and the full score of section 1 again with torch.compile (``nrm-ood
@@ -196,16 +202,16 @@ def compile_section(device: str, batch: int, reps: int, shared: Path | None, ech
              "model's fast layout as the scoring actors run it; the full score's forward and top-down walk compile "
              "as one graph, so the ReLUs, their gradients, the residual sums and the statistics fuse into a few "
              "loops around the convolutions), against plain inference as in section 1 (eager, at its fastest: the "
-             "targets' ratio) and against the plain module compiled the same way (the like-for-like ratio). "
+             "first ratio) and against the plain module compiled the same way; the targets count the larger of the two. "
              f"Compile = the first call's seconds, paid once per batch shape and actor. Best of {reps} runs after "
              "that call.", "",
              "| model | device | batch | plain eager (ms) | plain compiled (ms) | forward-only compiled (ms) "
              "| ratio to eager plain | ratio to compiled plain | full score compiled (ms) | ratio to eager plain "
-             "| ratio to compiled plain | compile s (plain / forward-only / full) | targets met (eager plain) |",
+             "| ratio to compiled plain | compile s (plain / forward-only / full) | targets met (like for like) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, model, plain in bench_models(device, shared, only):
         r = compiled_overhead(model, plain, batch, reps)
-        met = r["forward_ratio"] <= 1.15 and r["score_ratio"] <= 2.0
+        met = like_for_like(r, "forward") <= 1.15 and like_for_like(r, "score") <= 2.0
         lines.append(f"| {label} | {device} | {batch} | {r['plain_s'] * 1e3:.1f} | {r['plain_compiled_s'] * 1e3:.1f} | "
                      f"{r['forward_s'] * 1e3:.1f} | {r['forward_ratio']:.2f}x | {r['forward_ratio_compiled']:.2f}x | "
                      f"{r['score_s'] * 1e3:.1f} | {r['score_ratio']:.2f}x | {r['score_ratio_compiled']:.2f}x | "
