@@ -151,17 +151,20 @@ def test_family_converts_exactly(family: str) -> None:
     model = nrm.from_torch(net, (3, SIZE, SIZE))
     assert model.dtype == torch.float64
     x = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    logits, r, _, _ = model._vjp(x, None, create_graph=False)  # NRM.render's pass, with its logits
+    p = model.autograd_pass(x)  # NRM.render's pass, with its logits
+    r = p.rendering
+    assert r is not None
     grad, logit, module_logits = autograd_of(net, x, r.y)
-    assert_rel(logits.detach(), module_logits)
+    assert_rel(p.logits.detach(), module_logits)
     assert grad.abs().max() > 0 and r.eta_layers.abs().max() > 0  # neither side of the identity is trivial
     assert_rel(r.h0.detach(), grad)
     residual, scale = completeness_residual(model, x, r, logit)
     assert (residual <= REL * scale).all(), f"completeness residual {residual.tolist()} of {scale.tolist()}"
     if own_ops:
-        reverse_logits, reverse, _, _ = model._reverse(x)  # score()'s in-place forward and reverse pass
-        assert_rel(reverse_logits, module_logits)
-        for other in (model.render_explicit(model.encode(x)), reverse):
+        full = model.full_pass(x)  # scoring's in-place forward and reverse pass
+        assert full.rendering is not None
+        assert_rel(full.logits, module_logits)
+        for other in (model.render_explicit(model.encode(x)), full.rendering):
             assert torch.equal(other.y, r.y)
             assert_rel(other.h0, r.h0.detach())
             assert_rel(other.eta_layers, r.eta_layers.detach())
@@ -197,7 +200,8 @@ def test_squeezenet_penultimate_features_are_its_heads_input_averaged() -> None:
                                          r"after it up to 'flatten' \(flatten\), not from a linear classifier.*ViM"):
         _ = model.classifier
     x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
-    feats, logits = model.penultimate(x)
+    p = model.forward_pass(x)
+    feats, logits = p.features, p.logits
     with torch.no_grad():
         torch.testing.assert_close(feats, net.features(x).mean(dim=(2, 3)), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, net(x), rtol=1e-5, atol=1e-5)

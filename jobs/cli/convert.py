@@ -1,0 +1,72 @@
+"""`nrm-ood convert`: a user's piecewise-linear PyTorch classifier into an NRM checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from jobs.cli.options import fail
+
+app = typer.Typer()
+
+
+def _floats(value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _shape(value: str) -> str:
+    parts = value.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"expected C,H,W (three positive integers), got {value!r}")
+    return value
+
+
+def _module_kwargs(value: str | None) -> str | None:
+    if value is not None:
+        from jobs.convert import parse_kwargs
+
+        try:
+            parse_kwargs(value)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+    return value
+
+
+@app.command()
+def convert(
+    module: Annotated[str, typer.Option(help="The model's factory: its Python file, path/to/file.py:factory, or an importable package.module:factory (e.g. torchvision.models:resnet50), called with --module-kwargs.")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="Checkpoint directory to write.")],
+    input_shape: Annotated[str, typer.Option(callback=_shape, help="C,H,W of the model's input, e.g. 3,32,32.")],
+    weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="State dict: .safetensors, or .pt/.pth (read with torch.load(weights_only=True)).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Per-channel mean of [0, 1] pixels the model was trained with, e.g. 0.485,0.456,0.406 (default 0).")] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225 (default 1).")] = None,
+    classes: Annotated[str | None, typer.Option(help="Comma-separated class names in logit order (default 0..K-1).")] = None,
+    module_kwargs: Annotated[str | None, typer.Option(callback=_module_kwargs, help="Keyword arguments of the factory, name=value pairs of Python literals, e.g. num_classes=100,width_per_group=64 (strings quoted: model_name='resnet50').")] = None,
+    classes_file: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="Class names in logit order, one per line or a JSON list; their count must equal the network's outputs.")] = None,
+) -> None:
+    """Convert your own piecewise-linear PyTorch classifier (ReLU, ReLU6, max-pool, residual adds, ...) into an NRM checkpoint."""
+    from jobs.convert import ConvertError, parse_kwargs, read_classes
+    from jobs.convert import convert as run_convert
+    from nrm.config import ConfigError
+    from nrm.convert import ConversionError
+
+    shape = tuple(int(v) for v in input_shape.split(","))
+    if classes is not None and classes_file is not None:
+        raise fail("give --classes or --classes-file, not both")
+    try:
+        names = read_classes(classes_file) if classes_file is not None else classes.split(",") if classes else None
+        model, mid = run_convert(module, weights, shape, _floats(mean), _floats(std), names, out,  # type: ignore[arg-type]
+                                 parse_kwargs(module_kwargs) if module_kwargs else None,
+                                 f"--classes-file {classes_file}" if classes_file is not None else "--classes")
+    except (ConvertError, ConversionError, ConfigError) as e:
+        raise fail(str(e)) from None
+    typer.echo(f"converted {module}: {len(model.config.nodes)} nodes, {len(model.latent_names)} latent layers, "
+               f"{len(model.config.classes)} classes; checkpoint {out} (model_id {mid[:12]})")
+    typer.echo(f"next: nrm-ood fit-detector --model {out} --data <in-distribution train split> --out {out}")
