@@ -119,6 +119,8 @@ class NRM(nn.Module):
         self._last_use = _last_uses(config.nodes)
         self._stats_at = _stats_sites(config.nodes, self.unit_nodes)
         self._head = _head_index(config.nodes)
+        head_input = config.nodes[self._head].inputs[0]
+        self._feature_dims = tuple(range(2, 1 + len(self.shapes[head_input])))  # a conv head's positions, averaged
         self._index = {n.name: k for k, n in enumerate(config.nodes)}
         self.train_norm: TrainNorm | None = None  # BatchNorm while nrm.training trains with one (nrm.batchnorm)
 
@@ -250,7 +252,7 @@ class NRM(nn.Module):
         for k, node in enumerate(self.config.nodes):
             xs = [values[i] for i in node.inputs]
             if k == self._head:  # (N, F) penultimate features; a conv head's input map averaged over positions
-                feats = xs[0].flatten(1) if xs[0].dim() == 2 else xs[0].mean(dim=tuple(range(2, xs[0].dim())))
+                feats = xs[0].mean(dim=self._feature_dims) if self._feature_dims else xs[0].flatten(1)
             out = values[node.name] = self._node(k, node, xs, keep, overwrite, caller, values, latents)
             if keep == "reverse":
                 shapes[node.name] = out.new_empty(()).expand(out.shape)
