@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import nrm
+from nrm.config import InputSpec
 from nrm.convert import state_dict_prefix_free
+from nrm.names import INPUT_PRESETS, INTERPOLATIONS
 
 
 class ConvertError(ValueError):
@@ -69,14 +71,38 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state_dict_prefix_free(state)
 
 
-def convert(module_spec: str, weights: Path | None, input_shape: tuple[int, int, int], mean: Sequence[float] | None,
-            std: Sequence[float] | None, classes: Sequence[str] | None, out: Path) -> tuple[nrm.NRM, str]:
-    """Build, load, convert and save; returns the NRM and its model_id."""
+def input_spec(shape: tuple[int, int, int] | None, *, preset: str | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, resize: int | None = None, crop: tuple[int, int] | None = None,
+               interpolation: str | None = None) -> InputSpec:
+    """The input a converted model declares: ``preset``'s values (nrm.names.INPUT_PRESETS), each replaced
+    by the option given. The network's input size is ``shape``'s H x W, else the crop's; channels are
+    ``shape``'s, else one per mean value, else 3. Raises ConvertError (or nrm's ConfigError) naming the
+    conflict."""
+    base: dict[str, Any] = dict(INPUT_PRESETS[preset]) if preset else {}
+    if shape is not None and crop is not None and tuple(crop) != shape[1:]:
+        raise ConvertError(f"--crop {crop[0]},{crop[1]} differs from --input-shape {','.join(map(str, shape))}: the "
+                           "network sees the crop, so its height and width must be the input's")
+    if shape is None and crop is None and "crop" not in base:
+        raise ConvertError("the network's input size is unknown: give --input-shape C,H,W, or --crop H[,W], or --preset")
+    mean = mean or base.get("mean")
+    size = shape[1:] if shape is not None else crop or base["crop"]
+    channels = shape[0] if shape is not None else len(mean) if mean else 3
+    return InputSpec(channels, size[0], size[1], tuple(mean or (0.0,) * channels),
+                     tuple(std or base.get("std") or (1.0,) * channels),
+                     resize=resize or base.get("resize"), crop=size if crop or "crop" in base else None,
+                     interpolation=interpolation or base.get("interpolation", INTERPOLATIONS[0]))
+
+
+def convert(module_spec: str, weights: Path | None, spec: InputSpec, classes: Sequence[str] | None,
+            out: Path) -> tuple[nrm.NRM, str]:
+    """Build, load, convert and save with the input ``spec`` (size, preprocessing); returns the NRM and
+    its model_id."""
     net = build_module(module_spec)
     if weights is not None:
         try:
             net.load_state_dict(read_weights(weights))
         except RuntimeError as e:
             raise ConvertError(f"--weights {weights} does not fit {module_spec}: {str(e).splitlines()[0]}") from None
-    model = nrm.from_torch(net.eval(), input_shape, classes, mean, std)
+    model = nrm.from_torch(net.eval(), spec.shape, classes, spec.mean, spec.std)
+    model.config.input = spec  # the same size and normalisation, with the resize and crop
     return model, nrm.save(model, out)

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli.options import fail
+from jobs.cli.options import at_least, choice, fail
+from nrm.names import INPUT_PRESETS, INTERPOLATIONS
 
 app = typer.Typer()
 
@@ -21,10 +22,21 @@ def _floats(value: str | None) -> list[float] | None:
         raise typer.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
 
 
-def _shape(value: str) -> str:
+def _shape(value: str | None) -> str | None:
+    if value is None:
+        return None
     parts = value.split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise typer.BadParameter(f"expected C,H,W (three positive integers), got {value!r}")
+    return value
+
+
+def _crop(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = value.split(",")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise typer.BadParameter(f"expected H or H,W (positive integers), got {value!r}")
     return value
 
 
@@ -32,22 +44,28 @@ def _shape(value: str) -> str:
 def convert(
     module: Annotated[str, typer.Option(help="The model's Python file and factory, path/to/file.py:factory (called with no arguments).")],
     out: Annotated[Path, typer.Option(file_okay=False, help="Checkpoint directory to write.")],
-    input_shape: Annotated[str, typer.Option(callback=_shape, help="C,H,W of the model's input, e.g. 3,32,32.")],
+    input_shape: Annotated[str | None, typer.Option(callback=_shape, help="C,H,W of the model's input, e.g. 3,32,32 (default: 3 channels at the --crop size).")] = None,
     weights: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="State dict: .safetensors, or .pt/.pth (read with torch.load(weights_only=True)).")] = None,
     mean: Annotated[str | None, typer.Option(help="Per-channel mean of [0, 1] pixels the model was trained with, e.g. 0.485,0.456,0.406 (default 0).")] = None,
     std: Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225 (default 1).")] = None,
     classes: Annotated[str | None, typer.Option(help="Comma-separated class names in logit order (default 0..K-1).")] = None,
+    resize: Annotated[int | None, at_least(1, "Resize each image's shorter side to this many pixels first, keeping its aspect ratio (as torchvision's Resize(S)).")] = None,
+    crop: Annotated[str | None, typer.Option(callback=_crop, help="Then take the centre H,W (or H x H): the network's input size (as torchvision's CenterCrop).")] = None,
+    interpolation: Annotated[str | None, choice(INTERPOLATIONS, "Filter of every resize (default bilinear).")] = None,
+    preset: Annotated[str | None, choice(tuple(INPUT_PRESETS), "Standard preprocessing: imagenet is resize 256, crop 224, bilinear, ImageNet mean and std; the options above replace its values.")] = None,
 ) -> None:
     """Convert your own piecewise-linear PyTorch classifier (ReLU, max-pool, residual adds, ...) into an NRM checkpoint."""
-    from jobs.convert import ConvertError
+    from jobs.convert import ConvertError, input_spec
     from jobs.convert import convert as run_convert
     from nrm.config import ConfigError
     from nrm.convert import ConversionError
 
-    shape = tuple(int(v) for v in input_shape.split(","))
+    shape = tuple(int(v) for v in input_shape.split(",")) if input_shape else None
+    hw = [int(v) for v in crop.split(",")] if crop else None
     try:
-        model, mid = run_convert(module, weights, shape, _floats(mean), _floats(std),  # type: ignore[arg-type]
-                                 classes.split(",") if classes else None, out)
+        spec = input_spec(shape, preset=preset, mean=_floats(mean), std=_floats(std), resize=resize,  # type: ignore[arg-type]
+                          crop=(hw[0], hw[-1]) if hw else None, interpolation=interpolation)
+        model, mid = run_convert(module, weights, spec, classes.split(",") if classes else None, out)
     except (ConvertError, ConversionError, ConfigError) as e:
         raise fail(str(e)) from None
     typer.echo(f"converted {module}: {len(model.config.nodes)} nodes, {len(model.latent_names)} latent layers, "
