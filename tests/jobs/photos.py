@@ -7,6 +7,7 @@ import functools
 import types
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from support import dataset_dir
@@ -41,7 +42,7 @@ def photo_bytes(row: int) -> bytes:
 def write_photos(path: Path, rows: list[int]) -> Path:
     """The photos ``rows`` as one Hugging Face image Parquet (image, label) at ``path``."""
     t = photo_table()
-    write_hf_parquet(path, [t["image"][i] for i in rows], [t["label"][i] for i in rows])
+    write_hf_parquet(path, [t["image"][i] for i in rows], np.array([t["label"][i] for i in rows]))
     return path
 
 
@@ -50,7 +51,7 @@ def torchvision() -> types.ModuleType:
     registrations stubbed (its C ops cannot load beside a CPU torch here; models and PIL transforms are
     pure Python)."""
     try:
-        from jobs.torchvision_compat import import_torchvision  # type: ignore[import-not-found]
+        from jobs.torchvision_compat import import_torchvision
     except ImportError:
         import sys
 
