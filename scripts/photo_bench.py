@@ -100,11 +100,14 @@ def score_effect(data: list[bytes]) -> dict[str, dict[str, float]]:
     refit(runner, normalised(pixels(data[:half], "exact")), DEFAULT_DETECTOR, DEFAULT_FEATURES)
     column = DETECTOR_PREFIX + DEFAULT_DETECTOR
     plan = model.plan(("max_logit", column))
-    cols = {}
+    cols, px = {}, {}
     for mode in ("exact", "fast"):
-        parts = [runner.score(x, plan) for x in normalised(pixels(data[half:], mode))]
+        px[mode] = pixels(data[half:], mode)
+        parts = [runner.score(x, plan) for x in normalised(px[mode])]
         cols[mode] = {c: torch.cat([p[c] for p in parts]).double().numpy() for c in ("pred", "max_logit", column)}
-    out: dict[str, dict[str, float]] = {"pred": {"changed": float(np.mean(cols["exact"]["pred"] != cols["fast"]["pred"]))}}
+    out: dict[str, dict[str, float]] = {
+        "rows": {"compared": len(px["exact"]), "pixels_changed": int((px["exact"] != px["fast"]).flatten(1).any(1).sum()),
+                 "pred_changed": int((cols["exact"]["pred"] != cols["fast"]["pred"]).sum())}}
     for c in ("max_logit", column):
         a, b = cols["exact"][c], cols["fast"][c]
         change = np.abs(a - b)

@@ -187,6 +187,10 @@ def score_sets(opts: EvalOptions, ckpt: Checkpoint, echo: Callable[[str], None] 
                 raise EvaluateError(f"{opts.out} already holds a committed run {rid!r} made by the same weights "
                                     f"({ckpt.model_id[:12]}) with a different config.json (threshold or detector "
                                     f"refitted?); use a fresh --out or delete {scores_root}/{rid}")
+            if committed.get("decode", DECODES[0]) != opts.decode:
+                raise EvaluateError(f"{opts.out} already holds a committed run {rid!r} decoded with --decode "
+                                    f"{committed.get('decode', DECODES[0])}, not {opts.decode}; use a fresh --out or "
+                                    f"delete {scores_root}/{rid}")
             echo(f"set {name}: reusing committed run {rid} ({committed['rows']['in']} rows)")
         else:
             echo(f"set {name}: scoring {source}")
