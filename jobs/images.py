@@ -210,7 +210,7 @@ def decode_encoded(data: bytes | None, shape: Target | tuple[int, int, int], pol
             img = Image.open(io.BytesIO(data))
             if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise RowError(f"image of {img.size[0]}x{img.size[1]} pixels exceeds the limit of {MAX_PIXELS} pixels")
-            if target.fast:
+            if target.fast and (policy is Policy.adapt or target.geometry):  # strict checks the size as stored
                 _draft(img, target)
             img.load()
     except RowError:

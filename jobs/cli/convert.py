@@ -11,6 +11,8 @@ from jobs.cli.options import at_least, choice, fail
 from nrm.names import INPUT_PRESETS, INTERPOLATIONS
 
 app = typer.Typer()
+PRESETS_HELP = "; ".join(f"{name} is resize {p['resize']}, crop {p['crop'][0]}, {p['interpolation']}, its mean and std"  # type: ignore[index]
+                         for name, p in INPUT_PRESETS.items())
 
 
 def _floats(value: str | None) -> list[float] | None:
@@ -52,7 +54,7 @@ def convert(
     resize: Annotated[int | None, at_least(1, "Resize each image's shorter side to this many pixels first, keeping its aspect ratio (as torchvision's Resize(S)).")] = None,
     crop: Annotated[str | None, typer.Option(callback=_crop, help="Then take the centre H,W (or H x H): the network's input size (as torchvision's CenterCrop).")] = None,
     interpolation: Annotated[str | None, choice(INTERPOLATIONS, "Filter of every resize (default bilinear).")] = None,
-    preset: Annotated[str | None, choice(tuple(INPUT_PRESETS), "Standard preprocessing: imagenet is resize 256, crop 224, bilinear, ImageNet mean and std; the options above replace its values.")] = None,
+    preset: Annotated[str | None, choice(tuple(INPUT_PRESETS), f"Standard preprocessing: {PRESETS_HELP}; the options above replace its values.")] = None,
 ) -> None:
     """Convert your own piecewise-linear PyTorch classifier (ReLU, max-pool, residual adds, ...) into an NRM checkpoint."""
     from jobs.convert import ConvertError, input_spec
@@ -70,4 +72,9 @@ def convert(
         raise fail(str(e)) from None
     typer.echo(f"converted {module}: {len(model.config.nodes)} nodes, {len(model.latent_names)} latent layers, "
                f"{len(model.config.classes)} classes; checkpoint {out} (model_id {mid[:12]})")
+    if spec.geometry:
+        typer.echo(f"input: {spec.channels}x{spec.height}x{spec.width}"
+                   + (f", each image's shorter side resized to {spec.resize}" if spec.resize else "")
+                   + (f", then its centre {spec.height}x{spec.width} cropped" if spec.crop else "")
+                   + f" ({spec.interpolation})")
     typer.echo(f"next: nrm-ood fit-detector --model {out} --data <in-distribution train split> --out {out}")

@@ -361,3 +361,10 @@ def test_resize_keeps_the_aspect_ratio_by_torchvisions_rule() -> None:
 def test_an_unknown_decode_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="decode mode 'turbo' is not one of"):
         Target.of(RGB8, "turbo")
+
+
+def test_fast_decode_does_not_hide_a_size_mismatch_from_the_strict_policy() -> None:
+    big = np.zeros((16, 16, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(big), "JPEG")
+    with pytest.raises(RowError, match="image is 16x16"):
+        decode_encoded(data, Target.of(RGB8, "fast"), Policy.strict)
