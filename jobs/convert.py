@@ -27,7 +27,9 @@ from torch import nn
 
 import nrm
 from jobs.torchvision_compat import import_module
+from nrm.config import InputSpec
 from nrm.convert import state_dict_prefix_free
+from nrm.names import INPUT_PRESETS, INTERPOLATIONS
 
 SPEC = "path/to/file.py:factory or package.module:factory"
 
@@ -134,18 +136,41 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state_dict_prefix_free(state)
 
 
-def convert(module_spec: str, weights: Path | None, input_shape: tuple[int, int, int], mean: Sequence[float] | None,
-            std: Sequence[float] | None, classes: Sequence[str] | None, out: Path,
+def input_spec(shape: tuple[int, int, int] | None, *, preset: str | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, resize: int | None = None, crop: tuple[int, int] | None = None,
+               interpolation: str | None = None) -> InputSpec:
+    """The input a converted model declares: ``preset``'s values (nrm.names.INPUT_PRESETS), each replaced
+    by the option given. The network's input size is ``shape``'s H x W, else the crop's; channels are
+    ``shape``'s, else one per mean value, else 3. Raises ConvertError (or nrm's ConfigError) naming the
+    conflict."""
+    base: dict[str, Any] = dict(INPUT_PRESETS[preset]) if preset else {}
+    if shape is not None and crop is not None and tuple(crop) != shape[1:]:
+        raise ConvertError(f"--crop {crop[0]},{crop[1]} differs from --input-shape {','.join(map(str, shape))}: the "
+                           "network sees the crop, so its height and width must be the input's")
+    if shape is None and crop is None and "crop" not in base:
+        raise ConvertError("the network's input size is unknown: give --input-shape C,H,W, or --crop H[,W], or --preset")
+    mean = mean or base.get("mean")
+    size = shape[1:] if shape is not None else crop or base["crop"]
+    channels = shape[0] if shape is not None else len(mean) if mean else 3
+    return InputSpec(channels, size[0], size[1], tuple(mean or (0.0,) * channels),
+                     tuple(std or base.get("std") or (1.0,) * channels),
+                     resize=resize or base.get("resize"), crop=size if crop or "crop" in base else None,
+                     interpolation=interpolation or base.get("interpolation", INTERPOLATIONS[0]))
+
+
+def convert(module_spec: str, weights: Path | None, spec: InputSpec, classes: Sequence[str] | None, out: Path,
             module_kwargs: dict[str, Any] | None = None, classes_from: str = "--classes") -> tuple[nrm.NRM, str]:
-    """Build, load, convert and save; returns the NRM and its model_id. ``classes_from`` names the option
-    the class names came from, for the error when their count is not the network's outputs."""
+    """Build, load, convert and save with the input ``spec`` (size, preprocessing); returns the NRM and
+    its model_id. ``classes_from`` names the option the class names came from, for the error when their
+    count is not the network's outputs."""
     net = build_module(module_spec, module_kwargs)
     if weights is not None:
         try:
             net.load_state_dict(read_weights(weights))
         except RuntimeError as e:
             raise ConvertError(f"--weights {weights} does not fit {module_spec}: {str(e).splitlines()[0]}") from None
-    model = nrm.from_torch(net.eval(), input_shape, None, mean, std)
+    model = nrm.from_torch(net.eval(), spec.shape, None, spec.mean, spec.std)
+    model.config.input = spec  # the same size and normalisation, with the resize and crop
     if classes is not None:
         if len(classes) != len(model.config.classes):
             raise ConvertError(f"{classes_from}: {len(classes)} class names, but the network has "

@@ -1,21 +1,26 @@
 """Labelled image datasets from Parquet (local or S3) into memory, for training and evaluation.
 
 Reads every file named by a URI (file, directory, glob, s3:// prefix) with pyarrow and decodes the
-images with the same code as the scoring job, at the size of the given model input.
+images with the same code as the scoring job, as the given model input asks (its InputSpec: size,
+resize and crop; or a bare (C, H, W), to which every image is resized).
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.images import Policy, decode_column, detect_columns
+from jobs.images import Policy, Target, decode_column, detect_columns
 from jobs.storage import Store
+from nrm.names import DECODES
+
+if TYPE_CHECKING:
+    from nrm.config import InputSpec
 
 
 class DatasetError(ValueError):
@@ -44,22 +49,22 @@ def probe_shape(uri: str, store: Store | None = None) -> tuple[int, int, int]:
 
 
 def load_labelled(
-    uri: str, shape: tuple[int, int, int], limit: int | None = None, store: Store | None = None,
-    policy: Policy = Policy.adapt,
+    uri: str, shape: InputSpec | tuple[int, int, int], limit: int | None = None, store: Store | None = None,
+    policy: Policy = Policy.adapt, decode: str = DECODES[0],
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, H, W, C) and int64 labels (N,) of every decodable, labelled row of ``uri``."""
-    return _load(uri, shape, limit, store, policy, labelled=True)
+    return _load(uri, Target.of(shape, decode), limit, store, policy, labelled=True)
 
 
 def load_images(
-    uri: str, shape: tuple[int, int, int], limit: int | None = None, store: Store | None = None,
-    policy: Policy = Policy.adapt,
+    uri: str, shape: InputSpec | tuple[int, int, int], limit: int | None = None, store: Store | None = None,
+    policy: Policy = Policy.adapt, decode: str = DECODES[0],
 ) -> np.ndarray:
     """uint8 images (N, H, W, C) of every decodable row of ``uri``; labels are not needed (OOD sets)."""
-    return _load(uri, shape, limit, store, policy, labelled=False)[0]
+    return _load(uri, Target.of(shape, decode), limit, store, policy, labelled=False)[0]
 
 
-def _load(uri: str, shape: tuple[int, int, int], limit: int | None, store: Store | None, policy: Policy,
+def _load(uri: str, target: Target, limit: int | None, store: Store | None, policy: Policy,
           labelled: bool) -> tuple[np.ndarray, np.ndarray]:
     store = store or Store()
     images, labels, bad = [], [], 0
@@ -74,7 +79,7 @@ def _load(uri: str, shape: tuple[int, int, int], limit: int | None, store: Store
             table = pf.read(columns=[cols.image] + ([cols.label] if labelled else []))
         if limit is not None:
             table = table.slice(0, max(0, limit - n))
-        px, errors = decode_column(table.column(cols.image), cols.kind, shape, policy)
+        px, errors = decode_column(table.column(cols.image), cols.kind, target, policy)
         ok = np.array([e is None for e in errors], dtype=bool)
         if labelled:
             ok &= np.array([v is not None for v in table.column(cols.label).to_pylist()], dtype=bool)

@@ -18,16 +18,19 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from jobs.images import Policy, decode_column, detect_columns
+from jobs.images import Policy, Target, decode_column, detect_columns
 from jobs.storage import Store
 from nrm import metrics
+
+if TYPE_CHECKING:
+    from nrm.config import InputSpec
 
 DPI = 100
 
@@ -203,12 +206,14 @@ def _show(ax: Any, img: np.ndarray) -> None:
 
 
 # ---------------------------------------------------------------------------- images and renderings
-def read_pixels(store: Store, refs: Sequence[tuple[str, int]], shape: tuple[int, int, int],
+def read_pixels(store: Store, refs: Sequence[tuple[str, int]], shape: InputSpec | tuple[int, int, int],
                 image_column: str | None = None, policy: Policy = Policy.adapt
                 ) -> tuple[np.ndarray, list[str | None]]:
-    """Decode the rows ``refs`` = [(source_path, source_row)] at ``shape`` = (C, H, W), reading only
-    the row groups that hold them. Returns (n, H, W, C) uint8 (zeros where it failed) and per-row errors."""
-    c, h, w = shape
+    """Decode the rows ``refs`` = [(source_path, source_row)] as the model's input ``shape`` asks (or at
+    a bare (C, H, W)), reading only the row groups that hold them. Returns (n, H, W, C) uint8 (zeros
+    where it failed) and per-row errors."""
+    target = Target.of(shape)
+    c, h, w = target.shape
     out = np.zeros((len(refs), h, w, c), dtype=np.uint8)
     errors: list[str | None] = [None] * len(refs)
     by_path: dict[str, list[int]] = {}
@@ -230,7 +235,7 @@ def read_pixels(store: Store, refs: Sequence[tuple[str, int]], shape: tuple[int,
                         continue
                     if rg not in cache:
                         cache[rg] = pf.read_row_group(rg, columns=[cols.image]).column(0)
-                    px, err = decode_column(cache[rg].slice(row - int(starts[rg]), 1), cols.kind, shape, policy)
+                    px, err = decode_column(cache[rg].slice(row - int(starts[rg]), 1), cols.kind, target, policy)
                     out[i], errors[i] = px[0], err[0]
         except Exception as e:  # missing, moved or unreadable file: those rows get no picture
             for i in idx:
@@ -267,7 +272,7 @@ def read_options(run_manifest: dict[str, Any]) -> tuple[Policy, str | None]:
 def render_pairs(store: Store, model: Any, refs: Sequence[tuple[str, int]], image_column: str | None = None,
                  policy: Policy = Policy.adapt) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """(images uint8, renderings in [0, 1], per-row errors) for the rows ``refs``; failed rows are blank."""
-    pixels, errors = read_pixels(store, refs, model.input_shape, image_column, policy)
+    pixels, errors = read_pixels(store, refs, model.config.input, image_column, policy)
     ok = np.array([e is None for e in errors], dtype=bool)
     renders = np.zeros(pixels.shape, dtype=np.float64)
     if ok.any():

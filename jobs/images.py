@@ -6,11 +6,22 @@ Three input layouts are understood (``detect_columns`` guesses, ``--image-column
 - raw pixels: a list/fixed-size-list/tensor column of numbers whose size is H*W*C of the model
   (uint8 as is; floats in [0, 1] are scaled by 255, NaN/inf is a row error).
 
+Every decoded image is brought to the model's input by one function, ``_fit``, with the model's own
+preprocessing (``Target``, from nrm.config.InputSpec): the shorter side resized to ``resize`` keeping
+the aspect ratio, then the centre crop taken, as torchvision's ``Resize(S) + CenterCrop(H, W)`` on a
+PIL image do, pixel for pixel. A model without them has every image resized to its H x W.
+
 Mismatch policy (``Policy``), one for all layouts:
 - ``adapt`` (default): convert the colour mode to the model's (RGB -> L by luminance, L -> RGB by
-  replication, alpha dropped) and resize to the model's H x W with bilinear filtering;
-- ``strict``: a row whose channels or size differ from the model's is an error row.
+  replication, alpha dropped) and bring the size to the model's as above;
+- ``strict``: a row whose channels differ from the model's, or (for a model without its own resize
+  or crop) whose size differs, is an error row.
 A row that cannot be used either way becomes ``status="error"`` with the reason; it is never dropped.
+
+Decode modes (``Target.fast``): exact decodes a JPEG at full scale; fast lets libjpeg decode it at 1/2,
+1/4 or 1/8 scale (Pillow's ``draft``, DCT scaling) when that still leaves no fewer pixels than the
+resize needs, which is several times faster on large photos and changes pixels slightly
+(docs/benchmarks.md measures both).
 """
 
 from __future__ import annotations
@@ -19,11 +30,16 @@ import enum
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+
+from nrm.names import DECODES, INTERPOLATIONS
+
+if TYPE_CHECKING:
+    from nrm.config import InputSpec
 
 # Decompression bombs: refuse any image whose header announces more pixels than this.
 MAX_PIXELS = 64 * 1024 * 1024
@@ -37,6 +53,47 @@ class Policy(str, enum.Enum):
 
 class RowError(ValueError):
     """One row cannot be turned into pixels; the message becomes that row's ``error``."""
+
+
+RESAMPLING = dict(zip(INTERPOLATIONS, (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC,
+                                       Image.Resampling.NEAREST), strict=True))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where decoding ends: uint8 (H, W, C) pixels at ``shape`` = (C, H, W), reached the model's way."""
+
+    shape: tuple[int, int, int]
+    resize: int | None = None  # shorter side first, aspect ratio kept (nrm.config.InputSpec)
+    crop: bool = False  # then the centre H x W
+    interpolation: str = INTERPOLATIONS[0]
+    fast: bool = False  # decode JPEGs at reduced scale when the resize allows it (module docstring)
+
+    @classmethod
+    def of(cls, spec: InputSpec | tuple[int, int, int], decode: str = DECODES[0]) -> Target:
+        """The target of a model's InputSpec (or of a bare (C, H, W): resized to it) in decode mode ``decode``."""
+        if decode not in DECODES:
+            raise ValueError(f"decode mode {decode!r} is not one of {list(DECODES)}")
+        if isinstance(spec, tuple):
+            return cls(spec, fast=decode == "fast")
+        return cls(spec.shape, spec.resize, spec.crop is not None, spec.interpolation, decode == "fast")
+
+    @property
+    def geometry(self) -> bool:
+        return self.resize is not None or self.crop
+
+    def resized(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) an image of ``size`` is resized to before the crop: torchvision's Resize(int)
+        rule (the long side int(S * long / short)); the model's H x W when it has no resize."""
+        c, h, w = self.shape
+        if self.resize is None:
+            return size if self.crop else (w, h)
+        (iw, ih), s = size, self.resize
+        return (s, int(s * ih / iw)) if iw <= ih else (int(s * iw / ih), s)
+
+
+def as_target(shape: Target | tuple[int, int, int]) -> Target:
+    return shape if isinstance(shape, Target) else Target(shape)
 
 
 @dataclass(frozen=True)
@@ -98,9 +155,10 @@ def detect_columns(
 CONVERTED, RESIZED = 1, 2
 
 
-def _fit(img: Image.Image, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
-    """The image at ``shape`` and what was done to it (CONVERTED | RESIZED bits; 0 when nothing)."""
-    c, h, w = shape
+def _fit(img: Image.Image, target: Target, policy: Policy) -> tuple[np.ndarray, int]:
+    """The image at ``target`` and what the adapt policy did to it (CONVERTED | RESIZED bits; 0 when
+    nothing: the model's own resize and crop are not adaptations)."""
+    c, h, w = target.shape
     done = 0
     mode = "L" if c == 1 else "RGB"
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: keep the top 8 bits, do not clip
@@ -109,21 +167,41 @@ def _fit(img: Image.Image, shape: tuple[int, int, int], policy: Policy) -> tuple
     if policy is Policy.strict:
         bands = img.palette.mode if img.mode in ("P", "PA") and img.palette is not None else img.mode
         have = len(bands) - (1 if bands.endswith("A") and bands != "A" else 0)
-        if have != c or img.size != (w, h):
+        if have != c or (img.size != (w, h) and not target.geometry):
             raise RowError(f"image is {img.size[0]}x{img.size[1]} with {have} channel(s) ({img.mode}); "
                            f"the model expects {w}x{h} with {c} (policy strict)")
     if img.mode != mode:
         img = img.convert(mode)
         done |= CONVERTED
+    resample = RESAMPLING[target.interpolation]
+    if target.resize is not None and img.size != (size := target.resized(img.size)):
+        img = img.resize(size, resample)
+    if target.crop:
+        img = _centre_crop(img, h, w)
     if img.size != (w, h):
-        img = img.resize((w, h), Image.Resampling.BILINEAR)
+        img = img.resize((w, h), resample)
         done |= RESIZED
     arr = np.asarray(img, dtype=np.uint8)
     return arr.reshape(h, w, c), done
 
 
-def decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
-    """Encoded image bytes -> (uint8 (H, W, C) at ``shape`` = (C, H, W), what the adapt policy did)."""
+def _centre_crop(img: Image.Image, h: int, w: int) -> Image.Image:
+    """torchvision's CenterCrop on a PIL image: zero padding where the image is smaller, then the crop
+    at offsets round((size - crop) / 2)."""
+    iw, ih = img.size
+    if w > iw or h > ih:
+        padded = Image.new(img.mode, (max(w, iw), max(h, ih)), 0)
+        padded.paste(img, ((w - iw) // 2 if w > iw else 0, (h - ih) // 2 if h > ih else 0))
+        img, (iw, ih) = padded, padded.size
+    top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
+    return img.crop((left, top, left + w, top + h))
+
+
+def decode_encoded(data: bytes | None, shape: Target | tuple[int, int, int], policy: Policy
+                   ) -> tuple[np.ndarray, int]:
+    """Encoded image bytes -> (uint8 (H, W, C) at ``shape`` (a Target, or a bare (C, H, W)), what the
+    adapt policy did)."""
+    target = as_target(shape)
     if data is None or len(data) == 0:
         raise RowError("empty image (no bytes)")
     try:
@@ -132,6 +210,8 @@ def decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Poli
             img = Image.open(io.BytesIO(data))
             if img.size[0] * img.size[1] > MAX_PIXELS:
                 raise RowError(f"image of {img.size[0]}x{img.size[1]} pixels exceeds the limit of {MAX_PIXELS} pixels")
+            if target.fast and (policy is Policy.adapt or target.geometry):  # strict checks the size as stored
+                _draft(img, target)
             img.load()
     except RowError:
         raise
@@ -139,13 +219,25 @@ def decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Poli
         raise RowError(f"decompression bomb refused: {e}") from None
     except Exception as e:  # Pillow raises many types for corrupt data
         raise RowError(f"cannot decode image ({len(data)} bytes): {type(e).__name__}: {e}") from None
-    return _fit(img, shape, policy)
+    return _fit(img, target, policy)
 
 
-def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
-    """A raw pixel cell (list or array of H*W*C numbers, HWC order) -> (uint8 (H, W, C), what the adapt
-    policy did)."""
-    c, h, w = shape
+def _draft(img: Image.Image, target: Target) -> None:
+    """Fast decode: let the JPEG decoder scale by 1/2, 1/4 or 1/8 (Pillow picks the largest that leaves
+    at least the size the resize needs; other formats ignore it). A model that crops without resizing
+    needs every pixel, so it is left alone."""
+    if target.crop and target.resize is None:
+        return
+    w, h = target.resized(img.size)
+    if img.size[0] >= 2 * w and img.size[1] >= 2 * h:
+        img.draft(None, (w, h))
+
+
+def decode_raw(values: Any, shape: Target | tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
+    """A raw pixel cell (list or array of H*W*C numbers, HWC order, at the model's size) -> (uint8
+    (H, W, C), what the adapt policy did)."""
+    target = as_target(shape)
+    c, h, w = target.shape
     if values is None:
         raise RowError("empty image (null pixel array)")
     try:
@@ -171,15 +263,17 @@ def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> tupl
     for cc in (1, 3):  # another colour mode of the same size
         if arr.size == cc * h * w and policy is Policy.adapt:
             img = Image.fromarray(arr.astype(np.uint8).reshape(h, w, cc).squeeze(-1) if cc == 1 else arr.astype(np.uint8).reshape(h, w, cc))
-            return _fit(img, shape, policy)
+            return _fit(img, target, policy)
     raise RowError(f"pixel array has {arr.size} values; expected {c * h * w} (= {h}x{w}x{c}, HWC order)")
 
 
-def decode_column(column: pa.Array | pa.ChunkedArray, kind: str, shape: tuple[int, int, int], policy: Policy,
-                  adapted: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
-    """Decode a whole column: pixels (N, H, W, C) uint8 (zeros on error rows) and per-row error or None.
-    ``adapted``, if given (N uint8), receives what the adapt policy did to each row (CONVERTED | RESIZED)."""
-    c, h, w = shape
+def decode_column(column: pa.Array | pa.ChunkedArray, kind: str, shape: Target | tuple[int, int, int],
+                  policy: Policy, adapted: np.ndarray | None = None) -> tuple[np.ndarray, list[str | None]]:
+    """Decode a whole column at ``shape`` (a Target, or a bare (C, H, W)): pixels (N, H, W, C) uint8
+    (zeros on error rows) and per-row error or None. ``adapted``, if given (N uint8), receives what the
+    adapt policy did to each row (CONVERTED | RESIZED)."""
+    target = as_target(shape)
+    c, h, w = target.shape
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     n = len(column)
@@ -196,7 +290,7 @@ def decode_column(column: pa.Array | pa.ChunkedArray, kind: str, shape: tuple[in
         cells = column.to_pylist()
     for i, cell in enumerate(cells):
         try:
-            out[i], done = decode_raw(cell, shape, policy) if kind == "raw" else decode_encoded(cell, shape, policy)
+            out[i], done = decode_raw(cell, target, policy) if kind == "raw" else decode_encoded(cell, target, policy)
             if adapted is not None:
                 adapted[i] = done
         except RowError as e:

@@ -85,7 +85,7 @@ def _latest_gallery(store: Store, model: Any, root: str, run: manifest.Run, inpu
     for name, idx in picks.items():
         rows = t.take(idx).to_pylist()
         refs = [(where.get(r["source_path"]) or r["source_path"], int(r["source_row"])) for r in rows]
-        pixels, errors = figures.read_pixels(store, refs, model.input_shape, image_column, policy)
+        pixels, errors = figures.read_pixels(store, refs, model.config.input, image_column, policy)
         caps = [figures.caption(r, classes, e) for r, e in zip(rows, errors, strict=True)]
         out.append(figures.img(figures.data_uri(figures.gallery(f"latest run {run.run_id}: {name}", pixels, None, caps)), name))
     return out

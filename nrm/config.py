@@ -18,6 +18,7 @@ from torch import Tensor
 
 from nrm.detectors import Detector, DetectorError, FittedDetectors, StatisticsDetector, lookup
 from nrm.graph import GraphError, Node, chain, infer_shapes
+from nrm.names import INPUT_PRESETS, INTERPOLATIONS
 from nrm.ops import OpError, op_from_dict
 from nrm.reference import Reference
 
@@ -35,13 +36,19 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: channels x height x width, normalised with per-channel mean/std of [0, 1] pixels."""
+    """What the model expects: channels x height x width, normalised with per-channel mean/std of [0, 1]
+    pixels, and how an image of any size becomes that (the model's own preprocessing, as torchvision's
+    ``weights.transforms()``): its shorter side resized to ``resize`` keeping the aspect ratio, then the
+    centre ``crop`` (= height, width) taken. Without them an image is resized to height x width."""
 
     channels: int
     height: int
     width: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: int | None = None  # shorter side before the crop, aspect ratio kept; None: no such resize
+    crop: tuple[int, int] | None = None  # centre crop (height, width): the network's input size; None: no crop
+    interpolation: str = INTERPOLATIONS[0]  # of every resize (nrm.names.INTERPOLATIONS)
 
     def __post_init__(self) -> None:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
@@ -51,10 +58,61 @@ class InputSpec:
             )
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"input: std must be positive, got {list(self.std)}")
+        if self.resize is not None and self.resize < 1:
+            raise ConfigError(f"input: resize must be a positive number of pixels, got {self.resize}")
+        if self.crop is not None and tuple(self.crop) != (self.height, self.width):
+            raise ConfigError(f"input: crop {list(self.crop)} must equal the input's height and width "
+                              f"{[self.height, self.width]} (the network sees the crop)")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"input: interpolation {self.interpolation!r} is not one of {list(INTERPOLATIONS)}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
+
+    @property
+    def geometry(self) -> bool:
+        """Whether the model declares its own resize or crop (else images are resized to height x width)."""
+        return self.resize is not None or self.crop is not None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"channels": self.channels, "height": self.height, "width": self.width,
+                               "mean": list(self.mean), "std": list(self.std)}
+        if self.geometry or self.interpolation != INTERPOLATIONS[0]:  # without them: the config as it always was
+            out.update(resize=self.resize, crop=list(self.crop) if self.crop else None,
+                       interpolation=self.interpolation)
+        return out
+
+    @classmethod
+    def from_json(cls, i: Any) -> InputSpec:
+        if not isinstance(i, dict):
+            raise ConfigError(f"config.json: 'input' must be an object, got {type(i).__name__}")
+        if unknown := sorted(set(i) - INPUT_KEYS):
+            raise ConfigError(f"config.json: unknown key(s) {unknown} in 'input'; expected {sorted(INPUT_KEYS)}")
+        try:
+            crop = i.get("crop")
+            return cls(int(i["channels"]), int(i["height"]), int(i["width"]), tuple(i["mean"]), tuple(i["std"]),
+                       resize=None if i.get("resize") is None else int(i["resize"]),
+                       crop=None if crop is None else (int(crop[0]), int(crop[1])),
+                       interpolation=str(i.get("interpolation", INTERPOLATIONS[0])))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ConfigError(f"config.json: 'input' needs integer channels, height, width, lists mean, std, and "
+                              f"optionally an integer resize, a [height, width] crop and an interpolation ({e})"
+                              ) from None
+
+
+INPUT_KEYS = {"channels", "height", "width", "mean", "std", "resize", "crop", "interpolation"}
+
+
+def input_preset(name: str, channels: int = 3) -> InputSpec:
+    """The InputSpec of a named standard preprocessing (nrm.names.INPUT_PRESETS), e.g. "imagenet"."""
+    if name not in INPUT_PRESETS:
+        raise ConfigError(f"unknown input preset {name!r}; expected one of {sorted(INPUT_PRESETS)}")
+    p: dict[str, Any] = dict(INPUT_PRESETS[name])
+    (h, w), mean, std = p.pop("crop"), tuple(p.pop("mean")), tuple(p.pop("std"))
+    if channels != len(mean):
+        raise ConfigError(f"input preset {name!r} is for {len(mean)} channels, got {channels}")
+    return InputSpec(channels, h, w, mean, std, crop=(h, w), **p)
 
 
 @dataclass(frozen=True)
@@ -108,8 +166,7 @@ class ModelConfig:
         out: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
-            "input": {"channels": self.input.channels, "height": self.input.height, "width": self.input.width,
-                      "mean": list(self.input.mean), "std": list(self.input.std)},
+            "input": self.input.to_json(),
             "classes": list(self.classes),
             "nodes": [n.to_dict() for n in self.nodes],
             "sigma2": self.fitted.sigma2,
@@ -143,17 +200,9 @@ class ModelConfig:
             raise ConfigError(f"config.json: 'classes' and {graph_key!r} must be lists")
         classes = [str(c) for c in d["classes"]]
         nodes = _nodes_v1(d["layers"]) if version == 1 else _nodes_v2(d["nodes"])
-        cfg = cls(_input_spec(d["input"]), classes, nodes, _fitted(d, len(classes), tensors or {}))
+        cfg = cls(InputSpec.from_json(d["input"]), classes, nodes, _fitted(d, len(classes), tensors or {}))
         validate(cfg)
         return cfg
-
-
-def _input_spec(i: Any) -> InputSpec:
-    try:
-        return InputSpec(int(i["channels"]), int(i["height"]), int(i["width"]), tuple(i["mean"]), tuple(i["std"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"config.json: 'input' needs integer channels, height, width and lists mean, std ({e})"
-                          ) from None
 
 
 def _nodes_v2(raw: list[Any]) -> list[Node]:

@@ -16,6 +16,19 @@ AUGMENTATIONS = ("none", "crop", "flip-crop")
 OPTIMIZERS = ("adamw", "sgd")
 # Estimators of log Z(y) (nrm.fit).
 NORMALISERS = ("none", "class_mean", "harmonic")
+# How the model's own preprocessing resizes (nrm.config.InputSpec.interpolation), as torchvision's
+# InterpolationMode names them; the first is the default.
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# Standard preprocessing by name (nrm-ood convert --preset): the shorter side resized to ``resize``
+# (aspect ratio kept), the centre ``crop`` (height, width) taken, then normalised with mean and std.
+INPUT_PRESETS: dict[str, dict[str, object]] = {
+    # torchvision's ImageNet classifiers' weights.transforms() (and timm's at crop_pct 0.875)
+    "imagenet": {"resize": 256, "crop": (224, 224), "interpolation": "bilinear",
+                 "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+}
+# How the job decodes JPEGs (jobs.images): exact full-scale decoding, or fast: libjpeg's DCT scaling
+# (Pillow's draft) to no less than the resize target before resizing, which changes pixels slightly.
+DECODES = ("exact", "fast")
 # Architectures nrm.presets builds by name.
 PRESETS = ("gray28", "gray28-flat", "rgb32-allconv", "rgb32-small", "digits8", "resnet-cifar")
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nrm.batchnorm import TrainNorm
-from nrm.config import Fitted, InputSpec, ModelConfig
+from nrm.config import Fitted, ModelConfig
 from nrm.fit import DEFAULT_NORMALISER, fit
 from nrm.graph import INPUT
 from nrm.model import NRM
@@ -390,8 +390,7 @@ def _first_model(config: ModelConfig, images: Tensor, cfg: TrainConfig, init: NR
         mean, std = tuple(teachers[0].config.input.mean), tuple(teachers[0].config.input.std)
     else:
         mean, std = channel_stats(images)
-    spec = config.input
-    return NRM(replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))).to(cfg.device)
+    return NRM(replace(config, input=replace(config.input, mean=mean, std=std))).to(cfg.device)
 
 
 Report = Callable[[int, int, int, tuple[Tensor, Tensor, Tensor, Tensor], Tensor], dict[str, float]]

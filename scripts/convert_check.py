@@ -31,7 +31,7 @@ def main() -> None:
     net.load_state_dict(read_weights(__import__("pathlib").Path(a.weights)))
     net.eval()
     model = nrm.load(a.ckpt)
-    x, y = load_labelled(a.data, model.input_shape, a.limit)
+    x, y = load_labelled(a.data, model.config.input, a.limit)
     xs, ys = torch.from_numpy(x), torch.from_numpy(y).long()
     pt, pn, worst = [], [], 0.0
     net64, model64 = copy.deepcopy(net).double(), copy.deepcopy(model).double()

@@ -49,11 +49,11 @@ def main() -> None:
     a = ap.parse_args()
     r, store = Runner(nrm.load(a.ckpt), layout="channels_last"), Store(None)
     m = r.model
-    x, _ = load_labelled(str(SHARED / "cifar10" / "train"), m.input_shape, None, store)
+    x, _ = load_labelled(str(SHARED / "cifar10" / "train"), m.config.input, None, store)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     images = torch.from_numpy(x)
     train, held = stats(r, images, perm[5000 : 5000 + a.rows]), stats(r, images, perm[:5000])
-    ood = {k: stats(r, torch.from_numpy(load_images(v, m.input_shape, 2000, store))) for k, v in VAL_OOD.items()}
+    ood = {k: stats(r, torch.from_numpy(load_images(v, m.config.input, 2000, store))) for k, v in VAL_OOD.items()}
     width = train["latent_gates"].shape[1]
     stage = [m.shapes[n][0] for n in m.latent_names]  # channels per biased layer
     bounds = torch.tensor([0, *stage]).cumsum(0)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of nrm-ood (docs/benchmarks.md, "GPU"): on a machine whose python3 has torch with CUDA,
-#   1. the tests that need a GPU (tests/nrm/test_gpu.py),
+#   1. the tests that need a GPU (tests/nrm/test_gpu.py; tests/jobs/test_gpu_decode.py: nvJPEG batch decode
+#      with its CPU fallback, needs torchvision built for this torch),
 #   2. `nrm-ood bench --device cuda` on the GPU: images/s of the presets and the CIFAR ResNets at batch 512
 #      and 4096, NRM/plain ratios, peak GPU memory, and the precision table at batch 4096,
 #   3. a whole `nrm-ood score` job with its actors on the GPU (when Ray is importable there),
@@ -26,7 +27,8 @@ nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT_DIR/env.txt"
 
 echo "== 1/4 tests on the GPU"
-"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/nrm/test_gpu.py 2>&1 | tee "$OUT_DIR/tests.log" || status=1
+"$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/nrm/test_gpu.py tests/jobs/test_gpu_decode.py 2>&1 \
+    | tee "$OUT_DIR/tests.log" || status=1
 
 echo "== 2/4 bench on the GPU"
 shared_opt=()

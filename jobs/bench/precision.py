@@ -84,7 +84,7 @@ def precision_auroc(model: nrm.NRM, shared: Path, device: str) -> dict[str, dict
     sets = {"in": data / "cifar10" / "test", "textures32": data / "textures32" / "test", "mnist": data / "mnist" / "test"}
     if not all(p.is_dir() for p in sets.values()):
         return {}
-    xs = {k: model.preprocess(torch.from_numpy(load_images(str(v), model.input_shape, 2000))) for k, v in sets.items()}
+    xs = {k: model.preprocess(torch.from_numpy(load_images(str(v), model.config.input, 2000))) for k, v in sets.items()}
     order = np.random.default_rng(0).permutation(len(xs["textures32"]))  # scripts/split_textures.py's report half
     xs["textures32"] = xs["textures32"][torch.from_numpy(np.sort(order[len(order) // 2 :]))]
     out: dict[str, dict[str, dict[str, float]]] = {}

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli.options import EndpointUrl, at_least, choice, fail, named_sets
+from jobs.cli.options import Decode, EndpointUrl, at_least, choice, fail, named_sets
 from nrm import names
 
 app = typer.Typer()
@@ -29,6 +29,7 @@ def fit_detector(
              "--features are not used: the candidate with the best worst-case validation AUROC wins.")] = None,
     val_ood_limit: Annotated[int, at_least(1, "Rows read of each --val-ood set.")] = 2000,
     endpoint_url: EndpointUrl = None,
+    decode: Decode = names.DECODES[0],
     detector_rows: Annotated[int | None, at_least(1, "Fit the detector on this many training rows (not held out) "
         "instead of half the held-out rows; all held-out rows then set the threshold and make the choice. A "
         "Gaussian on thousands of gate features (ResNet-56: 4,064) needs more rows than a held-out half.")] = None,
@@ -51,13 +52,13 @@ def fit_detector(
         runner = Runner(nrm.load(model))  # scores its rows as the actors do (channels-last on a CPU)
         m = runner.model
         store = Store(endpoint_url)
-        x, y = load_labelled(data, m.input_shape, None, store)
+        x, y = load_labelled(data, m.config.input, None, store, decode=decode)
         refit_rows, train_rows = held_out_split(len(x), val_fraction, torch.Generator().manual_seed(seed))
         if baselines:
             from nrm.fit import fit_posthoc
 
             fitted = fit_posthoc(runner, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
-        ood = {name: batches(m, torch.from_numpy(load_images(uri, m.input_shape, val_ood_limit, store)), 512)
+        ood = {name: batches(m, torch.from_numpy(load_images(uri, m.config.input, val_ood_limit, store, decode=decode)), 512)
                for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
         fit_rows = train_rows[:detector_rows] if detector_rows else None
         det = refit(runner, batches(m, torch.from_numpy(x), 512, refit_rows), detector, features,

@@ -11,7 +11,18 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli.options import Address, BatchSize, EndpointUrl, ModelUri, at_least, fail, finish, named_sets
+from jobs.cli.options import (
+    Address,
+    BatchSize,
+    Decode,
+    EndpointUrl,
+    ModelUri,
+    at_least,
+    fail,
+    finish,
+    named_sets,
+)
+from nrm.names import DECODES
 
 app = typer.Typer()
 
@@ -35,6 +46,7 @@ def evaluate(
     batch_size: BatchSize = 512,
     address: Address = None,
     endpoint_url: EndpointUrl = None,
+    decode: Decode = DECODES[0],
 ) -> None:
     """Score an in-distribution set and OOD sets with the Ray job; write OOD metrics and an HTML report.
 
@@ -50,7 +62,7 @@ def evaluate(
     if not sets:
         raise typer.BadParameter("give at least one OOD set: --near, --far or --ood NAME=URI")
     opts = EvalOptions(model=model, input=in_, ood=sets, out=out, limit=limit, batch_size=batch_size, address=address,
-                       endpoint_url=endpoint_url, groups=groups)
+                       endpoint_url=endpoint_url, groups=groups, decode=decode)
     try:
         result = jobs.evaluate.evaluate(opts, echo=typer.echo)
     except EvaluateError as e:

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from nrm.names import DECODES
+
 DEVICES = ("cpu", "cuda")  # where torch runs: --device of train and bench
 
 
@@ -70,6 +72,9 @@ EndpointUrl = Annotated[str | None, typer.Option(help="S3-compatible endpoint (d
 Address = Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")]
 ModelUri = Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")]
 BatchSize = Annotated[int, at_least(1, "Images per scoring batch.")]
+Decode = Annotated[str, choice(DECODES, "How JPEGs are decoded: exact (full scale), or fast (libjpeg's DCT scaling "
+                                        "down to no less than the model's resize needs: several times faster on large "
+                                        "photos, slightly different pixels; docs/benchmarks.md).")]
 
 
 def named_sets(option: str) -> Callable[[list[str] | None], list[str] | None]:

@@ -9,6 +9,7 @@ import typer
 from jobs.cli.options import (
     Address,
     BatchSize,
+    Decode,
     EndpointUrl,
     ModelUri,
     at_least,
@@ -18,7 +19,7 @@ from jobs.cli.options import (
     run_id_callback,
 )
 from jobs.images import Policy
-from nrm.names import COLUMNS, POSTHOC, PRECISIONS
+from nrm.names import COLUMNS, DECODES, POSTHOC, PRECISIONS
 
 app = typer.Typer()
 
@@ -87,6 +88,7 @@ def score(
     compile: Annotated[bool, typer.Option(help="torch.compile each actor's scoring pass (forward-only, or the full "
                                                "table's forward and top-down walk as one graph): faster per batch, but "
                                                "each new batch shape first compiles (long jobs only).")] = False,
+    decode: Decode = DECODES[0],
 ) -> None:
     """Score Parquet image shards on Ray Data and commit a run (Parquet tables + _manifest.json)."""
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
@@ -98,7 +100,7 @@ def score(
                         resume=resume, rows_per_file=rows_per_file,
                         actor_resources=dict(_resource_pairs(actor_resource or [])) or None,
                         columns=tuple(columns.split(",")) if columns else None,
-                        precision=precision, compile=compile)
+                        precision=precision, compile=compile, decode=decode)
     try:
         result = run_score(opts, echo=typer.echo)
     except Interrupted as e:

@@ -123,7 +123,7 @@ def _training_data(data: str, arch: str, init: Path | None, limit: int | None, s
             name = f"init:{init}"
         elif name is None:
             raise fail(f"no preset for images of shape {shape}; give --arch")
-        x, y = load_labelled(data, shape, limit, store)
+        x, y = load_labelled(data, start.config.input if start is not None else shape, limit, store)
     except (StorageError, DatasetError, ValueError) as e:
         raise fail(str(e)) from None
     return start, name, x, y
@@ -168,7 +168,7 @@ def _test_accuracy(test: str, model: Any, store: Any) -> dict[str, Any]:
     from nrm.training import accuracy
 
     try:
-        xt, yt = load_labelled(test, model.input_shape, None, store)
+        xt, yt = load_labelled(test, model.config.input, None, store)
     except (StorageError, DatasetError) as e:
         raise fail(str(e)) from None
     return {"test_rows": len(xt), "test_accuracy": round(accuracy(model, torch.from_numpy(xt), torch.from_numpy(yt)), 4)}
@@ -199,7 +199,7 @@ def average(
     store = Store(endpoint_url)
     if data is not None:
         try:
-            x, y = load_labelled(data, soup.input_shape, None, store)
+            x, y = load_labelled(data, soup.config.input, None, store)
         except (StorageError, DatasetError) as e:
             raise fail(str(e)) from None
         held, _ = held_out_split(len(x), val_fraction, torch.Generator().manual_seed(seed))

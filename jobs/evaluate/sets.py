@@ -17,6 +17,7 @@ from jobs import manifest
 from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError, ScoreOptions, run_score
 from jobs.storage import StorageError, Store, absolute
+from nrm.names import DECODES
 
 IN = "in"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -75,6 +76,7 @@ class EvalOptions:
     address: str | None = None
     endpoint_url: str | None = None
     groups: dict[str, list[str]] = field(default_factory=dict)  # "near"/"far" -> NAMEs of ood
+    decode: str = DECODES[0]  # how JPEGs are decoded (jobs.images)
 
 
 @dataclass
@@ -185,12 +187,17 @@ def score_sets(opts: EvalOptions, ckpt: Checkpoint, echo: Callable[[str], None] 
                 raise EvaluateError(f"{opts.out} already holds a committed run {rid!r} made by the same weights "
                                     f"({ckpt.model_id[:12]}) with a different config.json (threshold or detector "
                                     f"refitted?); use a fresh --out or delete {scores_root}/{rid}")
+            if committed.get("decode", DECODES[0]) != opts.decode:
+                raise EvaluateError(f"{opts.out} already holds a committed run {rid!r} decoded with --decode "
+                                    f"{committed.get('decode', DECODES[0])}, not {opts.decode}; use a fresh --out or "
+                                    f"delete {scores_root}/{rid}")
             echo(f"set {name}: reusing committed run {rid} ({committed['rows']['in']} rows)")
         else:
             echo(f"set {name}: scoring {source}")
             try:
                 res = run_score(ScoreOptions(model=opts.model, input=source, output=scores_root, run_id=rid, batch_size=opts.batch_size,
-                                             address=opts.address, endpoint_url=opts.endpoint_url), echo=echo)
+                                             address=opts.address, endpoint_url=opts.endpoint_url,
+                                             decode=opts.decode), echo=echo)
             except JobError as e:
                 raise EvaluateError(f"set {name}: {e}") from None
             committed = res.manifest if res.status != "lost-commit-race" else manifest.read(store, scores_root, rid)

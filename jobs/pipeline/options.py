@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from jobs.images import Policy
 from jobs.storage import absolute, is_s3
-from nrm.names import PRECISIONS
+from nrm.names import DECODES, PRECISIONS
 
 ROWS_PER_FILE = 50_000  # rows per output part: tens of thousands, so 100,000 small inputs make a few files
 # A run id names a folder (local or S3) and the index pointer "<UTC time>--<run id>" beside the runs:
@@ -52,6 +52,7 @@ class ScoreOptions:
     columns: tuple[str, ...] | None = None  # None: the full table; else these (plus pred and the threshold score)
     precision: str = "fp32"  # nrm.names.PRECISIONS
     compile: bool = False  # torch.compile each actor's scoring pass (pays over long jobs: docs/benchmarks.md)
+    decode: str = DECODES[0]  # how the read tasks decode JPEGs (nrm.names.DECODES, jobs.images)
 
 
 def check_run_id(value: str) -> str:
@@ -83,6 +84,8 @@ def checked(opts: ScoreOptions) -> tuple[ScoreOptions, str]:
         raise JobError(f"--rows-per-file must be >= 1, got {opts.rows_per_file}")
     if opts.precision not in PRECISIONS:
         raise JobError(f"--precision {opts.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if opts.decode not in DECODES:
+        raise JobError(f"--decode {opts.decode!r}: expected one of {', '.join(DECODES)}")
     if opts.resume and opts.run_id and opts.resume != opts.run_id:
         raise JobError(f"--resume {opts.resume!r} and --run-id {opts.run_id!r} name different runs; give one")
     run_id = opts.resume or opts.run_id or new_run_id()

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.images import Policy, decode_column
+from jobs.images import Policy, Target, as_target, decode_column
 from jobs.parts import ADAPT_COLUMN
 from jobs.planning import Unit, read_tasks
 from jobs.storage import Store, is_s3
@@ -28,7 +28,7 @@ WHOLE_FILE_BYTES = 8 * 1024 * 1024
 @dataclass(frozen=True)
 class ReadSpec:
     store: Store
-    shape: tuple[int, int, int]
+    target: Target | tuple[int, int, int]  # the model's input and decode mode (Target.of), or a bare (C, H, W)
     policy: Policy
 
 
@@ -45,9 +45,9 @@ def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None) -> dict[str
         else:
             with fs.open_input_file(path) as fh:
                 table = pq.ParquetFile(fh).read_row_group(rg, columns=wanted)
-        pixels, errors = decode_column(table.column(cols.image), cols.kind, spec.shape, spec.policy, adapt)
+        pixels, errors = decode_column(table.column(cols.image), cols.kind, spec.target, spec.policy, adapt)
     except Exception as e:  # the whole row group is unreadable: every row of it is an error row
-        c, h, w = spec.shape
+        c, h, w = as_target(spec.target).shape
         table = None
         pixels = np.zeros((n, h, w, c), dtype=np.uint8)
         errors = [f"cannot read row group {rg} of {unit.uri}: {type(e).__name__}: {' '.join(str(e).split())}"] * n

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jobs import drift, manifest, parts, runs
+from jobs.images import Target
 from jobs.pipeline.checkpoint import Checkpoint
 from jobs.pipeline.options import Interrupted, JobError, ScoreOptions, checked
 from jobs.pipeline.read import ReadSpec, read_batch, read_items
@@ -162,7 +163,7 @@ class Run:
         opts = self.opts
         init_ray(opts.address)
         actors, cpa, gpa = pool_size(opts)
-        spec = ReadSpec(self.store, self.checkpoint.config.input.shape, opts.resize_policy)
+        spec = ReadSpec(self.store, Target.of(self.checkpoint.config.input, opts.decode), opts.resize_policy)
         items = read_items(units)
         ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
         with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
@@ -236,6 +237,7 @@ class Run:
             "columns": self.columns,  # the model columns this run made (--columns)
             "precision": opts.precision,
             "compiled": opts.compile,
+            "decode": opts.decode,
             "timings": {"plan_s": round(timings["plan_s"], 3), "score_s": round(timings["score_s"], 3),
                         "seconds": round(seconds, 3),
                         "images_per_s": round(plan.rows / seconds, 1) if seconds else None},

@@ -579,7 +579,7 @@ REQUIRED = {"train": ["--data", "d", "--out", "o"], "fit-detector": ["--model", 
 @pytest.mark.parametrize(("command", "option"), [
     ("train", "--arch"), ("train", "--augment"), ("train", "--optimizer"), ("train", "--normaliser"),
     ("train", "--precision"), ("fit-detector", "--detector"), ("fit-detector", "--features"), ("score", "--precision"),
-    ("bench", "--section"),
+    ("bench", "--section"), ("score", "--decode"), ("fit-detector", "--decode"),
 ])
 def test_cli_choices_match_the_library(command: str, option: str) -> None:
     """Each choice the CLI offers is refused at parse time listing the library's own names (nrm.names, jobs.bench)."""
@@ -588,7 +588,8 @@ def test_cli_choices_match_the_library(command: str, option: str) -> None:
 
     library = {"--arch": ("auto", *names.PRESETS), "--augment": names.AUGMENTATIONS, "--optimizer": names.OPTIMIZERS,
                "--normaliser": names.NORMALISERS, "--detector": names.DETECTORS, "--features": names.FEATURE_SETS,
-               "--section": SECTIONS, "--precision": names.TRAIN_PRECISIONS if command == "train" else names.PRECISIONS}
+               "--section": SECTIONS, "--precision": names.TRAIN_PRECISIONS if command == "train" else names.PRECISIONS,
+               "--decode": names.DECODES}
     r = invoke(command, *REQUIRED[command], option, "bogus")
     assert r.exit_code == 2 and f"'bogus' is not one of {', '.join(map(repr, library[option]))}." in r.output
 

@@ -321,6 +321,9 @@ def test_evaluate_command_end_to_end_reuses_runs_and_checks_them(ckpt: Path, tmp
     assert other.exit_code == 1
     assert other.stderr.startswith("error: ") and "first 10 rows" in other.stderr and "fresh --out" in other.stderr
 
+    fast = runner.invoke(app, [*args, "--decode", "fast"])  # other pixels: the committed scores are not reused
+    assert fast.exit_code == 1 and "decoded with --decode exact, not fast" in fast.stderr
+
     # same weights (same model_id), refitted state: the committed scores are stale and are not reused
     model = nrm.load(ckpt)
     refit(model, [model.preprocess(torch.from_numpy(random_images(60, seed=9)))])

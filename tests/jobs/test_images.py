@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pytest
+from photos import torchvision
 from PIL import Image
 from support import png_bytes
 
@@ -17,11 +18,13 @@ from jobs.images import (
     Columns,
     Policy,
     RowError,
+    Target,
     decode_column,
     decode_encoded,
     decode_raw,
     detect_columns,
 )
+from nrm.config import InputSpec
 
 HF = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 GRAY8 = (1, 8, 8)
@@ -339,3 +342,29 @@ def test_non_numeric_raw_cell_is_a_row_error() -> None:
     col = pa.array([["x"] * 64], pa.list_(pa.string()))
     _, errors = decode_column(col, "raw", GRAY8, Policy.adapt)
     assert errors[0] is not None
+
+
+# ---------------------------------------------------------------------------- the model's resize and crop
+def test_centre_crop_larger_than_the_image_pads_with_zeros_as_torchvision() -> None:
+    target = Target.of(InputSpec(3, 40, 40, (0.0,) * 3, (1.0,) * 3, crop=(40, 40)))
+    img = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    t = torchvision().transforms
+    theirs = t.Compose([t.CenterCrop((40, 40)), t.PILToTensor()])(Image.fromarray(img)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(decode_encoded(png_bytes(img), target, Policy.adapt)[0], theirs)
+
+
+def test_resize_keeps_the_aspect_ratio_by_torchvisions_rule() -> None:
+    target = Target.of(InputSpec(3, 224, 224, (0.0,) * 3, (1.0,) * 3, resize=256, crop=(224, 224)))
+    assert (target.resized((500, 333)), target.resized((333, 500))) == ((384, 256), (256, 384))
+
+
+def test_an_unknown_decode_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode mode 'turbo' is not one of"):
+        Target.of(RGB8, "turbo")
+
+
+def test_fast_decode_does_not_hide_a_size_mismatch_from_the_strict_policy() -> None:
+    big = np.zeros((16, 16, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(big), "JPEG")
+    with pytest.raises(RowError, match="image is 16x16"):
+        decode_encoded(data, Target.of(RGB8, "fast"), Policy.strict)
