@@ -11,11 +11,13 @@ allocator's peak (``torch.cuda.max_memory_allocated``); on a CPU the profiler's 
 allocation and free of torch's CPU allocator, replayed in order. Both count tensor bytes, exact and
 unaffected by other processes or by the allocator keeping freed pages (jobs/allocator.py), which make
 a process's resident size useless for this. Memory grows linearly in the rows scored at once (every
-activation has a batch dimension), so two probes give the fixed and the per-row bytes.
+activation has a batch dimension), so two probes give the fixed and the per-row bytes; where small
+batches fall off that line, the fit errs towards fewer rows (:func:`fit_batch_size`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,10 +32,11 @@ if TYPE_CHECKING:
     from nrm.runner import Runner
 
 PROBE_ROWS = (8, 16)  # two probe batches: small enough for any device, far enough apart to fit a line
-MULTIPLE = 8  # a chosen batch is rounded down to a multiple of 8 (the kernels' vector widths) when >= 8
-MAX_BATCH = 4096  # beyond this a larger batch scores no faster on any device measured
+MULTIPLE = 8  # a chosen batch of 8 rows or more is rounded down to a multiple of 8
+MAX_BATCH = 4096  # the default cap: a budget far above the need never makes batches of tens of thousands
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNIT_NAMES = ("B", "kB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
 _BUDGET = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*|%)\s*", re.IGNORECASE)
 
 
@@ -73,9 +76,6 @@ class MemoryBudget:
         return self.size if self.size is not None else int(available * (self.fraction or 0.0))
 
 
-_UNIT_NAMES = ("B", "kB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
-
-
 def available_bytes(device: torch.device) -> int:
     """The memory a new allocation can take now: free memory of a CUDA device; on a CPU the smaller of
     the system's available memory (/proc/meminfo) and what its cgroup limit leaves."""
@@ -97,8 +97,14 @@ def probe_batch_size(runner: Runner, plan: ScorePlan, input_shape: tuple[int, in
 
         rows = (budget - fixed) // per_row, rounded down to a multiple of 8 when >= 8, in [1, cap]
 
-    One row is the floor: a budget too small for it leaves the row to :func:`score_in_pieces`."""
-    small, large = (peak_bytes(runner, plan, input_shape, n) for n in PROBE_ROWS)
+    One row is the floor: a budget too small for it, or a probe that runs out of memory, leaves the
+    rows to :func:`score_in_pieces`."""
+    try:
+        small, large = (peak_bytes(runner, plan, input_shape, n) for n in PROBE_ROWS)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        return 1
     return fit_batch_size({PROBE_ROWS[0]: small, PROBE_ROWS[1]: large}, budget_bytes, cap)
 
 
@@ -124,22 +130,22 @@ def peak_bytes(runner: Runner, plan: ScorePlan, input_shape: tuple[int, int, int
     device = runner.device
 
     def run() -> None:
-        x = torch.randn((rows, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
-        runner.score(x, plan)
+        runner.score(torch.randn((rows, *input_shape), generator=torch.Generator().manual_seed(0)).to(device), plan)
 
+    return peak_bytes_of(run, device)
+
+
+def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes live during ``fn()`` among those it allocated on ``device``: CUDA's allocator peak over
+    what was allocated before; on a CPU the profiler's memory records (+bytes per allocation, -bytes per
+    free) summed in time order."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        run()
+        fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    return _cpu_peak_bytes(run)
-
-
-def _cpu_peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak bytes live during ``fn`` among those it allocated on the CPU: the profiler's memory records
-    (one per allocation, +bytes, and per free, -bytes) summed in time order."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -235,8 +241,6 @@ def _meminfo_available() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # no /proc: all of it
 
 

@@ -92,6 +92,11 @@ def test_the_probed_batch_grows_with_the_budget() -> None:
     assert rows == sorted(rows) and rows[-1] > rows[0]
 
 
+def test_a_probe_that_runs_out_of_memory_leaves_one_row_at_a_time() -> None:
+    model = _model()
+    assert probe_batch_size(OutOfMemoryAbove(model, limit=12), model.plan(), SHAPE, 2**30) == 1
+
+
 def test_a_full_score_needs_more_memory_than_the_forward_only_columns() -> None:
     model = _model()
     runner = Runner(model)
