@@ -17,11 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 import nrm
 from nrm.config import InputSpec, ModelConfig
 from nrm.graph import chain
 from nrm.ops import Conv, Flatten, GlobalAvgPool, Linear, MaxPool, ReLU
+from nrm.plan import ScorePlan
+from nrm.runner import Runner
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 FAKE_KEY_ID = "AKIAFAKEFAKEFAKE1234"
@@ -119,3 +122,18 @@ def autograd_of(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         (grad,) = torch.autograd.grad(picked.sum(), xg)
     return grad, picked.detach(), logits.detach()
 
+
+class OutOfMemoryAbove(Runner):
+    """A Runner that runs out of memory on a piece of more than ``limit`` rows, or on any piece holding a
+    row whose first pixel is ``poison`` (a row that never fits); it records the rows of each piece it scored."""
+
+    def __init__(self, model: nrm.NRM, limit: int, poison: float | None = None):
+        super().__init__(model)
+        self.limit, self.poison = limit, poison
+        self.scored_rows: list[int] = []
+
+    def score(self, x: Tensor, plan: ScorePlan | None = None) -> dict[str, Tensor]:
+        if len(x) > self.limit or (self.poison is not None and bool((x[:, 0, 0, 0] == self.poison).any())):
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {len(x)} rows")
+        self.scored_rows.append(len(x))
+        return super().score(x, plan)

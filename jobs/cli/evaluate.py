@@ -16,6 +16,7 @@ from jobs.cli.options import (
     BatchSize,
     Decode,
     EndpointUrl,
+    MemoryBudget,
     ModelUri,
     at_least,
     fail,
@@ -43,7 +44,8 @@ def evaluate(
                                                   help="An OOD set in no group, NAME=URI; repeat for several.")] = None,
     limit: Annotated[int | None, at_least(1, "Use only the first N rows of each set (files in sorted "
                                               "order, copied to <out>/inputs/<name>.parquet).")] = None,
-    batch_size: BatchSize = 512,
+    batch_size: BatchSize = None,
+    memory_budget: MemoryBudget = None,
     address: Address = None,
     endpoint_url: EndpointUrl = None,
     decode: Decode = DECODES[0],
@@ -61,7 +63,8 @@ def evaluate(
         raise typer.BadParameter(str(e)) from None
     if not sets:
         raise typer.BadParameter("give at least one OOD set: --near, --far or --ood NAME=URI")
-    opts = EvalOptions(model=model, input=in_, ood=sets, out=out, limit=limit, batch_size=batch_size, address=address,
+    opts = EvalOptions(model=model, input=in_, ood=sets, out=out, limit=limit, batch_size=batch_size,
+                       memory_budget=memory_budget, address=address,
                        endpoint_url=endpoint_url, groups=groups, decode=decode)
     try:
         result = jobs.evaluate.evaluate(opts, echo=typer.echo)

@@ -71,7 +71,40 @@ def run_id_callback(value: str | None) -> str | None:
 EndpointUrl = Annotated[str | None, typer.Option(help="S3-compatible endpoint (default: AWS_ENDPOINT_URL).")]
 Address = Annotated[str | None, typer.Option(help="Ray cluster to join (auto, ray://host:10001); default: embedded Ray.")]
 ModelUri = Annotated[str, typer.Option(help="Checkpoint directory or s3:// prefix.")]
-BatchSize = Annotated[int, at_least(1, "Images per scoring batch.")]
+
+
+def _batch_size(value: str | None) -> str | None:
+    """A Typer callback: a whole number >= 1 or auto (jobs.pipeline.batching.parse_batch_size)."""
+    from jobs.pipeline.batching import parse_batch_size
+
+    try:
+        return None if value is None else str(parse_batch_size(value))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _memory_budget(value: str | None) -> str | None:
+    """A Typer callback: a size such as 6GiB or a percentage such as 80% (nrm.batching.MemoryBudget)."""
+    if value is None:
+        return None
+    from jobs.pipeline.batching import check_budget
+
+    try:
+        return check_budget(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+BatchSize = Annotated[str | None, typer.Option(
+    callback=_batch_size, metavar="[N|auto]",
+    help="Images per scoring batch, or auto: each actor scores in the largest batches that fit --memory-budget, "
+         "measured on two probe batches at its start. Default: auto when the model's input is larger than 64 px, "
+         "else 512. A batch that runs out of memory is halved and retried.")]
+MemoryBudget = Annotated[str | None, typer.Option(
+    callback=_memory_budget, metavar="SIZE|PCT",
+    help="Memory per actor that --batch-size auto fills: a size (6GiB, 512MB) or a percentage (80%) of the "
+         "memory available to the actor (a GPU's free memory; on a CPU its share of the node's available RAM, "
+         "by CPUs). Default: 80% on a GPU, 50% on a CPU.")]
 Decode = Annotated[str, choice(DECODES, "How JPEGs are decoded: exact (full scale), or fast (libjpeg's DCT scaling "
                                         "down to no less than the model's resize needs: several times faster on large "
                                         "photos, slightly different pixels; docs/benchmarks.md).")]

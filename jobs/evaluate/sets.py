@@ -72,7 +72,8 @@ class EvalOptions:
     out: Path  # local directory: scores/, inputs/, metrics.*, report.html, figures/
     _: KW_ONLY
     limit: int | None = None
-    batch_size: int = 512
+    batch_size: int | str | None = None  # rows or "auto" (jobs.pipeline.ScoreOptions)
+    memory_budget: str | None = None
     address: str | None = None
     endpoint_url: str | None = None
     groups: dict[str, list[str]] = field(default_factory=dict)  # "near"/"far" -> NAMEs of ood
@@ -196,6 +197,7 @@ def score_sets(opts: EvalOptions, ckpt: Checkpoint, echo: Callable[[str], None] 
             echo(f"set {name}: scoring {source}")
             try:
                 res = run_score(ScoreOptions(model=opts.model, input=source, output=scores_root, run_id=rid, batch_size=opts.batch_size,
+                                             memory_budget=opts.memory_budget,
                                              address=opts.address, endpoint_url=opts.endpoint_url,
                                              decode=opts.decode), echo=echo)
             except JobError as e:

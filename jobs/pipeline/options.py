@@ -9,6 +9,7 @@ from dataclasses import KW_ONLY, dataclass, replace
 from datetime import datetime, timezone
 
 from jobs.images import Policy
+from jobs.pipeline.batching import check_budget, parse_batch_size
 from jobs.storage import absolute, is_s3
 from nrm.names import DECODES, PRECISIONS
 
@@ -37,7 +38,8 @@ class ScoreOptions:
     actors: int | None = None  # None: one per GPU, else as many as the CPUs allow
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
-    batch_size: int = 512
+    batch_size: int | str | None = None  # rows, or "auto"; None: auto above 64 px, else 512 (jobs.pipeline.batching)
+    memory_budget: str | None = None  # auto's budget per actor, "6GiB" or "80%" (nrm.batching.MemoryBudget)
     incremental: bool = False
     address: str | None = None
     image_column: str | None = None
@@ -78,8 +80,16 @@ def checked(opts: ScoreOptions) -> tuple[ScoreOptions, str]:
     if not is_s3(output) and os.path.exists(output) and not os.path.isdir(output):
         raise JobError(f"--output {opts.output!r} is an existing file; expected a directory (or s3:// prefix) "
                        "to hold the runs")
-    if opts.batch_size < 1:
-        raise JobError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    if opts.batch_size is not None:
+        try:
+            opts = replace(opts, batch_size=parse_batch_size(str(opts.batch_size)))
+        except ValueError as e:
+            raise JobError(f"--batch-size {e}") from None
+    if opts.memory_budget is not None:
+        try:
+            check_budget(opts.memory_budget)
+        except ValueError as e:
+            raise JobError(f"--memory-budget {e}") from None
     if opts.rows_per_file < 1:
         raise JobError(f"--rows-per-file must be >= 1, got {opts.rows_per_file}")
     if opts.precision not in PRECISIONS:

@@ -19,6 +19,7 @@ from typing import Any
 
 from jobs import drift, manifest, parts, runs
 from jobs.images import Target
+from jobs.pipeline.batching import batching
 from jobs.pipeline.checkpoint import Checkpoint
 from jobs.pipeline.options import Interrupted, JobError, ScoreOptions, checked
 from jobs.pipeline.read import ReadSpec, read_batch, read_items
@@ -163,6 +164,7 @@ class Run:
         opts = self.opts
         init_ray(opts.address)
         actors, cpa, gpa = pool_size(opts)
+        batch = batching(opts.batch_size, opts.memory_budget, self.checkpoint.config.input.shape, cpa, gpa)
         spec = ReadSpec(self.store, Target.of(self.checkpoint.config.input, opts.decode), opts.resize_policy)
         items = read_items(units)
         ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
@@ -173,8 +175,8 @@ class Run:
             ds = ds.map_batches(
                 Scorer, fn_constructor_kwargs={"checkpoint": self.checkpoint, "threads": max(1, round(cpa)),
                                                "columns": opts.columns, "precision": opts.precision,
-                                               "compile": opts.compile},
-                batch_size=opts.batch_size, batch_format="numpy",
+                                               "compile": opts.compile, "batching": batch},
+                batch_size=batch.rows, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
                 resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_TASK_RETRIES,

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.parts import ADAPT_COLUMN
+from jobs.pipeline.batching import FIXED_BATCH, Batching
 from jobs.pipeline.checkpoint import Checkpoint
 from jobs.pipeline.options import JobError
 
@@ -57,7 +58,7 @@ class Scorer:
     """Ray actor: loads the NRM once, scores batches of decoded pixels, returns an Arrow table."""
 
     def __init__(self, checkpoint: Checkpoint, threads: int, columns: tuple[str, ...] | None = None,
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, batching: Batching | None = None):
         import torch
 
         from jobs.allocator import keep_freed_memory
@@ -75,6 +76,9 @@ class Scorer:
         self.n_layers = len(self.model.latent_names) if "latent_prior_layers" in self.plan.columns else None
         self.schema = output_schema(self.n_layers, self.columns)
         self.batches = 0
+        # rows scored at once: the fixed batch size, or under auto the most that fit the budget (probed now)
+        probe = Runner(self.model, precision=precision) if compile else self.runner  # eager: no compile per probe shape
+        self.rows = (batching or Batching(FIXED_BATCH)).rows_at_once(probe, self.plan)
 
     def _fault_injection_hook(self) -> None:
         """Test-only (KILL_ACTOR_ENV unset in production): die like an OOM-killed or preempted actor would."""
@@ -94,6 +98,8 @@ class Scorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
+        from nrm.batching import score_in_pieces
+
         self._fault_injection_hook()
         n = len(batch["id"])
         error = [str(e) for e in batch["error"]]
@@ -103,8 +109,14 @@ class Scorer:
         layers = np.full((n, self.n_layers or 0), np.nan)
         if ok.any():
             try:
-                x = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-                cols = {k: v.double().cpu().numpy() for k, v in self.runner.score(x, self.plan).items()}
+                pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok]))
+                # pieces of self.rows, each halved on running out of memory; a row that alone does not fit is an error row
+                scored = score_in_pieces(self.runner, pixels, self.plan, self.rows, self.model.preprocess)
+                if not scored.scored.any():  # not one row fit: all are error rows (below)
+                    raise MemoryError(scored.error)
+                for i in np.flatnonzero(ok)[~scored.scored.numpy()]:
+                    error[i], ok[i] = f"scoring failed: {scored.error}", False
+                cols = {k: v.double().numpy() for k, v in scored.cols.items()}
                 for c in self.columns:
                     out[c][ok] = cols[c]
                 pred[ok] = cols["pred"].astype(np.int64)

@@ -80,7 +80,7 @@ def test_runs_usage_names_its_argument_output() -> None:
 
 
 @pytest.mark.parametrize(("command", "option", "shown"), [
-    ("score", "--batch-size", "[>= 1]"), ("score", "--cpus-per-actor", "[> 0]"), ("train", "--epochs", "[>= 1]"),
+    ("score", "--batch-size", "[N|auto]"), ("score", "--cpus-per-actor", "[> 0]"), ("train", "--epochs", "[>= 1]"),
     ("train", "--recon-weight", "[>= 0]"), ("evaluate", "--limit", "[>= 1]"), ("demo", "--epochs", "[>= 1]"),
 ])
 def test_help_shows_the_range_that_is_enforced(command: str, option: str, shown: str) -> None:
@@ -151,7 +151,9 @@ def test_score_help_documents_the_options() -> None:
 
 
 @pytest.mark.parametrize(("args", "text"), [
-    (["--batch-size", "0"], "must be >= 1, got 0"),
+    (["--batch-size", "0"], "'0' is not a batch size; expected a whole number of rows >= 1, or auto"),
+    (["--memory-budget", "lots"], "'lots' is not a memory budget; expected a size with a unit, such as 6GiB"),
+    (["--memory-budget", "0%"], "'0%' is not a memory budget; expected a percentage above 0% and at most 100%"),
     (["--actors", "0"], "must be >= 1, got 0"),
     (["--gpus-per-actor", "-1"], "must be >= 0, got -1"),
     (["--cpus-per-actor", "0"], "must be > 0, got 0"),

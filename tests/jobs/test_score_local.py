@@ -304,7 +304,7 @@ def test_fractional_cpus_per_actor_completes(ckpt: Path, tmp_path: Path, actors:
     ({"run_id": "_x"}, "must not contain '/' or start with"),
     ({"run_id": " x"}, "--run-id ' x' is not a run id"),
     ({"run_id": "x" * 300}, "--run-id 'x+'... is 300 characters long; expected at most 128"),
-    ({"batch_size": 0}, "--batch-size must be >= 1"),
+    ({"batch_size": 0}, "--batch-size '0' is not a batch size; expected a whole number of rows >= 1, or auto"),
 ])
 def test_bad_options_are_job_errors(ckpt: Path, tmp_path: Path, kw: dict[str, Any], text: str) -> None:
     opts = {"run_id": "ok", "batch_size": 8} | kw

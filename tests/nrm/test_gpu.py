@@ -113,3 +113,29 @@ def test_bf16_training_on_cuda_gives_back_a_float32_model_that_learned() -> None
     result = nrm.train(tiny_config(channels=1, size=8, classes=2), images, labels, cfg, progress=lambda _: None)
     assert result.val_accuracy > 0.9
     assert {t.dtype for t in result.model.state_dict().values()} == {torch.float32}
+
+
+def test_the_probed_batch_fits_its_budget_on_cuda(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
+    from nrm.batching import peak_bytes, probe_batch_size
+
+    _, gpu, _ = pair
+    runner, plan, shape = Runner(gpu), gpu.plan(), gpu.input_shape
+    budget = 256 << 20
+    rows = probe_batch_size(runner, plan, shape, budget)
+    assert rows > 16 and peak_bytes(runner, plan, shape, rows) <= budget
+
+
+def test_a_batch_that_runs_out_of_cuda_memory_is_halved_until_it_fits(
+        pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
+    """A real CUDA OutOfMemoryError: a batch larger than the GPU's free memory holds."""
+    from nrm.batching import peak_bytes, score_in_pieces
+
+    _, gpu, _ = pair
+    runner, plan, shape = Runner(gpu), gpu.plan(["max_logit"]), gpu.input_shape
+    per_row = peak_bytes(runner, plan, shape, 64) / 64
+    rows = int(1.5 * torch.cuda.mem_get_info()[0] / per_row)  # half as much again as fits
+    x = torch.randn(rows, *shape)  # on the CPU: each piece moves to the GPU alone
+    got = score_in_pieces(runner, x, plan, prepare=lambda p: p.cuda())
+    assert bool(got.scored.all())
+    want = Runner(gpu).score(x[:256].cuda(), plan)["max_logit"].cpu()
+    torch.testing.assert_close(got.cols["max_logit"][:256], want, rtol=1e-4, atol=1e-4)
