@@ -7,6 +7,7 @@ Input is read per row group (``planning.Unit``) rather than with ``read_parquet`
 from __future__ import annotations
 
 import pickle
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from jobs.images import Policy, decode_column
 from jobs.parts import ADAPT_COLUMN
 from jobs.planning import Unit, read_tasks
+from jobs.stages import column, spread
 from jobs.storage import Store, is_s3
 
 # A read task reads its units READ_THREADS at a time; an S3 input file of at most WHOLE_FILE_BYTES is
@@ -32,10 +34,13 @@ class ReadSpec:
     policy: Policy
 
 
-def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None) -> dict[str, np.ndarray]:
-    """Read one row group (from ``data``, the whole file, when given) and decode its images. Never
-    raises for a row: errors go to ``error``; what the adapt policy did to each row goes to ``_adapt``."""
+def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None, fetch_s: float = 0.0) -> dict[str, np.ndarray]:
+    """Read one row group (from ``data``, the whole file, when given; ``fetch_s`` its share of the
+    time that took) and decode its images. Never raises for a row: errors go to ``error``; what the
+    adapt policy did to each row goes to ``_adapt``; the read and decode seconds to jobs.stages' columns."""
     cols, n, rg = unit.columns, unit.num_rows, unit.row_group
+    t0 = time.perf_counter()
+    t_read = t0  # when the row group was in memory (decode starts)
     fs, path = spec.store.filesystem(unit.uri)
     wanted = [c for c in (cols.image, cols.id, cols.label) if c]
     adapt = np.zeros(n, dtype=np.uint8)
@@ -45,12 +50,15 @@ def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None) -> dict[str
         else:
             with fs.open_input_file(path) as fh:
                 table = pq.ParquetFile(fh).read_row_group(rg, columns=wanted)
+        t_read = time.perf_counter()
         pixels, errors = decode_column(table.column(cols.image), cols.kind, spec.shape, spec.policy, adapt)
     except Exception as e:  # the whole row group is unreadable: every row of it is an error row
         c, h, w = spec.shape
         table = None
         pixels = np.zeros((n, h, w, c), dtype=np.uint8)
         errors = [f"cannot read row group {rg} of {unit.uri}: {type(e).__name__}: {' '.join(str(e).split())}"] * n
+        t_read = time.perf_counter()
+    t_decode = time.perf_counter()
     rows = np.arange(unit.row_start, unit.row_start + n, dtype=np.int64)
     ids = np.array([f"{unit.uri}#{r}" for r in rows], dtype=object)  # default, and for null ids
     if table is not None and cols.id:
@@ -70,6 +78,8 @@ def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None) -> dict[str
         "error": np.array([e or "" for e in errors], dtype=object),
         "pixels": pixels,  # (n, H, W, C) uint8
         ADAPT_COLUMN: adapt,
+        column("read"): spread(fetch_s + t_read - t0, n),
+        column("decode"): spread(t_decode - t_read, n),
     }
 
 
@@ -78,12 +88,14 @@ def read_file(units: list[Unit], spec: ReadSpec) -> list[dict[str, np.ndarray]]:
     footer and column GETs per row group); a failed fetch leaves each unit to fail on its own."""
     uri, size = units[0].uri, units[0].size
     data = None
+    t = time.perf_counter()
     if is_s3(uri) and 0 < size <= WHOLE_FILE_BYTES:
         try:
             data = spec.store.read_bytes(uri)
         except Exception:
             data = None
-    return [read_unit(u, spec, data) for u in units]
+    fetch_s = (time.perf_counter() - t) / len(units)
+    return [read_unit(u, spec, data, fetch_s) for u in units]
 
 
 def read_items(units: list[Unit]) -> list[dict[str, bytes]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 import warnings
@@ -17,7 +18,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
-from jobs import drift, manifest, parts, runs
+from jobs import drift, manifest, parts, runs, stages
 from jobs.pipeline.checkpoint import Checkpoint
 from jobs.pipeline.options import Interrupted, JobError, ScoreOptions, checked
 from jobs.pipeline.read import ReadSpec, read_batch, read_items
@@ -86,6 +87,7 @@ class Run:
         self.run_uri = join(opts.output, run_id)
         self.attempt_uri = join(self.run_uri, new_attempt())
         self.timings: dict[str, float] = {}  # plan_s, score_s, commit_s (driver wall time)
+        self.ray_data: dict[str, dict[str, float]] = {}  # Ray Data's own stats per operator (ray_data_stats)
 
     def execute(self) -> RunResult:
         """Plan, score what no earlier attempt completed, and commit."""
@@ -145,7 +147,9 @@ class Run:
         if not is_s3(self.attempt_uri):
             os.makedirs(self.store.filesystem(self.attempt_uri)[1], exist_ok=True)
         try:
-            rows = ds.take_all()
+            done = ds.materialize()  # a few rows (one per part written); keeps Ray Data's execution stats
+            rows = done.take_all()
+            self.ray_data = ray_data_stats(done.stats())
         except KeyboardInterrupt:
             raise
         except Exception as e:  # retries exhausted (actor deaths, storage): nothing is committed
@@ -198,6 +202,10 @@ class Run:
                                           manifest.OUTPUT_SCHEMA)
         resumed = sum(int(p["rows"]) for p in written if not str(p["uri"]).startswith(self.attempt_uri + "/"))
         body = self.manifest_body(plan, totals, {**lists, "outputs": outputs_ref}, resumed)
+        seconds: dict[str, float] = {}
+        for p in written:  # parts reused from an earlier attempt carry no stage seconds of this one
+            seconds = stages.add(seconds, p.get("stages"))
+        body["stages"] = {**stages.analyse(seconds), "ray_data": self.ray_data}
         body["drift"] = drift.measure(self.checkpoint.config.fitted.threshold, totals["ok"], totals["error"],
                                       totals["ood"], drift.merge_counts([p.get("bins") for p in written])
                                       ).to_json(drift.Limits())
@@ -296,6 +304,25 @@ def pool_size(opts: ScoreOptions) -> tuple[int, float, float]:
                 f"--actors {actors} x --cpus-per-actor {cpa} = {actors * cpa:g} CPUs, but this Ray cluster has "
                 f"{cpus:g} and the read tasks need {opts.read_cpus:g}; lower --actors or --cpus-per-actor")
     return actors, cpa, opts.gpus_per_actor
+
+
+OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed")
+REMOTE_WALL = re.compile(r"^\* Remote wall time: .*?(?P<total>[\d.]+)(?P<unit>us|ms|s) total")
+
+
+def ray_data_stats(text: str) -> dict[str, dict[str, float]]:
+    """Ray Data's own per-operator stats, from ``Dataset.stats()`` (its only public form, a text):
+    tasks executed and their remote wall time summed (seconds). Empty where the text has neither."""
+    found: dict[str, dict[str, float]] = {}
+    name = None
+    for line in text.splitlines():
+        line = line.strip()
+        if m := OPERATOR.match(line):
+            name = m["name"]
+            found[name] = {"tasks": int(m["tasks"])}
+        elif name is not None and (m := REMOTE_WALL.match(line)):
+            found[name]["remote_wall_s"] = round(float(m["total"]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m["unit"]], 3)
+    return found
 
 
 def one_line(e: BaseException) -> str:

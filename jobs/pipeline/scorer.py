@@ -8,6 +8,7 @@ of the checkpoint on its GPU (or CPU). ``output_schema`` is the scored table's s
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,8 +17,11 @@ import pyarrow as pa
 from jobs.parts import ADAPT_COLUMN
 from jobs.pipeline.checkpoint import Checkpoint
 from jobs.pipeline.options import JobError
+from jobs.stages import column, spread
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from nrm.config import ModelConfig
 
 # Test-only fault injection (tests/jobs/test_reliability_faults.py): a path to a file holding N; the first
@@ -75,6 +79,8 @@ class Scorer:
         self.n_layers = len(self.model.latent_names) if "latent_prior_layers" in self.plan.columns else None
         self.schema = output_schema(self.n_layers, self.columns)
         self.batches = 0
+        self._sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)  # before a clock is read
+        self._idle_since = time.perf_counter()  # the end of the last batch (or of loading): the wait starts
 
     def _fault_injection_hook(self) -> None:
         """Test-only (KILL_ACTOR_ENV unset in production): die like an OOM-killed or preempted actor would."""
@@ -92,51 +98,98 @@ class Scorer:
         os._exit(1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
-
+        """Score the batch's decodable rows; every row comes back, a row that cannot be scored as an
+        error row. Its stage seconds (jobs.stages) ride along as internal columns to the write task."""
+        t0 = time.perf_counter()
+        wait = t0 - self._idle_since
         self._fault_injection_hook()
         n = len(batch["id"])
-        error = [str(e) for e in batch["error"]]
-        ok = np.array([not e for e in error], dtype=bool)
+        error = np.asarray(batch["error"], dtype=object).copy()
+        ok = error == ""
         out: dict[str, np.ndarray] = {c: np.full(n, np.nan) for c in self.columns}
         pred = np.full(n, -1, dtype=np.int64)
         layers = np.full((n, self.n_layers or 0), np.nan)
+        times = {"h2d": 0.0, "score": 0.0, "d2h": 0.0}
         if ok.any():
             try:
-                x = self.model.preprocess(torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])))
-                cols = {k: v.double().cpu().numpy() for k, v in self.runner.score(x, self.plan).items()}
+                cols = self._score_rows(batch["pixels"][ok], times)
                 for c in self.columns:
                     out[c][ok] = cols[c]
                 pred[ok] = cols["pred"].astype(np.int64)
                 if self.n_layers is not None:
                     layers[ok] = cols["latent_prior_layers"]
             except Exception as e:  # a batch the model cannot score: its rows are error rows, the job goes on
-                msg = f"scoring failed: {type(e).__name__}: {e}"
-                error = [err or msg for err in error]
+                error[ok] = f"scoring failed: {type(e).__name__}: {e}"
                 ok[:] = False
+        t_build = time.perf_counter()
+        table = self._table(batch, ok, error, out, pred, layers)
+        times["build"] = time.perf_counter() - t_build
+        times["wait"] = wait
+        for stage in ("read", "decode"):  # the read task's seconds, passed through
+            if column(stage) in batch:
+                table = table.append_column(column(stage), pa.array(batch[column(stage)], pa.float64()))
+        for stage, seconds in times.items():
+            table = table.append_column(column(stage), pa.array(spread(seconds, n), pa.float64()))
+        self._idle_since = time.perf_counter()
+        return table
+
+    def _score_rows(self, pixels: np.ndarray, times: dict[str, float]) -> dict[str, np.ndarray]:
+        """The score columns of uint8 ``pixels`` (N, H, W, C) as float64 / int64 NumPy, each stage timed
+        into ``times`` (h2d, score, d2h)."""
+        t = time.perf_counter()
+        x = self._to_device(pixels)
+        self._sync()
+        times["h2d"] = time.perf_counter() - t
+        t = time.perf_counter()
+        cols = self._score(x)
+        self._sync()
+        times["score"] = time.perf_counter() - t
+        t = time.perf_counter()
+        got = {k: v.double().cpu().numpy() if k != "pred" else v.cpu().numpy() for k, v in cols.items()}
+        times["d2h"] = time.perf_counter() - t
+        return got
+
+    def _to_device(self, pixels: np.ndarray) -> Tensor:
+        """uint8 pixels (N, H, W, C) -> normalised float (N, C, H, W) on the actor's device: the uint8
+        batch is what is copied; the model's preprocessing runs on the device."""
+        import torch
+
+        return self.model.preprocess(torch.from_numpy(np.ascontiguousarray(pixels)))
+
+    def _score(self, x: Tensor) -> dict[str, Tensor]:
+        """The plan's columns for normalised x (N, C, H, W), on the device: the one scoring call."""
+        return self.runner.score(x, self.plan)
+
+    def _table(self, batch: dict[str, np.ndarray], ok: np.ndarray, error: np.ndarray, out: dict[str, np.ndarray],
+               pred: np.ndarray, layers: np.ndarray) -> pa.Table:
+        """The scored Arrow table, built column by column (no Python loop over rows); rows with a
+        non-finite score become error rows."""
+        import torch
+
+        n = len(ok)
         finite = np.isfinite(np.stack([out[c] for c in self.columns], 1)).all(1)
-        for i in np.flatnonzero(ok & ~finite):
-            error[i] = "non-finite score (input produced NaN/inf)"
-        ok &= finite
+        error[ok & ~finite] = "non-finite score (input produced NaN/inf)"
+        ok = ok & finite
         ood_score, is_ood = (v.numpy() for v in self.plan.flag({c: torch.from_numpy(v) for c, v in out.items()}))
+        null = ~ok
         arrays: dict[str, pa.Array] = {
-            "id": pa.array(batch["id"].tolist(), pa.string()),
-            "source_path": pa.array(batch["source_path"].tolist(), pa.string()),
+            "id": pa.array(batch["id"], pa.string()),
+            "source_path": pa.array(batch["source_path"], pa.string()),
             "source_row": pa.array(batch["source_row"], pa.int64()),
+            "label": pa.array(batch["label"], pa.int64(), mask=~batch["has_label"].astype(bool)),
+            "status": pa.array(np.where(ok, "ok", "error"), pa.string()),
+            "error": pa.array(error, pa.string(), mask=ok),
+            "pred": pa.array(pred, pa.int64(), mask=null),
         }
-        arrays["label"] = pa.array(batch["label"], pa.int64(), mask=~batch["has_label"].astype(bool))
-        arrays["status"] = pa.array(np.where(ok, "ok", "error").tolist(), pa.string())
-        arrays["error"] = pa.array([None if k else e for k, e in zip(ok, error, strict=True)], pa.string())
-        arrays["pred"] = pa.array(pred, pa.int64(), mask=~ok)
         for c in self.columns:
-            arrays[c] = pa.array(out[c], pa.float64(), mask=~ok)
+            arrays[c] = pa.array(out[c], pa.float64(), mask=null)
         if self.n_layers is not None:
             flat = pa.array(np.where(ok[:, None], layers, 0.0).ravel(), pa.float64())
             offsets = pa.array(np.arange(0, (n + 1) * self.n_layers, self.n_layers), pa.int32())
-            arrays["latent_prior_layers"] = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(~ok))
-        arrays["ood_score"] = pa.array(ood_score, pa.float64(), mask=~ok)
-        arrays["is_ood"] = pa.array(is_ood & ok, pa.bool_(), mask=~ok)
-        arrays["model_id"] = pa.array([self.model_id] * n, pa.string())
+            arrays["latent_prior_layers"] = pa.ListArray.from_arrays(offsets, flat, mask=pa.array(null))
+        arrays["ood_score"] = pa.array(ood_score, pa.float64(), mask=null)
+        arrays["is_ood"] = pa.array(is_ood & ok, pa.bool_(), mask=null)
+        arrays["model_id"] = pa.repeat(pa.scalar(self.model_id, pa.string()), n)
         table = pa.Table.from_pydict(arrays, schema=self.schema)
         if ADAPT_COLUMN in batch:  # passed through to the write task, which counts and drops it
             table = table.append_column(ADAPT_COLUMN, pa.array(batch[ADAPT_COLUMN], pa.uint8()))

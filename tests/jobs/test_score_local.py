@@ -17,6 +17,7 @@ from support import inputs_of, make_checkpoint, outputs_of, png_bytes, random_im
 
 import nrm
 from jobs.pipeline import JobError, RunResult, ScoreOptions, run_score
+from jobs.stages import STAGES
 from jobs.storage import Store
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
@@ -95,6 +96,21 @@ def test_output_columns_are_exactly_the_contract(hf_run: dict[str, Any]) -> None
     assert t.schema.field("source_row").type == pa.int64()
     assert t.schema.field("latent_prior_layers").type == pa.list_(pa.float64())
     assert set(pa.compute.list_value_length(t["latent_prior_layers"]).drop_null().to_pylist()) == {2}
+
+
+def test_manifest_has_every_stage_with_non_negative_seconds(hf_run: dict[str, Any]) -> None:
+    seconds = read_manifest(hf_run["root"] / "out", "r1")["stages"]["seconds"]
+    assert list(seconds) == list(STAGES)
+    assert all(v >= 0 for v in seconds.values()), seconds
+    assert seconds["score"] > 0  # the stage that ran on every batch was timed
+
+
+def test_manifest_busy_fraction_is_the_score_share_of_the_actors_time(hf_run: dict[str, Any]) -> None:
+    st = read_manifest(hf_run["root"] / "out", "r1")["stages"]
+    actor = sum(st["seconds"][s] for s in ("wait", "h2d", "score", "d2h", "build"))
+    assert 0 < st["busy"] <= 1
+    assert st["busy"] == pytest.approx(st["seconds"]["score"] / actor, abs=0.01)
+    assert st["line"].startswith(f"scorer busy {st['busy']:.0%}: {st['bound']}; ")
 
 
 def test_default_ids_and_source_rows(hf_run: dict[str, Any]) -> None:
