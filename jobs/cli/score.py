@@ -64,6 +64,9 @@ def score(
     actors: Annotated[int | None, at_least(1, "Scoring actors (default: one per GPU, else as the CPUs allow).")] = None,
     gpus_per_actor: Annotated[float, at_least(0, "GPUs per actor (fractions share a GPU).")] = 0.0,
     cpus_per_actor: Annotated[float, at_least(0, "CPUs per actor (fractions allowed).", strict=True)] = 1.0,
+    read_cpus: Annotated[float | None, at_least(0, "CPUs per read+decode task; each decodes with as many threads "
+                                                  "(default: 0.5 on a CPU-only cluster, else from its CPUs per GPU).",
+                                                  strict=True)] = None,
     batch_size: BatchSize = 512,
     run_id: Annotated[str | None, typer.Option(callback=run_id_callback, help="Run id (default: time-stamped): letters, digits, '.', '_', '-'. A committed id is never redone; an uncommitted one is resumed.")] = None,
     incremental: Annotated[bool, typer.Option(help="Score only input files no committed run under --output covers.")] = False,
@@ -92,7 +95,8 @@ def score(
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
 
     opts = ScoreOptions(model=model, input=input, output=output, run_id=run_id, actors=actors,
-                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
+                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, read_cpus=read_cpus,
+                        batch_size=batch_size,
                         incremental=incremental, address=address, image_column=image_column, id_column=id_column,
                         label_column=label_column, resize_policy=resize_policy, endpoint_url=endpoint_url,
                         resume=resume, rows_per_file=rows_per_file,

@@ -45,7 +45,7 @@ class ScoreOptions:
     label_column: str | None = None
     resize_policy: Policy = Policy.adapt
     endpoint_url: str | None = None
-    read_cpus: float = 0.5  # per read+decode task: fractional so reads always find room beside the actors
+    read_cpus: float | None = None  # per read+decode task; None: from the cluster's CPUs per GPU (run.pool_size)
     resume: str | None = None  # a run id whose earlier attempt must exist (the same as --run-id, but checked)
     rows_per_file: int = ROWS_PER_FILE
     actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)

@@ -14,7 +14,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -88,6 +88,7 @@ class Run:
         self.attempt_uri = join(self.run_uri, new_attempt())
         self.timings: dict[str, float] = {}  # plan_s, score_s, commit_s (driver wall time)
         self.ray_data: dict[str, dict[str, float]] = {}  # Ray Data's own stats per operator (ray_data_stats)
+        self.pool: Pool | None = None  # set when the pipeline is built
 
     def execute(self) -> RunResult:
         """Plan, score what no earlier attempt completed, and commit."""
@@ -165,20 +166,21 @@ class Run:
 
         opts = self.opts
         init_ray(opts.address)
-        actors, cpa, gpa = pool_size(opts)
-        spec = ReadSpec(self.store, self.checkpoint.config.input.shape, opts.resize_policy)
+        pool = self.pool = pool_size(opts)
+        spec = ReadSpec(self.store, self.checkpoint.config.input.shape, opts.resize_policy, pool.decode_threads)
         items = read_items(units)
         ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
         with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
-                                batch_format="default", num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
+                                batch_format="default", num_cpus=pool.read_cpus, max_retries=READ_TASK_RETRIES)
             ds = ds.map_batches(
-                Scorer, fn_constructor_kwargs={"checkpoint": self.checkpoint, "threads": max(1, round(cpa)),
+                Scorer, fn_constructor_kwargs={"checkpoint": self.checkpoint, "threads": max(1, round(pool.cpus_per_actor)),
                                                "columns": opts.columns, "precision": opts.precision,
                                                "compile": opts.compile},
                 batch_size=opts.batch_size, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
+                compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus_per_actor,
+                num_gpus=pool.gpus_per_actor or None,
                 resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_TASK_RETRIES,
             )
@@ -205,7 +207,8 @@ class Run:
         seconds: dict[str, float] = {}
         for p in written:  # parts reused from an earlier attempt carry no stage seconds of this one
             seconds = stages.add(seconds, p.get("stages"))
-        body["stages"] = {**stages.analyse(seconds), "ray_data": self.ray_data}
+        body["stages"] = {**stages.analyse(seconds), "ray_data": self.ray_data,
+                          "pool": asdict(self.pool) if self.pool else None}
         body["drift"] = drift.measure(self.checkpoint.config.fitted.threshold, totals["ok"], totals["error"],
                                       totals["ood"], drift.merge_counts([p.get("bins") for p in written])
                                       ).to_json(drift.Limits())
@@ -278,16 +281,45 @@ def init_ray(address: str | None) -> None:
     ray.init(**kw)
 
 
-def pool_size(opts: ScoreOptions) -> tuple[int, float, float]:
-    """(actors, cpus per actor, gpus per actor) checked against the cluster's resources, so that the
-    pool can never take the CPUs the read tasks need (which would hang the job)."""
+@dataclass(frozen=True)
+class Pool:
+    """How the run uses the cluster: scoring actors and their CPUs and GPUs, and CPUs per read task."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    read_cpus: float  # per read+decode task, which decodes with as many threads (at least one)
+
+    @property
+    def decode_threads(self) -> int:
+        return max(1, round(self.read_cpus))
+
+
+def default_read_cpus(cpus: float, gpus: float, cpus_per_actor: float) -> float:
+    """CPUs per read task when --read-cpus is not given. CPU-only: 0.5, so that reads always find room
+    beside the actors (on 2 cores an actor pool that takes every CPU starves the reads and the job
+    hangs). With GPUs: the CPUs each GPU has beside its actor, in tasks of 1-4 CPUs (at least four
+    tasks in flight per GPU, each decoding with as many threads)."""
+    if gpus <= 0:
+        return 0.5
+    spare = cpus / gpus - cpus_per_actor
+    return float(max(1, min(4, int(spare // 4))))
+
+
+def pool_size(opts: ScoreOptions) -> Pool:
+    """The pool checked against the cluster's resources, so that it can never take the CPUs the read
+    tasks need (which would hang the job)."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     if opts.gpus_per_actor > 0 and gpus == 0 and not opts.address:
         raise JobError(f"--gpus-per-actor {opts.gpus_per_actor} asks for GPUs but this Ray cluster has none")
-    free = cpus - opts.read_cpus  # room kept for at least one read task
+    read_cpus = opts.read_cpus if opts.read_cpus is not None else default_read_cpus(cpus, gpus, opts.cpus_per_actor)
+    if read_cpus >= cpus and not opts.address:
+        raise JobError(f"--read-cpus {read_cpus:g} leaves no CPU of this Ray cluster's {cpus:g} for the scoring actors; "
+                       f"expected less than {cpus:g}")
+    free = cpus - read_cpus  # room kept for at least one read task
     if opts.actors is None:
         if opts.gpus_per_actor > 0 and gpus > 0:
             actors = max(1, int(gpus / opts.gpus_per_actor))
@@ -302,8 +334,8 @@ def pool_size(opts: ScoreOptions) -> tuple[int, float, float]:
         elif not opts.address:
             raise JobError(
                 f"--actors {actors} x --cpus-per-actor {cpa} = {actors * cpa:g} CPUs, but this Ray cluster has "
-                f"{cpus:g} and the read tasks need {opts.read_cpus:g}; lower --actors or --cpus-per-actor")
-    return actors, cpa, opts.gpus_per_actor
+                f"{cpus:g} and the read tasks need {read_cpus:g}; lower --actors or --cpus-per-actor")
+    return Pool(actors, cpa, opts.gpus_per_actor, read_cpus)
 
 
 OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed")

@@ -305,6 +305,12 @@ def test_pool_larger_than_the_cluster_is_refused(ckpt: Path, tmp_path: Path) -> 
     assert not (tmp_path / "out" / "big" / "_manifest.json").exists()
 
 
+def test_read_cpus_that_leave_no_cpu_for_the_actors_are_refused(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
+    with pytest.raises(JobError, match=r"--read-cpus 2 leaves no CPU of this Ray cluster's 2 .*expected less than 2"):
+        score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "reads", read_cpus=2)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("actors", [2, None])
 def test_fractional_cpus_per_actor_completes(ckpt: Path, tmp_path: Path, actors: int | None) -> None:
