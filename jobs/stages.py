@@ -10,6 +10,7 @@ Stages, in the order a row meets them:
 
 * ``read``: Parquet row groups read from storage (a read task);
 * ``decode``: images decoded to uint8 pixels (a read task);
+* ``load``: a scoring actor starting: torch imported, the checkpoint loaded;
 * ``wait``: a scoring actor idle, waiting for its next batch;
 * ``h2d``: the batch copied to the actor's device (and normalised there);
 * ``score``: the model's passes;
@@ -17,8 +18,10 @@ Stages, in the order a row meets them:
 * ``build``: the output Arrow table built;
 * ``write``: the part file encoded and written (a write task).
 
-The scorer's busy fraction is score / (wait + h2d + score + d2h + build): the share of the actors'
-time spent scoring. ``analyse`` names the bound and what to change.
+The scorer's busy fraction is score / the actors' wall time (actors x the pipeline's wall time, as
+the driver measured it): the share of the actors' time spent scoring. The part of that wall time no
+actor stage accounts for (an actor not yet started, or done before the pipeline ends) counts as
+start-up. ``analyse`` names the bound and what to change.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-STAGES = ("read", "decode", "wait", "h2d", "score", "d2h", "build", "write")
-ACTOR_STAGES = ("wait", "h2d", "score", "d2h", "build")  # a scoring actor's wall time, batch after batch
+STAGES = ("read", "decode", "load", "wait", "h2d", "score", "d2h", "build", "write")
+ACTOR_STAGES = ("load", "wait", "h2d", "score", "d2h", "build")  # a scoring actor's time, start, then batch after batch
 PREFIX = "_t_"
 BUSY = 0.8  # at or above this busy fraction the scorer is the bound: the rest of the pipeline keeps up
 
@@ -58,27 +61,33 @@ def add(a: dict[str, float], b: dict[str, float] | None) -> dict[str, float]:
     return {s: a.get(s, 0.0) + (b or {}).get(s, 0.0) for s in STAGES}
 
 
-def analyse(seconds: dict[str, float]) -> dict[str, Any]:
-    """The manifest's "stages": seconds per stage, the scorer's busy fraction, the bound and its line
-    (e.g. "scorer busy 31%: decode-bound; raise --read-cpus")."""
+def analyse(seconds: dict[str, float], actor_wall: float | None = None) -> dict[str, Any]:
+    """The manifest's "stages": seconds per stage, the scorer's busy fraction of ``actor_wall`` (the
+    actors' wall time; default: the sum of their stages), the bound and its line (e.g. "scorer busy
+    31%: decode-bound; raise --read-cpus")."""
     seconds = {s: round(max(0.0, seconds.get(s, 0.0)), 6) for s in STAGES}
-    actor = sum(seconds[s] for s in ACTOR_STAGES)
-    busy = round(min(1.0, seconds["score"] / actor), 3) if actor > 0 else 0.0
-    bound, advice = _bound(seconds, busy)
-    return {"seconds": seconds, "busy": busy, "bound": bound, "line": f"scorer busy {busy:.0%}: {bound}; {advice}"}
+    timed = sum(seconds[s] for s in ACTOR_STAGES)
+    wall = max(timed, actor_wall or 0.0)
+    busy = round(min(1.0, seconds["score"] / wall), 3) if wall > 0 else 0.0
+    bound, advice = _bound(seconds, busy, wall - timed)
+    return {"seconds": seconds, "actor_wall_s": round(wall, 3), "busy": busy, "bound": bound,
+            "line": f"scorer busy {busy:.0%}: {bound}; {advice}"}
 
 
-def _bound(seconds: dict[str, float], busy: float) -> tuple[str, str]:
-    """(bound, what to change) for stage ``seconds`` and the scorer's ``busy`` fraction."""
+def _bound(seconds: dict[str, float], busy: float, untimed: float) -> tuple[str, str]:
+    """(bound, what to change) for stage ``seconds``, the scorer's ``busy`` fraction and the actors'
+    ``untimed`` wall seconds (not yet started, or finished before the pipeline)."""
     if busy >= BUSY:
         return "score-bound", "add scoring actors (or GPUs) to go faster"
-    idle = {"input": seconds.get("wait", 0.0), "transfer": seconds.get("h2d", 0.0) + seconds.get("d2h", 0.0),
-            "output": seconds.get("build", 0.0)}
+    idle = {"input": seconds["wait"], "transfer": seconds["h2d"] + seconds["d2h"], "output": seconds["build"],
+            "start": seconds["load"] + untimed}
     worst = max(idle, key=lambda k: idle[k])
+    if worst == "start":
+        return "start-bound", "starting the pipeline (Ray Data, the actors loading the model) outweighs the scoring: score more rows per run"
     if worst == "transfer":
         return "transfer-bound", "the host-device copies outweigh the scoring: raise --batch-size"
     if worst == "output":
         return "output-bound", "building the output tables outweighs the scoring: ask for fewer --columns"
-    if seconds.get("decode", 0.0) >= seconds.get("read", 0.0):
+    if seconds["decode"] >= seconds["read"]:
         return "decode-bound", "raise --read-cpus (or give the cluster more CPUs per scoring actor)"
     return "read-bound", "reading the input outweighs decoding it: raise --read-cpus for more reads in flight"

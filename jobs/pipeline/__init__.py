@@ -13,7 +13,8 @@ itself (jobs/stages.py): the seconds ride with the rows to the write tasks, and 
 ``stages`` holds their sums, the scorer's busy fraction and what bounds the run.
 
 Modules: ``options`` (ScoreOptions, their checks, run ids, the errors), ``checkpoint`` (the
-checkpoint fetched once, shipped as bytes), ``read`` (the read tasks), ``scorer`` (the scoring
+checkpoint fetched once by the driver; the actors get its URI and hashes and load it through a cache
+on their node), ``read`` (the read tasks), ``scorer`` (the scoring
 actor and the output schema), ``run`` (``Run``: the driver's steps, and ``run_score``), ``result``
 (RunResult and its summary). Importing this package imports no torch and no Ray.
 """

@@ -175,9 +175,7 @@ class Run:
             ds = ds.map_batches(read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
                                 batch_format="default", num_cpus=pool.read_cpus, max_retries=READ_TASK_RETRIES)
             ds = ds.map_batches(
-                Scorer, fn_constructor_kwargs={"checkpoint": self.checkpoint, "threads": max(1, round(pool.cpus_per_actor)),
-                                               "columns": opts.columns, "precision": opts.precision,
-                                               "compile": opts.compile},
+                Scorer, fn_constructor_kwargs=self.scorer_args(pool),
                 batch_size=opts.batch_size, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus_per_actor,
                 num_gpus=pool.gpus_per_actor or None,
@@ -190,6 +188,12 @@ class Run:
             return ds.map_batches(parts.write_part, fn_kwargs={"spec": spec_out},  # type: ignore[arg-type]
                                   batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_CPUS,
                                   max_retries=READ_TASK_RETRIES)
+
+    def scorer_args(self, pool: Pool) -> dict[str, Any]:
+        """The scoring actors' constructor arguments: what survives an actor's restart (the checkpoint by
+        URI and hashes, never its bytes, loaded once per node) and plain options."""
+        return {"checkpoint": self.checkpoint.ref(self.store), "threads": max(1, round(pool.cpus_per_actor)),
+                "columns": self.opts.columns, "precision": self.opts.precision, "compile": self.opts.compile}
 
     # ------------------------------------------------------------------------ commit
     def commit(self, plan: Plan, written: list[dict[str, Any]], lists: dict[str, Any]) -> RunResult:
@@ -207,7 +211,8 @@ class Run:
         seconds: dict[str, float] = {}
         for p in written:  # parts reused from an earlier attempt carry no stage seconds of this one
             seconds = stages.add(seconds, p.get("stages"))
-        body["stages"] = {**stages.analyse(seconds), "ray_data": self.ray_data,
+        actor_wall = self.pool.actors * self.timings["score_s"] if self.pool else None
+        body["stages"] = {**stages.analyse(seconds, actor_wall), "ray_data": self.ray_data,
                           "pool": asdict(self.pool) if self.pool else None}
         body["drift"] = drift.measure(self.checkpoint.config.fitted.threshold, totals["ok"], totals["error"],
                                       totals["ood"], drift.merge_counts([p.get("bins") for p in written])

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.parts import ADAPT_COLUMN
-from jobs.pipeline.checkpoint import Checkpoint
+from jobs.pipeline.checkpoint import CheckpointRef
 from jobs.pipeline.options import JobError
 from jobs.stages import column, spread
 
@@ -58,10 +58,12 @@ def made_columns(config: ModelConfig, wanted: tuple[str, ...] | None) -> list[st
 
 
 class Scorer:
-    """Ray actor: loads the NRM once, scores batches of decoded pixels, returns an Arrow table."""
+    """Ray actor: loads the NRM once, scores batches of decoded pixels, returns an Arrow table. It is
+    handed the checkpoint by reference (URI and hashes), so a restarted actor loads it as the first did."""
 
-    def __init__(self, checkpoint: Checkpoint, threads: int, columns: tuple[str, ...] | None = None,
+    def __init__(self, checkpoint: CheckpointRef, threads: int, columns: tuple[str, ...] | None = None,
                  precision: str = "fp32", compile: bool = False):
+        started = time.perf_counter()  # the actor's start: torch imported, the checkpoint loaded, the runner made
         import torch
 
         from jobs.allocator import keep_freed_memory
@@ -81,6 +83,7 @@ class Scorer:
         self.batches = 0
         self._sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)  # before a clock is read
         self._idle_since = time.perf_counter()  # the end of the last batch (or of loading): the wait starts
+        self._load = self._idle_since - started  # reported with the first batch
         self._pin: Tensor | None = None  # CUDA only: page-locked staging for the uint8 batches (_pinned)
 
     def _fault_injection_hook(self) -> None:
@@ -126,6 +129,7 @@ class Scorer:
         table = self._table(batch, ok, error, out, pred, layers)
         times["build"] = time.perf_counter() - t_build
         times["wait"] = wait
+        times["load"], self._load = self._load, 0.0
         for stage in ("read", "decode"):  # the read task's seconds, passed through
             if column(stage) in batch:
                 table = table.append_column(column(stage), pa.array(batch[column(stage)], pa.float64()))

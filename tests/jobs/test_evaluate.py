@@ -50,7 +50,7 @@ def score_file(ckpt: Path, path: Path) -> pa.Table:
     ck = Checkpoint.fetch(store, str(ckpt))
     plan = plan_inputs(store, store.list_parquet(str(path)), None, None, None)
     spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
-    scorer = Scorer(ck, 1)
+    scorer = Scorer(ck.ref(store), 1)
     # the write task drops the internal columns before a part is written
     return pa.concat_tables([drop_internal(scorer(read_unit(u, spec)))[0] for u in plan.units])
 

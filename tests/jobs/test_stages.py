@@ -25,6 +25,11 @@ def test_a_scorer_waiting_on_slow_reads_is_read_bound() -> None:
     assert analyse({**BASE, "wait": 3.0, "read": 8.0})["bound"] == "read-bound"
 
 
+def test_actors_idle_beyond_their_timed_stages_are_start_bound() -> None:
+    got = analyse({**BASE, "load": 2.0}, actor_wall=20.0)
+    assert (got["busy"], got["bound"]) == (0.05, "start-bound")
+
+
 @pytest.mark.parametrize("cut", [1, 3, 5])
 def test_per_row_shares_sum_to_the_batch_seconds_however_the_rows_are_split(cut: int) -> None:
     t = pa.table({column("score"): spread(2.5, 7), column("read"): spread(0.7, 7)})
