@@ -18,7 +18,7 @@ from jobs.cli.options import (
     run_id_callback,
 )
 from jobs.images import Policy
-from nrm.names import COLUMNS, POSTHOC, PRECISIONS
+from nrm.names import COLUMNS, POSTHOC, RUN_PRECISIONS
 
 app = typer.Typer()
 
@@ -85,8 +85,11 @@ def score(
         callback=_columns, help="Comma-separated score columns to make (default: the full table). pred and the "
         "threshold score are always made; columns that need no top-down pass (max_softmax, max_logit, energy, "
         "det_* on gate statistics, mahalanobis_feat, knn, vim) skip the backward pass.")] = None,
-    precision: Annotated[str, choice(PRECISIONS, "Numeric precision of scoring: fp32, or bf16 / fp16 / tf32 "
-                                                 "(faster; docs/benchmarks.md gives the AUROC change).")] = "fp32",
+    precision: Annotated[str, choice(RUN_PRECISIONS, "Numeric precision of scoring: fp32, or bf16 / fp16 / tf32 "
+                                                     "(faster; docs/benchmarks.md gives the AUROC change), or auto: "
+                                                     "bf16 where the actors' device computes in it fast (a CUDA GPU "
+                                                     "with bf16, a CPU with AMX), else fp32; the manifest records "
+                                                     "the one used.")] = "fp32",
     compile: Annotated[bool, typer.Option(help="torch.compile each actor's scoring pass (forward-only, or the full "
                                                "table's forward and top-down walk as one graph): faster per batch, but "
                                                "each new batch shape first compiles (long jobs only).")] = False,

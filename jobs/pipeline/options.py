@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from jobs.images import Policy
 from jobs.storage import absolute, is_s3
-from nrm.names import PRECISIONS
+from nrm.names import RUN_PRECISIONS
 
 ROWS_PER_FILE = 50_000  # rows per output part: tens of thousands, so 100,000 small inputs make a few files
 # A run id names a folder (local or S3) and the index pointer "<UTC time>--<run id>" beside the runs:
@@ -50,7 +50,7 @@ class ScoreOptions:
     rows_per_file: int = ROWS_PER_FILE
     actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)
     columns: tuple[str, ...] | None = None  # None: the full table; else these (plus pred and the threshold score)
-    precision: str = "fp32"  # nrm.names.PRECISIONS
+    precision: str = "fp32"  # nrm.names.RUN_PRECISIONS ("auto": resolved on the actors' device, run.run_precision)
     compile: bool = False  # torch.compile each actor's scoring pass (pays over long jobs: docs/benchmarks.md)
 
 
@@ -81,8 +81,8 @@ def checked(opts: ScoreOptions) -> tuple[ScoreOptions, str]:
         raise JobError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if opts.rows_per_file < 1:
         raise JobError(f"--rows-per-file must be >= 1, got {opts.rows_per_file}")
-    if opts.precision not in PRECISIONS:
-        raise JobError(f"--precision {opts.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if opts.precision not in RUN_PRECISIONS:
+        raise JobError(f"--precision {opts.precision!r}: expected one of {', '.join(RUN_PRECISIONS)}")
     if opts.resume and opts.run_id and opts.resume != opts.run_id:
         raise JobError(f"--resume {opts.resume!r} and --run-id {opts.run_id!r} name different runs; give one")
     run_id = opts.resume or opts.run_id or new_run_id()

@@ -89,6 +89,7 @@ class Run:
         self.timings: dict[str, float] = {}  # plan_s, score_s, commit_s (driver wall time)
         self.ray_data: dict[str, dict[str, float]] = {}  # Ray Data's own stats per operator (ray_data_stats)
         self.pool: Pool | None = None  # set when the pipeline is built
+        self.precision = opts.precision  # the one the actors use ("auto" resolved when the pipeline is built)
 
     def execute(self) -> RunResult:
         """Plan, score what no earlier attempt completed, and commit."""
@@ -167,6 +168,7 @@ class Run:
         opts = self.opts
         init_ray(opts.address)
         pool = self.pool = pool_size(opts)
+        self.precision = run_precision(opts, pool)
         spec = ReadSpec(self.store, self.checkpoint.config.input.shape, opts.resize_policy, pool.decode_threads)
         items = read_items(units)
         ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
@@ -193,7 +195,7 @@ class Run:
         """The scoring actors' constructor arguments: what survives an actor's restart (the checkpoint by
         URI and hashes, never its bytes, loaded once per node) and plain options."""
         return {"checkpoint": self.checkpoint.ref(self.store), "threads": max(1, round(pool.cpus_per_actor)),
-                "columns": self.opts.columns, "precision": self.opts.precision, "compile": self.opts.compile}
+                "columns": self.opts.columns, "precision": self.precision, "compile": self.opts.compile}
 
     # ------------------------------------------------------------------------ commit
     def commit(self, plan: Plan, written: list[dict[str, Any]], lists: dict[str, Any]) -> RunResult:
@@ -250,7 +252,7 @@ class Run:
             "threshold": ({k: v for k, v in threshold.to_json().items() if k != "reference"}
                           if threshold else None),  # the reference's quantiles stay in the checkpoint
             "columns": self.columns,  # the model columns this run made (--columns)
-            "precision": opts.precision,
+            "precision": self.precision,  # the one used (options.precision keeps what was asked for)
             "compiled": opts.compile,
             "timings": {"plan_s": round(timings["plan_s"], 3), "score_s": round(timings["score_s"], 3),
                         "seconds": round(seconds, 3),
@@ -341,6 +343,29 @@ def pool_size(opts: ScoreOptions) -> Pool:
                 f"--actors {actors} x --cpus-per-actor {cpa} = {actors * cpa:g} CPUs, but this Ray cluster has "
                 f"{cpus:g} and the read tasks need {read_cpus:g}; lower --actors or --cpus-per-actor")
     return Pool(actors, cpa, opts.gpus_per_actor, read_cpus)
+
+
+def device_precision() -> str:
+    """The precision "auto" means on this worker's device (a Ray task placed like a scoring actor)."""
+    import torch
+
+    from nrm.names import AUTO_PRECISION
+    from nrm.precision import resolve
+
+    return resolve(AUTO_PRECISION, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_precision(opts: ScoreOptions, pool: Pool) -> str:
+    """``opts.precision``; "auto" resolved by one task on a worker placed as the actors are (its device)."""
+    from nrm.names import AUTO_PRECISION
+
+    if opts.precision != AUTO_PRECISION:
+        return opts.precision
+    import ray
+
+    probe = ray.remote(device_precision).options(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
+                                                 resources=opts.actor_resources or None)
+    return str(ray.get(probe.remote()))
 
 
 OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed")

@@ -475,6 +475,14 @@ def test_a_column_the_model_does_not_make_fails_the_run_naming_it(ckpt: Path, tm
     assert not (tmp_path / "out" / "bad").exists()
 
 
+def test_a_run_in_auto_precision_records_the_one_its_actors_used(ckpt: Path, tmp_path: Path) -> None:
+    from nrm.precision import resolve
+
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(4, seed=44)])
+    r = score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "auto", precision="auto")
+    assert (r.manifest["precision"], r.manifest["options"]["precision"]) == (resolve("auto", "cpu"), "auto")
+
+
 def test_a_run_in_bf16_records_its_precision_and_keeps_most_predictions(ckpt: Path, tmp_path: Path) -> None:
     pixels = random_images(16, seed=43)
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in pixels])
