@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from jobs import stages
 from jobs.drift import bin_counts
 from jobs.images import CONVERTED, RESIZED
 from jobs.planning import read_footer
@@ -62,10 +64,20 @@ def part_info(table: pa.Table, adapt: np.ndarray, quantiles: tuple[float, ...] |
     return info
 
 
+def drop_internal(table: pa.Table) -> tuple[pa.Table, np.ndarray, dict[str, float]]:
+    """The scored table without its internal columns, and what they held: the adapt flags per row and
+    the seconds per stage (jobs.stages)."""
+    adapt = table[ADAPT_COLUMN].to_numpy() if ADAPT_COLUMN in table.column_names else np.zeros(table.num_rows, np.uint8)
+    seconds = stages.totals(table)
+    internal = [c for c in table.column_names if c == ADAPT_COLUMN or c.startswith(stages.PREFIX)]
+    return table.drop_columns(internal), adapt, seconds
+
+
 def write_part(batch: pa.Table, spec: PartSpec) -> dict[str, list[Any]]:
-    """Ray Data write task: write one part file; return its uri and counts (one row)."""
-    adapt = batch[ADAPT_COLUMN].to_numpy()
-    table = batch.drop_columns([ADAPT_COLUMN])
+    """Ray Data write task: write one part file; return its uri, counts and the rows' stage seconds
+    (this write's included; one row)."""
+    t = time.perf_counter()
+    table, adapt, seconds = drop_internal(batch)
     info = part_info(table, adapt, spec.quantiles)
     h = hashlib.sha256(json.dumps(info, sort_keys=True).encode())
     h.update(table["source_row"].to_numpy().tobytes())
@@ -80,7 +92,8 @@ def write_part(batch: pa.Table, spec: PartSpec) -> dict[str, list[Any]]:
         os.makedirs(os.path.dirname(path), exist_ok=True)  # a racing winner's tidy may have removed it
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-    return {"uri": [uri], **{k: [info[k]] for k in COUNTS}, "bins": [info.get("bins")]}
+    seconds["write"] += time.perf_counter() - t
+    return {"uri": [uri], **{k: [info[k]] for k in COUNTS}, "bins": [info.get("bins")], "stages": [seconds]}
 
 
 # ---------------------------------------------------------------------------- resume

@@ -10,6 +10,10 @@ from __future__ import annotations
 # Numeric precision of scoring (nrm.model): float32 throughout, autocast to bf16 / fp16, or float32
 # storage with TF32 matmuls and convolutions on CUDA.
 PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
+# What a scoring run may ask for: a precision, or "auto" (nrm.precision.resolve: bf16 where the device
+# computes in it fast, else fp32).
+AUTO_PRECISION = "auto"
+RUN_PRECISIONS = (*PRECISIONS, AUTO_PRECISION)
 # Training precisions (nrm.training): fp16 would need loss scaling, so it is not offered.
 TRAIN_PRECISIONS = ("fp32", "bf16", "tf32")
 AUGMENTATIONS = ("none", "crop", "flip-crop")

@@ -4,6 +4,9 @@
     bf16   torch.autocast to bfloat16 on the device
     fp16   torch.autocast to float16 on the device
     tf32   float32 storage, TF32 matmuls and convolutions on CUDA (plain float32 on a CPU)
+
+``resolve`` turns the choice "auto" into one of them for a device: bf16 where the device computes in
+bf16 fast (a CUDA GPU that supports it, a CPU with AMX), fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import torch
 
-from nrm.names import PRECISIONS
+from nrm.names import AUTO_PRECISION, PRECISIONS
 
 
 def check(precision: str) -> str:
@@ -22,6 +25,27 @@ def check(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
     return precision
+
+
+def fast_bf16(device_type: str, cpuinfo: str | None = None) -> bool:
+    """Whether ``device_type`` computes in bfloat16 fast: a CUDA GPU with bf16 support, or a CPU with
+    AMX tiles (``amx_bf16`` in ``cpuinfo``, default /proc/cpuinfo; AVX-512 BF16 alone is not faster)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    return "amx_bf16" in cpuinfo.split()
+
+
+def resolve(precision: str, device_type: str) -> str:
+    """``precision`` (one of PRECISIONS, or AUTO_PRECISION) as the precision a pass on ``device_type`` runs in."""
+    if precision == AUTO_PRECISION:
+        return "bf16" if fast_bf16(device_type) else "fp32"
+    return check(precision)
 
 
 def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager[Any]:

@@ -7,8 +7,9 @@ Sections (``SECTIONS``, each a module):
 * ``compile`` (jobs/bench/speed.py): the same with torch.compile;
 * ``precision`` (jobs/bench/precision.py): the full score per precision, and the AUROC change;
 * ``job`` (jobs/bench/job.py): end-to-end job throughput (local files and the S3 endpoint) / in-memory
-  scoring throughput (>= 0.8), read + decode throughput, and peak memory at 1x and 10x the dataset
-  (flat within 20%).
+  scoring throughput (>= 0.8), the job against the single-process loop a user would write and against
+  the in-memory scorer on MNIST, with its stage breakdown (jobs/bench/loop.py; >= 1.2x the loop), read
+  + decode throughput, and peak memory at 1x and 10x the dataset (flat within 20%).
 
 ``run`` writes them into one markdown report with the command and the machine; jobs/bench/timing.py
 holds the timing helpers. Importing this package imports no torch (``nrm-ood --help`` lists the
@@ -59,7 +60,7 @@ def run(out_md: Path | None, n: int, batch: int, reps: int, echo: Callable[[str]
     if "job" in sections:
         from jobs.bench.job import job_sections
 
-        lines += job_sections(n, batch, echo)
+        lines += job_sections(n, batch, echo, shared)
     text = "\n".join(lines) + "\n"
     if out_md is not None:
         out_md.parent.mkdir(parents=True, exist_ok=True)

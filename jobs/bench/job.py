@@ -171,14 +171,18 @@ class JobRuns:
     requests: dict[str, int] = field(default_factory=dict)  # its HTTP requests by method
 
 
-def job_sections(n: int, batch: int, echo: Echo) -> list[str]:
-    """End-to-end job throughput (local and S3), read + decode throughput, peak memory at 1x and 10x."""
+def job_sections(n: int, batch: int, echo: Echo, shared: Path | None = None) -> list[str]:
+    """End-to-end job throughput (local and S3), the job against the single-process loop and the
+    in-memory scorer on MNIST (jobs/bench/loop.py), read + decode throughput, peak memory at 1x and 10x."""
+    from jobs.bench.loop import loop_section
     from jobs.pipeline import init_ray
 
     init_ray(None)
     with tempfile.TemporaryDirectory(prefix="nrm-bench-") as tmp:
+        loop = loop_section(Path(tmp), n, batch, shared, echo)
+    with tempfile.TemporaryDirectory(prefix="nrm-bench-") as tmp:
         runs = measure_jobs(Path(tmp), n, batch, echo)
-    return [*throughput_section(runs, batch), *decode_section(runs), *memory_section(runs)]
+    return [*throughput_section(runs, batch), *loop, *decode_section(runs), *memory_section(runs)]
 
 
 def measure_jobs(root: Path, n: int, batch: int, echo: Echo) -> JobRuns:

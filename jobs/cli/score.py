@@ -20,7 +20,7 @@ from jobs.cli.options import (
     run_id_callback,
 )
 from jobs.images import Policy
-from nrm.names import COLUMNS, DECODES, POSTHOC, PRECISIONS
+from nrm.names import COLUMNS, DECODES, POSTHOC, RUN_PRECISIONS
 
 app = typer.Typer()
 
@@ -66,6 +66,9 @@ def score(
     actors: Annotated[int | None, at_least(1, "Scoring actors (default: one per GPU, else as the CPUs allow).")] = None,
     gpus_per_actor: Annotated[float, at_least(0, "GPUs per actor (fractions share a GPU).")] = 0.0,
     cpus_per_actor: Annotated[float, at_least(0, "CPUs per actor (fractions allowed).", strict=True)] = 1.0,
+    read_cpus: Annotated[float | None, at_least(0, "CPUs per read+decode task; each decodes with as many threads "
+                                                  "(default: 0.5 on a CPU-only cluster, else from its CPUs per GPU).",
+                                                  strict=True)] = None,
     batch_size: BatchSize = None,
     memory_budget: MemoryBudget = None,
     run_id: Annotated[str | None, typer.Option(callback=run_id_callback, help="Run id (default: time-stamped): letters, digits, '.', '_', '-'. A committed id is never redone; an uncommitted one is resumed.")] = None,
@@ -85,8 +88,11 @@ def score(
         callback=_columns, help="Comma-separated score columns to make (default: the full table). pred and the "
         "threshold score are always made; columns that need no top-down pass (max_softmax, max_logit, energy, "
         "det_* on gate statistics, mahalanobis_feat, knn, vim) skip the backward pass.")] = None,
-    precision: Annotated[str, choice(PRECISIONS, "Numeric precision of scoring: fp32, or bf16 / fp16 / tf32 "
-                                                 "(faster; docs/benchmarks.md gives the AUROC change).")] = "fp32",
+    precision: Annotated[str, choice(RUN_PRECISIONS, "Numeric precision of scoring: fp32, or bf16 / fp16 / tf32 "
+                                                     "(faster; docs/benchmarks.md gives the AUROC change), or auto: "
+                                                     "bf16 where the actors' device computes in it fast (a CUDA GPU "
+                                                     "with bf16, a CPU with AMX), else fp32; the manifest records "
+                                                     "the one used.")] = "fp32",
     compile: Annotated[bool, typer.Option(help="torch.compile each actor's scoring pass (forward-only, or the full "
                                                "table's forward and top-down walk as one graph): faster per batch, but "
                                                "each new batch shape first compiles (long jobs only).")] = False,
@@ -96,8 +102,8 @@ def score(
     from jobs.pipeline import Interrupted, JobError, ScoreOptions, run_score, summary
 
     opts = ScoreOptions(model=model, input=input, output=output, run_id=run_id, actors=actors,
-                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, batch_size=batch_size,
-                        memory_budget=memory_budget,
+                        gpus_per_actor=gpus_per_actor, cpus_per_actor=cpus_per_actor, read_cpus=read_cpus,
+                        batch_size=batch_size, memory_budget=memory_budget,
                         incremental=incremental, address=address, image_column=image_column, id_column=id_column,
                         label_column=label_column, resize_policy=resize_policy, endpoint_url=endpoint_url,
                         resume=resume, rows_per_file=rows_per_file,

@@ -8,10 +8,13 @@ failed job. Scoring runs in an ``ActorPoolStrategy`` pool: each actor loads the 
 holds it on its GPU (or CPU). Write tasks (jobs/parts.py) turn the scored rows into part files of
 ``rows_per_file`` rows in a fresh attempt directory and return their counts, so the driver never
 reads outputs back. The manifest, written last and create-if-absent, is what commits the run; an
-uncommitted run is resumed by scoring again under the same run id (``--resume``).
+uncommitted run is resumed by scoring again under the same run id (``--resume``). Every stage times
+itself (jobs/stages.py): the seconds ride with the rows to the write tasks, and the manifest's
+``stages`` holds their sums, the scorer's busy fraction and what bounds the run.
 
 Modules: ``options`` (ScoreOptions, their checks, run ids, the errors), ``checkpoint`` (the
-checkpoint fetched once, shipped as bytes), ``read`` (the read tasks), ``scorer`` (the scoring
+checkpoint fetched once by the driver; the actors get its URI and hashes and load it through a cache
+on their node), ``read`` (the read tasks), ``scorer`` (the scoring
 actor and the output schema), ``run`` (``Run``: the driver's steps, and ``run_score``), ``result``
 (RunResult and its summary). Importing this package imports no torch and no Ray.
 """

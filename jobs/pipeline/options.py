@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from jobs.images import Policy
 from jobs.pipeline.batching import check_budget, parse_batch_size
 from jobs.storage import absolute, is_s3
-from nrm.names import DECODES, PRECISIONS
+from nrm.names import DECODES, RUN_PRECISIONS
 
 ROWS_PER_FILE = 50_000  # rows per output part: tens of thousands, so 100,000 small inputs make a few files
 # A run id names a folder (local or S3) and the index pointer "<UTC time>--<run id>" beside the runs:
@@ -47,12 +47,12 @@ class ScoreOptions:
     label_column: str | None = None
     resize_policy: Policy = Policy.adapt
     endpoint_url: str | None = None
-    read_cpus: float = 0.5  # per read+decode task: fractional so reads always find room beside the actors
+    read_cpus: float | None = None  # per read+decode task; None: from the cluster's CPUs per GPU (run.pool_size)
     resume: str | None = None  # a run id whose earlier attempt must exist (the same as --run-id, but checked)
     rows_per_file: int = ROWS_PER_FILE
     actor_resources: dict[str, float] | None = None  # custom Ray resources per scoring actor (pins it to nodes)
     columns: tuple[str, ...] | None = None  # None: the full table; else these (plus pred and the threshold score)
-    precision: str = "fp32"  # nrm.names.PRECISIONS
+    precision: str = "fp32"  # nrm.names.RUN_PRECISIONS ("auto": resolved on the actors' device, run.run_precision)
     compile: bool = False  # torch.compile each actor's scoring pass (pays over long jobs: docs/benchmarks.md)
     decode: str = DECODES[0]  # how the read tasks decode JPEGs (nrm.names.DECODES, jobs.images)
 
@@ -92,8 +92,8 @@ def checked(opts: ScoreOptions) -> tuple[ScoreOptions, str]:
             raise JobError(f"--memory-budget {e}") from None
     if opts.rows_per_file < 1:
         raise JobError(f"--rows-per-file must be >= 1, got {opts.rows_per_file}")
-    if opts.precision not in PRECISIONS:
-        raise JobError(f"--precision {opts.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if opts.precision not in RUN_PRECISIONS:
+        raise JobError(f"--precision {opts.precision!r}: expected one of {', '.join(RUN_PRECISIONS)}")
     if opts.decode not in DECODES:
         raise JobError(f"--decode {opts.decode!r}: expected one of {', '.join(DECODES)}")
     if opts.resume and opts.run_id and opts.resume != opts.run_id:

@@ -7,6 +7,7 @@ Input is read per row group (``planning.Unit``) rather than with ``read_parquet`
 from __future__ import annotations
 
 import pickle
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from jobs.images import Policy, Target, as_target, decode_column
 from jobs.parts import ADAPT_COLUMN
 from jobs.planning import Unit, read_tasks
+from jobs.stages import column, spread
 from jobs.storage import Store, is_s3
 
 # A read task reads its units READ_THREADS at a time; an S3 input file of at most WHOLE_FILE_BYTES is
@@ -25,17 +27,39 @@ READ_THREADS = 8
 WHOLE_FILE_BYTES = 8 * 1024 * 1024
 
 
+MIN_ROWS_PER_THREAD = 32  # fewer rows than this per decode thread: the thread costs more than it saves
+
+
 @dataclass(frozen=True)
 class ReadSpec:
     store: Store
     target: Target | tuple[int, int, int]  # the model's input and decode mode (Target.of), or a bare (C, H, W)
     policy: Policy
+    threads: int = 1  # decode threads per row group (Pillow releases the GIL while it decodes)
 
 
-def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None) -> dict[str, np.ndarray]:
-    """Read one row group (from ``data``, the whole file, when given) and decode its images. Never
-    raises for a row: errors go to ``error``; what the adapt policy did to each row goes to ``_adapt``."""
+def decode_rows(column: pa.ChunkedArray, kind: str, spec: ReadSpec, adapt: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    """``decode_column`` over slices of ``column`` in ``spec.threads`` threads: pixels (N, H, W, C) uint8
+    and the per-row errors, in row order; ``adapt`` (N) receives what the adapt policy did."""
+    n = len(column)
+    threads = max(1, min(spec.threads, n // MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        return decode_column(column, kind, spec.target, spec.policy, adapt)
+    bounds = np.linspace(0, n, threads + 1).astype(int)
+    slices = list(zip(bounds[:-1], bounds[1:], strict=True))
+    with ThreadPoolExecutor(threads) as pool:
+        got = list(pool.map(lambda ab: decode_column(column.slice(ab[0], ab[1] - ab[0]), kind, spec.target,
+                                                     spec.policy, adapt[ab[0]:ab[1]]), slices))
+    return np.concatenate([p for p, _ in got]), [e for _, errs in got for e in errs]
+
+
+def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None, fetch_s: float = 0.0) -> dict[str, np.ndarray]:
+    """Read one row group (from ``data``, the whole file, when given; ``fetch_s`` its share of the
+    time that took) and decode its images. Never raises for a row: errors go to ``error``; what the
+    adapt policy did to each row goes to ``_adapt``; the read and decode seconds to jobs.stages' columns."""
     cols, n, rg = unit.columns, unit.num_rows, unit.row_group
+    t0 = time.perf_counter()
+    t_read = t0  # when the row group was in memory (decode starts)
     fs, path = spec.store.filesystem(unit.uri)
     wanted = [c for c in (cols.image, cols.id, cols.label) if c]
     adapt = np.zeros(n, dtype=np.uint8)
@@ -45,12 +69,15 @@ def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None) -> dict[str
         else:
             with fs.open_input_file(path) as fh:
                 table = pq.ParquetFile(fh).read_row_group(rg, columns=wanted)
-        pixels, errors = decode_column(table.column(cols.image), cols.kind, spec.target, spec.policy, adapt)
+        t_read = time.perf_counter()
+        pixels, errors = decode_rows(table.column(cols.image), cols.kind, spec, adapt)
     except Exception as e:  # the whole row group is unreadable: every row of it is an error row
         c, h, w = as_target(spec.target).shape
         table = None
         pixels = np.zeros((n, h, w, c), dtype=np.uint8)
         errors = [f"cannot read row group {rg} of {unit.uri}: {type(e).__name__}: {' '.join(str(e).split())}"] * n
+        t_read = time.perf_counter()
+    t_decode = time.perf_counter()
     rows = np.arange(unit.row_start, unit.row_start + n, dtype=np.int64)
     ids = np.array([f"{unit.uri}#{r}" for r in rows], dtype=object)  # default, and for null ids
     if table is not None and cols.id:
@@ -70,6 +97,8 @@ def read_unit(unit: Unit, spec: ReadSpec, data: bytes | None = None) -> dict[str
         "error": np.array([e or "" for e in errors], dtype=object),
         "pixels": pixels,  # (n, H, W, C) uint8
         ADAPT_COLUMN: adapt,
+        column("read"): spread(fetch_s + t_read - t0, n),
+        column("decode"): spread(t_decode - t_read, n),
     }
 
 
@@ -78,12 +107,14 @@ def read_file(units: list[Unit], spec: ReadSpec) -> list[dict[str, np.ndarray]]:
     footer and column GETs per row group); a failed fetch leaves each unit to fail on its own."""
     uri, size = units[0].uri, units[0].size
     data = None
+    t = time.perf_counter()
     if is_s3(uri) and 0 < size <= WHOLE_FILE_BYTES:
         try:
             data = spec.store.read_bytes(uri)
         except Exception:
             data = None
-    return [read_unit(u, spec, data) for u in units]
+    fetch_s = (time.perf_counter() - t) / len(units)
+    return [read_unit(u, spec, data, fetch_s) for u in units]
 
 
 def read_items(units: list[Unit]) -> list[dict[str, bytes]]:

@@ -38,6 +38,8 @@ def summary(result: RunResult) -> str:
         f"  {t['seconds']:.1f} s (plan {t['plan_s']:.1f}, score {t['score_s']:.1f}), {t['images_per_s'] or 0:.0f} images/s"
         + (f"; {m['resumed_rows']} rows kept from an earlier attempt" if m.get("resumed_rows") else ""),
     ]
+    if "stages" in m:
+        lines.append(f"  {m['stages']['line']}")
     if "drift" in m:
         lines.append(f"  drift: {m['drift']['line']}")
     if ad["converted"] or ad["resized"]:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from jobs import drift, manifest, parts, runs
+from jobs import drift, manifest, parts, runs, stages
 from jobs.images import Target
 from jobs.pipeline.batching import batching
 from jobs.pipeline.checkpoint import Checkpoint
@@ -88,6 +89,9 @@ class Run:
         self.run_uri = join(opts.output, run_id)
         self.attempt_uri = join(self.run_uri, new_attempt())
         self.timings: dict[str, float] = {}  # plan_s, score_s, commit_s (driver wall time)
+        self.ray_data: dict[str, dict[str, float]] = {}  # Ray Data's own stats per operator (ray_data_stats)
+        self.pool: Pool | None = None  # set when the pipeline is built
+        self.precision = opts.precision  # the one the actors use ("auto" resolved when the pipeline is built)
 
     def execute(self) -> RunResult:
         """Plan, score what no earlier attempt completed, and commit."""
@@ -147,7 +151,9 @@ class Run:
         if not is_s3(self.attempt_uri):
             os.makedirs(self.store.filesystem(self.attempt_uri)[1], exist_ok=True)
         try:
-            rows = ds.take_all()
+            done = ds.materialize()  # a few rows (one per part written); keeps Ray Data's execution stats
+            rows = done.take_all()
+            self.ray_data = ray_data_stats(done.stats())
         except KeyboardInterrupt:
             raise
         except Exception as e:  # retries exhausted (actor deaths, storage): nothing is committed
@@ -163,21 +169,23 @@ class Run:
 
         opts = self.opts
         init_ray(opts.address)
-        actors, cpa, gpa = pool_size(opts)
-        batch = batching(opts.batch_size, opts.memory_budget, self.checkpoint.config.input.shape, cpa, gpa)
-        spec = ReadSpec(self.store, Target.of(self.checkpoint.config.input, opts.decode), opts.resize_policy)
+        pool = self.pool = pool_size(opts)
+        self.precision = run_precision(opts, pool)
+        self.batch = batching(opts.batch_size, opts.memory_budget, self.checkpoint.config.input.shape,
+                              pool.cpus_per_actor, pool.gpus_per_actor)
+        spec = ReadSpec(self.store, Target.of(self.checkpoint.config.input, opts.decode), opts.resize_policy,
+                        pool.decode_threads)
         items = read_items(units)
         ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=len(items))
         with warnings.catch_warnings():  # Ray 2.60 takes retry settings only as (deprecated) extra remote args
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(read_batch, fn_kwargs={"spec": spec}, batch_size=1,  # type: ignore[arg-type]
-                                batch_format="default", num_cpus=opts.read_cpus, max_retries=READ_TASK_RETRIES)
+                                batch_format="default", num_cpus=pool.read_cpus, max_retries=READ_TASK_RETRIES)
             ds = ds.map_batches(
-                Scorer, fn_constructor_kwargs={"checkpoint": self.checkpoint, "threads": max(1, round(cpa)),
-                                               "columns": opts.columns, "precision": opts.precision,
-                                               "compile": opts.compile, "batching": batch},
-                batch_size=batch.rows, batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpa, num_gpus=gpa or None,
+                Scorer, fn_constructor_kwargs=self.scorer_args(pool),
+                batch_size=self.batch.rows, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus_per_actor,
+                num_gpus=pool.gpus_per_actor or None,
                 resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS,
                 max_task_retries=ACTOR_TASK_RETRIES,
             )
@@ -187,6 +195,13 @@ class Run:
             return ds.map_batches(parts.write_part, fn_kwargs={"spec": spec_out},  # type: ignore[arg-type]
                                   batch_size=opts.rows_per_file, batch_format="pyarrow", num_cpus=WRITE_CPUS,
                                   max_retries=READ_TASK_RETRIES)
+
+    def scorer_args(self, pool: Pool) -> dict[str, Any]:
+        """The scoring actors' constructor arguments: what survives an actor's restart (the checkpoint by
+        URI and hashes, never its bytes, loaded once per node) and plain options."""
+        return {"checkpoint": self.checkpoint.ref(self.store), "threads": max(1, round(pool.cpus_per_actor)),
+                "columns": self.opts.columns, "precision": self.precision, "compile": self.opts.compile,
+                "batching": self.batch}
 
     # ------------------------------------------------------------------------ commit
     def commit(self, plan: Plan, written: list[dict[str, Any]], lists: dict[str, Any]) -> RunResult:
@@ -201,6 +216,12 @@ class Run:
                                           manifest.OUTPUT_SCHEMA)
         resumed = sum(int(p["rows"]) for p in written if not str(p["uri"]).startswith(self.attempt_uri + "/"))
         body = self.manifest_body(plan, totals, {**lists, "outputs": outputs_ref}, resumed)
+        seconds: dict[str, float] = {}
+        for p in written:  # parts reused from an earlier attempt carry no stage seconds of this one
+            seconds = stages.add(seconds, p.get("stages"))
+        actor_wall = self.pool.actors * self.timings["score_s"] if self.pool else None
+        body["stages"] = {**stages.analyse(seconds, actor_wall), "ray_data": self.ray_data,
+                          "pool": asdict(self.pool) if self.pool else None}
         body["drift"] = drift.measure(self.checkpoint.config.fitted.threshold, totals["ok"], totals["error"],
                                       totals["ood"], drift.merge_counts([p.get("bins") for p in written])
                                       ).to_json(drift.Limits())
@@ -237,7 +258,7 @@ class Run:
             "threshold": ({k: v for k, v in threshold.to_json().items() if k != "reference"}
                           if threshold else None),  # the reference's quantiles stay in the checkpoint
             "columns": self.columns,  # the model columns this run made (--columns)
-            "precision": opts.precision,
+            "precision": self.precision,  # the one used (options.precision keeps what was asked for)
             "compiled": opts.compile,
             "decode": opts.decode,
             "timings": {"plan_s": round(timings["plan_s"], 3), "score_s": round(timings["score_s"], 3),
@@ -274,16 +295,45 @@ def init_ray(address: str | None) -> None:
     ray.init(**kw)
 
 
-def pool_size(opts: ScoreOptions) -> tuple[int, float, float]:
-    """(actors, cpus per actor, gpus per actor) checked against the cluster's resources, so that the
-    pool can never take the CPUs the read tasks need (which would hang the job)."""
+@dataclass(frozen=True)
+class Pool:
+    """How the run uses the cluster: scoring actors and their CPUs and GPUs, and CPUs per read task."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    read_cpus: float  # per read+decode task, which decodes with as many threads (at least one)
+
+    @property
+    def decode_threads(self) -> int:
+        return max(1, round(self.read_cpus))
+
+
+def default_read_cpus(cpus: float, gpus: float, cpus_per_actor: float) -> float:
+    """CPUs per read task when --read-cpus is not given. CPU-only: 0.5, so that reads always find room
+    beside the actors (on 2 cores an actor pool that takes every CPU starves the reads and the job
+    hangs). With GPUs: the CPUs each GPU has beside its actor, in tasks of 1-4 CPUs (at least four
+    tasks in flight per GPU, each decoding with as many threads)."""
+    if gpus <= 0:
+        return 0.5
+    spare = cpus / gpus - cpus_per_actor
+    return float(max(1, min(4, int(spare // 4))))
+
+
+def pool_size(opts: ScoreOptions) -> Pool:
+    """The pool checked against the cluster's resources, so that it can never take the CPUs the read
+    tasks need (which would hang the job)."""
     import ray
 
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
     if opts.gpus_per_actor > 0 and gpus == 0 and not opts.address:
         raise JobError(f"--gpus-per-actor {opts.gpus_per_actor} asks for GPUs but this Ray cluster has none")
-    free = cpus - opts.read_cpus  # room kept for at least one read task
+    read_cpus = opts.read_cpus if opts.read_cpus is not None else default_read_cpus(cpus, gpus, opts.cpus_per_actor)
+    if read_cpus >= cpus and not opts.address:
+        raise JobError(f"--read-cpus {read_cpus:g} leaves no CPU of this Ray cluster's {cpus:g} for the scoring actors; "
+                       f"expected less than {cpus:g}")
+    free = cpus - read_cpus  # room kept for at least one read task
     if opts.actors is None:
         if opts.gpus_per_actor > 0 and gpus > 0:
             actors = max(1, int(gpus / opts.gpus_per_actor))
@@ -298,8 +348,50 @@ def pool_size(opts: ScoreOptions) -> tuple[int, float, float]:
         elif not opts.address:
             raise JobError(
                 f"--actors {actors} x --cpus-per-actor {cpa} = {actors * cpa:g} CPUs, but this Ray cluster has "
-                f"{cpus:g} and the read tasks need {opts.read_cpus:g}; lower --actors or --cpus-per-actor")
-    return actors, cpa, opts.gpus_per_actor
+                f"{cpus:g} and the read tasks need {read_cpus:g}; lower --actors or --cpus-per-actor")
+    return Pool(actors, cpa, opts.gpus_per_actor, read_cpus)
+
+
+def device_precision() -> str:
+    """The precision "auto" means on this worker's device (a Ray task placed like a scoring actor)."""
+    import torch
+
+    from nrm.names import AUTO_PRECISION
+    from nrm.precision import resolve
+
+    return resolve(AUTO_PRECISION, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_precision(opts: ScoreOptions, pool: Pool) -> str:
+    """``opts.precision``; "auto" resolved by one task on a worker placed as the actors are (its device)."""
+    from nrm.names import AUTO_PRECISION
+
+    if opts.precision != AUTO_PRECISION:
+        return opts.precision
+    import ray
+
+    probe = ray.remote(device_precision).options(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
+                                                 resources=opts.actor_resources or None)
+    return str(ray.get(probe.remote()))
+
+
+OPERATOR = re.compile(r"^Operator \d+ (?P<name>.+?): (?P<tasks>\d+) tasks executed")
+REMOTE_WALL = re.compile(r"^\* Remote wall time: .*?(?P<total>[\d.]+)(?P<unit>us|ms|s) total")
+
+
+def ray_data_stats(text: str) -> dict[str, dict[str, float]]:
+    """Ray Data's own per-operator stats, from ``Dataset.stats()`` (its only public form, a text):
+    tasks executed and their remote wall time summed (seconds). Empty where the text has neither."""
+    found: dict[str, dict[str, float]] = {}
+    name = None
+    for line in text.splitlines():
+        line = line.strip()
+        if m := OPERATOR.match(line):
+            name = m["name"]
+            found[name] = {"tasks": int(m["tasks"])}
+        elif name is not None and (m := REMOTE_WALL.match(line)):
+            found[name]["remote_wall_s"] = round(float(m["total"]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[m["unit"]], 3)
+    return found
 
 
 def one_line(e: BaseException) -> str:

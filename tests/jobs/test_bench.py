@@ -1,13 +1,15 @@
-"""jobs.bench: the scoring-overhead measurement (the rest of `nrm-ood bench` is timing, run by hand)."""
+"""jobs.bench: the scoring-overhead measurement and the job section's single-process loop and its input (the
+rest of `nrm-ood bench` is timing, run by hand)."""
 
 from __future__ import annotations
 
 import platform
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from support import tiny_config
+from support import dataset_dir, tiny_config
 
 import nrm
 from jobs.bench import timing
@@ -52,3 +54,27 @@ def test_the_model_filter_keeps_only_the_labels_that_contain_it() -> None:
 
     labels = [label for label, _, _ in bench_models("cpu", None, ("gray28",))]
     assert labels == ["gray28 w0.5", "gray28 w1.0"]
+
+
+def test_the_single_process_loop_scores_and_writes_every_row(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from jobs.bench.loop import CLASSIFIER, converted_checkpoint, mnist_input, single_process_loop
+    from jobs.datasets import load_labelled
+
+    data = mnist_input(tmp_path, 300, None, echo=lambda _m: None)
+    rows, _ = load_labelled(str(data), (1, 28, 28), limit=300)
+    ckpt = converted_checkpoint(tmp_path, rows)
+    assert single_process_loop(ckpt, data, tmp_path / "loop.parquet", CLASSIFIER, batch=128) > 0
+    t = pq.read_table(tmp_path / "loop.parquet")
+    assert t.num_rows == 300 and set(CLASSIFIER) <= set(t.column_names)
+
+
+def test_the_shared_mnist_shards_are_repeated_to_the_rows_asked_for(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from jobs.bench.loop import mnist_input
+
+    shared = dataset_dir("mnist").parents[1]
+    data = mnist_input(tmp_path, 61_234, shared, echo=lambda _m: None)
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in data.glob("*.parquet")) == 61_234

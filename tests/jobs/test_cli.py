@@ -590,7 +590,7 @@ def test_cli_choices_match_the_library(command: str, option: str) -> None:
 
     library = {"--arch": ("auto", *names.PRESETS), "--augment": names.AUGMENTATIONS, "--optimizer": names.OPTIMIZERS,
                "--normaliser": names.NORMALISERS, "--detector": names.DETECTORS, "--features": names.FEATURE_SETS,
-               "--section": SECTIONS, "--precision": names.TRAIN_PRECISIONS if command == "train" else names.PRECISIONS,
+               "--section": SECTIONS, "--precision": names.TRAIN_PRECISIONS if command == "train" else names.RUN_PRECISIONS,
                "--decode": names.DECODES}
     r = invoke(command, *REQUIRED[command], option, "bogus")
     assert r.exit_code == 2 and f"'bogus' is not one of {', '.join(map(repr, library[option]))}." in r.output

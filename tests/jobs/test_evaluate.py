@@ -34,7 +34,7 @@ from jobs.evaluate import (
     write_evaluation,
 )
 from jobs.images import Policy
-from jobs.parts import ADAPT_COLUMN
+from jobs.parts import drop_internal
 from jobs.pipeline import Checkpoint, ReadSpec, Scorer, read_unit
 from jobs.planning import plan_inputs
 from jobs.storage import Store
@@ -50,9 +50,9 @@ def score_file(ckpt: Path, path: Path) -> pa.Table:
     ck = Checkpoint.fetch(store, str(ckpt))
     plan = plan_inputs(store, store.list_parquet(str(path)), None, None, None)
     spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
-    scorer = Scorer(ck, 1)
-    # the write task drops the internal ADAPT_COLUMN before a part is written
-    return pa.concat_tables([scorer(read_unit(u, spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
+    scorer = Scorer(ck.ref(store), 1)
+    # the write task drops the internal columns before a part is written
+    return pa.concat_tables([drop_internal(scorer(read_unit(u, spec)))[0] for u in plan.units])
 
 
 def synthetic(n: int, base: float, ok_rows: int | None = None, flip: float = 1.0) -> pa.Table:

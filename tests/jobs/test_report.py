@@ -25,7 +25,7 @@ from jobs import manifest
 from jobs.cli import app
 from jobs.evaluate import ScoredSet, write_evaluation
 from jobs.images import Policy
-from jobs.parts import ADAPT_COLUMN
+from jobs.parts import drop_internal
 from jobs.pipeline import Checkpoint, ReadSpec, Scorer, read_unit
 from jobs.planning import plan_inputs
 from jobs.report import ReportError, ReportOptions, build_report, class_table, locate, newest_rows, rate_table
@@ -40,9 +40,9 @@ def score_file(ck: Checkpoint, path: Path) -> pa.Table:
     store = Store()
     plan = plan_inputs(store, store.list_parquet(str(path)), None, None, None)
     spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
-    scorer = Scorer(ck, 1)
-    # the write task drops the internal ADAPT_COLUMN before a part is written
-    return pa.concat_tables([scorer(read_unit(u, spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
+    scorer = Scorer(ck.ref(store), 1)
+    # the write task drops the internal columns before a part is written
+    return pa.concat_tables([drop_internal(scorer(read_unit(u, spec)))[0] for u in plan.units])
 
 
 @pytest.fixture(scope="module")

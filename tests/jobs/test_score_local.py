@@ -17,6 +17,7 @@ from support import inputs_of, make_checkpoint, outputs_of, png_bytes, random_im
 
 import nrm
 from jobs.pipeline import JobError, RunResult, ScoreOptions, run_score
+from jobs.stages import STAGES
 from jobs.storage import Store
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
@@ -95,6 +96,22 @@ def test_output_columns_are_exactly_the_contract(hf_run: dict[str, Any]) -> None
     assert t.schema.field("source_row").type == pa.int64()
     assert t.schema.field("latent_prior_layers").type == pa.list_(pa.float64())
     assert set(pa.compute.list_value_length(t["latent_prior_layers"]).drop_null().to_pylist()) == {2}
+
+
+def test_manifest_has_every_stage_with_non_negative_seconds(hf_run: dict[str, Any]) -> None:
+    seconds = read_manifest(hf_run["root"] / "out", "r1")["stages"]["seconds"]
+    assert list(seconds) == list(STAGES)
+    assert all(v >= 0 for v in seconds.values()), seconds
+    assert seconds["score"] > 0  # the stage that ran on every batch was timed
+
+
+def test_manifest_busy_fraction_is_the_score_share_of_the_actors_time(hf_run: dict[str, Any]) -> None:
+    m = read_manifest(hf_run["root"] / "out", "r1")
+    st = m["stages"]
+    assert st["actor_wall_s"] >= st["pool"]["actors"] * m["timings"]["score_s"] - 0.001
+    assert 0 < st["busy"] <= 1
+    assert st["busy"] == pytest.approx(st["seconds"]["score"] / st["actor_wall_s"], abs=0.01)
+    assert st["line"].startswith(f"scorer busy {st['busy']:.0%}: {st['bound']}; ")
 
 
 def test_default_ids_and_source_rows(hf_run: dict[str, Any]) -> None:
@@ -289,6 +306,12 @@ def test_pool_larger_than_the_cluster_is_refused(ckpt: Path, tmp_path: Path) -> 
     assert not (tmp_path / "out" / "big" / "_manifest.json").exists()
 
 
+def test_read_cpus_that_leave_no_cpu_for_the_actors_are_refused(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
+    with pytest.raises(JobError, match=r"--read-cpus 2 leaves no CPU of this Ray cluster's 2 .*expected less than 2"):
+        score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "reads", read_cpus=2)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("actors", [2, None])
 def test_fractional_cpus_per_actor_completes(ckpt: Path, tmp_path: Path, actors: int | None) -> None:
@@ -450,6 +473,14 @@ def test_a_column_the_model_does_not_make_fails_the_run_naming_it(ckpt: Path, tm
     with pytest.raises(JobError, match="--columns det_gmm: not a column of this model"):
         score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "bad", columns=("det_gmm",))
     assert not (tmp_path / "out" / "bad").exists()
+
+
+def test_a_run_in_auto_precision_records_the_one_its_actors_used(ckpt: Path, tmp_path: Path) -> None:
+    from nrm.precision import resolve
+
+    write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(4, seed=44)])
+    r = score(ckpt, tmp_path / "a.parquet", tmp_path / "out", "auto", precision="auto")
+    assert (r.manifest["precision"], r.manifest["options"]["precision"]) == (resolve("auto", "cpu"), "auto")
 
 
 def test_a_run_in_bf16_records_its_precision_and_keeps_most_predictions(ckpt: Path, tmp_path: Path) -> None:

@@ -11,7 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import manifest
-from jobs.pipeline import Checkpoint, JobError
+from jobs.pipeline import Checkpoint, JobError, Run, ScoreOptions
+from jobs.pipeline.checkpoint import CACHE_ENV
+from jobs.pipeline.options import checked
+from jobs.pipeline.run import Pool
 from jobs.storage import AlreadyCommitted, FileInfo, StorageError, Store, absolute, join, split_s3
 
 
@@ -133,6 +136,48 @@ def test_checkpoint_fetch_errors_name_the_uri_not_a_temp_dir(tiny_ckpt: Path, tm
     with pytest.raises(JobError, match="tampered or replaced") as e:
         Checkpoint.fetch(Store(), str(tiny_ckpt))
     assert str(tiny_ckpt) in str(e.value) and "nrm-ckpt-" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- the scoring actors' checkpoint
+@pytest.fixture
+def node_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "node-cache"))
+    return tmp_path / "node-cache"
+
+
+def test_scoring_actors_are_handed_the_checkpoint_by_reference_not_its_bytes(tiny_ckpt: Path, tmp_path: Path,
+                                                                             node_cache: Path) -> None:
+    import ray
+
+    opts, run_id = checked(ScoreOptions(str(tiny_ckpt), str(tmp_path), str(tmp_path / "out")))
+    args = Run(Store(), opts, run_id, echo=lambda _m: None).scorer_args(Pool(1, 1.0, 0.0, 0.5))
+    blob = ray.cloudpickle.dumps(args)
+    assert (tiny_ckpt / "weights.safetensors").read_bytes() not in blob
+    assert b"ObjectRef" not in blob
+    assert args["checkpoint"].uri == str(tiny_ckpt)
+
+
+def test_the_node_cache_serves_a_restarted_actor_when_the_source_is_gone(tiny_ckpt: Path, node_cache: Path) -> None:
+    import torch
+
+    import nrm
+
+    ref = Checkpoint.fetch(Store(), str(tiny_ckpt)).ref(Store())  # the driver seeds its node's cache
+    want = nrm.load(tiny_ckpt).state_dict()
+    for f in tiny_ckpt.iterdir():
+        f.unlink()
+    got = ref.load().state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_cached_copy_that_fails_its_hash_is_fetched_again(tiny_ckpt: Path, node_cache: Path) -> None:
+    ref = Checkpoint.fetch(Store(), str(tiny_ckpt)).ref(Store())
+    cached = Path(ref.cache_dir) / "weights.safetensors"
+    data = bytearray(cached.read_bytes())
+    data[-1] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    ref.load()
+    assert cached.read_bytes() == (tiny_ckpt / "weights.safetensors").read_bytes()
 
 
 # ---------------------------------------------------------------------------- bugs

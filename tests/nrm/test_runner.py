@@ -94,3 +94,17 @@ def test_an_unknown_precision_or_layout_is_named() -> None:
         Runner(_model(), precision="fp8")
     with pytest.raises(ValueError, match=r"unknown memory layout 'nhwc'"):
         Runner(_model(), layout="nhwc")
+
+
+@pytest.mark.parametrize(("flags", "fast"), [("fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),
+                                             ("fpu avx512f avx512_bf16", False)])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_amx(flags: str, fast: bool) -> None:
+    from nrm.precision import fast_bf16
+
+    assert fast_bf16("cpu", f"processor\t: 0\nflags\t\t: {flags}\n") is fast
+
+
+def test_an_explicit_precision_is_never_changed_by_resolve() -> None:
+    from nrm.precision import resolve
+
+    assert [resolve(p, "cpu") for p in ("fp32", "bf16", "fp16", "tf32")] == ["fp32", "bf16", "fp16", "tf32"]
