@@ -1,0 +1,132 @@
+"""Score every split of the default-detector study once per network and cache the columns
+(docs/study-default-detector.md section 2 lists the splits).
+
+    python scripts/study_cache.py NAME=CKPT:IN_SET [...] --cache /work/scratch/study32/cache \
+        --aux /work/scratch/study32/data
+
+IN_SET is cifar10, mnist or fashion_mnist. ``--aux`` holds the files scripts/split_textures.py and
+scripts/make_noise.py write (textures32-val/-report, noise32(-val), noise28(-val)). For each network
+it writes CACHE/NAME/<split>.pt, a dict of CPU tensors: pred, max_softmax, max_logit, energy,
+logits (N, K), feats (N, F) (the penultimate features), latent_gates and unit_acts (N, sum_l C_l),
+label where the rows are labelled, and on the rendered splits also the top-down pass's columns
+(latent_prior(_layers), latent_loglik, recon_sq_error, loglik_bound, latent_prior_channels).
+A split whose file exists is not scored again. Scoring is float32 in the fast layout, as
+`nrm-ood fit-detector` scores.
+
+Splits (train/held-out rows: `nrm-ood train`'s seed-0 permutation, 10% held out):
+    train          every training row not held out, forward pass only
+    held           the held-out rows (validation in-distribution), rendered
+    val_<set>      validation OOD: CIFAR-10 nets tin (TinyImageNet train_sample, first 2,000),
+                   textures (textures32-val), noise (seed 3); gray nets the sibling's train split
+                   (first 2,000), textures, noise; rendered
+    syn_<t>        synthetic OOD (scripts/synthetic_ood.py) from the last --syn training rows, forward only
+    test_in        report in-distribution: the first 2,000 rows of the test split, rendered
+    test_<set>     report OOD, first 2,000 rows each: CIFAR-10 nets tin (val_ood, near), textures
+                   (textures32-report), mnist, fmnist (test), noise (seed 1) (far); gray nets the
+                   sibling's test split (near), textures, noise (seed 2) (far); rendered
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nrm  # noqa: E402
+from jobs.datasets import load_images, load_labelled  # noqa: E402
+from nrm.train import held_out_split  # noqa: E402
+from scripts.synthetic_ood import synthetic  # noqa: E402
+
+DATA = Path("/work/shared/datasets")
+LIMIT = 2000  # rows of each validation / report set (section 6's --limit and --val-ood-limit)
+FORWARD = ["pred", "max_softmax", "max_logit", "energy"]
+SIBLING = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
+
+
+def sets(in_set: str, aux: Path) -> dict[str, str]:
+    """split name -> Parquet URI of every validation and report set of a network trained on ``in_set``."""
+    if in_set == "cifar10":
+        return {"val_tin": f"{DATA}/tinyimagenet/train_sample", "val_textures": f"{aux}/textures32-val",
+                "val_noise": f"{aux}/noise32-val", "test_in": f"{DATA}/cifar10/test",
+                "test_tin": f"{DATA}/tinyimagenet/val_ood", "test_textures": f"{aux}/textures32-report",
+                "test_mnist": f"{DATA}/mnist/test", "test_fmnist": f"{DATA}/fashion_mnist/test",
+                "test_noise": f"{aux}/noise32"}
+    sib = SIBLING[in_set]
+    return {f"val_{sib}": f"{DATA}/{sib}/train", "val_textures": f"{aux}/textures32-val", "val_noise": f"{aux}/noise28-val",
+            "test_in": f"{DATA}/{in_set}/test", f"test_{sib}": f"{DATA}/{sib}/test",
+            "test_textures": f"{aux}/textures32-report", "test_noise": f"{aux}/noise28"}
+
+
+def score_batch(m: nrm.NRM, x: torch.Tensor, render: bool) -> dict[str, torch.Tensor]:
+    """Every cached column of one normalised batch: NRM.score (with the unit statistics) and
+    NRM.penultimate (a second forward pass: score keeps the penultimate features to itself)."""
+    cols = m.score(x, unit_stats=True) if render else m.score(x, columns=FORWARD, unit_stats=True)
+    feats, logits = m.penultimate(x)
+    keep = {k: v for k, v in cols.items() if not k.startswith("det_")}
+    return {**keep, "feats": feats, "logits": logits}
+
+
+@torch.no_grad()
+def score_all(m: nrm.NRM, images: torch.Tensor, render: bool, labels: torch.Tensor | None = None,
+              batch: int = 500) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(images), batch):
+        for k, v in score_batch(m, m.preprocess(images[i : i + batch]), render).items():
+            parts.setdefault(k, []).append(v.cpu())
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    if labels is not None:
+        out["label"] = labels
+    return out
+
+
+def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn_rows: int) -> None:
+    m = nrm.load(ckpt).use_fast_layout()
+    out = cache / name
+    out.mkdir(parents=True, exist_ok=True)
+    x, y = (torch.from_numpy(a) for a in load_labelled(f"{DATA}/{in_set}/train", m.input_shape))
+    held, train = held_out_split(len(x), 0.1, torch.Generator().manual_seed(0))
+    jobs: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
+        "held": lambda: score_all(m, x[held], True, y[held]),
+    }
+    for split, uri in sets(in_set, aux).items():
+        def job(uri: str = uri, split: str = split) -> dict[str, torch.Tensor]:
+            if split == "test_in":
+                xi, yi = load_labelled(uri, m.input_shape, LIMIT)
+                return score_all(m, torch.from_numpy(xi), True, torch.from_numpy(yi))
+            return score_all(m, torch.from_numpy(load_images(uri, m.input_shape, LIMIT)), True)
+        jobs[split] = job
+    base = x[train[-syn_rows:]]
+    for t, images in synthetic(base).items():
+        jobs[f"syn_{t}"] = lambda images=images: score_all(m, images, False)
+    jobs["train"] = lambda: score_all(m, x[train], False, y[train])
+    for split, job in jobs.items():
+        path = out / f"{split}.pt"
+        if path.exists():
+            continue
+        t0 = time.perf_counter()
+        cols = job()
+        torch.save(cols, path)
+        print(f"{name} {split}: {len(cols['pred'])} rows, {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("networks", nargs="+", help="NAME=CKPT:IN_SET")
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--aux", type=Path, required=True)
+    ap.add_argument("--syn", type=int, default=1000, help="training rows each synthetic set is made from")
+    a = ap.parse_args()
+    for spec in a.networks:
+        name, _, rest = spec.partition("=")
+        ckpt, _, in_set = rest.rpartition(":")
+        cache_network(name, ckpt, in_set, a.cache, a.aux, a.syn)
+
+
+if __name__ == "__main__":
+    main()
