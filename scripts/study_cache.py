@@ -46,6 +46,7 @@ from scripts.synthetic_ood import synthetic  # noqa: E402
 DATA = Path("/work/shared/datasets")
 LIMIT = 2000  # rows of each validation / report set (section 6's --limit and --val-ood-limit)
 FORWARD = ["pred", "max_softmax", "max_logit", "energy"]
+RELU_TRAIN = 20000  # training rows of the --relu cache
 SIBLING = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
 
 
@@ -63,6 +64,20 @@ def sets(in_set: str, aux: Path) -> dict[str, str]:
             "test_textures": f"{aux}/textures32-report", "test_noise": f"{aux}/noise28"}
 
 
+def relu_stats(m: nrm.NRM, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """On-rate and mean of every ReLU node's output per channel (N, sum C): the network's own ReLU
+    latents s*(l), which for a ResNet include the ReLUs after the residual adds (the bias nodes'
+    statistics, latent_gates / unit_acts, read the conv outputs before those adds)."""
+    lat = m.encode(x)
+    rates, means = [], []
+    for name, gate in lat.latents.items():
+        if gate.dim() != 4 or gate.shape != lat.values[name].shape:
+            continue  # max-pool switches
+        rates.append(gate.float().mean(dim=(2, 3)))
+        means.append(lat.values[name].float().mean(dim=(2, 3)))
+    return {"relu_gates": torch.cat(rates, 1), "relu_acts": torch.cat(means, 1)}
+
+
 def score_batch(m: nrm.NRM, x: torch.Tensor, render: bool) -> dict[str, torch.Tensor]:
     """Every cached column of one normalised batch: NRM.score (with the unit statistics) and
     NRM.penultimate (a second forward pass: score keeps the penultimate features to itself)."""
@@ -74,10 +89,12 @@ def score_batch(m: nrm.NRM, x: torch.Tensor, render: bool) -> dict[str, torch.Te
 
 @torch.no_grad()
 def score_all(m: nrm.NRM, images: torch.Tensor, render: bool, labels: torch.Tensor | None = None,
-              batch: int = 500) -> dict[str, torch.Tensor]:
+              batch: int = 500, relu: bool = False) -> dict[str, torch.Tensor]:
     parts: dict[str, list[torch.Tensor]] = {}
-    for i in range(0, len(images), batch):
-        for k, v in score_batch(m, m.preprocess(images[i : i + batch]), render).items():
+    step = 100 if relu else batch  # encode keeps every node's output
+    for i in range(0, len(images), step):
+        x = m.preprocess(images[i : i + step])
+        for k, v in (relu_stats(m, x) if relu else score_batch(m, x, render)).items():
             parts.setdefault(k, []).append(v.cpu())
     out = {k: torch.cat(v) for k, v in parts.items()}
     if labels is not None:
@@ -85,34 +102,36 @@ def score_all(m: nrm.NRM, images: torch.Tensor, render: bool, labels: torch.Tens
     return out
 
 
-def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn_rows: int) -> None:
+def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn_rows: int, relu: bool,
+                  only: list[str] | None = None) -> None:
+    """Every split of one network; with ``relu`` the ReLU-node statistics instead (CACHE/NAME/relu/,
+    training rows: the first RELU_TRAIN only)."""
     m = nrm.load(ckpt).use_fast_layout()
-    out = cache / name
+    out = cache / name / "relu" if relu else cache / name
     out.mkdir(parents=True, exist_ok=True)
     x, y = (torch.from_numpy(a) for a in load_labelled(f"{DATA}/{in_set}/train", m.input_shape))
     held, train = held_out_split(len(x), 0.1, torch.Generator().manual_seed(0))
-    jobs: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-        "held": lambda: score_all(m, x[held], True, y[held]),
-    }
+    Job = tuple[Callable[[], torch.Tensor], torch.Tensor | None, bool]  # images, labels, rendered
+    jobs: dict[str, Job] = {"held": (lambda: x[held], y[held], True)}
     for split, uri in sets(in_set, aux).items():
-        def job(uri: str = uri, split: str = split) -> dict[str, torch.Tensor]:
-            if split == "test_in":
-                xi, yi = load_labelled(uri, m.input_shape, LIMIT)
-                return score_all(m, torch.from_numpy(xi), True, torch.from_numpy(yi))
-            return score_all(m, torch.from_numpy(load_images(uri, m.input_shape, LIMIT)), True)
-        jobs[split] = job
-    base = x[train[-syn_rows:]]
-    for t, images in synthetic(base).items():
-        jobs[f"syn_{t}"] = lambda images=images: score_all(m, images, False)
-    jobs["train"] = lambda: score_all(m, x[train], False, y[train])
-    for split, job in jobs.items():
+        if split == "test_in":
+            xi, yi = (torch.from_numpy(a) for a in load_labelled(uri, m.input_shape, LIMIT))
+            jobs[split] = (lambda xi=xi: xi, yi, True)
+        else:
+            jobs[split] = (lambda uri=uri: torch.from_numpy(load_images(uri, m.input_shape, LIMIT)), None, True)
+    for t, images in synthetic(x[train[-syn_rows:]]).items():
+        jobs[f"syn_{t}"] = (lambda images=images: images, None, False)
+    keep = train[:RELU_TRAIN] if relu else train
+    jobs["train"] = (lambda: x[keep], y[keep], False)
+    for split, (images, labels, render) in jobs.items():
         path = out / f"{split}.pt"
-        if path.exists():
+        if path.exists() or (only and split not in only):
             continue
         t0 = time.perf_counter()
-        cols = job()
+        cols = score_all(m, images(), render, labels, relu=relu)
         torch.save(cols, path)
-        print(f"{name} {split}: {len(cols['pred'])} rows, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"{name} {'relu ' if relu else ''}{split}: {len(next(iter(cols.values())))} rows, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def main() -> None:
@@ -121,11 +140,13 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--aux", type=Path, required=True)
     ap.add_argument("--syn", type=int, default=1000, help="training rows each synthetic set is made from")
+    ap.add_argument("--relu", action="store_true", help="cache the ReLU-node statistics (relu_stats) instead")
+    ap.add_argument("--only", action="append", help="cache only this split (repeatable)")
     a = ap.parse_args()
     for spec in a.networks:
         name, _, rest = spec.partition("=")
         ckpt, _, in_set = rest.rpartition(":")
-        cache_network(name, ckpt, in_set, a.cache, a.aux, a.syn)
+        cache_network(name, ckpt, in_set, a.cache, a.aux, a.syn, a.relu, a.only)
 
 
 if __name__ == "__main__":

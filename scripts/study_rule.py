@@ -1,0 +1,327 @@
+"""The default-detector study (docs/study-default-detector.md), from scripts/study_cache.py's cache.
+
+    python scripts/study_rule.py validation NAME=CKPT [...] --cache DIR --out DIR   # choices: validation sets only
+    python scripts/study_rule.py report NAME=CKPT [...] --cache DIR --out DIR       # the report tables
+
+``validation`` fits every candidate of the design (fitting rows x detector x features) and writes
+OUT/validation.csv (network, candidate, set, AUROC; in-distribution = half B of the held-out rows;
+real and synthetic validation OOD sets), then prints the fixed-rule criterion (mean over networks of
+the worst-case real-validation AUROC) and the synthetic-choice agreement table. It never reads a
+report split. ``report`` applies the rule (``RULE``, fixed in the design before this stage ran), the
+study's flow, today's default and the post-hoc baselines, and writes OUT/report.csv and markdown.
+CKPT is only read for the classifier head (the baselines' ViM needs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nrm  # noqa: E402
+from nrm import detectors as D  # noqa: E402
+from nrm import metrics  # noqa: E402
+from nrm import posthoc as P  # noqa: E402
+
+Cols = dict[str, Tensor]
+Score = Callable[[Cols], Tensor]
+ROWS = ("half", "train20k", "train")
+DETECTORS = (("mahalanobis", "gates"), ("mahalanobis", "gates_acts"),
+             ("mahalanobis_energy", "gates"), ("mahalanobis_energy", "gates_acts"))
+CHUNK = 4096
+
+
+# ---------------------------------------------------------------------------- cache
+def load(cache: Path, report: bool) -> dict[str, Cols]:
+    """The cached splits of one network; the report splits (test_*) only when ``report``."""
+    return {p.stem: torch.load(p) for p in sorted(cache.glob("*.pt")) if report or not p.stem.startswith("test_")}
+
+
+def rows(cols: Cols, idx: Tensor) -> Cols:
+    return {k: v[idx] for k, v in cols.items()}
+
+
+def halves(held: Cols) -> tuple[Tensor, Tensor]:
+    """Half A (fits the `half` candidates) and half B (validation in-distribution) of the held-out rows."""
+    return D.split_halves(len(held["pred"]))
+
+
+def fitting_rows(splits: dict[str, Cols], which: str) -> Cols:
+    if which == "half":
+        return rows(splits["held"], halves(splits["held"])[0])
+    if which == "train20k":
+        return rows(splits["train"], torch.arange(min(20000, len(splits["train"]["pred"]))))
+    return splits["train"]
+
+
+# ---------------------------------------------------------------------------- detectors
+def gaussian(cols: Cols, features: str, n_classes: int) -> dict[str, Tensor]:
+    """nrm.detectors.fit_mahalanobis, in chunks of rows (ResNet-56's 8,128 gates_acts features on
+    45,000 rows would not fit in memory at once): class means at the predicted class (the pooled
+    mean for a class never predicted) and the inverse of the pooled covariance, ridge 1e-6 trace / D."""
+    n = len(cols["pred"])
+    pred = cols["pred"].long()
+    parts = ("pred", *(D._PARTS[p] for p in features.split("_")))
+    chunks = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+    feat = lambda a, b: D.features({k: cols[k][a:b] for k in parts}, features)  # noqa: E731
+    d = feat(0, 1).shape[1]
+    sums, total = torch.zeros(n_classes, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    for a, b in chunks:
+        f = feat(a, b)
+        sums.index_add_(0, pred[a:b], f)
+        total += f.sum(0)
+    counts = torch.bincount(pred, minlength=n_classes).double()
+    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], total / n)
+    cov = torch.zeros(d, d, dtype=torch.float64)
+    for a, b in chunks:
+        c = feat(a, b) - means[pred[a:b]]
+        cov += c.T @ c
+    cov /= max(1, n - 1)
+    ridge = 1e-6 * float(cov.trace()) / d + 1e-12
+    return {"means": means, "precision": torch.linalg.inv(cov + ridge * torch.eye(d, dtype=torch.float64))}
+
+
+def library_detector(name: str, features: str, fitted: dict[str, Tensor]) -> D.Detector:
+    """The library's detector object for fitted tensors: the one place this script builds one."""
+    return D.lookup(name).from_tensors(fitted, features=features)
+
+
+def fit(name: str, features: str, cols: Cols, n_classes: int) -> Score:
+    """A fitted candidate's score function (higher = in-distribution), fitted as nrm.detectors fits it."""
+    if name == "mahalanobis":
+        return library_detector(name, features, gaussian(cols, features, n_classes)).score
+    if name != "mahalanobis_energy":
+        raise ValueError(f"unknown candidate detector {name!r}")
+    # MahalanobisEnergy.fit: the Gaussian on a seeded four fifths, both parts standardised on the rest, refit on all
+    n = len(cols["pred"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    cut = n * 4 // 5
+    part = library_detector("mahalanobis", features, gaussian(rows(cols, perm[:cut]), features, n_classes))
+    rest = rows(cols, perm[cut:])
+    both = torch.stack([part.score(rest).double(), -rest["energy"].double()], 1)
+    fitted = {**gaussian(cols, features, n_classes), "centre": both.mean(0), "scale": both.std(0).clamp_min(1e-12)}
+    return library_detector(name, features, fitted).score
+
+
+def head(ckpt: str) -> tuple[Tensor, Tensor]:
+    """(weight (K, F), bias (K,)) of the classifier's last linear layer."""
+    m = nrm.load(ckpt)
+    p = m.node_params(m.classifier.name)
+    w = p["weight"].detach().double()
+    return w, p.get("bias", torch.zeros(w.shape[0])).detach().double()
+
+
+# ---------------------------------------------------------------------------- metrics
+def oriented(cols: Cols, name: str) -> Tensor:
+    v = cols[name].double()
+    return v if nrm.scores.HIGHER_IS_IN[name] else -v
+
+
+def auroc(score: Score, pos: Cols, neg: Cols) -> float:
+    return float(metrics.auroc(score(pos).double().numpy(), score(neg).double().numpy()))
+
+
+def ood_sets(splits: dict[str, Cols], prefix: str) -> dict[str, Cols]:
+    return {k[len(prefix):]: v for k, v in splits.items() if k.startswith(prefix)}
+
+
+@dataclass
+class Net:
+    name: str
+    ckpt: str
+    splits: dict[str, Cols]
+
+    @property
+    def classes(self) -> int:
+        return int(self.splits["train"]["logits"].shape[1])
+
+
+# ---------------------------------------------------------------------------- validation stage
+def validation(nets: list[Net], out: Path) -> None:
+    table: list[dict[str, Any]] = []
+    for net in nets:
+        s = net.splits
+        in_val = rows(s["held"], halves(s["held"])[1])
+        oods = {**{f"real:{k}": v for k, v in ood_sets(s, "val_").items()},
+                **{f"syn:{k}": v for k, v in ood_sets(s, "syn_").items()}}
+        for r in ROWS:
+            fit_cols = fitting_rows(s, r)
+            for name, fs in DETECTORS:
+                score = fit(name, fs, fit_cols, net.classes)
+                for k, v in oods.items():
+                    table.append({"network": net.name, "candidate": f"{r}:{name}[{fs}]", "set": k,
+                                  "auroc": auroc(score, in_val, v)})
+                print(f"{net.name} {r}:{name}[{fs}] " + " ".join(
+                    f"{t['set']} {t['auroc']:.3f}" for t in table[-len(oods):]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "validation.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["network", "candidate", "set", "auroc"])
+        w.writeheader()
+        w.writerows({**t, "auroc": f"{t['auroc']:.4f}"} for t in table)
+    print_choices(table)
+
+
+def worst(table: list[dict[str, Any]], net: str, cand: str, kind: str, agg: Callable[[list[float]], float] = min) -> float:
+    return agg([t["auroc"] for t in table if t["network"] == net and t["candidate"] == cand and t["set"].startswith(kind)])
+
+
+def print_choices(table: list[dict[str, Any]]) -> None:
+    nets = list(dict.fromkeys(t["network"] for t in table))
+    cands = list(dict.fromkeys(t["candidate"] for t in table))
+    print("\n### Worst-case real-validation AUROC\n")
+    print("| candidate | " + " | ".join(nets) + " | mean |\n|---|" + "---|" * (len(nets) + 1))
+    crit = {c: float(np.mean([worst(table, n, c, "real:") for n in nets])) for c in cands}
+    for c in sorted(cands, key=crit.__getitem__, reverse=True):
+        print(f"| {c} | " + " | ".join(f"{worst(table, n, c, 'real:'):.3f}" for n in nets) + f" | {crit[c]:.3f} |")
+    print("\n### Synthetic choice against the real-validation choice\n")
+    print("| network | real winner (worst case) | synthetic winner, worst case | its real worst case, regret "
+          "| synthetic winner, mean | its real worst case, regret |\n|---|---|---|---|---|---|")
+    for n in nets:
+        real = max(cands, key=lambda c: worst(table, n, c, "real:"))
+        best = worst(table, n, real, "real:")
+        cells = [n, f"{real} ({best:.3f})"]
+        for agg in (min, lambda v: float(np.mean(v))):
+            syn = max(cands, key=lambda c, agg=agg: worst(table, n, c, "syn:", agg))
+            got = worst(table, n, syn, "real:")
+            cells += [syn, f"{got:.3f}, {best - got:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+
+
+# ---------------------------------------------------------------------------- report stage
+NEAR = {"cifar10": ("tin",), "gray": ("mnist", "fashion_mnist")}
+BASELINES = ("max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim")
+
+
+def rule(net: Net) -> tuple[str, str, str]:
+    """The default rule (fitting rows, detector, features), as fixed in docs/study-default-detector.md."""
+    raise NotImplementedError("the rule is fixed from the validation stage first")
+
+
+def pure(det: tuple[str, str, str]) -> tuple[str, str, str]:
+    """The pure NRM detector beside a fused one: the Gaussian alone, same rows and features."""
+    r, name, fs = det
+    return (r, "mahalanobis" if name == "mahalanobis_energy" else name, fs)
+
+
+def study_flow(net: Net) -> tuple[str, Score, dict[str, float]]:
+    """docs/results.md section 6's flow (`--val-ood` real validation sets, `--detector-rows 20000`):
+    nrm.detectors.choose over SEARCH. The candidates on forward statistics are fitted on the first
+    20,000 training rows with every held-out row as the in-distribution side; those that need the
+    top-down pass on half A of the held-out rows against half B (the training rows are cached from
+    the forward pass only). Returns the winner's name, score and validation table."""
+    s = net.splits
+    a, b = halves(s["held"])
+    oods = ood_sets(s, "val_")
+    best: tuple[tuple[float, float], str, Score, dict[str, float]] | None = None
+    for name, fs in D.SEARCH:
+        forward = set(fs.split("_")) <= D.UNIT_PARTS
+        if name in ("mahalanobis", "mahalanobis_energy") and forward:
+            score = fit(name, fs, fitting_rows(s, "train20k"), net.classes)
+        else:
+            score = D.lookup(name)(fs).fit(rows(s["held"], a) if not forward else fitting_rows(s, "train20k"),
+                                           net.classes).score
+        pos = s["held"] if forward else rows(s["held"], b)
+        res = {k: auroc(score, pos, v) for k, v in oods.items()}
+        key = (min(res.values()), float(np.mean(list(res.values()))))
+        if best is None or key > best[0]:
+            best = (key, f"{name}[{fs}]", score, res)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def baselines(net: Net) -> dict[str, Score]:
+    """MSP, max logit, energy (columns) and the post-hoc detectors fitted on every training row with
+    its label, as `fit-detector --baselines` (nrm.posthoc.fit_all: Mahalanobis on the penultimate
+    features, KNN k = 50, ViM)."""
+    t = net.splits["train"]
+    w, b = head(net.ckpt)
+    fitted = P.fit_all(t["feats"], t["logits"], t["label"], w, b, net.classes)
+    out: dict[str, Score] = {c: (lambda cols, c=c: oriented(cols, c)) for c in BASELINES[:3]}
+    for d in fitted.values():
+        out[type(d).column] = lambda cols, d=d: d.score(cols["feats"].double(), cols["logits"].double())
+    return out
+
+
+def report_scores(net: Net) -> dict[str, Score]:
+    s = net.splits
+    det = rule(net)
+    scores: dict[str, Score] = {}
+    scores[f"default: {det[0]}:{det[1]}[{det[2]}]"] = fit(det[1], det[2], fitting_rows(s, det[0]), net.classes)
+    if pure(det) != det:
+        p = pure(det)
+        scores[f"pure NRM: {p[0]}:{p[1]}[{p[2]}]"] = fit(p[1], p[2], fitting_rows(s, p[0]), net.classes)
+    scores["today's default: half:mahalanobis[gates_acts]"] = fit("mahalanobis", "gates_acts",
+                                                                  fitting_rows(s, "half"), net.classes)
+    name, score, _ = study_flow(net)
+    scores[f"study's flow: train20k:{name}"] = score
+    scores["latent_loglik"] = lambda cols: oriented(cols, "latent_loglik")
+    scores.update(baselines(net))
+    return scores
+
+
+def report(nets: list[Net], in_sets: dict[str, str], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    table: list[dict[str, Any]] = []
+    for net in nets:
+        s = net.splits
+        tests = ood_sets(s, "test_")
+        pos = tests.pop("in")
+        near = NEAR["cifar10" if in_sets[net.name] == "cifar10" else "gray"]
+        groups = {"near": [k for k in tests if k in near], "far": [k for k in tests if k not in near]}
+        acc = float((s["test_in"]["pred"] == s["test_in"]["label"]).double().mean())
+        lines += ["", f"**{net.name}** (accuracy on the 2,000 in-distribution rows: {acc:.4f}; near: "
+                  f"{', '.join(groups['near'])}; far: {', '.join(groups['far'])})", "",
+                  "| score | " + " | ".join(f"{k} AUROC / FPR@95" for k in tests) + " | near mean | far mean |",
+                  "|---|" + "---|" * (len(tests) + 2)]
+        for label, score in report_scores(net).items():
+            sp = score(pos).double().numpy()
+            cell = {}
+            for k, v in tests.items():
+                sn = score(v).double().numpy()
+                cell[k] = (float(metrics.auroc(sp, sn)), float(metrics.fpr_at_tpr(sp, sn, 0.95)))
+                table.append({"network": net.name, "score": label, "set": k, "auroc": f"{cell[k][0]:.4f}",
+                              "fpr95": f"{cell[k][1]:.4f}"})
+            g = {n: tuple(float(np.mean([cell[k][j] for k in ks])) for j in (0, 1)) for n, ks in groups.items()}
+            lines.append(f"| {label} | " + " | ".join(f"{a:.3f} / {f:.3f}" for a, f in [*cell.values(), g["near"], g["far"]])
+                         + " |")
+            print(lines[-1], flush=True)
+    with open(out / "report.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["network", "score", "set", "auroc", "fpr95"])
+        w.writeheader()
+        w.writerows(table)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["validation", "report"])
+    ap.add_argument("networks", nargs="+", help="NAME=CKPT:IN_SET (the cache is CACHE/NAME)")
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    nets, in_sets = [], {}
+    for spec in a.networks:
+        name, _, rest = spec.partition("=")
+        ckpt, _, in_set = rest.rpartition(":")
+        in_sets[name] = in_set
+        nets.append(Net(name, ckpt, load(a.cache / name, report=a.stage == "report")))
+    if a.stage == "validation":
+        validation(nets, a.out)
+    else:
+        report(nets, in_sets, a.out)
+
+
+if __name__ == "__main__":
+    main()
