@@ -103,7 +103,7 @@ def score_all(m: nrm.NRM, images: torch.Tensor, render: bool, labels: torch.Tens
 
 
 def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn_rows: int, relu: bool,
-                  only: list[str] | None = None) -> None:
+                  only: list[str] | None = None, train_rows: int | None = None) -> None:
     """Every split of one network; with ``relu`` the ReLU-node statistics instead (CACHE/NAME/relu/,
     training rows: the first RELU_TRAIN only)."""
     m = nrm.load(ckpt).use_fast_layout()
@@ -121,7 +121,7 @@ def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn
             jobs[split] = (lambda uri=uri: torch.from_numpy(load_images(uri, m.input_shape, LIMIT)), None, True)
     for t, images in synthetic(x[train[-syn_rows:]]).items():
         jobs[f"syn_{t}"] = (lambda images=images: images, None, False)
-    keep = train[:RELU_TRAIN] if relu else train
+    keep = train[:RELU_TRAIN] if relu else train[:train_rows]
     jobs["train"] = (lambda: x[keep], y[keep], False)
     for split, (images, labels, render) in jobs.items():
         path = out / f"{split}.pt"
@@ -142,11 +142,12 @@ def main() -> None:
     ap.add_argument("--syn", type=int, default=1000, help="training rows each synthetic set is made from")
     ap.add_argument("--relu", action="store_true", help="cache the ReLU-node statistics (relu_stats) instead")
     ap.add_argument("--only", action="append", help="cache only this split (repeatable)")
+    ap.add_argument("--train-rows", type=int, default=None, help="the train split's first rows only (default: all)")
     a = ap.parse_args()
     for spec in a.networks:
         name, _, rest = spec.partition("=")
         ckpt, _, in_set = rest.rpartition(":")
-        cache_network(name, ckpt, in_set, a.cache, a.aux, a.syn, a.relu, a.only)
+        cache_network(name, ckpt, in_set, a.cache, a.aux, a.syn, a.relu, a.only, a.train_rows)
 
 
 if __name__ == "__main__":

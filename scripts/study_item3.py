@@ -11,7 +11,7 @@ set (never a report split), on:
   the ReLUs after the residual adds included);
 - all layers together: gates, gates_acts (today's features), the ReLU nodes' gates and
   gates_acts, and both;
-and KNN (k = 50) on the penultimate features fitted on the training rows, for comparison.
+and KNN (k = 50) on the penultimate features of the first 20,000 training rows, for comparison.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -58,6 +59,8 @@ def network(name: str, ckpt: str, cache: Path, fit: str) -> None:
     k = len(m.config.classes)
     s = load(cache / name)
     r = load(cache / name / "relu") if (cache / name / "relu").exists() else {}
+    if fit != "half" and "train" not in r:
+        r = {}  # no ReLU-node statistics of training rows cached
     a_idx, b_idx = D.split_halves(len(s["held"]["pred"]))
     n_fit = 20000 if fit == "train20k" else None
     oods = [k_[4:] for k_ in s if k_.startswith("val_")]
@@ -85,10 +88,10 @@ def network(name: str, ckpt: str, cache: Path, fit: str) -> None:
         row("ReLU gates, all ReLU nodes", r, "relu_gates", 0, rw)
         row("ReLU gates_acts, all ReLU nodes", r, "relu_gates+relu_acts", 0, rw)
     if "train" in s:
-        knn = P.KNN().fit(s["train"]["feats"])
+        knn = P.KNN().fit(s["train"]["feats"][:20000])
         sp = knn.score(s["held"]["feats"][b_idx]).numpy()
         res = {o: float(metrics.auroc(sp, knn.score(s[f"val_{o}"]["feats"]).numpy())) for o in oods}
-        print("| KNN k=50 on the penultimate features (all training rows) | - | "
+        print("| KNN k=50 on the penultimate features (first 20,000 training rows) | - | "
               + " | ".join(f"{res[o]:.3f}" for o in oods) + f" | {min(res.values()):.3f} |")
     for relu, src in ((False, s), (True, r)):
         if not src:
@@ -98,6 +101,133 @@ def network(name: str, ckpt: str, cache: Path, fit: str) -> None:
         for layer, c in blocks(m, relu):
             row(f"{'ReLU' if relu else 'bias'} {layer}", src, key, lo, lo + c)
             lo += c
+
+
+def variants(name: str, ckpt: str, cache: Path, fit: str) -> None:
+    """Pure NRM variants of the gate-statistics Gaussian, validation AUROC (half B against each real
+    validation OOD set): the reference gates_acts Gaussian; a sum over layers of per-layer Gaussian
+    scores, each standardised on half A (Lee et al. 2018's layer ensemble, equal weights); covariance
+    shrinkage toward its diagonal; sqrt of the mean activations; a class-agnostic Gaussian; the
+    closest class instead of y*; the ReLU nodes' statistics added (half A fits, needs the relu cache)."""
+    m = nrm.load(ckpt)
+    k = len(m.config.classes)
+    s = load(cache / name)
+    r = load(cache / name / "relu") if (cache / name / "relu").exists() else {}
+    a_idx, b_idx = D.split_halves(len(s["held"]["pred"]))
+    oods = [o[4:] for o in s if o.startswith("val_")]
+    fit_split, fit_idx = ("held", a_idx) if fit == "half" else ("train", torch.arange(20000))
+
+    def feats(split: str, fn, idx: Tensor | None = None) -> tuple[Tensor, Tensor]:  # noqa: ANN001
+        f, p = fn(split), s[split]["pred"].long()
+        return (f, p) if idx is None else (f[idx], p[idx])
+
+    base = lambda sp: torch.cat([s[sp]["latent_gates"], s[sp]["unit_acts"]], 1).double()  # noqa: E731
+    sq = lambda sp: torch.cat([s[sp]["latent_gates"], s[sp]["unit_acts"].clamp_min(0).sqrt()], 1).double()  # noqa: E731
+    both = lambda sp: torch.cat([base(sp), r[sp]["relu_gates"].double(), r[sp]["relu_acts"].double()], 1)  # noqa: E731
+
+    def evaluate(label: str, score) -> None:  # noqa: ANN001
+        sp = score("held", b_idx)
+        res = {o: float(metrics.auroc(sp, score(f"val_{o}"))) for o in oods}
+        print(f"| {label} | " + " | ".join(f"{res[o]:.3f}" for o in oods) + f" | {min(res.values()):.3f} |", flush=True)
+
+    def gaussian(fn, shrink: float = 0.0, classes: bool = True, closest: bool = False):  # noqa: ANN001, ANN202
+        f, p = feats(fit_split, fn, fit_idx)
+        st = D.fit_mahalanobis(f, p if classes else torch.zeros_like(p), k if classes else 1)
+        if shrink:
+            cov = torch.linalg.inv(st["precision"])
+            st["precision"] = torch.linalg.inv((1 - shrink) * cov + shrink * torch.diag(cov.diagonal()))
+
+        def score(split: str, idx: Tensor | None = None) -> object:
+            g, q = feats(split, fn, idx)
+            if closest:
+                return torch.stack([D.mahalanobis(g, torch.full_like(q, c), st["means"], st["precision"])
+                                    for c in range(k)]).amax(0).numpy()
+            return D.mahalanobis(g, q if classes else torch.zeros_like(q), st["means"], st["precision"]).numpy()
+        return score
+
+    print(f"\n**{name}** variants (fitted on {fit})\n")
+    print("| variant | " + " | ".join(oods) + " | worst |\n|---|" + "---|" * (len(oods) + 1))
+    evaluate("gates_acts Gaussian (reference)", gaussian(base))
+    bounds = [0]
+    for _, c in blocks(m, False):
+        bounds.append(bounds[-1] + c)
+    width = bounds[-1]
+    layer_scores = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        cols = torch.tensor([*range(lo, hi), *range(width + lo, width + hi)])
+        layer_scores.append(gaussian(lambda sp, cols=cols: base(sp)[:, cols]))
+    ref = [torch.as_tensor(ls("held", a_idx)) for ls in layer_scores]
+    mu, sd = [float(v.mean()) for v in ref], [float(v.std()) for v in ref]
+    evaluate("sum of per-layer Gaussians, standardised on half A",
+             lambda sp, idx=None: sum((torch.as_tensor(ls(sp, idx)) - u) / d
+                                      for ls, u, d in zip(layer_scores, mu, sd, strict=True)).numpy())
+    for a in (0.01, 0.1, 0.5):
+        evaluate(f"shrinkage {a} toward the diagonal", gaussian(base, shrink=a))
+    evaluate("sqrt of the mean activations", gaussian(sq))
+    evaluate("class-agnostic Gaussian", gaussian(base, classes=False))
+    evaluate("closest class instead of y*", gaussian(base, closest=True))
+    if r and fit == "half":
+        evaluate("plus the ReLU nodes' gates and activations", gaussian(both))
+
+
+def jpeg(images: Tensor, quality: int = 75) -> Tensor:
+    """Each uint8 image (N, H, W, 3) encoded as JPEG at ``quality`` and decoded (PIL), as the shared
+    CIFAR-10 was re-encoded ("quality about 75")."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for im in images.numpy():
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        out.append(torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))))
+    return torch.stack(out)
+
+
+def jpeg_probe(name: str, ckpt: str, cache: Path) -> None:
+    """Does a detector separate TinyImageNet from CIFAR-10 by the JPEG artifacts of the shared
+    CIFAR-10 copy? TinyImageNet train_sample (validation; the first 2,000 rows at 32x32, as cached)
+    re-encoded as JPEG quality 75 at 32x32, against the same rows as cached; in-distribution half B
+    of the held-out rows; Gaussians fitted on the first 20,000 training rows, KNN on the same rows."""
+    from jobs.datasets import load_images
+    from scripts.study_cache import score_all
+
+    m = nrm.load(ckpt).use_fast_layout()
+    path = cache / name / "probe_tin_jpeg.pt"
+    if not path.exists():
+        x = torch.from_numpy(load_images("/work/shared/datasets/tinyimagenet/train_sample", m.input_shape, 2000))
+        torch.save(score_all(m, jpeg(x), False), path)
+    s = load(cache / name)
+    probe = torch.load(path)
+    b = D.split_halves(len(s["held"]["pred"]))[1]
+    pos, train = rows_of(s["held"], b), rows_of(s["train"], torch.arange(20000))
+    print(f"\n**{name}**: AUROC against TinyImageNet train_sample as cached / re-encoded as JPEG q75\n")
+    for fs in ("gates", "gates_acts"):
+        st = D.fit_mahalanobis(D.features(train, fs), train["pred"].long(), len(m.config.classes))
+        sc = lambda c, fs=fs, st=st: D.mahalanobis(D.features(c, fs), c["pred"].long(), st["means"], st["precision"]).numpy()  # noqa: E731
+        print(f"- mahalanobis[{fs}]: {metrics.auroc(sc(pos), sc(s['val_tin'])):.3f} / {metrics.auroc(sc(pos), sc(probe)):.3f}")
+    bounds, lo = {}, 0
+    for _layer, c in blocks(m, False):  # consecutive layers of one width: a stage of the CIFAR ResNets
+        bounds.setdefault(c, [lo, lo])[1] = lo + c
+        lo += c
+    width = lo
+    for c, (a, z) in bounds.items():
+        cols = torch.tensor([*range(a, z), *range(width + a, width + z)])
+        f = lambda d, cols=cols: D.features(d, "gates_acts")[:, cols]  # noqa: E731
+        st = D.fit_mahalanobis(f(train), train["pred"].long(), len(m.config.classes))
+        sc = lambda d, f=f, st=st: D.mahalanobis(f(d), d["pred"].long(), st["means"], st["precision"]).numpy()  # noqa: E731
+        print(f"- mahalanobis[gates_acts] of the {c}-channel layers: {metrics.auroc(sc(pos), sc(s['val_tin'])):.3f} / "
+              f"{metrics.auroc(sc(pos), sc(probe)):.3f}")
+    knn = P.KNN().fit(train["feats"])
+    kn = lambda c: knn.score(c["feats"]).numpy()  # noqa: E731
+    print(f"- KNN k=50: {metrics.auroc(kn(pos), kn(s['val_tin'])):.3f} / {metrics.auroc(kn(pos), kn(probe)):.3f}")
+    en = lambda c: (-c["energy"]).numpy()  # noqa: E731
+    print(f"- energy: {metrics.auroc(en(pos), en(s['val_tin'])):.3f} / {metrics.auroc(en(pos), en(probe)):.3f}")
+
+
+def rows_of(cols: Cols, idx: Tensor) -> Cols:
+    return {k: v[idx] for k, v in cols.items()}
 
 
 def bn_check(ckpt: str, module: str, weights: str, n: int = 500) -> None:
@@ -140,7 +270,19 @@ def main() -> None:
     ap.add_argument("--fit", choices=["half", "train20k"], default="half")
     ap.add_argument("--bn-check", nargs=2, metavar=("MODULE", "WEIGHTS"),
                     help="instead: compare the gates of the unfolded torch module (path.py:factory) with the first NAME=CKPT")
+    ap.add_argument("--jpeg-probe", action="store_true", help="instead: TinyImageNet re-encoded as JPEG (jpeg_probe)")
+    ap.add_argument("--variants", action="store_true", help="instead: the pure NRM variants of the Gaussian")
     a = ap.parse_args()
+    if a.jpeg_probe:
+        for spec in a.networks:
+            name, _, ckpt = spec.partition("=")
+            jpeg_probe(name, ckpt, a.cache)
+        return
+    if a.variants:
+        for spec in a.networks:
+            name, _, ckpt = spec.partition("=")
+            variants(name, ckpt, a.cache, a.fit)
+        return
     if a.bn_check:
         bn_check(a.networks[0].partition("=")[2], *a.bn_check)
         return
