@@ -22,7 +22,8 @@ Splits (train/held-out rows: `nrm-ood train`'s seed-0 permutation, 10% held out)
     syn_<t>        synthetic OOD (scripts/synthetic_ood.py) from the last --syn training rows, forward only
     test_in        report in-distribution: the first 2,000 rows of the test split, rendered
     test_<set>     report OOD, first 2,000 rows each: CIFAR-10 nets tin (val_ood, near), textures
-                   (textures32-report), mnist, fmnist (test), noise (seed 1) (far); gray nets the
+                   (textures32-report), mnist, fmnist (test), noise (seed 1) (far), tinjpeg (tin
+                   re-encoded as JPEG quality 75: beside the groups); gray nets the
                    sibling's test split (near), textures, noise (seed 2) (far); rendered
 """
 
@@ -62,6 +63,22 @@ def sets(in_set: str, aux: Path) -> dict[str, str]:
     return {f"val_{sib}": f"{DATA}/{sib}/train", "val_textures": f"{aux}/textures32-val", "val_noise": f"{aux}/noise28-val",
             "test_in": f"{DATA}/{in_set}/test", f"test_{sib}": f"{DATA}/{sib}/test",
             "test_textures": f"{aux}/textures32-report", "test_noise": f"{aux}/noise28"}
+
+
+def jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    """Each uint8 image (N, H, W, 3) encoded as JPEG at ``quality`` and decoded (PIL), as the shared
+    CIFAR-10 was re-encoded ("quality about 75")."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for im in images.numpy():
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        out.append(torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))))
+    return torch.stack(out)
 
 
 def relu_stats(m: nrm.NRM, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -119,6 +136,9 @@ def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn
             jobs[split] = (lambda xi=xi: xi, yi, True)
         else:
             jobs[split] = (lambda uri=uri: torch.from_numpy(load_images(uri, m.input_shape, LIMIT)), None, True)
+    if in_set == "cifar10":  # near-OOD with CIFAR-10's compression (docs/study-default-detector.md section 6)
+        near = sets(in_set, aux)["test_tin"]
+        jobs["test_tinjpeg"] = (lambda: jpeg(torch.from_numpy(load_images(near, m.input_shape, LIMIT))), None, True)
     for t, images in synthetic(x[train[-syn_rows:]]).items():
         jobs[f"syn_{t}"] = (lambda images=images: images, None, False)
     keep = train[:RELU_TRAIN] if relu else train[:train_rows]

@@ -20,7 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -170,28 +169,13 @@ def variants(name: str, ckpt: str, cache: Path, fit: str) -> None:
         evaluate("plus the ReLU nodes' gates and activations", gaussian(both))
 
 
-def jpeg(images: Tensor, quality: int = 75) -> Tensor:
-    """Each uint8 image (N, H, W, 3) encoded as JPEG at ``quality`` and decoded (PIL), as the shared
-    CIFAR-10 was re-encoded ("quality about 75")."""
-    import io
-
-    from PIL import Image
-
-    out = []
-    for im in images.numpy():
-        buf = io.BytesIO()
-        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
-        out.append(torch.from_numpy(np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))))
-    return torch.stack(out)
-
-
 def jpeg_probe(name: str, ckpt: str, cache: Path) -> None:
     """Does a detector separate TinyImageNet from CIFAR-10 by the JPEG artifacts of the shared
     CIFAR-10 copy? TinyImageNet train_sample (validation; the first 2,000 rows at 32x32, as cached)
     re-encoded as JPEG quality 75 at 32x32, against the same rows as cached; in-distribution half B
     of the held-out rows; Gaussians fitted on the first 20,000 training rows, KNN on the same rows."""
     from jobs.datasets import load_images
-    from scripts.study_cache import score_all
+    from scripts.study_cache import jpeg, score_all
 
     m = nrm.load(ckpt).use_fast_layout()
     path = cache / name / "probe_tin_jpeg.pt"

@@ -37,7 +37,8 @@ Cols = dict[str, Tensor]
 Score = Callable[[Cols], Tensor]
 ROWS = ("half", "train20k", "train")
 DETECTORS = (("mahalanobis", "gates"), ("mahalanobis", "gates_acts"),
-             ("mahalanobis_energy", "gates"), ("mahalanobis_energy", "gates_acts"))
+             ("mahalanobis_energy", "gates"), ("mahalanobis_energy", "gates_acts"),
+             ("mahalanobis_energy_robust", "gates"), ("mahalanobis_energy_robust", "gates_acts"))
 CHUNK = 4096
 
 
@@ -100,7 +101,7 @@ def fit(name: str, features: str, cols: Cols, n_classes: int) -> Score:
     """A fitted candidate's score function (higher = in-distribution), fitted as nrm.detectors fits it."""
     if name == "mahalanobis":
         return library_detector(name, features, gaussian(cols, features, n_classes)).score
-    if name != "mahalanobis_energy":
+    if name not in ("mahalanobis_energy", "mahalanobis_energy_robust"):
         raise ValueError(f"unknown candidate detector {name!r}")
     # MahalanobisEnergy.fit: the Gaussian on a seeded four fifths, both parts standardised on the rest, refit on all
     n = len(cols["pred"])
@@ -108,9 +109,14 @@ def fit(name: str, features: str, cols: Cols, n_classes: int) -> Score:
     cut = n * 4 // 5
     part = library_detector("mahalanobis", features, gaussian(rows(cols, perm[:cut]), features, n_classes))
     rest = rows(cols, perm[cut:])
-    both = torch.stack([part.score(rest).double(), -rest["energy"].double()], 1)
-    fitted = {**gaussian(cols, features, n_classes), "centre": both.mean(0), "scale": both.std(0).clamp_min(1e-12)}
-    return library_detector(name, features, fitted).score
+    both = torch.stack([part.score(rest).double(), -rest["energy"].double()], 1)  # (n - cut, 2)
+    if name == "mahalanobis_energy":  # mean and standard deviation
+        centre, scale = both.mean(0), both.std(0)
+    else:  # median and 1.4826 x the median absolute deviation: one far row cannot shrink a part's weight
+        centre = both.median(0).values
+        scale = 1.4826 * (both - centre).abs().median(0).values
+    fitted = {**gaussian(cols, features, n_classes), "centre": centre, "scale": scale.clamp_min(1e-12)}
+    return library_detector("mahalanobis_energy", features, fitted).score
 
 
 def head(ckpt: str) -> tuple[Tensor, Tensor]:
@@ -169,6 +175,14 @@ def validation(nets: list[Net], out: Path) -> None:
         w.writeheader()
         w.writerows({**t, "auroc": f"{t['auroc']:.4f}"} for t in table)
     print_choices(table)
+
+
+def read_tables(paths: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        with open(p) as fh:
+            out += [{**r, "auroc": float(r["auroc"])} for r in csv.DictReader(fh)]
+    return out
 
 
 def worst(table: list[dict[str, Any]], net: str, cand: str, kind: str, agg: Callable[[list[float]], float] = min) -> float:
@@ -278,7 +292,7 @@ def report(nets: list[Net], in_sets: dict[str, str], out: Path) -> None:
         tests = ood_sets(s, "test_")
         pos = tests.pop("in")
         near = NEAR["cifar10" if in_sets[net.name] == "cifar10" else "gray"]
-        groups = {"near": [k for k in tests if k in near], "far": [k for k in tests if k not in near]}
+        groups = {"near": [k for k in tests if k in near], "far": [k for k in tests if k not in near and k != "tinjpeg"]}
         acc = float((s["test_in"]["pred"] == s["test_in"]["label"]).double().mean())
         lines += ["", f"**{net.name}** (accuracy on the 2,000 in-distribution rows: {acc:.4f}; near: "
                   f"{', '.join(groups['near'])}; far: {', '.join(groups['far'])})", "",
@@ -306,11 +320,20 @@ def report(nets: list[Net], in_sets: dict[str, str], out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["validation", "report"])
-    ap.add_argument("networks", nargs="+", help="NAME=CKPT:IN_SET (the cache is CACHE/NAME)")
-    ap.add_argument("--cache", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("stage", choices=["validation", "choices", "report"])
+    ap.add_argument("networks", nargs="+", help="NAME=CKPT:IN_SET (the cache is CACHE/NAME); for choices: "
+                                                "validation.csv files")
+    ap.add_argument("--cache", type=Path)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--detectors", help="comma-separated name[features] subset of DETECTORS (validation stage)")
     a = ap.parse_args()
+    if a.stage == "choices":
+        print_choices(read_tables([Path(p) for p in a.networks]))
+        return
+    if a.detectors:
+        global DETECTORS
+        want = a.detectors.split(",")
+        DETECTORS = tuple(d for d in DETECTORS if f"{d[0]}[{d[1]}]" in want)
     nets, in_sets = [], {}
     for spec in a.networks:
         name, _, rest = spec.partition("=")
