@@ -209,6 +209,16 @@ def print_choices(table: list[dict[str, Any]]) -> None:
             got = worst(table, n, syn, "real:")
             cells += [syn, f"{got:.3f}, {best - got:.3f}"]
         print("| " + " | ".join(cells) + " |")
+    syn = sorted({t["set"] for t in table if t["set"].startswith("syn:")})
+    print("\n### Regret of choosing on one synthetic set alone (real worst case lost; exploratory)\n")
+    print("| synthetic set | " + " | ".join(nets) + " | max |\n|---|" + "---|" * (len(nets) + 1))
+    for one in syn:
+        reg = []
+        for n in nets:
+            real = max(worst(table, n, c, "real:") for c in cands)
+            pick = max(cands, key=lambda c, n=n, one=one: worst(table, n, c, one))
+            reg.append(real - worst(table, n, pick, "real:"))
+        print(f"| {one[4:]} | " + " | ".join(f"{r:.3f}" for r in reg) + f" | {max(reg):.3f} |")
 
 
 # ---------------------------------------------------------------------------- report stage
