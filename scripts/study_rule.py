@@ -189,6 +189,39 @@ def worst(table: list[dict[str, Any]], net: str, cand: str, kind: str, agg: Call
     return agg([t["auroc"] for t in table if t["network"] == net and t["candidate"] == cand and t["set"].startswith(kind)])
 
 
+def simplicity(cand: str) -> tuple[int, int, int]:
+    """The design's tie-break order (section 4): pure before fused, fewer features, fewer rows."""
+    r, _, det = cand.partition(":")
+    name, _, fs = det.partition("[")
+    return ([d for d, _ in DETECTORS].index(name), fs.count("_"), ROWS.index(r))
+
+
+def decide(table: list[dict[str, Any]], dims: dict[str, tuple[int, int]]) -> None:
+    """Section 4's decision on the validation table: the fixed rule (best mean over networks of the
+    worst-case real-validation AUROC; within 0.002 the simpler candidate), the rows part as a function
+    of D / n (every threshold between the networks' ratios), and the one-synthetic-set hypothesis
+    (patches) against the fixed rule. ``dims``: network -> (unit channels C, held-out rows n); the
+    gates features have D = C, gates_acts D = 2C."""
+    nets = list(dict.fromkeys(t["network"] for t in table))
+    cands = list(dict.fromkeys(t["candidate"] for t in table))
+    crit = {c: float(np.mean([worst(table, n, c, "real:") for n in nets])) for c in cands}
+    top = max(crit.values())
+    fixed = min((c for c in cands if crit[c] >= top - 0.002), key=simplicity)
+    print(f"\n### The rule\n\nfixed rule: {fixed} (mean worst case {crit[fixed]:.4f}; best {top:.4f})")
+    for det in dict.fromkeys(c.partition(":")[2] for c in cands):
+        ratio = {n: dims[n][0] * (2 if det.endswith("gates_acts]") else 1) / dims[n][1] for n in nets}
+        for big in ("train20k", "train"):
+            best = max((float(np.mean([worst(table, n, f"{big if ratio[n] > t else 'half'}:{det}", "real:") for n in nets])), t)
+                       for t in [0.0, *sorted(set(ratio.values()))])
+            print(f"- rows by D / n for {det}: {big} when D / n > {best[1]:.3f}, else half: mean {best[0]:.4f}")
+    patches = {n: max(cands, key=lambda c, n=n: worst(table, n, c, "syn:patches")) for n in nets}
+    got = {n: worst(table, n, patches[n], "real:") for n in nets}
+    regret = {n: max(worst(table, n, c, "real:") for c in cands) - got[n] for n in nets}
+    print("\nchoice on the patch-shuffled set alone: " + "; ".join(
+        f"{n} {patches[n]} (real worst case {got[n]:.3f}, regret {regret[n]:.3f})" for n in nets))
+    print(f"mean real worst case {np.mean(list(got.values())):.4f} against the fixed rule's {crit[fixed]:.4f}")
+
+
 def print_choices(table: list[dict[str, Any]]) -> None:
     nets = list(dict.fromkeys(t["network"] for t in table))
     cands = list(dict.fromkeys(t["candidate"] for t in table))
@@ -338,7 +371,11 @@ def main() -> None:
     ap.add_argument("--detectors", help="comma-separated name[features] subset of DETECTORS (validation stage)")
     a = ap.parse_args()
     if a.stage == "choices":
-        print_choices(read_tables([Path(p) for p in a.networks]))
+        table = read_tables([Path(p) for p in a.networks])
+        print_choices(table)
+        if a.cache:  # the feature count and held-out rows of each network, for the rule's rows part
+            held = {n: torch.load(a.cache / n / "held.pt") for n in dict.fromkeys(t["network"] for t in table)}
+            decide(table, {n: (h["latent_gates"].shape[1], len(h["pred"])) for n, h in held.items()})
         return
     if a.detectors:
         global DETECTORS
