@@ -19,7 +19,7 @@ Splits (train/held-out rows: `nrm-ood train`'s seed-0 permutation, 10% held out)
     val_<set>      validation OOD: CIFAR-10 nets tin (TinyImageNet train_sample, first 2,000),
                    textures (textures32-val), noise (seed 3); gray nets the sibling's train split
                    (first 2,000), textures, noise; rendered
-    syn_<t>        synthetic OOD (scripts/synthetic_ood.py) from the last --syn training rows, forward only
+    syn_<t>        synthetic OOD (nrm.synthetic) from the last --syn training rows, forward only
     test_in        report in-distribution: the first 2,000 rows of the test split, rendered
     test_<set>     report OOD, first 2,000 rows each: CIFAR-10 nets tin (val_ood, near), textures
                    (textures32-report), mnist, fmnist (test), noise (seed 1) (far), tinjpeg (tin
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nrm  # noqa: E402
 from jobs.datasets import load_images, load_labelled  # noqa: E402
+from nrm.synthetic import synthetic  # noqa: E402
 from nrm.train import held_out_split  # noqa: E402
-from scripts.synthetic_ood import synthetic  # noqa: E402
 
 DATA = Path("/work/shared/datasets")
 LIMIT = 2000  # rows of each validation / report set (section 6's --limit and --val-ood-limit)
