@@ -1,21 +1,26 @@
 """The default-detector study (docs/study-default-detector.md), from scripts/study_cache.py's cache.
 
-    python scripts/study_rule.py validation NAME=CKPT [...] --cache DIR --out DIR   # choices: validation sets only
-    python scripts/study_rule.py report NAME=CKPT [...] --cache DIR --out DIR       # the report tables
+    python scripts/study_rule.py validation NAME=CKPT:IN_SET [...] --cache DIR --out DIR  # validation sets only
+    python scripts/study_rule.py choices VALIDATION.CSV [...] [--cache DIR]              # the decision
+    python scripts/study_rule.py report NAME=CKPT:IN_SET [...] --cache DIR --out DIR      # the report tables
+    python scripts/study_rule.py summary REPORT.CSV [...]                                 # one row per network
 
 ``validation`` fits every candidate of the design (fitting rows x detector x features) and writes
 OUT/validation.csv (network, candidate, set, AUROC; in-distribution = half B of the held-out rows;
-real and synthetic validation OOD sets), then prints the fixed-rule criterion (mean over networks of
-the worst-case real-validation AUROC) and the synthetic-choice agreement table. It never reads a
-report split. ``report`` applies the rule (``RULE``, fixed in the design before this stage ran), the
-study's flow, today's default and the post-hoc baselines, and writes OUT/report.csv and markdown.
-CKPT is only read for the classifier head (the baselines' ViM needs it).
+real and synthetic validation OOD sets). It never reads a report split. ``choices`` prints the fixed-
+rule criterion (mean over networks of the worst-case real-validation AUROC), the synthetic-choice
+agreement tables and, with ``--cache``, the decision of the design's section 4 (``decide``).
+``report`` applies the rule (``rule``: fixed in the design's section 4b before this stage ran) beside
+its pure NRM detector, the fixed-rule fallback, today's default, the study's flow and the post-hoc
+baselines, and writes OUT/report.csv and OUT/report.md. CKPT is only read for the classifier head
+(the baselines' ViM needs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -382,15 +387,57 @@ def report(nets: list[Net], in_sets: dict[str, str], out: Path) -> None:
     print("\n".join(lines))
 
 
+def summary(paths: list[Path]) -> None:
+    """One row per network from report stages' report.csv: near / far group means (AUROC, FPR@95) of
+    the default flow, its pure NRM detector, today's default, the study's flow and the best baseline
+    of each group, and the goals of issue 32 (near >= 0.92, far >= 0.97, above every baseline, pure
+    NRM >= KNN)."""
+    rows = read_tables(paths)
+    print("| network | default flow | near AUROC / FPR@95 | far AUROC / FPR@95 | pure NRM near / far | KNN near / far "
+          "| best baseline near | best baseline far | today's default near / far | study's flow near / far "
+          "| goals missed |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for net in dict.fromkeys(r["network"] for r in rows):
+        mine = [r for r in rows if r["network"] == net]
+        near = NEAR["cifar10"] if any(r["set"] == "tin" for r in mine) else NEAR["gray"]
+        group = functools.partial(_group, mine, near)
+        default = next(r["score"] for r in mine if r["score"].startswith("default"))
+        pure_label = next((r["score"] for r in mine if r["score"].startswith("pure NRM")), default)
+        today = next(r["score"] for r in mine if r["score"].startswith("today"))
+        study = next(r["score"] for r in mine if r["score"].startswith("study"))
+        best = {g: max(BASELINES, key=lambda b, g=g: group(b, g)) for g in ("near", "far")}
+        missed = []
+        for g, goal in (("near", 0.92), ("far", 0.97)):
+            if group(default, g) < goal:
+                missed.append(f"{g} {group(default, g):.3f} < {goal} by {goal - group(default, g):.3f}")
+            if group(default, g) <= group(best[g], g):
+                missed.append(f"{g}: {best[g]} {group(best[g], g):.3f} >= default {group(default, g):.3f}")
+            if group(pure_label, g) < group("knn", g):
+                missed.append(f"{g}: pure NRM below KNN by {group('knn', g) - group(pure_label, g):.3f}")
+        pair = lambda sc, group=group: f"{group(sc, 'near'):.3f} / {group(sc, 'far'):.3f}"  # noqa: E731
+        print(f"| {net} | `{default.split(': ', 1)[1]}` | {group(default, 'near'):.3f} / {group(default, 'near', 'fpr95'):.3f} "
+              f"| {group(default, 'far'):.3f} / {group(default, 'far', 'fpr95'):.3f} | {pair(pure_label)} | {pair('knn')} "
+              f"| {best['near']} {group(best['near'], 'near'):.3f} | {best['far']} {group(best['far'], 'far'):.3f} "
+              f"| {pair(today)} | {pair(study)} | {'; '.join(missed) or 'none'} |")
+
+
+def _group(rows: list[dict[str, Any]], near: tuple[str, ...], score: str, g: str, col: str = "auroc") -> float:
+    """The mean of ``col`` over the near or far sets (``g``) of one score of one network's rows."""
+    return float(np.mean([float(r[col]) for r in rows if r["score"] == score and (r["set"] in near) == (g == "near")
+                          and r["set"] != "tinjpeg"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["validation", "choices", "report"])
+    ap.add_argument("stage", choices=["validation", "choices", "report", "summary"])
     ap.add_argument("networks", nargs="+", help="NAME=CKPT:IN_SET (the cache is CACHE/NAME); for choices: "
                                                 "validation.csv files")
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--detectors", help="comma-separated name[features] subset of DETECTORS (validation stage)")
     a = ap.parse_args()
+    if a.stage == "summary":  # the networks are report.csv files
+        summary([Path(p) for p in a.networks])
+        return
     if a.stage == "choices":
         table = read_tables([Path(p) for p in a.networks])
         print_choices(table)
