@@ -3,8 +3,8 @@
 torch's CPU tensors come from malloc. glibc serves every block above 32 MiB (its largest dynamic
 mmap threshold) with a fresh mmap and gives it back to the kernel on free, and trims the heap top
 above 128 KiB, so an activation of a 512-image batch (512 x 16 x 32 x 32 float32 = 32 MiB) is
-page-faulted in anew at every op: a ReLU of that tensor took 9.4 ms here, 1.5 ms once the pages
-are kept (docs/benchmarks.md, "Where the time goes"). Raising both thresholds to 1 GiB keeps freed
+page-faulted in anew at every op (docs/benchmarks.md section 7 measures what that
+costs a ReLU). Raising both thresholds to 1 GiB keeps freed
 blocks in the heap for the next allocation. The process keeps its peak memory (it would reach the
 same peak at the next batch anyway); blocks above 1 GiB still come and go with mmap.
 

@@ -81,7 +81,7 @@ def run(out: Path, epochs: int = 30, echo: Callable[[str], None] = print) -> dic
     acc = float((ind.pred == ind.label).mean())
     echo(f"\nin-distribution test accuracy: {acc:.3f} ({len(ind)} digits)")
     th = result.model.config.fitted.threshold
-    assert th is not None  # nrm.train fits it
+    assert th is not None  # nrm.training fits it
     rows = auroc_table(table, [th.score, *result.model.extra_columns], th, echo)
     return {"accuracy": acc, "auroc": rows, "run": res.run_id, "exit_code": res.exit_code, "threshold_score": th.score}
 

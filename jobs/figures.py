@@ -33,7 +33,7 @@ DPI = 100
 
 
 # ---------------------------------------------------------------------------- PNG plumbing
-def _png(fig: Figure) -> bytes:
+def to_png(fig: Figure) -> bytes:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
@@ -114,7 +114,7 @@ def histogram(title: str, xlabel: str, series: dict[str, np.ndarray], threshold:
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction of the set per bin")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return to_png(fig)
 
 
 def roc(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> bytes:
@@ -132,7 +132,7 @@ def roc(title: str, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> 
     ax.set_ylabel("TPR: fraction of in-distribution kept")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right", title="score (AUROC)", title_fontsize=7)
-    return _png(fig)
+    return to_png(fig)
 
 
 def bars(title: str, groups: Sequence[str], series: dict[str, Sequence[float | None]], ylabel: str = "AUROC",
@@ -152,7 +152,7 @@ def bars(title: str, groups: Sequence[str], series: dict[str, Sequence[float | N
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return to_png(fig)
 
 
 def gallery(title: str, images: np.ndarray, renders: np.ndarray | None, captions: Sequence[str]) -> bytes:
@@ -181,7 +181,7 @@ def gallery(title: str, images: np.ndarray, renders: np.ndarray | None, captions
             if rows == 2:
                 axes[1, 0].set_ylabel("rendering h0", fontsize=8)
     fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    return to_png(fig)
 
 
 def caption(row: dict[str, Any], classes: Sequence[str] | None, error: str | None = None) -> str:

@@ -122,12 +122,8 @@ def _fit(img: Image.Image, shape: tuple[int, int, int], policy: Policy) -> tuple
     return arr.reshape(h, w, c), done
 
 
-def decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Policy) -> np.ndarray:
-    """Encoded image bytes -> uint8 (H, W, C) at ``shape`` = (C, H, W)."""
-    return _decode_encoded(data, shape, policy)[0]
-
-
-def _decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
+def decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
+    """Encoded image bytes -> (uint8 (H, W, C) at ``shape`` = (C, H, W), what the adapt policy did)."""
     if data is None or len(data) == 0:
         raise RowError("empty image (no bytes)")
     try:
@@ -146,12 +142,9 @@ def _decode_encoded(data: bytes | None, shape: tuple[int, int, int], policy: Pol
     return _fit(img, shape, policy)
 
 
-def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> np.ndarray:
-    """A raw pixel cell (list or array of H*W*C numbers, HWC order) -> uint8 (H, W, C)."""
-    return _decode_raw(values, shape, policy)[0]
-
-
-def _decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
+def decode_raw(values: Any, shape: tuple[int, int, int], policy: Policy) -> tuple[np.ndarray, int]:
+    """A raw pixel cell (list or array of H*W*C numbers, HWC order) -> (uint8 (H, W, C), what the adapt
+    policy did)."""
     c, h, w = shape
     if values is None:
         raise RowError("empty image (null pixel array)")
@@ -203,7 +196,7 @@ def decode_column(column: pa.Array | pa.ChunkedArray, kind: str, shape: tuple[in
         cells = column.to_pylist()
     for i, cell in enumerate(cells):
         try:
-            out[i], done = _decode_raw(cell, shape, policy) if kind == "raw" else _decode_encoded(cell, shape, policy)
+            out[i], done = decode_raw(cell, shape, policy) if kind == "raw" else decode_encoded(cell, shape, policy)
             if adapted is not None:
                 adapted[i] = done
         except RowError as e:

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from jobs.drift import bin_counts
 from jobs.images import CONVERTED, RESIZED
 from jobs.planning import read_footer
 from jobs.storage import StorageError, Store, is_s3, join
@@ -42,23 +43,30 @@ COUNTS = ("rows", "ok", "error", "ood", "converted", "resized")
 class PartSpec:
     store: Store
     attempt_uri: str
+    quantiles: tuple[float, ...] | None = None  # the checkpoint's reference quantiles: count scores per bin
 
 
-def part_info(table: pa.Table, adapt: np.ndarray) -> dict[str, Any]:
-    """A part's counts and its rows per input file."""
-    ok = int(pc.sum(pc.equal(table["status"], "ok")).as_py() or 0)
+def part_info(table: pa.Table, adapt: np.ndarray, quantiles: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """A part's counts, its rows per input file and, with ``quantiles``, its ok rows' threshold scores
+    counted per reference bin (jobs.drift.bin_counts; "bins")."""
+    is_ok = pc.equal(table["status"], "ok")
+    ok = int(pc.sum(is_ok).as_py() or 0)
     sources = pc.value_counts(table["source_path"])
-    return {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok,
+    info = {"rows": table.num_rows, "ok": ok, "error": table.num_rows - ok,
             "ood": int(pc.sum(table["is_ood"]).as_py() or 0),
             "converted": int(np.count_nonzero(adapt & CONVERTED)), "resized": int(np.count_nonzero(adapt & RESIZED)),
             "sources": {str(s["values"]): int(s["counts"]) for s in sources.to_pylist()}}
+    if quantiles is not None:  # ood_score = -threshold score
+        threshold_scores = -table["ood_score"].filter(is_ok).to_numpy(zero_copy_only=False)
+        info["bins"] = bin_counts(threshold_scores, quantiles)
+    return info
 
 
 def write_part(batch: pa.Table, spec: PartSpec) -> dict[str, list[Any]]:
     """Ray Data write task: write one part file; return its uri and counts (one row)."""
     adapt = batch[ADAPT_COLUMN].to_numpy()
     table = batch.drop_columns([ADAPT_COLUMN])
-    info = part_info(table, adapt)
+    info = part_info(table, adapt, spec.quantiles)
     h = hashlib.sha256(json.dumps(info, sort_keys=True).encode())
     h.update(table["source_row"].to_numpy().tobytes())
     h.update(str(table["source_path"][0]).encode())
@@ -69,9 +77,10 @@ def write_part(batch: pa.Table, spec: PartSpec) -> dict[str, list[Any]]:
         pq.write_table(table, path, filesystem=fs)
     else:
         tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a racing winner's tidy may have removed it
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-    return {"uri": [uri], **{k: [info[k]] for k in COUNTS}}
+    return {"uri": [uri], **{k: [info[k]] for k in COUNTS}, "bins": [info.get("bins")]}
 
 
 # ---------------------------------------------------------------------------- resume
@@ -79,7 +88,7 @@ def write_part(batch: pa.Table, spec: PartSpec) -> dict[str, list[Any]]:
 class Reuse:
     """What earlier attempts of this run id completed: reusable parts and the input files they cover."""
 
-    parts: list[dict[str, Any]] = field(default_factory=list)  # {"uri", *COUNTS}
+    parts: list[dict[str, Any]] = field(default_factory=list)  # {"uri", *COUNTS, "bins"}
     done: set[str] = field(default_factory=set)  # input uris
 
     @property
@@ -134,6 +143,6 @@ def reusable(store: Store, run_uri: str, current: dict[str, tuple[str, int]]) ->
             if len(still) == len(kept):
                 break
             kept = still
-        reuse.parts += [{k: p[k] for k in ("uri", *COUNTS)} for p in kept]
+        reuse.parts += [{k: p.get(k) for k in ("uri", *COUNTS, "bins")} for p in kept]
         reuse.done |= complete
     return reuse

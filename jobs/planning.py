@@ -1,16 +1,15 @@
 """Planning a scoring run: every input file's footer read once, in a bounded thread pool, on the driver.
 
-The plan is a list of ``Unit`` (one Parquet row group, carrying its own column spec) grouped into read
+The plan is a list of ``Unit`` (one Parquet row group, carrying its own columns) grouped into read
 tasks of about ``TASK_ROWS`` rows, so thousands of small files make tens of Ray tasks, not thousands.
 File-level problems (corrupt, truncated, not Parquet, no usable image column) become failed inputs.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,15 +36,8 @@ class Unit:
     row_group: int
     row_start: int
     num_rows: int
-    image: str
-    kind: str  # images.Columns.kind
-    id: str | None
-    label: str | None
+    columns: Columns
     size: int = 0  # bytes of the whole file (from the listing): small S3 files are read with one GET
-
-    @property
-    def columns(self) -> Columns:
-        return Columns(self.image, self.kind, self.id, self.label)
 
 
 @dataclass
@@ -125,14 +117,14 @@ def plan_inputs(store: Store, files: list[FileInfo], image: str | None, id: str 
         start = 0
         for rg, n in enumerate(meta.row_groups):
             if n:
-                plan.units.append(Unit(f.uri, rg, start, n, cols.image, cols.kind, cols.id, cols.label, f.size))
+                plan.units.append(Unit(f.uri, rg, start, n, cols, f.size))
             start += n
         plan.inputs.append((f, meta.num_rows))
     return plan
 
 
-def read_tasks(units: list[Unit]) -> list[dict[str, str]]:
-    """Units grouped into read tasks of about TASK_ROWS rows, each as {"units": JSON list}: one Ray item each."""
+def read_tasks(units: list[Unit]) -> list[list[Unit]]:
+    """Units grouped into read tasks of about TASK_ROWS rows (or MAX_TASK_UNITS units), in order."""
     tasks: list[list[Unit]] = []
     rows = 0
     for u in units:
@@ -141,4 +133,4 @@ def read_tasks(units: list[Unit]) -> list[dict[str, str]]:
             rows = 0
         tasks[-1].append(u)
         rows += u.num_rows
-    return [{"units": json.dumps([asdict(u) for u in t])} for t in tasks]
+    return tasks

@@ -9,7 +9,10 @@ run under it, via jobs.filtering.read_scores) and shows
 * the most OOD rows (table, with the true label when the input has one), and with ``--input`` (the dataset that was scored, or where it now
   lives) their images next to the model's rendering h(0); the model is the manifest's
   ``model.uri`` unless ``--model`` overrides it;
-* error rows grouped by reason.
+* error rows grouped by reason;
+* on an output root, first the runs over time (jobs/report_history.py): flagged fraction and drift
+  distance per run against the in-distribution band, and the latest run's most OOD images beside
+  typical ones.
 
 Each input row counts once: when runs under an output root scored the same rows, the newest run's
 row is used (and a note says how many were repeated).
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import figures as F
-from jobs import manifest
+from jobs import figures, manifest, report_history
 from jobs.evaluate import GALLERY, error_reasons, extreme_rows, ok_mask
 from jobs.filtering import FilterError, read_scores
 from jobs.pipeline import Checkpoint, JobError
@@ -47,6 +49,7 @@ class ReportError(RuntimeError):
 class ReportOptions:
     scores: str
     out: Path  # local directory: report.html, report.json
+    _: KW_ONLY
     input: str | None = None
     model: str | None = None
     top: int = 16
@@ -149,14 +152,11 @@ def load_audit(opts: ReportOptions, store: Store) -> Audit:
                      "the threshold shown is the first run's")
     model = None
     if opts.input is not None or opts.model is not None:
-        import nrm
-
         try:
             ckpt = Checkpoint.fetch(store, model_uri)
         except JobError as e:
             raise ReportError(str(e)) from None
-        with ckpt.local() as path:
-            model = nrm.load(path, expect_model_id=ckpt.model_id)
+        model = ckpt.load()
         if ckpt.model_id not in model_ids:
             notes.append(f"renderings use model {ckpt.model_id[:12]} ({model_uri}), which did not score these rows")
     return Audit(runs, table, model_uri, model_ids, model, notes)
@@ -169,10 +169,11 @@ def build_report(opts: ReportOptions, echo: Callable[[str], None] = print) -> di
     store = Store(opts.endpoint_url)
     audit = load_audit(opts, store)
     rep = report_tables(opts, audit)
-    body = summary_html(opts, rep)
+    body, rep["history"] = report_history.section(store, opts.scores, audit.model, opts.input, min(opts.top, GALLERY))
+    body += summary_html(opts, rep)
     body += tables_html(opts, rep, store, audit)
     opts.out.mkdir(parents=True, exist_ok=True)
-    (opts.out / "report.html").write_text(F.page("NRM OOD audit report", "\n".join(body)))
+    (opts.out / "report.html").write_text(figures.page("NRM OOD audit report", "\n".join(body)))
     (opts.out / "report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
     rows = rep["rows"]
     echo(f"wrote {opts.out / 'report.html'}: {rows['in']} rows, {rows['flagged_ood']} flagged OOD, "
@@ -212,22 +213,22 @@ def report_tables(opts: ReportOptions, audit: Audit) -> dict[str, Any]:
 def summary_html(opts: ReportOptions, rep: dict[str, Any]) -> list[str]:
     """The counts, the threshold, notes, unreadable files and the ood_score histogram."""
     rows, th, cut, flagged = rep["rows"], rep["threshold"], rep["ood_score_threshold"], rep["rows"]["flagged_ood"]
-    body = [f"<p>{F.esc(opts.scores)}: run(s) {F.esc(', '.join(rep['runs']))}; {rows['in']} rows, {rows['ok']} ok, "
+    body = [f"<p>{figures.esc(opts.scores)}: run(s) {figures.esc(', '.join(rep['runs']))}; {rows['in']} rows, {rows['ok']} ok, "
             f"{rows['error']} error; <b>{flagged}</b> flagged OOD"
             + (f" ({flagged / rows['ok']:.1%} of ok rows)" if rows["ok"] else "") + ".</p>"]
     if th:
-        body.append(f'<p class="note">Threshold: flag OOD when {F.esc(th["score"])} &lt; {th["value"]:.6g}, i.e. '
-                    f"ood_score = -{F.esc(th['score'])} &gt; {cut:.6g} (fitted to keep {th.get('tpr', 0.95):.0%} of "
+        body.append(f'<p class="note">Threshold: flag OOD when {figures.esc(th["score"])} &lt; {th["value"]:.6g}, i.e. '
+                    f"ood_score = -{figures.esc(th['score'])} &gt; {cut:.6g} (fitted to keep {th.get('tpr', 0.95):.0%} of "
                     "held-out in-distribution data).</p>")
-    body += [f'<p class="note">Note: {F.esc(n)}.</p>' for n in rep["notes"]]
+    body += [f'<p class="note">Note: {figures.esc(n)}.</p>' for n in rep["notes"]]
     if rep["failed_inputs"]:
         body.append("<h2>Input files that could not be read</h2>"
-                    + F.table(["file", "error"], [[f["uri"], f["error"]] for f in rep["failed_inputs"]]))
+                    + figures.table(["file", "error"], [[f["uri"], f["error"]] for f in rep["failed_inputs"]]))
     body.append("<h2>Score distribution</h2>")
     scores = rep.pop("_scores")
     if scores.size:
-        png = F.histogram("ood_score of the ok rows", "ood_score (higher = more OOD)", {"ok rows": scores}, cut)
-        body.append(F.img(F.data_uri(png), "ood_score histogram"))
+        png = figures.histogram("ood_score of the ok rows", "ood_score (higher = more OOD)", {"ok rows": scores}, cut)
+        body.append(figures.img(figures.data_uri(png), "ood_score histogram"))
     else:
         body.append("<p>No ok rows.</p>")
     return body
@@ -235,21 +236,21 @@ def summary_html(opts: ReportOptions, rep: dict[str, Any]) -> list[str]:
 
 def tables_html(opts: ReportOptions, rep: dict[str, Any], store: Store, audit: Audit) -> list[str]:
     """OOD rate per class and per file, the most OOD rows (with images when --input is given), errors."""
-    body = ["<h2>OOD rate per predicted class</h2>" + F.table(
+    body = ["<h2>OOD rate per predicted class</h2>" + figures.table(
         ["class", "pred", "ok rows", "flagged OOD", "OOD rate"],
         [[r["class"], r["pred"], r["ok"], r["flagged_ood"], r["ood_rate"]] for r in rep["by_class"]])]
-    body.append("<h2>OOD rate per source file</h2>" + F.table(
+    body.append("<h2>OOD rate per source file</h2>" + figures.table(
         ["file", "rows", "ok", "error", "flagged OOD", "OOD rate (of ok)"],
         [[r["source_path"], r["rows"], r["ok"], r["error"], r["flagged_ood"], r["ood_rate"]] for r in rep["by_file"]]))
     body.append(f"<h2>Most OOD rows (top {opts.top} by ood_score)</h2>")
     if opts.input is not None and audit.model is not None and rep["most_ood"]:
         body.append(_gallery_html(store, audit.model, rep, opts.input, audit.runs[0]))
     labelled = any(r.get("label") is not None for r in rep["most_ood"])
-    body.append(F.table(["id", "source", "row", "predicted class", *(["label"] if labelled else []), "ood_score"],
+    body.append(figures.table(["id", "source", "row", "predicted class", *(["label"] if labelled else []), "ood_score"],
                         [[r.get("id"), r["source_path"], r["source_row"], r["class"],
                           *([r.get("label")] if labelled else []), r["ood_score"]] for r in rep["most_ood"]]))
     body.append("<h2>Error rows by reason</h2>" + (
-        F.table(["reason (digits masked as N)", "rows", "example"], [[e["reason"], e["rows"], e["example"]]
+        figures.table(["reason (digits masked as N)", "rows", "example"], [[e["reason"], e["rows"], e["example"]]
                                                                       for e in rep["errors"]]) if rep["errors"]
         else "<p>No error rows.</p>"))
     return body
@@ -262,8 +263,8 @@ def _gallery_html(store: Store, model: Any, rep: dict[str, Any], input: str, run
         raise ReportError(f"--input: {e}") from None
     where = locate(sorted({r["source_path"] for r in rep["most_ood"]}), files, run.get("input"))
     refs = [(where.get(r["source_path"]) or r["source_path"], int(r["source_row"])) for r in rep["most_ood"]]
-    policy, image_column = F.read_options(run)
-    imgs, renders, errors = F.render_pairs(store, model, refs, image_column, policy)
+    policy, image_column = figures.read_options(run)
+    imgs, renders, errors = figures.render_pairs(store, model, refs, image_column, policy)
     parts = ['<p class="note">Top: the image at the model\'s input size; bottom: its rendering h0 from the '
              "predicted class (de-normalised, min-max scaled). Captions: ood_score, predicted class and, when the "
              "input has one, the true label.</p>"]
@@ -273,7 +274,7 @@ def _gallery_html(store: Store, model: Any, rep: dict[str, Any], input: str, run
     classes = list(model.config.classes)
     for start in range(0, len(refs), GALLERY):
         sl = slice(start, start + GALLERY)
-        caps = [F.caption(r, classes, r["image_error"]) for r in rep["most_ood"][sl]]
-        png = F.gallery(f"most OOD {start + 1}-{start + len(caps)}", imgs[sl], renders[sl], caps)
-        parts.append(F.img(F.data_uri(png), f"most OOD {start + 1}-{start + len(caps)}"))
+        caps = [figures.caption(r, classes, r["image_error"]) for r in rep["most_ood"][sl]]
+        png = figures.gallery(f"most OOD {start + 1}-{start + len(caps)}", imgs[sl], renders[sl], caps)
+        parts.append(figures.img(figures.data_uri(png), f"most OOD {start + 1}-{start + len(caps)}"))
     return "\n".join(parts)

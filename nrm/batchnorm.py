@@ -39,7 +39,7 @@ def _channel_moments(u: Tensor) -> tuple[Tensor, Tensor]:
 
 class TrainNorm(nn.Module):
     """One BatchNorm per bias node, keyed by node name; ``norm(name, W a)`` normalises a node's
-    unbiased output. nrm.train attaches it to the model (``NRM.train_norm``), runs one forward with
+    unbiased output. nrm.training attaches it to the model (``NRM.train_norm``), runs one forward with
     ``calibrating`` set, trains, measures the population statistics and calls :meth:`fold`."""
 
     def __init__(self, biases: dict[str, Tensor]):

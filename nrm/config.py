@@ -1,30 +1,32 @@
 """Typed configuration of an NRM: the graph, the input spec and the fitted state.
 
 The checkpoint's ``config.json`` is the serialisation of :class:`ModelConfig` and nothing more; its
-tensors (weights and the fitted detector's arrays) live in weights.safetensors. Format version 2
-holds a graph (``nodes``, nrm.graph); version 1 held a plain layer list and still loads: each layer
-becomes one node reading the previous one.
+tensors (weights and the fitted detectors' arrays) live in weights.safetensors. Format version 3
+holds a graph (``nodes``, nrm.graph) and every fitted detector in one ``detectors`` section. Older
+versions still load: version 2 kept the detectors on NRM statistics (``detector``) apart from the
+post-hoc baselines (``posthoc``); version 1 also held a plain layer list (each layer becomes one node
+reading the previous one) and its detector's arrays as float lists.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from nrm.detectors import Detector, DetectorError, FittedDetectors, lookup
+from nrm.detectors import Detector, DetectorError, FittedDetectors, StatisticsDetector, lookup
 from nrm.graph import GraphError, Node, chain, infer_shapes
 from nrm.ops import OpError, op_from_dict
-from nrm.posthoc import REGISTRY, PosthocError
+from nrm.reference import Reference
 
 FORMAT = "nrm-checkpoint"
-VERSION = 2
-READS = (1, 2)
+VERSION = 3
+READS = (1, 2, 3)
 TENSOR_REF = "$tensor"  # {"$tensor": key}: a detector array stored in weights.safetensors under key
-FITTED_PREFIXES = ("detector.", "posthoc.")  # weights.safetensors keys of fitted arrays, not of the network
+# weights.safetensors keys of fitted arrays, not of the network ("posthoc." in version 2 only)
+FITTED_PREFIXES = ("detector.", "posthoc.")
 
 
 class ConfigError(ValueError):
@@ -62,18 +64,35 @@ class Threshold:
     score: str
     value: float
     tpr: float = 0.95
+    reference: Reference | None = None  # the score on the held-out rows that set the value (nrm.reference)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"score": self.score, "value": self.value, "tpr": self.tpr}
+        if self.reference is not None:
+            out["reference"] = self.reference.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, th: dict[str, Any]) -> Threshold:
+        try:
+            ref = Reference.from_json(th["reference"]) if th.get("reference") else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"config.json: 'threshold.reference' needs rows, expected_rate and non-decreasing "
+                              f"quantiles ({e})") from None
+        return cls(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95)), ref)
 
 
 @dataclass
 class Fitted:
-    """State fitted on in-distribution data after training; see nrm.fit."""
+    """State fitted on in-distribution data after training; see nrm.fit. A new fitted quantity is a
+    field here, written by :meth:`ModelConfig.to_json` and read by ``_fitted`` (its tensors, if any,
+    under a ``detector.``-prefixed key, which model_id leaves out)."""
 
     sigma2: float = 1.0  # ML noise variance of x | z,y (mean squared residual per input value)
     log_partition: list[float] = field(default_factory=list)  # log Z(y), one per class; zeros = "none"
     normaliser: str = "none"  # which estimator produced log_partition (nrm.fit.NORMALISERS)
     threshold: Threshold | None = None
-    detector: FittedDetectors | None = None  # fitted OOD detectors on the NRM statistics (nrm.detectors)
-    posthoc: dict[str, Any] = field(default_factory=dict)  # name -> fitted post-hoc baseline (nrm.posthoc)
+    detector: FittedDetectors | None = None  # the fitted OOD detectors (nrm.detectors); None: none fitted
 
 
 @dataclass
@@ -96,21 +115,15 @@ class ModelConfig:
             "sigma2": self.fitted.sigma2,
             "log_partition": list(self.fitted.log_partition),
             "normaliser": self.fitted.normaliser,
-            "threshold": asdict(self.fitted.threshold) if self.fitted.threshold else None,
+            "threshold": self.fitted.threshold.to_json() if self.fitted.threshold else None,
         }
         if self.fitted.detector:
-            out["detector"] = _detectors_json(self.fitted.detector, tensors)
-        if self.fitted.posthoc:
-            out["posthoc"] = {}
-            for name, det in self.fitted.posthoc.items():
-                keys = {k: f"posthoc.{name}.{k}" for k in det.tensors()}
-                tensors.update({keys[k]: v.contiguous() for k, v in det.tensors().items()})
-                out["posthoc"][name] = {"options": det.options(), "tensors": {k: {TENSOR_REF: v} for k, v in keys.items()}}
+            out["detectors"] = self.fitted.detector.to_json(tensors, lambda key: {TENSOR_REF: key})
         return out, tensors
 
     @classmethod
     def from_json(cls, d: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> ModelConfig:
-        """Parse config.json (version 1 or 2); ``tensors`` resolves the detector's array references."""
+        """Parse config.json (versions READS); ``tensors`` resolves the detectors' array references."""
         if not isinstance(d, dict):
             raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != FORMAT:
@@ -118,9 +131,9 @@ class ModelConfig:
         version = d.get("version")
         if version not in READS:
             raise ConfigError(f"config.json: 'version' is {version!r}, this nrm reads {list(READS)}")
-        graph_key = "nodes" if version == 2 else "layers"
+        graph_key = "layers" if version == 1 else "nodes"
         known = {"format", "version", "input", "classes", graph_key, "sigma2", "log_partition", "normaliser",
-                 "threshold", "detector", "posthoc"}
+                 "threshold", *(["detectors"] if version == 3 else ["detector", "posthoc"])}
         if unknown := sorted(set(d) - known):
             raise ConfigError(f"config.json: unknown key(s) {unknown}; expected {sorted(known)}")
         for key in ("input", "classes", graph_key):
@@ -129,7 +142,7 @@ class ModelConfig:
         if not isinstance(d["classes"], list) or not isinstance(d[graph_key], list):
             raise ConfigError(f"config.json: 'classes' and {graph_key!r} must be lists")
         classes = [str(c) for c in d["classes"]]
-        nodes = _nodes_v2(d["nodes"]) if version == 2 else _nodes_v1(d["layers"])
+        nodes = _nodes_v1(d["layers"]) if version == 1 else _nodes_v2(d["nodes"])
         cfg = cls(_input_spec(d["input"]), classes, nodes, _fitted(d, len(classes), tensors or {}))
         validate(cfg)
         return cfg
@@ -177,75 +190,66 @@ def _fitted(d: dict[str, Any], n_classes: int, tensors: dict[str, Tensor]) -> Fi
         sigma2=sigma2,
         log_partition=log_z,
         normaliser=str(d.get("normaliser", "none")),
-        threshold=Threshold(str(th["score"]), float(th["value"]), float(th.get("tpr", 0.95))) if th else None,
-        detector=_detectors(dict(d.get("detector") or {}), tensors),
-        posthoc=_posthoc(d.get("posthoc") or {}, tensors),
+        threshold=Threshold.from_json(th) if th else None,
+        detector=_detectors(d, tensors),
     )
 
 
-def _posthoc(raw: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
-    """Rebuild the fitted post-hoc baselines from their options and referenced arrays."""
-    out = {}
-    for name, entry in raw.items():
-        cls = REGISTRY.get(name)
-        if cls is None:
-            raise ConfigError(f"config.json: unknown post-hoc detector {name!r}; expected one of {sorted(REGISTRY)}")
-        refs = {k: v[TENSOR_REF] for k, v in entry.get("tensors", {}).items()}
-        if missing := sorted(v for v in refs.values() if v not in tensors):
-            raise ConfigError(f"config.json: post-hoc {name!r} arrays {missing} are not in weights.safetensors")
-        try:
-            out[name] = cls.from_tensors({k: tensors[v] for k, v in refs.items()}, **entry.get("options", {}))
-        except PosthocError as e:
-            raise ConfigError(f"config.json: post-hoc {name!r}: {e}") from None
-    return out
-
-
-def _detector_refs(det: Detector, prefix: str, out: dict[str, Tensor]) -> dict[str, Any]:
-    """One detector as config.json holds it: its name, options and a reference per fitted array (the
-    arrays go to ``out`` under ``<prefix>.<key>``)."""
-    params = {}
-    for k, v in det.tensors().items():
-        out[f"{prefix}.{k}"] = torch.as_tensor(v, dtype=torch.float64).contiguous()
-        params[k] = {TENSOR_REF: f"{prefix}.{k}"}
-    return {"name": det.name, **det.options(), "params": params}
-
-
-def _detectors_json(fitted: FittedDetectors, out: dict[str, Tensor]) -> dict[str, Any]:
-    """config.json's ``detector``: the main detector, then its ``selection`` and ``candidates`` if any."""
-    res = _detector_refs(fitted.main, "detector", out)
-    if fitted.selection:
-        res["selection"] = fitted.selection
-    if fitted.candidates:
-        res["candidates"] = [_detector_refs(c, f"detector.candidates.{i}", out) for i, c in enumerate(fitted.candidates)]
-    return res
-
-
-def _detectors(raw: dict[str, Any], tensors: dict[str, Tensor]) -> FittedDetectors | None:
-    """Inverse of _detectors_json; None when config.json has no detector."""
-    if not raw:
-        return None
+def _detectors(d: dict[str, Any], tensors: dict[str, Tensor]) -> FittedDetectors | None:
+    """The fitted detectors of config.json: its ``detectors`` section (version 3), or the ``detector``
+    and ``posthoc`` sections of version 2 (and 1); None when it has none."""
     try:
-        return FittedDetectors(_detector(raw, tensors, candidate=False),
-                               [_detector(c, tensors, candidate=True) for c in raw.get("candidates", [])],
-                               dict(raw.get("selection") or {}))
+        if "detectors" in d:
+            raw = dict(d["detectors"] or {})
+            found = [_detector(e, tensors) for e in raw.get("fitted", [])]
+            selection = raw.get("selection")
+        else:
+            old = dict(d.get("detector") or {})
+            found = [_detector_v2(old, tensors, False)] if old else []
+            found += [_detector_v2(c, tensors, True) for c in old.get("candidates", [])]
+            found += [_posthoc_v2(name, e, tensors) for name, e in (d.get("posthoc") or {}).items()]
+            selection = old.get("selection")
     except DetectorError as e:
         raise ConfigError(f"config.json: {e}") from None
+    return FittedDetectors.from_detectors(found, selection) if found else None
 
 
-def _detector(raw: dict[str, Any], tensors: dict[str, Tensor], candidate: bool) -> Detector:
-    """Inverse of _detector_refs; version-1 float lists become tensors too."""
-    cls = lookup(str(raw.get("name")))
-    if "features" not in raw:
-        raise ConfigError(f"config.json: detector {cls.name!r} has no 'features'")
-    params = {}
-    for k, v in raw.get("params", {}).items():
+def _arrays(refs: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """A detector's tensors from their references into weights.safetensors (float lists as they are)."""
+    out = {}
+    for k, v in refs.items():
         if isinstance(v, dict) and TENSOR_REF in v:
             if v[TENSOR_REF] not in tensors:
                 raise ConfigError(f"config.json: detector array {v[TENSOR_REF]!r} is not in weights.safetensors")
-            params[k] = tensors[v[TENSOR_REF]].double()
+            out[k] = tensors[v[TENSOR_REF]]
         else:
-            params[k] = torch.tensor(v, dtype=torch.float64)
-    return cls.from_tensors(params, candidate=candidate, features=str(raw["features"]))
+            out[k] = v
+    return out
+
+
+def _detector(entry: dict[str, Any], tensors: dict[str, Tensor]) -> Detector:
+    """One entry of version 3's ``detectors.fitted``: name, options, tensors, candidate."""
+    cls = lookup(str(entry.get("name")))
+    candidate = {"candidate": True} if entry.get("candidate") else {}
+    return cls.from_tensors(_arrays(entry.get("tensors", {}), tensors), **entry.get("options", {}), **candidate)
+
+
+def _detector_v2(raw: dict[str, Any], tensors: dict[str, Tensor], candidate: bool) -> Detector:
+    """Version 2's ``detector`` (or one of its candidates): name, features and params."""
+    cls = lookup(str(raw.get("name")), StatisticsDetector)
+    if "features" not in raw:
+        raise ConfigError(f"config.json: detector {cls.name!r} has no 'features'")
+    return cls.from_tensors(_arrays(raw.get("params", {}), tensors), features=str(raw["features"]), candidate=candidate)
+
+
+V2_POSTHOC = {"mahalanobis_penultimate": "mahalanobis_feat", "knn": "knn", "vim": "vim"}  # version 2's names
+
+
+def _posthoc_v2(name: str, entry: dict[str, Any], tensors: dict[str, Tensor]) -> Detector:
+    """One entry of version 2's ``posthoc``: a baseline's options and tensors, under its version-2 name."""
+    if name not in V2_POSTHOC:
+        raise ConfigError(f"config.json: unknown post-hoc detector {name!r}; expected one of {sorted(V2_POSTHOC)}")
+    return lookup(V2_POSTHOC[name]).from_tensors(_arrays(entry.get("tensors", {}), tensors), **entry.get("options", {}))
 
 
 def validate(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -23,29 +23,50 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nrm import detectors as D
-from nrm import posthoc as P
-from nrm import scores as S
 from nrm.config import Fitted, Threshold
+from nrm.detectors import (
+    CANDIDATES,
+    KNN,
+    BaselineDetector,
+    FittedDetectors,
+    Head,
+    MahalanobisFeat,
+    Rows,
+    ViM,
+    choose,
+    gather,
+    split_halves,
+    statistics_detector,
+)
 from nrm.metrics import threshold_at_tpr
 from nrm.model import NRM
+from nrm.names import (
+    DEFAULT_DETECTOR,
+    DEFAULT_FEATURES,
+    DEFAULT_THRESHOLD_SCORE,
+    DETECTOR_PREFIX,
+    DETECTORS,
+    NORMALISERS,
+)
+from nrm.plan import UNIT_STATS
+from nrm.reference import describe
+from nrm.runner import Runner, as_runner
+from nrm.scores import HIGHER_IS_IN
 
-NORMALISERS = ("none", "class_mean", "harmonic")
 DEFAULT_NORMALISER = "none"
-DEFAULT_THRESHOLD_SCORE = "latent_loglik"
 
 
 @torch.no_grad()
-def collect(model: NRM, batches: Iterable[Tensor]) -> dict[str, Tensor]:
-    """Concatenate ``model.score`` over normalised batches (on the model's device) into CPU tensors, with
-    every detector input (``unit_stats=True``), since fitting may choose any feature set."""
-    parts: dict[str, list[Tensor]] = {}
-    for x in batches:
-        for k, v in model.score(x, unit_stats=True).items():
-            parts.setdefault(k, []).append(v.cpu())
-    if not parts:
+def collect(model: NRM | Runner, batches: Iterable[Tensor]) -> dict[str, Tensor]:
+    """The full score table of normalised batches (on the model's device), concatenated into CPU
+    tensors, with the unit statistics (fitting may choose any feature set). A bare model is scored as
+    ``NRM.score`` does, a Runner as it runs (nrm.runner.as_runner); so are the fits below."""
+    runner = as_runner(model)
+    plan = runner.model.plan(inputs=UNIT_STATS)
+    cols = gather(runner.score(x, plan) for x in batches)
+    if not cols:
         raise ValueError("collect: got no batches")
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return cols
 
 
 def log_partition(eta: Tensor, pred: Tensor, n_classes: int, method: str) -> Tensor:
@@ -72,100 +93,134 @@ def apply(model: NRM, fitted: Fitted) -> None:
     model.log_partition = torch.tensor(fitted.log_partition, dtype=torch.float32, device=model.mean.device)
 
 
+def _check_threshold_score(threshold_score: str, detector: str | None) -> None:
+    """A ValueError unless ``threshold_score`` is a column where higher = in-distribution that the fit makes."""
+    if detector is not None and detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; expected one of {list(DETECTORS)} or None")
+    det_column = DETECTOR_PREFIX + detector if detector is not None else None
+    if threshold_score != det_column and (not HIGHER_IS_IN.get(threshold_score) or threshold_score == "latent_prior_layers"):
+        ok = [c for c, up in HIGHER_IS_IN.items() if up and c != "latent_prior_layers"]
+        ok += [det_column] if det_column else [DETECTOR_PREFIX + "<detector> (with detector=...)"]
+        raise ValueError(f"threshold score {threshold_score!r} must be a column where higher = in-distribution: {ok}")
+
+
+def _rows(cols: Rows, idx: Tensor) -> dict[str, Tensor]:
+    return {k: v[idx] for k, v in cols.items()}
+
+
 def fit(
-    model: NRM,
+    model: NRM | Runner,
     train_batches: Iterable[Tensor],
     val_batches: Iterable[Tensor],
     normaliser: str = DEFAULT_NORMALISER,
     threshold_score: str = DEFAULT_THRESHOLD_SCORE,
     tpr: float = 0.95,
     detector: str | None = None,
-    detector_features: str = D.DEFAULT_FEATURES,
+    detector_features: str = DEFAULT_FEATURES,
 ) -> Fitted:
     """Fit sigma^2 and log Z(y) on ``train_batches`` and the OOD threshold on held-out ``val_batches``
-    (both in-distribution, normalised). With ``detector`` (a name in nrm.detectors.DETECTORS) it is
+    (both in-distribution, normalised). With ``detector`` (a name in nrm.names.DETECTORS) it is
     fitted on one seeded half of ``val_batches``, and a threshold on its ``det_<name>`` column is set
     on the other half. Installs the result on ``model`` and returns it."""
-    if detector is not None and detector not in D.DETECTORS:
-        raise ValueError(f"unknown detector {detector!r}; expected one of {list(D.DETECTORS)} or None")
-    det_column = D.PREFIX + detector if detector is not None else None
-    if threshold_score != det_column and (threshold_score not in S.HIGHER_IS_IN or not S.HIGHER_IS_IN[threshold_score]
-                                          or threshold_score == "latent_prior_layers"):
-        ok = [c for c, up in S.HIGHER_IS_IN.items() if up and c != "latent_prior_layers"]
-        ok += [det_column] if det_column else [D.PREFIX + "<detector> (with detector=...)"]
-        raise ValueError(f"threshold score {threshold_score!r} must be a column where higher = in-distribution: {ok}")
-    train = collect(model, train_batches)
-    d = model.input_shape[0] * model.input_shape[1] * model.input_shape[2]
+    _check_threshold_score(threshold_score, detector)
+    runner = as_runner(model)
+    net = runner.model
+    train = collect(runner, train_batches)
+    d = net.input_shape[0] * net.input_shape[1] * net.input_shape[2]
     sigma2 = float(train["recon_sq_error"].double().sum() / (train["recon_sq_error"].numel() * d))
-    log_z = log_partition(train["latent_prior"], train["pred"], len(model.config.classes), normaliser)
+    log_z = log_partition(train["latent_prior"], train["pred"], len(net.config.classes), normaliser)
     fitted = Fitted(sigma2=sigma2, log_partition=[float(v) for v in log_z], normaliser=normaliser)
-    apply(model, fitted)
-    val = collect(model, val_batches)
+    apply(net, fitted)
+    val = collect(runner, val_batches)
     if detector is not None:
-        fit_idx, thr_idx = D.split_halves(len(val["pred"]))
-        det = D.lookup(detector)(detector_features).fit({k: v[fit_idx] for k, v in val.items()},
-                                                        len(model.config.classes))
-        fitted.detector = D.FittedDetectors(det)
-        if threshold_score == det_column:  # the detector's own fitting half would bias its threshold
-            val = {k: v[thr_idx] for k, v in val.items()}
+        fit_idx, thr_idx = split_halves(len(val["pred"]))
+        det = statistics_detector(detector, detector_features).fit(_rows(val, fit_idx), net.head())
+        fitted.detector = FittedDetectors(det)
+        if threshold_score == det.column:  # the detector's own fitting half would bias its threshold
+            val = _rows(val, thr_idx)
         val.update(fitted.detector.score(val))
-    fitted.threshold = Threshold(threshold_score, float(threshold_at_tpr(val[threshold_score].numpy(), tpr)), tpr)
+    fitted.threshold = fit_threshold(threshold_score, val[threshold_score], tpr)
     return fitted
 
 
-def refit(model: NRM, in_val_batches: Iterable[Tensor], name: str = D.DEFAULT_DETECTOR,
-          feature_set: str = D.DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
+def fit_threshold(score: str, held_out: Tensor, tpr: float) -> Threshold:
+    """The threshold on column ``score`` that keeps ``tpr`` of the held-out in-distribution values, with
+    their distribution recorded beside it (nrm.reference: what a scheduled audit compares against)."""
+    value = float(threshold_at_tpr(held_out.numpy(), tpr))
+    return Threshold(score, value, tpr, describe(held_out, value))
+
+
+def refit(model: NRM | Runner, in_val_batches: Iterable[Tensor], name: str = DEFAULT_DETECTOR,
+          feature_set: str = DEFAULT_FEATURES, tpr: float | None = None, candidates: bool = False,
           val_ood: Mapping[str, Iterable[Tensor]] | None = None, fit_batches: Iterable[Tensor] | None = None,
-          **options: Any) -> D.FittedDetectors:
+          **options: Any) -> FittedDetectors:
     """(Re)fit detector ``name`` on an existing model from held-out in-distribution batches
     (normalised, never the test split): half of them fit it, the other half set the threshold on
     ``det_<name>`` at the checkpoint's TPR (or ``tpr``). With ``fit_batches`` (in-distribution
     training batches) the detector is fitted on those instead and every held-out batch goes to the
     threshold and the choice: a Gaussian on thousands of gate features needs more rows than a
-    held-out half has. With ``val_ood`` ({set name: normalised
-    batches of validation OOD images}) the detector and features are not given but chosen by
-    :func:`nrm.detectors.choose`, with the second half as the in-distribution side. Installs both on ``model.config.fitted``;
-    ``nrm.save(model, path)`` then writes them. Returns the fitted detectors."""
-    D.lookup(name)  # an unknown name fails before any batch is scored
-    cols = collect(model, in_val_batches)
-    if fit_batches is not None:
-        half, rest = collect(model, fit_batches), cols
-    else:
-        fit_idx, thr_idx = D.split_halves(len(cols["pred"]))
-        half = {k: v[fit_idx] for k, v in cols.items()}
-        rest = {k: v[thr_idx] for k, v in cols.items()}
+    held-out half has. With ``val_ood`` ({set name: normalised batches of validation OOD images})
+    the detector and features are not given but chosen by :func:`nrm.detectors.choose`, with the
+    second half as the in-distribution side. Fitted baselines stay. Installs the detectors and the
+    threshold on ``model.config.fitted``; ``nrm.save(model, path)`` then writes them. Returns the
+    fitted detectors."""
+    main = statistics_detector(name, feature_set)  # an unknown name fails before any batch is scored
+    runner = as_runner(model)
+    head = runner.model.head()
+    half, rest = _fit_and_threshold_rows(runner, in_val_batches, fit_batches)
     if val_ood:
-        ood = {k: collect(model, b) for k, b in val_ood.items()}
-        det = D.choose(half, rest, ood, len(model.config.classes))
-        name, feature_set = det.main.name, det.main.features
+        det = choose(half, rest, {k: collect(runner, b) for k, b in val_ood.items()}, head.n_classes)
     else:
-        det = D.FittedDetectors(D.lookup(name)(feature_set).fit(half, len(model.config.classes), **options))
+        det = FittedDetectors(main.fit(half, head, **options))
+    assert det.main is not None
     if candidates:  # every other candidate as its own named score column, fitted on the same rows
         have = {(d.name, d.features) for d in (det.main, *det.candidates)}
-        det.candidates += [D.lookup(n)(f, candidate=True).fit(half, len(model.config.classes))
-                           for n, f in D.CANDIDATES if (n, f) not in have]
-    fitted = model.config.fitted
+        det.candidates += [statistics_detector(n, f, candidate=True).fit(half, head)
+                           for n, f in CANDIDATES if (n, f) not in have]
+    fitted = runner.model.config.fitted
+    det.baselines = fitted.detector.baselines if fitted.detector else []
     fitted.detector = det
-    old = fitted.threshold
-    rate = tpr if tpr is not None else (old.tpr if old else 0.95)
+    rate = tpr if tpr is not None else (fitted.threshold.tpr if fitted.threshold else 0.95)
     held = det.main.score(rest)
-    fitted.threshold = Threshold(D.PREFIX + name, float(threshold_at_tpr(held.numpy(), rate)), rate)
+    fitted.threshold = fit_threshold(det.main.column, held, rate)
     return det
 
 
+def _fit_and_threshold_rows(model: Runner, held_out: Iterable[Tensor], fit_batches: Iterable[Tensor] | None,
+                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(rows a detector is fitted on, rows its threshold is set on): the training batches and every
+    held-out row, or the two seeded halves of the held-out rows."""
+    cols = collect(model, held_out)
+    if fit_batches is not None:
+        return collect(model, fit_batches), cols
+    fit_idx, thr_idx = split_halves(len(cols["pred"]))
+    return _rows(cols, fit_idx), _rows(cols, thr_idx)
+
+
+def fit_baselines(data: Rows | Iterable[Rows], head: Head, knn_k: int = 50, vim_dim: int | None = None,
+                  ) -> list[BaselineDetector]:
+    """The field's post-hoc baselines (Mahalanobis on the penultimate features, KNN, ViM) fitted on the
+    same in-distribution TRAINING rows (score dicts with ``penultimate``, ``logits`` and the true
+    ``label``) for the classifier ``head``."""
+    rows = gather(data)
+    return [MahalanobisFeat().fit(rows, head), KNN(k=knn_k).fit(rows, head), ViM(dim=vim_dim).fit(rows, head)]
+
+
 @torch.no_grad()
-def fit_posthoc(model: NRM, batches: Iterable[Tensor], labels: Tensor, knn_k: int = 50,
-                vim_dim: int | None = None) -> dict[str, Any]:
-    """Fit the field's post-hoc baselines (nrm.posthoc: Mahalanobis on the penultimate features,
-    KNN, ViM) on in-distribution TRAINING batches (normalised) with their true ``labels``, and
-    install them on ``model.config.fitted.posthoc``; ``nrm.save`` writes their arrays. Returns them."""
-    feats, logits = zip(*(model.penultimate(x) for x in batches), strict=True)
-    f, lg = torch.cat(feats).cpu(), torch.cat(logits).cpu()
-    if len(f) != len(labels):
-        raise ValueError(f"fit_posthoc: {len(f)} images but {len(labels)} labels")
-    head = model.node_params(model.classifier.name)
-    weight = head["weight"].detach().double().cpu()
-    bias = head.get("bias", torch.zeros(weight.shape[0])).detach().double().cpu()
-    fitted = P.fit_all(f, lg, labels.long().cpu(), weight, bias, len(model.config.classes), knn_k=knn_k, vim_dim=vim_dim)
-    model.config.fitted.posthoc = dict(fitted)
-    return model.config.fitted.posthoc
+def fit_posthoc(model: NRM | Runner, batches: Iterable[Tensor], labels: Tensor, knn_k: int = 50,
+                vim_dim: int | None = None) -> list[BaselineDetector]:
+    """Fit the field's post-hoc baselines (:func:`fit_baselines`) on in-distribution TRAINING batches
+    (normalised) with their true ``labels``, and install them beside the model's other detectors
+    (``model.config.fitted.detector``); ``nrm.save`` writes their arrays. Returns them."""
+    runner = as_runner(model)
+    plan = runner.model.plan([], ("penultimate", "logits"), flag=False)  # the forward pass alone
+    rows = gather(runner.score(x, plan) for x in batches)
+    if not rows:
+        raise ValueError("fit_posthoc: got no batches")
+    if len(rows["logits"]) != len(labels):
+        raise ValueError(f"fit_posthoc: {len(rows['logits'])} images but {len(labels)} labels")
+    baselines = fit_baselines({**rows, "label": labels.long().cpu()}, runner.model.head(), knn_k, vim_dim)
+    fitted = runner.model.config.fitted
+    fitted.detector = fitted.detector or FittedDetectors()
+    fitted.detector.baselines = baselines
+    return baselines

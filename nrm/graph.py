@@ -5,7 +5,7 @@
 The graph's input is called ``INPUT``; the last node is the classifier (a linear op with one output
 per class) and its output is the logits. Node names are the module paths of the converted torch
 module (latent names), unique, and the checkpoint keys its tensors by them (``<name>.weight``).
-``chain`` builds the plain stack of earlier versions; ``infer_shapes`` validates a graph and says
+``chain`` builds a plain stack; ``infer_shapes`` validates a graph and says
 which node is wrong.
 """
 

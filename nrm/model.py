@@ -8,53 +8,40 @@ class template mu_y* through the transposed weights of the same network, eq. (1)
 
 The network is a graph of ops (nrm.graph, nrm.ops: conv, linear, relu, max-pool, average pool,
 add, concat, slice, pad, ...), so residual and concatenating networks are NRMs too. ``score`` turns
-both passes into the per-sample columns of nrm.scores. Two renderers exist: ``render_explicit``
-walks the graph backwards with each op's adjoint (eq. 1 generalised); ``render`` takes one
-vector-Jacobian product, since for a piecewise-linear network h(0) = d logit_y* / dx and
-eta_l = b(l) . d logit_y* / dz(l). ``score`` takes the explicit walk again, with no autograd records,
-on what an in-place forward pass kept (``_reverse``: each ReLU's output, each max-pool's switches),
-writing each gradient into memory that nothing else holds. Tests hold the three equal in float64, and
-the completeness identity logit_y* = <h(0), x> + sum_l eta_l + c_y* with them.
+both passes into the per-sample columns of nrm.scores (which columns, and which passes they need:
+nrm.plan). Three renderers compute the same top-down pass:
+
+- ``render_explicit``: eq. (1) generalised, walking the graph backwards with each op's adjoint;
+- ``render`` / ``autograd_pass``: one vector-Jacobian product, since for a piecewise-linear network
+  h(0) = d logit_y* / dx and eta_l = b(l) . d logit_y* / dz(l) (training differentiates through it);
+- ``full_pass``: the explicit walk with no autograd records, on what an in-place forward pass kept
+  (each ReLU's output, each max-pool's switches), writing each gradient into memory that nothing
+  else holds: what scoring runs.
+
+Tests hold the three equal in float64, and the completeness identity logit_y* = <h(0), x> + sum_l
+eta_l + c_y* with them. How a model runs (device, precision, memory layout, torch.compile) is
+nrm.runner's; the model's own passes run eagerly in the model's dtype.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nrm import scores as S
+from nrm import precision, scores
 from nrm.batchnorm import TrainNorm
 from nrm.config import ModelConfig, validate
+from nrm.detectors import Head
 from nrm.graph import INPUT, Node
+from nrm.plan import ScorePlan, fitted_columns, known_columns, plan_for
 
-PRECISIONS = ("fp32", "bf16", "fp16", "tf32")
 Stats = tuple[Tensor, Tensor]  # (gate rates, act means), each (N, sum_l C_l): NRM.unit_stats
-# model -> its torch.compile'd passes by name (see NRM.use_compile): "forward" (score()'s forward-only
-# pass) and "full" (the full table's). Kept outside the module so that copy.deepcopy and pickling of
-# an NRM never meet a compiled function. What is compiled is an unbound method (NRM._forward_stats,
-# NRM._full): a bound one would hold its model, and the entry would never go.
-_COMPILED: weakref.WeakKeyDictionary[NRM, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def _tf32(on: bool) -> Iterator[None]:
-    """TF32 matmuls and convolutions on CUDA on (``on``) or off for the duration (restored after).
-    Off matters: torch lets cuDNN run float32 convolutions in TF32 by default, which on an H200
-    moved latent_prior by 5e-3 relative between two memory formats of the same batch."""
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+Keep = Literal["none", "reverse", "all"]  # what the bottom-up pass keeps (NRM._bottom_up)
 
 
 def _key(name: str) -> str:
@@ -81,6 +68,25 @@ class Rendering:
     eta_channels: Tensor | None = None  # (N, sum_l C_l) the same per output channel c: b_c(l) sum_p (s . h)_{c,p}
 
 
+@dataclass
+class Pass:
+    """What a scoring pass computed: what :meth:`NRM.tabulate` turns into columns."""
+
+    logits: Tensor  # (N, K)
+    features: Tensor  # (N, F) the classifier's input (penultimate features)
+    rendering: Rendering | None = None  # the top-down pass from y* = argmax, when it ran
+    stats: Stats | None = None  # NRM.unit_stats of the same bottom-up pass, when asked
+
+
+@dataclass
+class _BottomUp:
+    logits: Tensor  # (N, K)
+    features: Tensor  # (N, F)
+    latents: Latents | None  # with keep "all" or "reverse"
+    zs: list[Tensor]  # the bias nodes' outputs z(l), when autograd records
+    stats: Stats | None
+
+
 class NRM(nn.Module):
     """A piecewise-linear network built from ``ModelConfig.nodes`` that is also its own generative renderer."""
 
@@ -105,13 +111,11 @@ class NRM(nn.Module):
         )
         # Nodes whose bias is a latent prior parameter b(l): every biased op but the classifier.
         self.bias_nodes = [n.name for n in config.nodes[:-1] if n.op.has_bias()]
-        self._last_use = self._plan_frees(config.nodes)
-        self._stats_at = self._plan_stats(config.nodes, self.bias_nodes)
+        self._bias = frozenset(self.bias_nodes)
+        self._last_use = _last_uses(config.nodes)
+        self._stats_at = _stats_sites(config.nodes, self.bias_nodes)
         self._index = {n.name: k for k, n in enumerate(config.nodes)}
-        self.precision = "fp32"  # see set_precision
-        self.channels_last = False  # see use_channels_last
-        self.compiled = False  # see use_compile
-        self.train_norm: TrainNorm | None = None  # BatchNorm while nrm.train trains with one (nrm.batchnorm)
+        self.train_norm: TrainNorm | None = None  # BatchNorm while nrm.training trains with one (nrm.batchnorm)
 
     def _init_params(self, node: Node) -> nn.Module:
         """torch's own default initialisation of conv and linear (kaiming-uniform weight, bias uniform in
@@ -130,29 +134,6 @@ class NRM(nn.Module):
             holder.register_parameter(pname, nn.Parameter(t))
         return holder
 
-    @staticmethod
-    def _plan_frees(nodes: list[Node]) -> dict[int, list[str]]:
-        """node index -> values no later node reads (the plain forward drops them there)."""
-        last: dict[str, int] = {}
-        for k, n in enumerate(nodes):
-            for i in n.inputs:
-                last[i] = k
-        frees: dict[int, list[str]] = {}
-        for name, k in last.items():
-            frees.setdefault(k, []).append(name)
-        return frees
-
-    @staticmethod
-    def _plan_stats(nodes: list[Node], bias_nodes: list[str]) -> dict[str, str]:
-        """node -> the bias node whose unit statistics are read from its output: a ReLU that reads
-        the bias node (its output is max(z, 0) already: no second positive part), else the bias node."""
-        at = {b: b for b in bias_nodes}
-        for n in nodes:
-            if n.op.positive_part and len(n.inputs) == 1 and at.get(n.inputs[0]) == n.inputs[0]:
-                del at[n.inputs[0]]
-                at[n.name] = n.inputs[0]
-        return at
-
     def node_params(self, name: str) -> dict[str, Tensor]:
         """The tensors of node ``name`` by param name (weight, bias, scale, shift); {} for none."""
         key = _key(name)
@@ -160,7 +141,7 @@ class NRM(nn.Module):
             return {}
         return dict(self.params[key].named_parameters())
 
-    # ------------------------------------------------------------------ preprocessing
+    # ------------------------------------------------------------------ input and head
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.config.input.shape
@@ -173,6 +154,14 @@ class NRM(nn.Module):
     @property
     def classifier(self) -> Node:
         return self.config.nodes[-1]
+
+    def head(self) -> Head:
+        """The classifier the detectors are fitted for: the class count and the final layer's weight
+        and bias (float64, on the CPU; a zero bias where it has none)."""
+        p = self.node_params(self.classifier.name)
+        weight = p["weight"].detach().double().cpu()
+        bias = p["bias"].detach().double().cpu() if "bias" in p else torch.zeros(weight.shape[0], dtype=torch.float64)
+        return Head(len(self.config.classes), weight, bias)
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 pixels, (N, H, W) or (N, H, W, C), to normalised float (N, C, H, W) on the model's device."""
@@ -190,56 +179,55 @@ class NRM(nn.Module):
         return (x - self.mean) / self.std
 
     def check_input(self, x: Tensor) -> None:
+        """A ValueError unless x is (N, C, H, W) of the model's input shape."""
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"got input of shape {tuple(x.shape)}, expected (N, {', '.join(map(str, self.input_shape))})")
 
     # ------------------------------------------------------------------ bottom-up
-    def _run(self, x: Tensor, keep: bool, stats: bool = False, save: bool = False,
-             ) -> tuple[Tensor, Latents | None, list[Tensor], Tensor, Stats | None]:
-        """The one bottom-up loop over the graph. Returns logits, the latents (when ``keep``, or
-        ``save``: see below), the bias nodes' outputs z(l) (when autograd records: the autograd
-        renderer differentiates with respect to them), the penultimate features (the classifier's
-        input, for the post-hoc detectors) and, with ``stats``, :meth:`unit_stats`, read as each value
-        is made. Forward-only and eager, ReLUs and adds write into an input that nothing later reads,
-        as torch's in-place ops do (1.8-3x cheaper than a fresh output on a CPU, docs/benchmarks.md).
-        With ``save`` the latents hold what the in-place reverse pass reads (:meth:`_reverse`): each
-        op's ``reads()`` (a ReLU's output, a max-pool's switches), and as values shape-only stand-ins."""
-        overwrite = not (keep or torch.is_grad_enabled() or torch.compiler.is_compiling())
+    def forward(self, x: Tensor) -> Tensor:
+        """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
+        return self._bottom_up(x).logits
+
+    def encode(self, x: Tensor) -> Latents:
+        """Bottom-up pass that keeps the latent variables z* = {s*(l), t*(l)} and every node's output."""
+        return self._bottom_up(x, "all").latents  # type: ignore[return-value]
+
+    def forward_pass(self, x: Tensor, stats: bool = False) -> Pass:
+        """Scoring's bottom-up pass alone (no rendering): logits, penultimate features and, with
+        ``stats``, :meth:`unit_stats`; without autograd, in place where it may (:meth:`_bottom_up`)."""
+        up = self._bottom_up(x, stats=stats)
+        return Pass(up.logits, up.features, None, up.stats)
+
+    def _bottom_up(self, x: Tensor, keep: Keep = "none", stats: bool = False) -> _BottomUp:
+        """The one bottom-up loop over the graph. ``keep`` "all" keeps every node's output and latent
+        (encode); "reverse" keeps only what :meth:`full_pass` reads (each op's ``reads()``: a ReLU's
+        output, a max-pool's switches; the values as shape-only stand-ins); "none" keeps nothing.
+        Without autograd and eager, ReLUs and adds write into an input that nothing later reads, as
+        torch's in-place ops do (cheaper than a fresh output on a CPU, docs/benchmarks.md). When
+        autograd records, the bias nodes' outputs z(l) are returned (the autograd renderer
+        differentiates with respect to them); with ``stats``, :meth:`unit_stats` is read as each
+        value is made."""
+        overwrite = not (keep == "all" or torch.is_grad_enabled() or torch.compiler.is_compiling())
         caller = x.untyped_storage().data_ptr() if overwrite else 0  # never overwritten (dynamo: not traced)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         values: dict[str, Tensor] = {INPUT: x}
         latents: dict[str, Tensor] = {}
-        shapes: dict[str, Tensor] = {INPUT: x}  # save: a stand-in of each value (its shape, no memory)
+        shapes: dict[str, Tensor] = {INPUT: x}  # keep "reverse": a stand-in of each value (its shape, no memory)
         zs: list[Tensor] = []
-        unit: dict[str, tuple[Tensor, Tensor]] = {}
-        bias = set(self.bias_nodes)
-        norm = self.train_norm
+        unit: dict[str, Stats] = {}
         for k, node in enumerate(self.config.nodes):
-            xs, p = [values[i] for i in node.inputs], self.node_params(node.name)
+            xs = [values[i] for i in node.inputs]
             if k == len(self.config.nodes) - 1:
                 feats = xs[0].flatten(1)  # (N, F) penultimate features
-            reads = node.op.reads() if save else ""  # what the in-place reverse pass keeps of this node
-            if norm is not None and node.name in norm:  # training with BatchNorm: its beta is the bias
-                out = norm(node.name, node.op.forward(xs, {"weight": p["weight"]}))
-            elif keep or reads == "latent":
-                out, lat = node.op.encode(xs, p)
-                if lat is not None:
-                    latents[node.name] = lat
-            elif overwrite and node.op.inplace and self._may_overwrite(k, node, values, caller, latents):
-                out = node.op.forward_(xs, p)
-            else:
-                out = node.op.forward(xs, p)
-            values[node.name] = out
-            if save:
+            out = values[node.name] = self._node(k, node, xs, keep, overwrite, caller, values, latents)
+            if keep == "reverse":
                 shapes[node.name] = out.new_empty(()).expand(out.shape)
-                if reads == "output":
+                if node.op.reads() == "output":
                     latents[node.name] = out  # never overwritten later (_may_overwrite)
-            if node.name in bias and not overwrite:
+            if node.name in self._bias and not overwrite:
                 zs.append(out)
             if stats and node.name in self._stats_at:
-                unit[self._stats_at[node.name]] = _unit_stats(out, node.op.positive_part)
-            if not keep:
+                unit[self._stats_at[node.name]] = scores.unit_stats(out, node.op.positive_part)
+            if keep != "all":
                 for name in self._last_use.get(k, ()):
                     del values[name]  # nothing later reads it
         logits = values[self.classifier.name]
@@ -247,8 +235,25 @@ class NRM(nn.Module):
         if stats:  # in bias_nodes order, wherever each was read
             rates, means = zip(*(unit[n] for n in self.bias_nodes), strict=True)
             st = (torch.cat(rates, dim=1), torch.cat(means, dim=1))
-        kept = Latents(logits, values, latents) if keep else Latents(logits, shapes, latents) if save else None
-        return logits, kept, zs, feats, st
+        kept = {"all": Latents(logits, values, latents), "reverse": Latents(logits, shapes, latents)}.get(keep)
+        return _BottomUp(logits, feats, kept, zs, st)
+
+    def _node(self, k: int, node: Node, xs: list[Tensor], keep: Keep, overwrite: bool, caller: int,
+              values: dict[str, Tensor], latents: dict[str, Tensor]) -> Tensor:
+        """Node ``k``'s output from its inputs ``xs``: through its BatchNorm while training with one;
+        with its latent (into ``latents``) where the pass keeps it; in place where it may."""
+        p = self.node_params(node.name)
+        norm = self.train_norm
+        if norm is not None and node.name in norm:  # training with BatchNorm: its beta is the bias
+            return norm(node.name, node.op.forward(xs, {"weight": p["weight"]}))
+        if keep == "all" or (keep == "reverse" and node.op.reads() == "latent"):
+            out, lat = node.op.encode(xs, p)
+            if lat is not None:
+                latents[node.name] = lat
+            return out
+        if overwrite and node.op.inplace and self._may_overwrite(k, node, values, caller, latents):
+            return node.op.forward_(xs, p)
+        return node.op.forward(xs, p)
 
     def _may_overwrite(self, k: int, node: Node, values: dict[str, Tensor], caller: int,
                        saved: dict[str, Tensor]) -> bool:
@@ -265,23 +270,44 @@ class NRM(nn.Module):
         return (ptr != caller and all(v.dtype == t.dtype for v in (values[i] for i in node.inputs))
                 and all(v.untyped_storage().data_ptr() != ptr for v in others))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Plain classifier: normalised images (N, C, H, W) -> logits (N, K)."""
-        with self.autocast():
-            return self._run(x, keep=False)[0]
+    def unit_stats(self, zs: list[Tensor]) -> Stats:
+        """Per-channel statistics of the bottom-up pass, over spatial positions p, for every bias node:
 
-    @torch.no_grad()
-    def penultimate(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(features (N, F), logits (N, K)): the classifier's input and output, forward pass only."""
-        with self.autocast():
-            logits, _, _, feats, _ = self._run(x, keep=False)
-        return feats.float(), logits.float()
+            gate rate  g_{l,c} = mean_p 1[z(l)_{c,p} > 0]       the ReLU latents s*(l), as on-rates
+            act mean   a_{l,c} = mean_p max(z(l)_{c,p}, 0)      the positive part of the activation
 
-    def encode(self, x: Tensor) -> Latents:
-        """Bottom-up pass that keeps the latent variables z* = {s*(l), t*(l)} and every node's output."""
-        return self._run(x, keep=True)[1]  # type: ignore[return-value]
+        zs are the bias nodes' outputs z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l).
+        The scoring passes read the same statistics during their bottom-up pass (``stats``)."""
+        parts = [scores.unit_stats(z) for z in zs]
+        return torch.cat([r for r, _ in parts], dim=1), torch.cat([m for _, m in parts], dim=1)
 
     # ------------------------------------------------------------------ top-down
+    def render(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False) -> Rendering:
+        """Fast renderer: h(0) = d logit_y / dx and eta_l = b(l) . d logit_y / dz(l), in one backward
+        pass. ``y`` defaults to y* = argmax; ``create_graph`` lets training differentiate through it."""
+        return self.autograd_pass(x, y, create_graph).rendering  # type: ignore[return-value]
+
+    def autograd_pass(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False,
+                      stats: bool = False) -> Pass:
+        """The bottom-up pass and one vector-Jacobian product of logit_y with respect to x and every
+        bias node's output: h(0) = d logit_y / dx and eta_{l,c} = b_c(l) sum_p d logit_y / dz(l)_{c,p}.
+        ``y`` defaults to y* = argmax. Always eager: inductor's CPU backward of these graphs measured
+        slower than autograd's (docs/benchmarks.md section 1b)."""
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            up = self._bottom_up(x, stats=stats)
+            if y is None:
+                y = up.logits.detach().argmax(1)
+            picked = up.logits.gather(1, y[:, None]).sum()
+            grads = torch.autograd.grad(picked, [x, *up.zs], create_graph=create_graph)
+        eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]  # (N, C_l)
+               for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
+        return Pass(up.logits, up.features, self._rendering(y, grads[0], eta), up.stats)
+
+    def _bias_param(self, name: str) -> str:
+        return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
+
     def render_explicit(self, lat: Latents, y: Tensor | None = None) -> Rendering:
         """Eq. (1) literally, generalised to a graph: start from the class template at the classifier
         and walk the nodes in reverse, each op's adjoint at the latents of the forward pass (conv:
@@ -292,21 +318,31 @@ class NRM(nn.Module):
         """
         return self._walk(lat, lat.logits.argmax(1) if y is None else y, reverse=False)
 
-    def _walk(self, lat: Latents, y: Tensor, reverse: bool) -> Rendering:
-        """The top-down walk of :meth:`render_explicit`. ``reverse`` (:meth:`_reverse`, on what
-        ``_run(save=True)`` kept): each op's ``adjoint_``, and, eager, a gradient that nothing else
-        holds is written into (a ReLU's gate applied, a second consumer's part added) instead of
+    @torch.no_grad()
+    def full_pass(self, x: Tensor, stats: bool = False, channels_last: bool = False) -> Pass:
+        """Scoring's full pass with no autograd: the bottom-up pass (in place where it may), keeping
+        only what the adjoints read (each ReLU's output, each max-pool's switches), then the top-down
+        walk of eq. (1) from y* = argmax with ReLU gradients and the sums at forks written in place.
+        The same numbers as :meth:`autograd_pass` (tests: random graphs, float64), at less memory
+        traffic. ``channels_last``: the memory format of x, which the walk's gradients keep."""
+        up = self._bottom_up(x, "reverse", stats)
+        assert up.latents is not None
+        return Pass(up.logits, up.features, self._walk(up.latents, up.logits.argmax(1), True, channels_last), up.stats)
+
+    def _walk(self, lat: Latents, y: Tensor, reverse: bool, channels_last: bool = False) -> Rendering:
+        """The top-down walk of :meth:`render_explicit`. ``reverse`` (:meth:`full_pass`, on what
+        ``_bottom_up(keep="reverse")`` kept): each op's ``adjoint_``, and, eager, a gradient that nothing
+        else holds is written into (a ReLU's gate applied, a second consumer's part added) instead of
         copied; traced by torch.compile, every step makes a new value and inductor plans the memory."""
         in_place = reverse and not torch.compiler.is_compiling()
         h: dict[str, Tensor] = {self.classifier.name: F.one_hot(y, len(self.config.classes)).to(lat.logits.dtype)}
         eta: dict[str, Tensor] = {}  # per-channel terms (N, C_l); eta_l is their sum
-        bias = set(self.bias_nodes)
         for node in reversed(self.config.nodes):
             g = h.pop(node.name, None)
             if g is None:  # nothing downstream depends on this node
                 continue
             p = self.node_params(node.name)
-            if node.name in bias:
+            if node.name in self._bias:
                 eta[node.name] = _per_channel(g) * p[node.op.bias]  # type: ignore[index]
             xs, saved = [lat.values[i] for i in node.inputs], lat.latents.get(node.name)
             if reverse:
@@ -314,14 +350,9 @@ class NRM(nn.Module):
             else:
                 parts = node.op.adjoint(g, xs, p, saved)
             for name, part in zip(node.inputs, parts, strict=True):
-                if reverse and self.channels_last and part.dim() == 4:  # as the forward's values (an
-                    part = part.contiguous(memory_format=torch.channels_last)  # average pool's adjoint: NCHW)
-                if name not in h:
-                    h[name] = part
-                elif in_place and _holders(h[name], h) == 1 and h[name].dtype == torch.result_type(h[name], part):
-                    h[name].add_(part)
-                else:
-                    h[name] = h[name] + part
+                if channels_last and part.dim() == 4:  # as the forward's values (an average pool's adjoint: NCHW)
+                    part = part.contiguous(memory_format=torch.channels_last)
+                _send(h, name, part, in_place)
         per_channel = [eta.get(n, lat.logits.new_zeros(len(y), self.shapes[n][0])) for n in self.bias_nodes]
         return self._rendering(y, h[INPUT], per_channel)
 
@@ -331,199 +362,66 @@ class NRM(nn.Module):
             return Rendering(y, h0, zero, zero)
         return Rendering(y, h0, torch.stack([e.sum(1) for e in per_channel], dim=1), torch.cat(per_channel, dim=1))
 
-    def _compiled(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` (an unbound method) through torch.compile, once per model and pass ``name``."""
-        passes = _COMPILED.setdefault(self, {})
-        if name not in passes:
-            passes[name] = torch.compile(fn)
-        return passes[name]
-
-    def _step(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """score()'s forward-only pass (no backward): logits (N, K), penultimate features (N, F) and,
-        with ``stats``, :meth:`unit_stats`; compiled with :meth:`use_compile`."""
-        if self.compiled:
-            return self._compiled("forward", NRM._forward_stats)(self, x, stats)
-        return self._forward_stats(x, stats)
-
-    def _forward_stats(self, x: Tensor, stats: bool) -> tuple[Tensor, Tensor, Stats | None]:
-        logits, _, _, feats, st = self._run(x, keep=False, stats=stats)
-        return logits, feats, st
-
-    @torch.no_grad()
-    def _reverse(self, x: Tensor, stats: bool = False) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
-        """score()'s full pass with no autograd: the forward-only pass (in place where it may), keeping
-        only what the adjoints read (each ReLU's output, each max-pool's switches), then the top-down
-        walk of eq. (1) from y* = argmax with ReLU gradients and the sums at forks written in place.
-        The same numbers as :meth:`_vjp` (tests: random graphs, float64), at less memory traffic;
-        compiled whole, both passes, with :meth:`use_compile`. Returns what :meth:`_vjp` returns."""
-        if self.compiled:
-            return self._compiled("full", NRM._full)(self, x, stats)
-        return self._full(x, stats)
-
-    def _full(self, x: Tensor, stats: bool) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
-        logits, lat, _, feats, st = self._run(x, keep=False, stats=stats, save=True)
-        assert lat is not None
-        return logits, self._walk(lat, logits.argmax(1), reverse=True), feats, st
-
-    def _vjp(self, x: Tensor, y: Tensor | None, create_graph: bool, stats: bool = False,
-             ) -> tuple[Tensor, Rendering, Tensor, Stats | None]:
-        """One vector-Jacobian product of logit_y with respect to x and every bias node's output:
-        h(0) = d logit_y / dx and eta_{l,c} = b_c(l) sum_p d logit_y / dz(l)_{c,p}. Returns the
-        logits, the rendering, the penultimate features and (with ``stats``) the unit statistics of
-        the same forward pass. Always eager: inductor's CPU backward of these graphs measured slower
-        than autograd's (docs/benchmarks.md section 1b)."""
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits, _, zs, feats, st = self._run(x, keep=False, stats=stats)
-            if y is None:
-                y = logits.detach().argmax(1)
-            picked = logits.gather(1, y[:, None]).sum()
-            grads = torch.autograd.grad(picked, [x, *zs], create_graph=create_graph)
-        eta = [_per_channel(g) * self.node_params(n)[self._bias_param(n)]  # (N, C_l)
-               for n, g in zip(self.bias_nodes, grads[1:], strict=True)]
-        return logits, self._rendering(y, grads[0], eta), feats, st
-
-    def _bias_param(self, name: str) -> str:
-        return self.config.nodes[self._index[name]].op.bias  # type: ignore[return-value]
-
-    def render(self, x: Tensor, y: Tensor | None = None, create_graph: bool = False) -> Rendering:
-        """Fast renderer: h(0) = d logit_y / dx and eta_l = b(l) . d logit_y / dz(l), in one backward
-        pass. ``y`` defaults to y* = argmax; ``create_graph`` lets training differentiate through it."""
-        return self._vjp(x, y, create_graph)[1]
-
-    def unit_stats(self, zs: list[Tensor]) -> Stats:
-        """Per-channel statistics of the bottom-up pass, over spatial positions p, for every bias node:
-
-            gate rate  g_{l,c} = mean_p 1[z(l)_{c,p} > 0]       the ReLU latents s*(l), as on-rates
-            act mean   a_{l,c} = mean_p max(z(l)_{c,p}, 0)      the positive part of the activation
-
-        zs are the bias nodes' outputs z(l), (N, C, H, W) or (N, F). Returns two (N, sum_l C_l).
-        ``score`` reads the same statistics during its bottom-up pass (:meth:`_run`)."""
-        parts = [_unit_stats(z, positive=False) for z in zs]
-        return torch.cat([r for r, _ in parts], dim=1), torch.cat([m for _, m in parts], dim=1)
-
-    # ------------------------------------------------------------------ precision and layout
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The numeric precision of every pass: ``self.precision`` fp32 (default: float32 throughout,
-        TF32 off on CUDA, cuDNN's convolutions included), bf16 or fp16 (torch.autocast on the model's
-        device), or tf32 (float32 storage, TF32 matmuls and convs on CUDA; plain float32 on a CPU)."""
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.mean.device.type, dtype=dtype)
-        return _tf32(self.precision == "tf32")
-
-    def set_precision(self, precision: str) -> NRM:
-        """Score in ``precision`` (one of PRECISIONS); returns self."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
-        self.precision = precision
-        return self
-
-    def use_compile(self, on: bool = True) -> NRM:
-        """Run score()'s passes through torch.compile (inductor): the forward-only one (the columns
-        that need no backward: see :meth:`needs_rendering`) and the full table's (:meth:`_reverse`,
-        its forward and top-down walk as one graph). The ReLUs, their gradients, the residual sums and
-        the statistics fuse into a few loops around the convolutions, so they cost little. Each new
-        input shape compiles once (tens of seconds on a small CPU), so it pays over a long job, not a
-        test; scores equal the eager ones to float rounding. :meth:`render` and training stay eager
-        (see :meth:`_vjp`). On a CPU inductor writes C++ kernels, so a C++ compiler must run here
-        (RuntimeError now, not at the first batch). Returns self."""
-        if on and self.mean.device.type == "cpu":
-            _check_cpp_compiler()
-        self.compiled = on
-        _COMPILED.pop(self, None)
-        return self
-
-    def use_channels_last(self, on: bool = True) -> NRM:
-        """Keep 4-D weights and activations channels-last (NHWC): the faster layout for convs on CPUs
-        with oneDNN and on tensor-core GPUs. Returns self."""
-        self.channels_last = on
-        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)  # type: ignore[call-overload]
-
-    def use_fast_layout(self) -> NRM:
-        """The memory format that scored faster for this device and precision (set the precision
-        first): channels_last on a CPU (oneDNN: ResNet-20 1.6x) and on CUDA for tf32 (H200, ResNets
-        at batch 4096) and the half precisions (cuDNN's tensor-core kernels are NHWC ones); NCHW for
-        fp32 on CUDA, where cuDNN runs these float32 convolutions with NCHW kernels and channels_last
-        only adds layout conversions (H200, batch 4096: NCHW was the plain module's faster format in
-        11 of the 12 fp32 rows, and the conversions took 8.8 ms of ResNet-20's 74.7 ms full score;
-        docs/benchmarks.md, GPU). Returns self."""
-        return self.use_channels_last(self.mean.device.type != "cuda" or self.precision != "fp32")
-
     # ------------------------------------------------------------------ scores
     @property
     def extra_columns(self) -> list[str]:
-        """The fitted columns score() adds after nrm.scores.COLUMNS (see :func:`fitted_columns`)."""
+        """The fitted columns score() adds after nrm.scores.COLUMNS (nrm.plan.fitted_columns)."""
         return fitted_columns(self.config)
-
-    @property
-    def posthoc_columns(self) -> list[str]:
-        return [type(d).column for d in self.config.fitted.posthoc.values()]
 
     @property
     def columns(self) -> list[str]:
         """Every column score() can make, in output order."""
-        return [*S.COLUMNS, *self.extra_columns]
+        return known_columns(self.config)
 
-    def _wanted(self, columns: list[str] | None) -> set[str] | None:
-        if columns is None:
-            return None
-        if unknown := [c for c in columns if c not in self.columns]:
-            raise ValueError(f"unknown score column(s) {unknown}; this model makes {self.columns}")
-        return set(columns)
+    def plan(self, columns: Sequence[str] | None = None, inputs: Iterable[str] = (), flag: bool = True) -> ScorePlan:
+        """The plan of a scoring run of this model (nrm.plan.plan_for): every column, or ``columns`` plus
+        pred and the threshold column (``flag``), with the passes they need and the threshold."""
+        return plan_for(self.config, columns, inputs, flag)
 
-    def needs_rendering(self, columns: list[str] | None = None) -> bool:
-        """Whether ``columns`` (default: all) need the top-down pass (one backward); the others,
-        pred, max_softmax, max_logit, energy, det_* on gates/acts and the post-hoc baselines, are
-        made by the forward pass alone."""
-        want = self._wanted(columns)
-        if want is None:
-            return True
-        det = self.config.fitted.detector
-        return bool(want & S.RENDERED) or (det is not None and det.needs_rendering(want))
+    def flag(self, cols: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(ood_score, is_ood) of score columns ``cols`` by this model's threshold (ScorePlan.flag)."""
+        return self.plan().flag(cols)
 
     @torch.no_grad()
     def score(self, x: Tensor, columns: list[str] | None = None, unit_stats: bool | None = None) -> dict[str, Tensor]:
-        """Per-sample score columns of normalised x (N, C, H, W): by default every column of
-        ``self.columns`` plus the detectors' internal inputs; given ``columns``, exactly those, computed
-        with only what they need (no backward pass unless :meth:`needs_rendering`). ``unit_stats``
-        adds ``latent_gates`` / ``unit_acts`` (see :meth:`unit_stats`), with or without ``columns``;
-        by default they are made only when a fitted detector reads them (they cost a pass over every
-        activation)."""
+        """Per-sample score columns of normalised x (N, C, H, W), eager, in strict float32 (a
+        nrm.runner.Runner scores with a precision, a memory layout and torch.compile): by default every
+        column of ``self.columns`` plus the detector inputs the passes made; given ``columns``,
+        exactly those, computed with only what they need (no backward pass unless one of them, or its
+        detector, reads the top-down pass). ``unit_stats`` adds ``latent_gates`` / ``unit_acts`` (see
+        :meth:`unit_stats`); by default they are made only when a fitted detector reads them (they
+        cost a pass over every activation)."""
         self.check_input(x)
-        want = self._wanted(columns)
+        plan = self.plan(columns, ("latent_gates", "unit_acts") if unit_stats else (), flag=False)
+        with precision.autocast("fp32", self.mean.device.type):
+            p = self.full_pass(x, plan.unit_stats) if plan.render else self.forward_pass(x, plan.unit_stats)
+        return self.tabulate(x, p, plan)
+
+    def tabulate(self, x: Tensor, p: Pass, plan: ScorePlan) -> dict[str, Tensor]:
+        """The score dict of ``plan`` (exactly ``plan.outputs``, float32 columns; pred int64) from the
+        pass ``p`` over normalised x: the classifier's columns, the rendered ones, the detector inputs
+        and the fitted detectors' columns."""
+        logits = p.logits.detach().float()
+        out = scores.classifier_scores(logits)
+        if p.rendering is not None:
+            out.update(self._rendered_scores(x, p.rendering))
+        if p.stats is not None:
+            out["latent_gates"], out["unit_acts"] = (v.detach().float() for v in p.stats)
+        out["penultimate"], out["logits"] = p.features.detach().float(), logits
         det = self.config.fitted.detector
-        stats = bool(unit_stats or (unit_stats is None and det is not None and det.needs_unit_stats(want)))
-        with self.autocast():
-            if self.needs_rendering(columns):
-                logits, r, feats, st = self._reverse(x, stats)
-            else:
-                (logits, feats, st), r = self._step(x, stats), None
-        logits = logits.detach().float()
-        out = S.classifier_scores(logits)
-        if r is not None:
-            out.update(self._rendered_scores(x, r))
-        if st is not None:
-            out["latent_gates"], out["unit_acts"] = (v.detach().float() for v in st)  # detector inputs only
         if det is not None:
-            out.update(det.score(out, want))  # det_<name> (nrm.detectors)
-        for d in self.config.fitted.posthoc.values():  # the field's post-hoc baselines (nrm.posthoc)
-            if want is None or type(d).column in want:
-                out[type(d).column] = d.score(feats.detach().double(), logits.double()).float()
-        if want is None:
-            return out
-        return {c: out[c] for c in [*(columns or []), *(["latent_gates", "unit_acts"] if unit_stats else [])]}
+            out.update(det.score(out, set(plan.columns)))  # the fitted detectors' columns (nrm.detectors)
+        return {c: out[c] for c in plan.outputs}
 
     def _rendered_scores(self, x: Tensor, r: Rendering) -> dict[str, Tensor]:
         """The columns of the top-down pass: eta per layer and in all, the latent log-likelihood,
         the reconstruction error and the bound, and (internal) eta per channel for the detectors."""
         fitted = self.config.fitted
         eta_layers = r.eta_layers.detach().float()
-        out = {"latent_prior_layers": eta_layers, "latent_prior": S.latent_prior(eta_layers)}
-        out["latent_loglik"] = S.latent_loglik(out["latent_prior"], r.y, self.log_partition)
-        out["recon_sq_error"] = S.recon_sq_error(x.detach().float(), r.h0.detach().float())
-        out["loglik_bound"] = S.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
+        out = {"latent_prior_layers": eta_layers, "latent_prior": scores.latent_prior(eta_layers)}
+        out["latent_loglik"] = scores.latent_loglik(out["latent_prior"], r.y, self.log_partition)
+        out["recon_sq_error"] = scores.recon_sq_error(x.detach().float(), r.h0.detach().float())
+        out["loglik_bound"] = scores.loglik_bound(out["recon_sq_error"], out["latent_loglik"], fitted.sigma2)
         out["latent_prior_channels"] = r.eta_channels.detach().float()  # type: ignore[union-attr]
         return out
 
@@ -531,38 +429,38 @@ class NRM(nn.Module):
         return f"input={self.input_shape}, classes={len(self.config.classes)}, latent_layers={self.latent_names}"
 
 
-def _unit_stats(t: Tensor, positive: bool) -> Stats:
-    """(gate rate, act mean), both (N, C), of one bias node (see NRM.unit_stats) from its output z,
-    or from max(z, 0) when ``positive`` (a ReLU's output: read, not written). Both come from one
-    positive part: its sum, then its sign (= the gate), which beats summing the boolean 1[z > 0]
-    4-5x on a CPU (docs/benchmarks.md)."""
-    dims = tuple(range(2, t.dim()))  # positions; () for linear features (P = 1)
-    p = math.prod(t.shape[2:])
-    pos = t.detach() if positive else t.detach().clamp_min(0)  # (N, C, ...) max(z, 0)
-    mean = _sum32(pos, dims) / p if dims else pos.to(torch.float32, copy=True)
-    gate = torch.sign(pos) if positive else pos.sign_()  # 1[z > 0]
-    return (_sum32(gate, dims) / p if dims else gate.float()), mean
+def _last_uses(nodes: list[Node]) -> dict[int, list[str]]:
+    """node index -> values no later node reads (the bottom-up pass drops them there)."""
+    last: dict[str, int] = {}
+    for k, n in enumerate(nodes):
+        for i in n.inputs:
+            last[i] = k
+    frees: dict[int, list[str]] = {}
+    for name, k in last.items():
+        frees.setdefault(k, []).append(name)
+    return frees
 
 
-def _sum32(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Float32 sums over ``dims``. A bf16 map is summed in its own dtype (torch accumulates in
-    float32 and rounds the sum once, 2^-9 relative) and then widened: ``sum(dtype=float32)`` first
-    copies the whole map to float32, which cost bf16 scoring more than its sums (docs/benchmarks.md).
-    fp16 keeps the float32 sum: a sum of 1,024 activations can pass fp16's largest value."""
-    if t.dtype == torch.bfloat16:
-        return t.sum(dim=dims).float()
-    return t.sum(dim=dims, dtype=torch.float32)
+def _stats_sites(nodes: list[Node], bias_nodes: list[str]) -> dict[str, str]:
+    """node -> the bias node whose unit statistics are read from its output: a ReLU that reads
+    the bias node (its output is max(z, 0) already: no second positive part), else the bias node."""
+    at = {b: b for b in bias_nodes}
+    for n in nodes:
+        if n.op.positive_part and len(n.inputs) == 1 and at.get(n.inputs[0]) == n.inputs[0]:
+            del at[n.inputs[0]]
+            at[n.name] = n.inputs[0]
+    return at
 
 
-def _check_cpp_compiler() -> None:
-    """Raise, in one sentence, when torch.compile cannot build CPU kernels: no C++ compiler runs."""
-    from torch._inductor import cpp_builder, exc
-
-    try:
-        cpp_builder.get_cpp_compiler()
-    except exc.InvalidCxxCompiler as e:
-        raise RuntimeError(f"compiling on a CPU needs a C++ compiler, as torch.compile writes C++ kernels, and none "
-                           f"runs here ({e}): install g++ (or set CXX) or score without compiling") from None
+def _send(h: dict[str, Tensor], name: str, part: Tensor, in_place: bool) -> None:
+    """Add the gradient ``part`` a consumer sends node ``name`` to what ``h`` holds for it: into the
+    held tensor when the walk may write in place, nothing else holds it and the dtypes allow."""
+    if name not in h:
+        h[name] = part
+    elif in_place and _holders(h[name], h) == 1 and h[name].dtype == torch.result_type(h[name], part):
+        h[name].add_(part)
+    else:
+        h[name] = h[name] + part
 
 
 def _holders(t: Tensor, h: dict[str, Tensor]) -> int:
@@ -574,10 +472,3 @@ def _holders(t: Tensor, h: dict[str, Tensor]) -> int:
 def _per_channel(g: Tensor) -> Tensor:
     """Sum over positions: (N, C, H, W) -> (N, C) (in either memory format, no copy); flat features (N, F) stay."""
     return g.sum(dim=tuple(range(2, g.dim()))) if g.dim() > 2 else g
-
-
-def fitted_columns(config: ModelConfig) -> list[str]:
-    """The fitted columns of a model, all higher = in-distribution: the detectors on NRM statistics
-    (``det_*``), then the post-hoc baselines (nrm.posthoc). Known from the config alone."""
-    det = config.fitted.detector
-    return [*(det.columns if det else []), *(type(d).column for d in config.fitted.posthoc.values())]

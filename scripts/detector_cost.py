@@ -1,4 +1,4 @@
-"""What the default fitted detector adds to `model.score` (docs/benchmarks.md section 1b): the rows
+"""What the default fitted detector adds to `model.score` (docs/benchmarks.md section 1): the rows
 of `nrm-ood bench` section 1 for two presets, without the rest of the benchmark.
 
     python scripts/detector_cost.py [--batch 512] [--reps 7]
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 import nrm
-from jobs.bench import overhead
-from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES
+from jobs.bench.speed import overhead
+from nrm.names import DEFAULT_DETECTOR, DEFAULT_FEATURES
 
 
 def main() -> None:

@@ -24,17 +24,19 @@ from jobs.datasets import load_images, load_labelled  # noqa: E402
 from jobs.storage import Store  # noqa: E402
 from nrm.detectors import fit_mahalanobis, mahalanobis  # noqa: E402
 from nrm.metrics import auroc  # noqa: E402
-from nrm.train import batches  # noqa: E402
+from nrm.runner import Runner  # noqa: E402
+from nrm.training import batches  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 VAL_OOD = {"tin": str(SHARED / "tinyimagenet" / "train_sample"), "textures": "data/textures32-val", "noise": "data/noise32-val"}
 
 
 @torch.no_grad()
-def stats(m: nrm.NRM, images: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def stats(r: Runner, images: torch.Tensor, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     out: dict[str, list[torch.Tensor]] = {}
-    for x in batches(m, images, 512, idx):
-        cols = m.score(x, columns=["pred", "energy"], unit_stats=True)
+    plan = r.model.plan(["pred", "energy"], ("latent_gates", "unit_acts"), flag=False)
+    for x in batches(r.model, images, 512, idx):
+        cols = r.score(x, plan)
         for k in ("pred", "energy", "latent_gates", "unit_acts"):
             out.setdefault(k, []).append(cols[k])
     return {k: torch.cat(v) for k, v in out.items()}
@@ -45,12 +47,13 @@ def main() -> None:
     ap.add_argument("ckpt")
     ap.add_argument("--rows", type=int, default=20000, help="training rows the detectors are fitted on")
     a = ap.parse_args()
-    m, store = nrm.load(a.ckpt).use_channels_last(), Store(None)
+    r, store = Runner(nrm.load(a.ckpt), layout="channels_last"), Store(None)
+    m = r.model
     x, _ = load_labelled(str(SHARED / "cifar10" / "train"), m.input_shape, None, store)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     images = torch.from_numpy(x)
-    train, held = stats(m, images, perm[5000 : 5000 + a.rows]), stats(m, images, perm[:5000])
-    ood = {k: stats(m, torch.from_numpy(load_images(v, m.input_shape, 2000, store))) for k, v in VAL_OOD.items()}
+    train, held = stats(r, images, perm[5000 : 5000 + a.rows]), stats(r, images, perm[:5000])
+    ood = {k: stats(r, torch.from_numpy(load_images(v, m.input_shape, 2000, store))) for k, v in VAL_OOD.items()}
     width = train["latent_gates"].shape[1]
     stage = [m.shapes[n][0] for n in m.latent_names]  # channels per biased layer
     bounds = torch.tensor([0, *stage]).cumsum(0)

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 import nrm
-from jobs.bench import _write_shards, random_model
+from jobs.bench.job import write_shards
+from jobs.bench.timing import random_model
 from nrm.fit import fit
 
 
@@ -26,7 +27,7 @@ def main(out: Path, rows: int) -> None:
     x = torch.randn(512, 3, 32, 32)
     fit(model, [x], [x], detector="mahalanobis")
     nrm.save(model, out / "ckpt")
-    _write_shards(out / "data", rows, 32, (3, 32, 32))
+    write_shards(out / "data", rows, 32, (3, 32, 32))
     t = time.perf_counter()
     cmd = [sys.executable, "-m", "jobs.cli", "score", "--model", str(out / "ckpt"), "--input", str(out / "data"),
            "--output", str(out / "scores"), "--gpus-per-actor", "1", "--batch-size", "2048"]

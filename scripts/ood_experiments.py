@@ -39,7 +39,7 @@ from nrm import detectors as D
 from nrm import metrics
 from nrm.fit import collect
 from nrm.scores import HIGHER_IS_IN
-from nrm.train import held_out_split
+from nrm.training import held_out_split
 
 SETS = ("mnist", "fashion_mnist", "cifar10")
 BASELINES = ("max_softmax", "energy", "max_logit", "latent_prior", "latent_loglik", "recon_sq_error", "loglik_bound")
@@ -64,7 +64,7 @@ def splits(model: nrm.NRM, ckpt: Path, ind: str, data: Path, ood_val: int,
     report = json.loads((ckpt / "train_report.json").read_text())
     n = int(report["train_rows"])
     x, _ = load_labelled(str(data / ind / "train"), shape, limit=n)
-    held, _ = held_out_split(n, 0.1, torch.Generator().manual_seed(0))  # the rows nrm.train holds out
+    held, _ = held_out_split(n, 0.1, torch.Generator().manual_seed(0))  # the rows nrm.training holds out
     fit_i, val_i = D.split_halves(len(held))
     out = {"in_fit": stats(model, x[held[fit_i].numpy()]), "in_val": stats(model, x[held[val_i].numpy()])}
     out["in_test"] = stats(model, load_labelled(str(data / ind / "test"), shape)[0])

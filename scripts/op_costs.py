@@ -1,8 +1,8 @@
-"""Costs of the single ops behind the forward-only pass's choices (docs/benchmarks.md, "Where the time goes").
+"""Costs of the single ops behind the forward-only pass's choices (docs/benchmarks.md section 7).
 
     python scripts/op_costs.py [--threads 2] [--reps 30]
 
-On one (512, 16, 32, 32) channels_last float32 activation, best of --reps after a warm-up (jobs.bench's timing), with
+On one (512, 16, 32, 32) channels_last float32 activation, best of --reps after a warm-up (jobs.bench.timing), with
 freed memory kept as the CLI and the actors keep it (jobs/allocator.py):
 - ReLU and residual add, fresh output against in place (what NRM._run does when nothing later reads
   the input);
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import _time  # noqa: E402
+from jobs.bench.timing import best_time  # noqa: E402
 from nrm.detectors import quadratic_form, symmetric_slabs  # noqa: E402
 
 
@@ -57,14 +57,14 @@ def main(reps: int) -> None:
     ]
     print("op on (512, 16, 32, 32) channels_last float32 | ms")
     for label, fn in rows:
-        print(f"{label} | {_time(fn, reps) * 1e3:.2f}")
+        print(f"{label} | {best_time(fn, reps) * 1e3:.2f}")
     print("quadratic form, 512 rows | D | one D x D product (ms) | symmetric block rows (ms) | blocks")
     for label, dims in (("ResNet-20", 1376), ("ResNet-56", 4064)):
         a = torch.randn(dims, dims, dtype=torch.float64)
         p = a @ a.T / dims + torch.eye(dims, dtype=torch.float64)
         d, p32, slabs = torch.randn(512, dims), p.float(), symmetric_slabs(p)
-        full = _time(lambda: ((d @ p32) * d).sum(1), reps) * 1e3  # noqa: B023
-        blocked = _time(lambda: quadratic_form(d, slabs), reps) * 1e3  # noqa: B023
+        full = best_time(lambda: ((d @ p32) * d).sum(1), reps) * 1e3  # noqa: B023
+        blocked = best_time(lambda: quadratic_form(d, slabs), reps) * 1e3  # noqa: B023
         print(f"{label} | {dims} | {full:.1f} | {blocked:.1f} | {len(slabs)}")
 
 

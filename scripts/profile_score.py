@@ -1,6 +1,6 @@
-"""Where the forward-only columns spend their time (docs/benchmarks.md, "Where the time goes").
+"""Where the forward-only columns spend their time (docs/benchmarks.md section 7).
 
-    python scripts/profile_score.py [MODEL_INDEX]     # index into jobs.bench.bench_models; 5 = ResNet-56
+    python scripts/profile_score.py [MODEL_INDEX]     # index into jobs.bench.speed.bench_models; 5 = ResNet-56
 
 Times the NRM forward and the forward-only columns of one bench model (batch 512, channels_last,
 the default detector fitted for cost as the bench does), then prints torch.profiler's table of one
@@ -17,7 +17,9 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import FORWARD_ONLY, _time, bench_models, fit_for_cost  # noqa: E402
+from jobs.bench.speed import FORWARD_ONLY, bench_models, fit_for_cost  # noqa: E402
+from jobs.bench.timing import best_time  # noqa: E402
+from nrm.runner import Runner  # noqa: E402
 
 
 def main(index: int) -> None:
@@ -25,12 +27,15 @@ def main(index: int) -> None:
     shared = Path(__file__).resolve().parents[2] / "shared"
     label, model, _ = bench_models("cpu", shared if shared.is_dir() else None)[index]
     fit_for_cost(model)
-    model.use_channels_last(True)
+    runner = Runner(model, layout="channels_last")
+    plan = model.plan(FORWARD_ONLY, flag=False)
     x = torch.randn(512, *model.input_shape)
-    print(f"{label}: NRM forward {_time(lambda: model(x), 3) * 1e3:.1f} ms, forward-only columns "
-          f"{_time(lambda: model.score(x, columns=FORWARD_ONLY), 3) * 1e3:.1f} ms (best of 3)")
+    with torch.no_grad():
+        forward_ms = best_time(lambda: runner(x), 3) * 1e3
+    print(f"{label}: NRM forward {forward_ms:.1f} ms, forward-only columns "
+          f"{best_time(lambda: runner.score(x, plan), 3) * 1e3:.1f} ms (best of 3)")
     with profile() as p:
-        model.score(x, columns=FORWARD_ONLY)
+        runner.score(x, plan)
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

@@ -1,6 +1,6 @@
-"""The whole default table, its top-down pass taken two ways, interleaved (docs/benchmarks.md, "Where
-the time goes"): through autograd (``NRM._vjp``, what score() ran before) and as the in-place reverse
-pass (``NRM._reverse``, what it runs now), against plain inference in channels_last.
+"""The whole default table, its top-down pass taken two ways, interleaved (docs/benchmarks.md section
+7): through autograd (``NRM.autograd_pass``) and as the in-place reverse pass (``NRM.full_pass``,
+what scoring runs), against plain inference in channels_last.
 
     python scripts/reverse_ab.py [--reps N] [--shared DIR] [LABEL ...]   # LABEL: part of a bench model's name
 
@@ -20,25 +20,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import bench_models, fit_for_cost, full_table, plain_variants  # noqa: E402
+from jobs.bench.speed import bench_models, fit_for_cost, full_table  # noqa: E402
+from jobs.bench.timing import plain_variants  # noqa: E402
 from nrm import NRM  # noqa: E402
+from nrm.runner import Runner  # noqa: E402
 
 
 def measure(label: str, model: NRM, plain: torch.nn.Module, reps: int) -> None:
     x = torch.randn(512, *model.input_shape)
     fit_for_cost(model)
-    model.use_channels_last(True)
-    cols = full_table(model)
-    variants = plain_variants(plain, x, lambda: None, model.autocast)
+    runner = Runner(model, layout="channels_last")
+    plan = model.plan(full_table(model), flag=False)
+    variants = plain_variants(plain, x, lambda: None, runner.autocast)
     run_plain = variants.get("BN fused, channels_last", variants["as given, channels_last"])
 
-    def autograd() -> None:
-        model._reverse = lambda x, stats=False: model._vjp(x, None, create_graph=False, stats=stats)  # type: ignore[method-assign]
-        model.score(x, columns=cols)
+    def autograd() -> None:  # the same table, its top-down pass one vector-Jacobian product
+        with torch.no_grad(), runner.autocast():
+            p = model.autograd_pass(runner.to_layout(x), stats=plan.unit_stats)
+        model.tabulate(x, p, plan)
 
     def reverse() -> None:
-        vars(model).pop("_reverse", None)  # the class's own pass again
-        model.score(x, columns=cols)
+        runner.score(x, plan)
 
     runs = {"plain": run_plain, "autograd": autograd, "reverse": reverse}
     best = dict.fromkeys(runs, float("inf"))
@@ -49,7 +51,6 @@ def measure(label: str, model: NRM, plain: torch.nn.Module, reps: int) -> None:
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
-    vars(model).pop("_reverse", None)
     p, a, r = (best[k] * 1e3 for k in runs)
     print(f"{label}: plain {p:.1f} ms, through autograd {a:.1f} ms ({a / p:.2f}x), in-place reverse {r:.1f} ms "
           f"({r / p:.2f}x): {100 * (1 - r / a):.0f}% less time", flush=True)

@@ -3,7 +3,7 @@
 Generates ``--rows`` 8x8 grayscale PNG images (HF image layout) in ``--shards`` Parquet files, one
 corrupt image in every 10th shard, and scores them with a random-initialised, fitted digits8 NRM:
 1. local files -> local output, 2. the same shards on S3 (moto's server on 127.0.0.1) -> S3 output.
-For each run it records throughput, peak RSS of the driver and every Ray process (jobs.bench.PeakRSS)
+For each run it records throughput, peak RSS of the driver and every Ray process (jobs.bench.job.PeakRSS)
 and the row accounting, checked by reading the committed output back: rows in == ok + error,
 no duplicate id, no missing id. Prints a markdown table (docs/reliability.md quotes it) and a JSON line.
 
@@ -29,7 +29,8 @@ from PIL import Image
 
 import nrm
 from jobs import manifest
-from jobs.bench import PeakRSS, machine, request_counts, start_moto
+from jobs.bench.job import PeakRSS, request_counts, start_moto
+from jobs.bench.timing import machine
 from jobs.datasets import png_cells, write_hf_parquet
 from jobs.pipeline import ScoreOptions, init_ray, run_score
 from jobs.storage import Store

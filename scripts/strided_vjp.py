@@ -1,4 +1,4 @@
-"""A stride-2 convolution's input gradient three ways (docs/benchmarks.md, "What is left to try").
+"""A stride-2 convolution's input gradient three ways (docs/benchmarks.md section 7).
 
     python scripts/strided_vjp.py
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import _time  # noqa: E402
+from jobs.bench.timing import best_time  # noqa: E402
 
 
 def input_grad(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,7 @@ def main() -> None:
         diff = (sub_pixel(g, w, size) - input_grad(g, x, w)).abs().max().item()
         runs = (lambda: F.conv2d(x, w, None, 2, 1), lambda: input_grad(g, x, w),  # noqa: B023
                 lambda: F.conv_transpose2d(g, w, None, 2, 1, 1), lambda: sub_pixel(g, w, size))  # noqa: B023
-        times = " | ".join(f"{_time(fn, 10) * 1e3:.2f}" for fn in runs)
+        times = " | ".join(f"{best_time(fn, 10) * 1e3:.2f}" for fn in runs)
         print(f"{cin} -> {cout} at {size}x{size} | {times} | {diff:.1e}")
 
 

@@ -17,7 +17,7 @@ from nrm.detectors import PREFIX, REGISTRY  # noqa: E402
 SCORES = ["latent_loglik", "max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
 BASELINES = ["max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "vim"]
 # detectors that add a baseline's feature (Detector.pure set: not pure NRM), as main or candidate columns
-FUSED = tuple(PREFIX + cls.name for cls in REGISTRY.values() if cls.pure)
+FUSED = tuple(PREFIX + cls.name for cls in REGISTRY.values() if getattr(cls, "pure", ""))
 
 
 def fused(column: str) -> bool:

@@ -1,16 +1,15 @@
 """The floor of a full NRM score: one forward plus one input vector-Jacobian product of the plain
-module, through autograd, against the plain forward (docs/benchmarks.md, "Where the time goes").
+module, through autograd, against the plain forward (docs/benchmarks.md section 7).
 
     python scripts/vjp_floor.py [--device cuda] [--batch N] [--profile] [--shared DIR] [MODEL_INDEX ...]
-                                 # indices into jobs.bench.bench_models (default: all)
+                                 # indices into jobs.bench.speed.bench_models (default: all)
 
 For each bench model: the plain module's forward (no grad, channels_last) and forward + d logit_y*/dx
 (autograd, channels_last), best of 5, their ratio, and the NRM's full score (default detector fitted
 for cost as the bench does) in the same precision (the NRM's fp32: TF32 off on CUDA). Whatever a full
 score costs above the floor is the NRM's own overhead (eta, statistics, detector). Last, the NRM's
 bottom-up and top-down passes alone (with the unit statistics), two ways: through autograd
-(``NRM._vjp``, what score() ran before) and as the in-place reverse pass (``NRM._reverse``, what it
-runs now). --profile prints torch.profiler's table of one full score per model, by device time."""
+(``NRM.autograd_pass``) and as the in-place reverse pass (``NRM.full_pass``, what scoring runs). --profile prints torch.profiler's table of one full score per model, by device time."""
 
 from __future__ import annotations
 
@@ -25,8 +24,10 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.allocator import keep_freed_memory  # noqa: E402
-from jobs.bench import _time, bench_models, device_sync, fit_for_cost  # noqa: E402
+from jobs.bench.speed import bench_models, fit_for_cost  # noqa: E402
+from jobs.bench.timing import best_time, device_sync  # noqa: E402
 from nrm import NRM  # noqa: E402
+from nrm.runner import Runner  # noqa: E402
 
 
 def main(indices: list[int], device: str, batch: int, prof: bool, shared: Path) -> None:
@@ -42,37 +43,37 @@ def measure(label: str, model: NRM, plain: torch.nn.Module, batch: int, prof: bo
     module = copy.deepcopy(plain).to(memory_format=torch.channels_last).requires_grad_(False)
     x = torch.randn(batch, *model.input_shape, device=device).contiguous(memory_format=torch.channels_last)
     fit_for_cost(model)
-    model.use_channels_last(True)
-    score = [c for c in model.columns if c not in ("mahalanobis_feat", "knn", "vim")]
+    runner = Runner(model, layout="channels_last")
+    plan = model.plan([c for c in model.columns if c not in ("mahalanobis_feat", "knn", "vim")], flag=False)
 
     def forward() -> None:
-        with torch.no_grad(), model.autocast():
+        with torch.no_grad(), runner.autocast():
             module(x)
         sync()
 
     def forward_vjp() -> None:
         xg = x.detach().requires_grad_(True)
-        with model.autocast():
+        with runner.autocast():
             logits = module(xg)
             torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xg)
         sync()
 
     def full() -> None:
-        model.score(x, columns=score)
+        runner.score(x, plan)
         sync()
 
     def passes_autograd() -> None:
-        with torch.no_grad(), model.autocast():
-            model._vjp(x, None, create_graph=False, stats=True)
+        with torch.no_grad(), runner.autocast():
+            model.autograd_pass(x, stats=True)
         sync()
 
     def passes_reverse() -> None:
-        with torch.no_grad(), model.autocast():
-            model._reverse(x, stats=True)
+        with torch.no_grad(), runner.autocast():
+            model.full_pass(x, stats=True, channels_last=True)
         sync()
 
-    tf, tv, ts = _time(forward, 5), _time(forward_vjp, 5), _time(full, 5)
-    ta, tr = _time(passes_autograd, 5), _time(passes_reverse, 5)
+    tf, tv, ts = best_time(forward, 5), best_time(forward_vjp, 5), best_time(full, 5)
+    ta, tr = best_time(passes_autograd, 5), best_time(passes_reverse, 5)
     print(f"{label} ({device}, batch {batch}): forward {tf * 1e3:.1f} ms, forward + input VJP {tv * 1e3:.1f} ms "
           f"({tv / tf:.2f}x), NRM full score {ts * 1e3:.1f} ms ({ts / tf:.2f}x); NRM passes through autograd "
           f"{ta * 1e3:.1f} ms ({ta / tf:.2f}x), in-place reverse {tr * 1e3:.1f} ms ({tr / tf:.2f}x)", flush=True)

@@ -439,8 +439,11 @@ def test_iam_policy_is_least_privilege() -> None:
         for r in _as_list(st["Resource"])
     ]
     assert writes == ["arn:aws:s3:::my-datasets/nrm-ood-scores/*"], "writes only under the output prefix"
+    deletes = [r for st in policy["Statement"] if "s3:DeleteObject" in _as_list(st["Action"])
+               for r in _as_list(st["Resource"])]
+    assert deletes == ["arn:aws:s3:::my-datasets/nrm-ood-scores/*"], "deletes only the job's own unused attempts"
     actions = {a for st in policy["Statement"] for a in _as_list(st["Action"])}
-    assert not actions & {"s3:DeleteObject", "s3:PutBucketPolicy", "s3:PutObjectAcl"}
+    assert not actions & {"s3:DeleteBucket", "s3:PutBucketPolicy", "s3:PutObjectAcl"}
 
 
 def _allows(action: str, bucket: str, key: str) -> bool:
@@ -738,12 +741,16 @@ def test_calls_cover_the_documented_runs() -> None:
     sources = {source for source, _ in calls}
     assert {"rayjob-score.yaml", "raycronjob-audit.yaml", "README.md"} <= sources
     cron = [args for source, args in calls if source == "raycronjob-audit.yaml"]
-    assert cron and all(args[0] == "score" and "--incremental" in args for args in cron)
+    (score,) = [args for args in cron if args[0] == "score"]
+    (audit,) = [args for args in cron if args[0] == "audit"]
+    assert "--incremental" in score, "the nightly run scores only new images"
+    assert audit[1] == score[score.index("--output") + 1], "the audit reads the runs the nightly score commits"
+    assert "--max-flagged" in audit and "--max-drift" in audit
     (job,) = [args for source, args in calls if source == "rayjob-score.yaml"]
     for option, value in {"--actors": None, "--gpus-per-actor": "1", "--batch-size": "512"}.items():
         assert option in job and (value is None or job[job.index(option) + 1] == value), option
     # The GPU group scales from zero: without --address the job's up-front resource check would
     # find no GPU and stop before the autoscaler could add one.
     assert min(g["minReplicas"] for g in docs_of_kind("RayCluster")[0]["spec"]["workerGroupSpecs"]) == 0
-    for args in [job, *cron]:
+    for args in [job, score]:
         assert args[args.index("--address") + 1] == "auto"

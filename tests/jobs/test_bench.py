@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from support import tiny_config
 
-import jobs.bench
 import nrm
-from jobs.bench import overhead
+from jobs.bench import timing
+from jobs.bench.speed import overhead
 
 
 def test_overhead_pairs_each_timing_with_its_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,7 +29,7 @@ def test_overhead_pairs_each_timing_with_its_measurement(monkeypatch: pytest.Mon
         calls.append(reps)
         return next(timings)
 
-    monkeypatch.setattr(jobs.bench, "_time", fake_time)
+    monkeypatch.setattr(timing, "best_time", fake_time)
     model = nrm.NRM(tiny_config()).eval().requires_grad_(False)
     r = overhead(model, model, batch=8, reps=3)
     assert calls == [3] * 12
@@ -48,7 +48,7 @@ def test_the_report_says_the_process_keeps_freed_memory() -> None:
 
 
 def test_the_model_filter_keeps_only_the_labels_that_contain_it() -> None:
-    from jobs.bench import bench_models
+    from jobs.bench.speed import bench_models
 
     labels = [label for label, _, _ in bench_models("cpu", None, ("gray28",))]
     assert labels == ["gray28 w0.5", "gray28 w1.0"]

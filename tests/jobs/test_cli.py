@@ -166,6 +166,17 @@ def test_bad_values_are_usage_errors(tmp_path: Path, args: list[str], text: str)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("run_id", "text"), [
+    ("x" * 300, "'" + "x" * 40 + "'... is 300 characters long; expected at most 128 letters, digits"),
+    (" x", "' x' is not a run id (it must not contain '/' or start with '.' or '_')"),
+])
+def test_a_run_id_that_cannot_name_a_folder_is_a_usage_error(tmp_path: Path, run_id: str, text: str) -> None:
+    r = invoke("score", "--model", str(tmp_path / "m"), "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+               "--run-id", run_id)
+    assert r.exit_code == 2 and text in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_required_option_is_a_usage_error(tmp_path: Path) -> None:
     r = invoke("score", "--input", str(tmp_path), "--output", str(tmp_path / "o"))
     assert r.exit_code == 2 and "--model" in r.output
@@ -206,10 +217,10 @@ def test_score_again_is_already_committed(scored: dict[str, Any], ckpt: Path) ->
 def test_runs_lists_the_committed_run(scored: dict[str, Any]) -> None:
     r = invoke("runs", str(scored["out"]))
     assert r.exit_code == 0
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("cli1 "))
+    line = next(ln for ln in r.stdout.splitlines() if " cli1 " in ln)
     ood = int(pc.sum(read_scores(scored["out"], "cli1")["is_ood"]).as_py())
-    assert line.split()[1:2] == ["complete"]
-    assert line.split()[3:7] == ["12", "11", "1", str(ood)]
+    expected = json.loads((scored["out"] / "cli1" / "_manifest.json").read_text())["drift"]["expected"]
+    assert line.split()[1:6] == ["cli1", "12", "1", f"{ood / 11:.1%}", f"{expected:.1%}"]  # flagged: of ok rows
 
 
 def test_runs_on_an_empty_output(tmp_path: Path) -> None:
@@ -252,7 +263,7 @@ def test_filter_without_a_committed_run_is_one_error_line(tmp_path: Path) -> Non
     assert r.stderr.startswith("error: no committed run at") and "Traceback" not in r.output
 
 
-# ---------------------------------------------------------------------------- bad runs a new user meets (issue 13)
+# ---------------------------------------------------------------------------- bad runs a new user meets
 def test_output_naming_an_existing_file_is_one_sentence_and_writes_nothing(ckpt: Path, tmp_path: Path) -> None:
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
     (tmp_path / "taken.txt").write_text("mine")
@@ -267,12 +278,12 @@ def test_output_naming_an_existing_file_is_one_sentence_and_writes_nothing(ckpt:
 
 def test_ctrl_c_says_nothing_was_committed_and_how_to_resume(ckpt: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs import pipeline
+    from jobs.pipeline import Run
 
     def interrupted(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_score", interrupted)
+    monkeypatch.setattr(Run, "score", interrupted)
     write_hf_parquet(tmp_path / "a.parquet", [png_bytes(p) for p in random_images(2)])
     r = invoke("score", "--model", str(ckpt), "--input", str(tmp_path / "a.parquet"), "--output",
                str(tmp_path / "out"), "--run-id", "ctrlc")
@@ -532,7 +543,9 @@ def test_fit_detector_chooses_on_validation_ood_sets(ckpt: Path, tmp_path: Path)
     r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path / "train.parquet"), "--out", str(out),
                "--val-ood", f"flat={tmp_path / 'flat.parquet'}", "--val-fraction", "0.5")
     assert r.exit_code == 0, r.output
-    det = json.loads((out / "config.json").read_text())["detector"]
+    saved = json.loads((out / "config.json").read_text())["detectors"]  # the main detector first
+    det = {"name": saved["fitted"][0]["name"], "features": saved["fitted"][0]["options"]["features"],
+           "selection": saved["selection"]}
     assert set(det["selection"]["det_mahalanobis_gates"]) == {"flat"}
     winner = f"det_{det['name']}_{det['features']}"
     assert min(det["selection"][winner].values()) == max(min(v.values()) for v in det["selection"].values())
@@ -559,26 +572,55 @@ def test_fit_detector_refuses_a_bad_val_ood_spec(ckpt: Path, tmp_path: Path, spe
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_choices_match_the_library() -> None:
-    """jobs/cli.py spells these out so that `--help` does not import torch (see the comment there)."""
-    from jobs import cli
-    from nrm import detectors as D
-    from nrm.fit import NORMALISERS
-    from nrm.model import PRECISIONS
-    from nrm.posthoc import REGISTRY as POSTHOC
-    from nrm.presets import PRESETS
-    from nrm.scores import COLUMNS
-    from nrm.train import AUGMENTATIONS, TRAIN_PRECISIONS
+REQUIRED = {"train": ["--data", "d", "--out", "o"], "fit-detector": ["--model", "m", "--data", "d", "--out", "o"],
+            "score": ["--model", "m", "--input", "i", "--output", "o"], "bench": []}
 
-    assert [a.value for a in cli.Arch] == ["auto", *PRESETS]
-    assert [a.value for a in cli.Augment] == list(AUGMENTATIONS)
-    assert [n.value for n in cli.Normaliser] == list(NORMALISERS)
-    assert {d.value for d in cli.Detector} == set(D.DETECTORS)
-    assert [f.value for f in cli.FeatureSet] == list(D.FEATURE_SETS)
-    assert (cli.DEFAULT_DETECTOR.value, cli.DEFAULT_FEATURES.value) == (D.DEFAULT_DETECTOR, D.DEFAULT_FEATURES)
-    assert [p.value for p in cli.Precision] == list(PRECISIONS)
-    assert [p.value for p in cli.TrainPrecision] == list(TRAIN_PRECISIONS)
-    assert list(cli.SCORE_NAMES) == [*COLUMNS, *(c.column for c in POSTHOC.values())]
+
+@pytest.mark.parametrize(("command", "option"), [
+    ("train", "--arch"), ("train", "--augment"), ("train", "--optimizer"), ("train", "--normaliser"),
+    ("train", "--precision"), ("fit-detector", "--detector"), ("fit-detector", "--features"), ("score", "--precision"),
+    ("bench", "--section"),
+])
+def test_cli_choices_match_the_library(command: str, option: str) -> None:
+    """Each choice the CLI offers is refused at parse time listing the library's own names (nrm.names, jobs.bench)."""
+    from jobs.bench import SECTIONS
+    from nrm import names
+
+    library = {"--arch": ("auto", *names.PRESETS), "--augment": names.AUGMENTATIONS, "--optimizer": names.OPTIMIZERS,
+               "--normaliser": names.NORMALISERS, "--detector": names.DETECTORS, "--features": names.FEATURE_SETS,
+               "--section": SECTIONS, "--precision": names.TRAIN_PRECISIONS if command == "train" else names.PRECISIONS}
+    r = invoke(command, *REQUIRED[command], option, "bogus")
+    assert r.exit_code == 2 and f"'bogus' is not one of {', '.join(map(repr, library[option]))}." in r.output
+
+
+def test_fit_detector_defaults_are_the_library_defaults() -> None:
+    import typer
+
+    from nrm import names
+
+    cmd = typer.main.get_command(app).commands["fit-detector"]  # type: ignore[attr-defined]
+    defaults = {p.name: p.default for p in cmd.params}
+    assert (defaults["detector"], defaults["features"]) == (names.DEFAULT_DETECTOR, names.DEFAULT_FEATURES)
+
+
+def test_the_names_module_matches_the_library() -> None:
+    """nrm.names lists what the library's registries hold."""
+    from nrm import detectors, names, presets
+
+    assert tuple(presets.PRESETS) == names.PRESETS
+    assert tuple(detectors.REGISTRY) == (*names.DETECTORS, *names.POSTHOC)
+    on_statistics = [n for n, c in detectors.REGISTRY.items() if issubclass(c, detectors.StatisticsDetector)]
+    assert tuple(on_statistics) == names.DETECTORS
+    assert tuple(c().column for c in detectors.REGISTRY.values() if issubclass(c, detectors.BaselineDetector)) == names.POSTHOC
+
+
+def test_importing_the_names_imports_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    probe = "import sys, nrm.names; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_an_unknown_score_column_is_a_usage_error_naming_it() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,8 @@ from jobs.evaluate import (
 )
 from jobs.images import Policy
 from jobs.parts import ADAPT_COLUMN
-from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
+from jobs.pipeline import Checkpoint, ReadSpec, Scorer, read_unit
+from jobs.planning import plan_inputs
 from jobs.storage import Store
 from nrm.fit import refit
 
@@ -51,7 +52,7 @@ def score_file(ckpt: Path, path: Path) -> pa.Table:
     spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
     scorer = Scorer(ck, 1)
     # the write task drops the internal ADAPT_COLUMN before a part is written
-    return pa.concat_tables([scorer(read_unit(asdict(u), spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
+    return pa.concat_tables([scorer(read_unit(u, spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
 
 
 def synthetic(n: int, base: float, ok_rows: int | None = None, flip: float = 1.0) -> pa.Table:

@@ -108,26 +108,26 @@ def test_override_id_or_label_not_found(kw: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------- encoded images
 def test_png_gray_roundtrip_is_exact() -> None:
     px = np.random.default_rng(0).integers(0, 256, (8, 8, 1), dtype=np.uint8)
-    out = decode_encoded(png_bytes(px), GRAY8, Policy.adapt)
+    out = decode_encoded(png_bytes(px), GRAY8, Policy.adapt)[0]
     assert out.dtype == np.uint8 and out.shape == (8, 8, 1)
     np.testing.assert_array_equal(out, px)
 
 
 def test_png_rgb_roundtrip_is_exact() -> None:
     px = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(decode_encoded(png_bytes(px), RGB8, Policy.strict), px)
+    np.testing.assert_array_equal(decode_encoded(png_bytes(px), RGB8, Policy.strict)[0], px)
 
 
 def test_jpeg_decodes_close_to_source() -> None:
     px = np.full((8, 8, 3), (200, 100, 50), dtype=np.uint8)
-    out = decode_encoded(encode(Image.fromarray(px), "JPEG", quality=95), RGB8, Policy.adapt)
+    out = decode_encoded(encode(Image.fromarray(px), "JPEG", quality=95), RGB8, Policy.adapt)[0]
     assert out.shape == (8, 8, 3)
     assert np.abs(out.astype(int) - px).max() <= 4
 
 
 def test_adapt_gray_to_rgb_replicates() -> None:
     px = np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 3
-    out = decode_encoded(png_bytes(px), RGB8, Policy.adapt)
+    out = decode_encoded(png_bytes(px), RGB8, Policy.adapt)[0]
     assert out.shape == (8, 8, 3)
     for ch in range(3):
         np.testing.assert_array_equal(out[..., ch], px[..., 0])
@@ -136,20 +136,20 @@ def test_adapt_gray_to_rgb_replicates() -> None:
 def test_adapt_rgb_to_gray_by_luminance() -> None:
     red = np.zeros((8, 8, 3), dtype=np.uint8)
     red[..., 0] = 255
-    out = decode_encoded(png_bytes(red), GRAY8, Policy.adapt)
+    out = decode_encoded(png_bytes(red), GRAY8, Policy.adapt)[0]
     assert out.shape == (8, 8, 1)
     assert np.all(out == 76)  # ITU-R 601: 255 * 299/1000
 
 
 def test_adapt_drops_alpha() -> None:
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
-    np.testing.assert_array_equal(decode_encoded(encode(rgba), RGB8, Policy.adapt),
+    np.testing.assert_array_equal(decode_encoded(encode(rgba), RGB8, Policy.adapt)[0],
                                   np.broadcast_to(np.array([10, 20, 30], np.uint8), (8, 8, 3)))
 
 
 def test_adapt_resizes_to_model_size() -> None:
     big = Image.new("L", (16, 24), 77)
-    out = decode_encoded(encode(big), GRAY8, Policy.adapt)
+    out = decode_encoded(encode(big), GRAY8, Policy.adapt)[0]
     assert out.shape == (8, 8, 1) and np.all(out == 77)
 
 
@@ -160,12 +160,12 @@ def test_adapt_resizes_to_model_size() -> None:
 ])
 def test_strict_policy_refuses_mismatch(img: Image.Image, shape: tuple[int, int, int], text: str) -> None:
     with pytest.raises(RowError, match="policy strict") as e:
-        decode_encoded(encode(img), shape, Policy.strict)
+        decode_encoded(encode(img), shape, Policy.strict)[0]
     assert text in str(e.value)
 
 
 def test_strict_policy_accepts_alpha_as_same_channels() -> None:
-    assert decode_encoded(encode(Image.new("LA", (8, 8))), GRAY8, Policy.strict).shape == (8, 8, 1)
+    assert decode_encoded(encode(Image.new("LA", (8, 8))), GRAY8, Policy.strict)[0].shape == (8, 8, 1)
 
 
 def test_strict_error_rows_in_a_column_do_not_stop_the_others() -> None:
@@ -180,33 +180,33 @@ def test_strict_error_rows_in_a_column_do_not_stop_the_others() -> None:
 
 def test_corrupt_bytes() -> None:
     with pytest.raises(RowError, match=r"cannot decode image \(12 bytes\)"):
-        decode_encoded(b"not an image", GRAY8, Policy.adapt)
+        decode_encoded(b"not an image", GRAY8, Policy.adapt)[0]
 
 
 def test_truncated_png() -> None:
     data = png_bytes(np.random.default_rng(2).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     with pytest.raises(RowError, match="cannot decode image"):
-        decode_encoded(data[: len(data) // 2], RGB8, Policy.adapt)
+        decode_encoded(data[: len(data) // 2], RGB8, Policy.adapt)[0]
 
 
 @pytest.mark.parametrize("data", [b"", None])
 def test_empty_or_null_bytes(data: bytes | None) -> None:
     with pytest.raises(RowError, match="empty image"):
-        decode_encoded(data, GRAY8, Policy.adapt)
+        decode_encoded(data, GRAY8, Policy.adapt)[0]
 
 
 def test_decompression_bomb_refused_by_pixel_count() -> None:
     bomb = png_with_size(20000, 20000)
     assert len(bomb) < 200
     with pytest.raises(RowError, match="decompression bomb refused") as e:
-        decode_encoded(bomb, GRAY8, Policy.adapt)
+        decode_encoded(bomb, GRAY8, Policy.adapt)[0]
     assert "400000000 pixels" in str(e.value)
 
 
 def test_bomb_between_one_and_two_limits_is_refused_too() -> None:
     side = int((MAX_PIXELS * 1.3) ** 0.5)  # Pillow only warns below 2x its limit: the warning must count
     with pytest.raises(RowError, match="refused|exceeds"):
-        decode_encoded(png_with_size(side, side), GRAY8, Policy.adapt)
+        decode_encoded(png_with_size(side, side), GRAY8, Policy.adapt)[0]
 
 
 def test_hf_column_with_null_struct_and_null_bytes() -> None:
@@ -237,18 +237,18 @@ def test_binary_column() -> None:
 # ---------------------------------------------------------------------------- raw pixels
 def test_raw_uint8_list() -> None:
     vals = list(range(64))
-    np.testing.assert_array_equal(decode_raw(vals, GRAY8, Policy.strict),
+    np.testing.assert_array_equal(decode_raw(vals, GRAY8, Policy.strict)[0],
                                   np.arange(64, dtype=np.uint8).reshape(8, 8, 1))
 
 
 def test_raw_hwc_order_for_rgb() -> None:
     px = np.random.default_rng(3).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(decode_raw(px.ravel().tolist(), RGB8, Policy.strict), px)
+    np.testing.assert_array_equal(decode_raw(px.ravel().tolist(), RGB8, Policy.strict)[0], px)
 
 
 def test_raw_float_unit_range_is_scaled() -> None:
     vals = [0.0, 1.0, 0.5, 0.25] * 16
-    out = decode_raw(vals, GRAY8, Policy.adapt)
+    out = decode_raw(vals, GRAY8, Policy.adapt)[0]
     assert out.dtype == np.uint8
     assert out.ravel()[:4].tolist() == [0, 255, 128, 64]
 
@@ -258,7 +258,7 @@ def test_raw_float_nan_or_inf_is_row_error(bad: float) -> None:
     vals = [0.5] * 64
     vals[10] = bad
     with pytest.raises(RowError, match="1 NaN/inf value"):
-        decode_raw(vals, GRAY8, Policy.adapt)
+        decode_raw(vals, GRAY8, Policy.adapt)[0]
 
 
 def test_raw_nan_in_column_names_nan() -> None:
@@ -282,9 +282,9 @@ def test_raw_fixed_size_list_and_tensor_columns() -> None:
 def test_raw_rgb_values_for_gray_model_adapt_vs_strict() -> None:
     red = np.zeros((8, 8, 3), np.uint8)
     red[..., 0] = 255
-    assert np.all(decode_raw(red.ravel(), GRAY8, Policy.adapt) == 76)
+    assert np.all(decode_raw(red.ravel(), GRAY8, Policy.adapt)[0] == 76)
     with pytest.raises(RowError, match="expected 64"):
-        decode_raw(red.ravel(), GRAY8, Policy.strict)
+        decode_raw(red.ravel(), GRAY8, Policy.strict)[0]
 
 
 @pytest.mark.parametrize(("cell", "text"), [
@@ -295,7 +295,7 @@ def test_raw_rgb_values_for_gray_model_adapt_vs_strict() -> None:
 ])
 def test_raw_bad_cells(cell: object, text: str) -> None:
     with pytest.raises(RowError, match=text):
-        decode_raw(cell, GRAY8, Policy.adapt)
+        decode_raw(cell, GRAY8, Policy.adapt)[0]
 
 
 def test_raw_list_with_null_element_is_row_error() -> None:
@@ -307,24 +307,24 @@ def test_raw_list_with_null_element_is_row_error() -> None:
 # ---------------------------------------------------------------------------- bugs
 def test_raw_int_out_of_range_is_a_row_error_not_wrapped() -> None:
     with pytest.raises(RowError, match=r"integer pixel values span \[0, 300\]; expected 0\.\.255"):
-        decode_raw([300] + [0] * 63, GRAY8, Policy.adapt)
+        decode_raw([300] + [0] * 63, GRAY8, Policy.adapt)[0]
 
 
 def test_raw_float_outside_unit_range_is_row_error() -> None:
     with pytest.raises(RowError):
-        decode_raw([128.0] * 64, GRAY8, Policy.adapt)
+        decode_raw([128.0] * 64, GRAY8, Policy.adapt)[0]
 
 
 def test_16bit_png_is_scaled_to_8bit() -> None:
     data = encode(Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)))
     assert Image.open(io.BytesIO(data)).mode.startswith("I;16")
-    out = decode_encoded(data, GRAY8, Policy.adapt)
+    out = decode_encoded(data, GRAY8, Policy.adapt)[0]
     assert np.all(np.abs(out.astype(int) - 128) <= 1), f"got {out[0, 0, 0]}"
 
 
 def test_strict_counts_palette_channels_by_palette() -> None:
     red = Image.new("RGB", (8, 8), (255, 0, 0)).convert("P")
-    assert decode_encoded(encode(red), RGB8, Policy.strict).shape == (8, 8, 3)
+    assert decode_encoded(encode(red), RGB8, Policy.strict)[0].shape == (8, 8, 3)
 
 
 def test_ragged_nested_raw_cell_is_a_row_error_not_a_column_error() -> None:

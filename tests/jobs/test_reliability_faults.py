@@ -229,7 +229,7 @@ def test_two_runs_racing_for_one_run_id_commit_exactly_once(where: str, tmp_path
     lose_attempt = loser.manifest["outputs"]["uri"].split("/race/", 1)[1].split("/")[0]  # deleted with its list
     assert win_attempt != lose_attempt
     lists = [winner.manifest[k]["uri"] for k in ("inputs", "outputs", "covered")]  # beside the winner's outputs
-    assert files == {"_manifest.json"} | {u.split("/race/", 1)[1] for u in
+    assert files == {"_manifest.json", "_delta_log/00000000000000000000.json"} | {u.split("/race/", 1)[1] for u in
                                           [o["uri"] for o in outputs_of(winner.manifest)] + lists}, files
     committed = store.read_json(f"{out}/race/_manifest.json")
     assert outputs_of(committed) == outputs_of(winner.manifest)

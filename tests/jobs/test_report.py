@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from dataclasses import asdict
 from datetime import datetime, timezone
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from jobs.cli import app
 from jobs.evaluate import ScoredSet, write_evaluation
 from jobs.images import Policy
 from jobs.parts import ADAPT_COLUMN
-from jobs.pipeline import Checkpoint, ReadSpec, Scorer, plan_inputs, read_unit
+from jobs.pipeline import Checkpoint, ReadSpec, Scorer, read_unit
+from jobs.planning import plan_inputs
 from jobs.report import ReportError, ReportOptions, build_report, class_table, locate, newest_rows, rate_table
 from jobs.storage import Store
 
@@ -40,7 +42,7 @@ def score_file(ck: Checkpoint, path: Path) -> pa.Table:
     spec = ReadSpec(store, (1, 8, 8), Policy.adapt)
     scorer = Scorer(ck, 1)
     # the write task drops the internal ADAPT_COLUMN before a part is written
-    return pa.concat_tables([scorer(read_unit(asdict(u), spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
+    return pa.concat_tables([scorer(read_unit(u, spec)).drop_columns([ADAPT_COLUMN]) for u in plan.units])
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_report_with_moved_input_shows_images_and_renderings(audit: dict[str, An
     assert len(rep["most_ood"]) == 10 and all(r["image_error"] is None for r in rep["most_ood"])
     html = (tmp_path / "out" / "report.html").read_text()
     srcs = re.findall(r'<img src="(data:image/png;base64,[^"]+)"', html)
-    assert len(srcs) == 1 + 2  # histogram + two gallery strips (8 + 2)
+    assert len(srcs) == 3 + 1 + 2  # runs over time, the latest run's most OOD and typical strips; histogram + 8 + 2
     assert "rendering h0" in html and rep["by_class"][0]["class"].startswith("c")
 
 
@@ -150,6 +152,28 @@ def test_report_on_a_root_with_two_runs_over_the_same_files_counts_each_row_once
         str(audit["data"] / "a.parquet"): 14, str(audit["data"] / "b.parquet"): 8}
     assert rep["notes"] == ["22 rows were scored by more than one run; each input row counts once, with the newest "
                             "run's scores"]
+
+
+def test_report_on_a_root_draws_the_runs_over_time_with_their_verdicts(audit: dict[str, Any], tmp_path: Path) -> None:
+    from jobs.drift import Drift, Limits
+
+    scores = tmp_path / "scores"
+    shutil.copytree(audit["scores"], scores)
+    r1 = json.loads((scores / "r1" / manifest.MANIFEST).read_text())
+    drifted = Drift("latent_loglik", 20, 2, 9, 0.05, 64, 1e-7, 0.4, 1e-4).to_json(Limits())
+    manifest.commit(Store(), str(scores), "r2", {**{k: v for k, v in r1.items() if k not in ("format", "run_id")},
+                                                 "created": "2999-01-01T00:00:00+00:00", "drift": drifted})
+    rep = build_report(ReportOptions(str(scores), tmp_path / "out"), echo=lambda _: None)
+    assert [h["run_id"] for h in rep["history"]] == ["r1", "r2"]  # time order
+    assert (rep["history"][1]["verdict"], rep["history"][1]["line"]) == ("drift", drifted["line"])
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Runs over time</h2>" in html and 'alt="flagged fraction and KS distance per run"' in html
+    assert f"Latest run: {drifted['line']}" in unescape(html)
+
+
+def test_report_of_one_run_has_no_runs_over_time(audit: dict[str, Any], tmp_path: Path) -> None:
+    rep = build_report(ReportOptions(str(audit["scores"] / "r1"), tmp_path), echo=lambda _: None)
+    assert rep["history"] == [] and "Runs over time" not in (tmp_path / "report.html").read_text()
 
 
 def test_newest_rows_keeps_the_last_row_of_each_input_row() -> None:

@@ -1,4 +1,4 @@
-"""Training with BatchNorm put back (nrm.batchnorm, nrm.train.attach_batchnorm / fold_batchnorm):
+"""Training with BatchNorm put back (nrm.batchnorm, nrm.training.attach_batchnorm / fold_batchnorm):
 it starts as the identity, folds back into the same function, folds in the clean batches'
 statistics, and train(batchnorm=True) returns a plain NRM with the graph it was given."""
 
@@ -11,7 +11,7 @@ from test_train import quiet, two_halves
 
 import nrm
 from nrm.batchnorm import TrainNorm
-from nrm.train import attach_batchnorm, fold_batchnorm
+from nrm.training import attach_batchnorm, fold_batchnorm
 
 
 def _model(seed: int = 0) -> nrm.NRM:

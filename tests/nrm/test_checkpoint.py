@@ -73,7 +73,7 @@ def test_config_json_keys(tiny_ckpt: Path) -> None:
     assert {"format", "version", "input", "classes", "nodes", "sigma2", "log_partition", "threshold",
             "weights_sha256"} <= set(cfg)
     assert "layers" not in cfg
-    assert cfg["format"] == "nrm-checkpoint" and cfg["version"] == 2
+    assert cfg["format"] == "nrm-checkpoint" and cfg["version"] == 3
     assert set(cfg["input"]) == {"channels", "height", "width", "mean", "std"}
     assert (cfg["input"]["channels"], cfg["input"]["height"], cfg["input"]["width"]) == (1, 8, 8)
     assert cfg["classes"] == ["c0", "c1", "c2"]
@@ -88,7 +88,7 @@ def test_config_json_keys(tiny_ckpt: Path) -> None:
                                 "attrs": {"in": 6, "out": 3, "bias": True}}
     assert isinstance(cfg["sigma2"], float) and cfg["sigma2"] > 0
     assert len(cfg["log_partition"]) == 3
-    assert set(cfg["threshold"]) == {"score", "value", "tpr"}
+    assert set(cfg["threshold"]) == {"score", "value", "tpr", "reference"}  # reference: nrm.reference
     assert cfg["threshold"]["score"] == "latent_loglik" and cfg["threshold"]["tpr"] == 0.95
     assert cfg["weights_sha256"] == nrm.model_id(tiny_ckpt)
     assert sorted(load_file(str(tiny_ckpt / "weights.safetensors"))) == [
@@ -98,6 +98,23 @@ def test_config_json_keys(tiny_ckpt: Path) -> None:
 def test_load_rejects_unexpected_model_id(tiny_ckpt: Path) -> None:
     with pytest.raises(nrm.CheckpointError, match="sha256"):
         nrm.load(tiny_ckpt, expect_model_id="0" * 64)
+
+
+def test_load_bytes_loads_what_load_loads(tiny_ckpt: Path) -> None:
+    from nrm.checkpoint import load_bytes
+
+    config, weights = (tiny_ckpt / "config.json").read_bytes(), (tiny_ckpt / "weights.safetensors").read_bytes()
+    a, b = nrm.load(tiny_ckpt), load_bytes(config, weights, expect_model_id=nrm.model_id(tiny_ckpt))
+    assert_same_config(b.config, a.config)
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in a.state_dict().items())
+
+
+def test_load_bytes_names_the_checkpoint_it_was_given(tiny_ckpt: Path) -> None:
+    from nrm.checkpoint import load_bytes
+
+    config = (tiny_ckpt / "config.json").read_bytes()
+    with pytest.raises(nrm.CheckpointError, match="checkpoint 's3://b/m': weights.safetensors has sha256 "):
+        load_bytes(config, b"not the weights", name="s3://b/m")
 
 
 # --------------------------------------------------------------------------- bad checkpoints
@@ -138,7 +155,7 @@ def test_invalid_json(tiny_ckpt: Path) -> None:
 
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda c: c.update(format="onnx"), "format"),
-    (lambda c: c.update(version=3), "version"),
+    (lambda c: c.update(version=4), "version"),
     (lambda c: c.update(sigma2=-1.0), "sigma2"),
     (lambda c: c.update(log_partition=[0.0]), "log_partition"),
     (lambda c: c["nodes"][3]["attrs"].update({"in": 5}), "conv2"),
@@ -313,7 +330,7 @@ def test_v2_nodes_hold_op_inputs_and_attrs(tmp_path: Path) -> None:
     cfg = nrm.preset("resnet-cifar", width=0.25, classes=3, depth=8)
     nrm.save(nrm.NRM(cfg), tmp_path / "r")
     saved = read_config(tmp_path / "r")
-    assert saved["version"] == 2 and "layers" not in saved
+    assert saved["version"] == 3 and "layers" not in saved
     add = next(n for n in saved["nodes"] if n["op"] == "add")
     assert add == {"name": "layer1.0.add", "op": "add", "inputs": ["layer1.0.conv2", "relu1"], "attrs": {}}
     assert [n["name"] for n in saved["nodes"]] == [n.name for n in cfg.nodes]
@@ -327,11 +344,11 @@ def test_detector_arrays_live_in_safetensors_and_round_trip_exactly(tiny_ckpt: P
                 feature_set="gates")
     nrm.save(model, tmp_path / "d")
     saved = read_config(tmp_path / "d")
-    assert saved["detector"]["params"] == {"means": {"$tensor": "detector.means"},
-                                           "precision": {"$tensor": "detector.precision"}}
+    assert saved["detectors"]["fitted"][0]["tensors"] == {"means": {"$tensor": "detector.det_mahalanobis.means"},
+                                                          "precision": {"$tensor": "detector.det_mahalanobis.precision"}}
     tensors = load_file(str(tmp_path / "d" / "weights.safetensors"))
-    assert tensors["detector.means"].dtype == torch.float64
-    assert torch.equal(tensors["detector.means"], det.main.tensors()["means"])
+    assert tensors["detector.det_mahalanobis.means"].dtype == torch.float64
+    assert torch.equal(tensors["detector.det_mahalanobis.means"], det.main.tensors()["means"])
     loaded = nrm.load(tmp_path / "d").config.fitted.detector
     assert loaded is not None
     for key in ("means", "precision"):
@@ -341,11 +358,12 @@ def test_detector_arrays_live_in_safetensors_and_round_trip_exactly(tiny_ckpt: P
 
 def test_detector_array_missing_from_safetensors(tiny_ckpt: Path) -> None:
     cfg = read_config(tiny_ckpt)
-    cfg["detector"] = {"name": "mahalanobis", "features": "gates",
-                       "params": {"means": {"$tensor": "detector.means"}, "precision": {"$tensor": "detector.precision"}}}
+    cfg["detectors"] = {"fitted": [{"name": "mahalanobis", "options": {"features": "gates"}, "tensors": {
+        "means": {"$tensor": "detector.det_mahalanobis.means"}, "precision": {"$tensor": "detector.det_mahalanobis.precision"}}}]}
     del cfg["weights_sha256"]
     write_config(tiny_ckpt, cfg)
-    with pytest.raises(nrm.CheckpointError, match=r"detector array 'detector.means' is not in weights.safetensors"):
+    with pytest.raises(nrm.CheckpointError,
+                       match=r"detector array 'detector.det_mahalanobis.means' is not in weights.safetensors"):
         nrm.load(tiny_ckpt)
 
 
@@ -391,9 +409,35 @@ def test_version_1_checkpoint_loads_and_scores(tmp_path: Path) -> None:
     torch.testing.assert_close(cols["det_mahalanobis"], expected.float())
     # saved again, it is a version-2 checkpoint with the arrays in safetensors
     nrm.save(model, tmp_path / "v2")
-    assert read_config(tmp_path / "v2")["version"] == 2
-    assert torch.equal(load_file(str(tmp_path / "v2" / "weights.safetensors"))["detector.precision"],
+    assert read_config(tmp_path / "v2")["version"] == 3
+    assert torch.equal(load_file(str(tmp_path / "v2" / "weights.safetensors"))["detector.det_mahalanobis.precision"],
                        torch.tensor(V1_PRECISION, dtype=torch.float64))
+
+
+V2 = Path(__file__).parent / "data" / "v2"  # written by nrm at e0f4e4f (tests/nrm/data/make_v2.py)
+
+
+def test_version_2_checkpoint_loads_every_detector_and_scores_as_it_did() -> None:
+    model = nrm.load(V2 / "checkpoint")
+    det = model.config.fitted.detector
+    assert det is not None and det.main is not None and det.main.column == "det_mahalanobis"
+    assert len(det.candidates) == 10 and det.selection and [d.column for d in det.baselines] == ["mahalanobis_feat",
+                                                                                                 "knn", "vim"]
+    saved = load_file(str(V2 / "scores.safetensors"))
+    cols = model.score(saved.pop("x"))
+    assert cols.keys() == saved.keys()
+    for k, v in saved.items():  # float rounding apart (a float32 product's order follows torch's thread count)
+        torch.testing.assert_close(cols[k], v, atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_version_2_checkpoint_saved_again_is_version_3_with_the_same_model_id(tmp_path: Path) -> None:
+    model = nrm.load(V2 / "checkpoint")
+    assert nrm.save(model, tmp_path / "v3") == nrm.model_id(V2 / "checkpoint")
+    saved = read_config(tmp_path / "v3")
+    assert saved["version"] == 3 and "detector" not in saved and "posthoc" not in saved
+    assert [e["name"] for e in saved["detectors"]["fitted"]][-3:] == ["mahalanobis_feat", "knn", "vim"]
+    (ja, ta), (jb, tb) = nrm.load(tmp_path / "v3").config.to_json(), model.config.to_json()
+    assert ja == jb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 @pytest.mark.parametrize(("edit", "match"), [

@@ -151,7 +151,7 @@ def test_round_trip_through_checkpoint(name: str, tmp_path: Path) -> None:
     json.dumps(model.config.to_json()[0])  # the arrays are references into weights.safetensors
     nrm.save(model, tmp_path / "c")
     saved = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert saved["detector"]["name"] == name and saved["threshold"]["score"] == f"det_{name}"
+    assert saved["detectors"]["fitted"][0]["name"] == name and saved["threshold"]["score"] == f"det_{name}"
     loaded = nrm.load(tmp_path / "c")
     assert loaded.extra_columns == [f"det_{name}"]
     assert_same_config(loaded.config, model.config)
@@ -172,7 +172,7 @@ def test_fit_without_detector_is_unchanged() -> None:
 def test_unknown_detector_name_is_refused() -> None:
     cols = _model().score(_data(0, 8))
     with pytest.raises(D.DetectorError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm', 'mahalanobis_energy'\]"):
-        D.lookup("knn")
+        D.lookup("knn", D.StatisticsDetector)
     with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
         fit(_model(), [_data(0, 8)], [_data(1, 8)], detector="knn")
     with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
@@ -188,9 +188,10 @@ def test_checkpoint_with_unknown_detector_is_refused(tmp_path: Path) -> None:
     refit(model, [_data(0, 40)])
     nrm.save(model, tmp_path / "c")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
-    cfg["detector"]["name"] = "knn"
+    cfg["detectors"]["fitted"][0]["name"] = "pixels"
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm', 'mahalanobis_energy'\]"):
+    with pytest.raises(ValueError, match=r"unknown detector 'pixels'; expected one of \['typicality', 'mahalanobis', 'gmm', "
+                                         r"'mahalanobis_energy', 'mahalanobis_feat', 'knn', 'vim'\]"):
         nrm.load(tmp_path / "c")
 
 

@@ -10,6 +10,7 @@ from support import tiny_config
 
 import nrm
 from nrm.fit import fit
+from nrm.runner import Runner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
@@ -37,7 +38,7 @@ def test_reduced_precision_keeps_the_prediction_of_most_rows(pair: tuple[nrm.NRM
                                                              precision: str) -> None:
     cpu, gpu, x = pair
     ref = cpu.score(x)["pred"]
-    got = gpu.set_precision(precision).score(x.cuda())
+    got = Runner(gpu, precision=precision).score(x.cuda())
     assert (got["pred"].cpu() == ref).float().mean() >= 0.9
     assert torch.isfinite(got["latent_prior"]).all()
 
@@ -45,7 +46,7 @@ def test_reduced_precision_keeps_the_prediction_of_most_rows(pair: tuple[nrm.NRM
 def test_channels_last_on_cuda_changes_no_score(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
     _, gpu, x = pair
     a = gpu.score(x.cuda())
-    b = gpu.use_channels_last().score(x.cuda())
+    b = Runner(gpu, layout="channels_last").score(x.cuda())
     torch.testing.assert_close(b["latent_prior"], a["latent_prior"], rtol=1e-4, atol=1e-4)
 
 
@@ -62,12 +63,12 @@ def test_a_checkpoint_loads_onto_the_gpu(tmp_path: object) -> None:
 def test_the_fast_layout_on_cuda_is_nchw_for_fp32_only(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor],
                                                         precision: str, channels_last: bool) -> None:
     _, gpu, _ = pair
-    assert gpu.set_precision(precision).use_fast_layout().channels_last is channels_last
+    assert Runner(gpu, precision=precision).channels_last is channels_last
 
 
 def test_the_forward_only_pass_on_cuda_equals_the_full_passs_columns(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor]) -> None:
     # forward-only, ReLUs and adds write in place (NRM._may_overwrite); the full score keeps each ReLU's
-    # output for its reverse pass (NRM._reverse), so it writes in place less
+    # output for its reverse pass (NRM.full_pass), so it writes in place less
     _, gpu, x = pair
     cols = ["max_logit", "det_mahalanobis"]
     fast, full = gpu.score(x.cuda(), columns=cols), gpu.score(x.cuda())
@@ -78,13 +79,15 @@ def test_the_forward_only_pass_on_cuda_equals_the_full_passs_columns(pair: tuple
 @pytest.mark.parametrize("channels_last", [False, True], ids=["NCHW", "channels_last"])
 def test_the_in_place_reverse_pass_on_cuda_equals_autograd(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor],
                                                            channels_last: bool) -> None:
-    # score()'s full pass (NRM._reverse: cuDNN's transposed convolutions, gradients written in place)
-    # against the autograd renderer, both in strict fp32 (the model's autocast turns TF32 off)
+    # scoring's full pass (NRM.full_pass: cuDNN's transposed convolutions, gradients written in place)
+    # against the autograd renderer, both in strict fp32 (the runner's fp32 turns TF32 off)
     _, gpu, x = pair
-    gpu.use_channels_last(channels_last)
-    with torch.no_grad(), gpu.autocast():
-        _, ref, _, _ = gpu._vjp(x.cuda(), None, create_graph=False)
-        _, got, _, _ = gpu._reverse(x.cuda())
+    runner = Runner(gpu, layout="channels_last" if channels_last else "nchw")
+    xin = runner.to_layout(x.cuda())
+    with torch.no_grad(), runner.autocast():
+        ref = gpu.render(xin)
+        got = gpu.full_pass(xin, channels_last=channels_last).rendering
+    assert got is not None
     for a, b in [(got.h0, ref.h0), (got.eta_channels, ref.eta_channels)]:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))  # type: ignore[union-attr]
 
@@ -92,11 +95,11 @@ def test_the_in_place_reverse_pass_on_cuda_equals_autograd(pair: tuple[nrm.NRM, 
 @pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("bf16", True)], ids=["fp32 NCHW", "bf16 channels_last"])
 def test_the_compiled_full_pass_on_cuda_equals_the_eager_one(pair: tuple[nrm.NRM, nrm.NRM, torch.Tensor],
                                                              precision: str, channels_last: bool) -> None:
-    # NRM.use_compile: the full table's forward and top-down walk as one inductor graph (Triton on CUDA)
+    # Runner(compile=True): the full table's forward and top-down walk as one inductor graph (Triton on CUDA)
     _, gpu, x = pair
-    gpu.set_precision(precision).use_channels_last(channels_last)
-    ref = gpu.score(x.cuda())
-    got = gpu.use_compile().score(x.cuda())
+    layout = "channels_last" if channels_last else "nchw"
+    ref = Runner(gpu, precision=precision, layout=layout).score(x.cuda())
+    got = Runner(gpu, precision=precision, layout=layout, compile=True).score(x.cuda())
     for k in ("max_logit", "latent_prior", "recon_sq_error", "det_mahalanobis"):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-2, atol=1e-2 * float(ref[k].abs().max()))
 

@@ -14,7 +14,6 @@ dilation), leaky ReLUs, affine nodes and reshapes. On each:
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 import nrm
 from nrm.config import InputSpec, ModelConfig
 from nrm.graph import INPUT, GraphError, Node, chain, infer_shapes
+from nrm.model import Pass
 from nrm.ops import (
     Add,
     Affine,
@@ -43,6 +43,7 @@ from nrm.ops import (
     Slice,
     out_shape,
 )
+from nrm.runner import Runner
 
 TOL = {"atol": 1e-9, "rtol": 1e-9}
 SEEDS = range(12)
@@ -205,20 +206,22 @@ def test_explicit_renderer_equals_autograd_renderer(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_the_in_place_reverse_pass_equals_the_autograd_renderer(seed: int) -> None:
-    # score()'s full pass (NRM._reverse): forward in place, each op's adjoint_ walked back, gradients
+    # scoring's full pass (NRM.full_pass): forward in place, each op's adjoint_ walked back, gradients
     # written into where nothing else holds them; the same logits, rendering and statistics
     cfg = random_graph(seed)
     model, x = double_model(cfg, seed), _inputs(cfg, seed)
-    _assert_same_pass(model._reverse(x, stats=True), model._vjp(x, None, create_graph=False, stats=True), **TOL)
+    _assert_same_pass(model.full_pass(x, stats=True), model.autograd_pass(x, stats=True), **TOL)
 
 
-def _assert_same_pass(got: tuple[Any, ...], ref: tuple[Any, ...], **tol: float) -> None:
+def _assert_same_pass(got: Pass, ref: Pass, **tol: float) -> None:
     """Two full passes (logits, rendering, features, (gate rates, act means)) agree: the same y*, and
     logits, h(0), eta per layer and per channel, features and statistics within ``tol``."""
-    (got_logits, g, got_feats, (got_rates, got_acts)), (logits, r, feats, (rates, acts)) = got, ref
+    g, r = got.rendering, ref.rendering
+    assert g is not None and r is not None and got.stats is not None and ref.stats is not None
     assert torch.equal(g.y, r.y)
-    for a, b in [(got_logits, logits), (g.h0, r.h0), (g.eta_layers, r.eta_layers),
-                 (g.eta_channels, r.eta_channels), (got_feats, feats), (got_rates, rates), (got_acts, acts)]:
+    for a, b in [(got.logits, ref.logits), (g.h0, r.h0), (g.eta_layers, r.eta_layers),
+                 (g.eta_channels, r.eta_channels), (got.features, ref.features), (got.stats[0], ref.stats[0]),
+                 (got.stats[1], ref.stats[1])]:
         torch.testing.assert_close(a, b.detach(), **tol)
 
 
@@ -229,8 +232,8 @@ def _small(nodes: list[Node]) -> ModelConfig:
 
 def _assert_reverse_equals_autograd(cfg: ModelConfig) -> None:
     model, x = double_model(cfg, 0), _inputs(cfg, 0, n=8)
-    _, r, _, _ = model._vjp(x, None, create_graph=False)
-    _, got, _, _ = model._reverse(x)
+    r, got = model.render(x), model.full_pass(x).rendering
+    assert got is not None
     torch.testing.assert_close(got.h0, r.h0.detach(), **TOL)
     torch.testing.assert_close(got.eta_channels, r.eta_channels.detach(), **TOL)  # type: ignore[arg-type]
 
@@ -275,8 +278,10 @@ def test_the_in_place_reverse_pass_in_channels_last_equals_nchw(seed: int) -> No
     # and a max-pool's make theirs in the incoming gradient's layout
     cfg = random_graph(seed)
     model, x = double_model(cfg, seed).float(), _inputs(cfg, seed).float()
-    ref = model._reverse(x)[1]
-    got = model.use_channels_last()._reverse(x)[1]
+    ref = model.full_pass(x).rendering
+    runner = Runner(model, layout="channels_last")
+    got = model.full_pass(runner.to_layout(x), channels_last=True).rendering
+    assert ref is not None and got is not None and got.h0.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.h0, ref.h0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.eta_channels, ref.eta_channels, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
 
@@ -284,15 +289,18 @@ def test_the_in_place_reverse_pass_in_channels_last_equals_nchw(seed: int) -> No
 @pytest.mark.parametrize(("seed", "channels_last"), [(3, False), (4, True)],
                          ids=["concat, slice, pad, affine, leaky ReLU, reshape", "max-pool, average pool, slice, channels-last"])
 def test_the_compiled_full_pass_equals_the_eager_one(seed: int, channels_last: bool) -> None:
-    # NRM.use_compile traces _reverse whole (forward with what the adjoints read, then the walk),
+    # Runner(compile=True) traces NRM.full_pass whole (forward with what the adjoints read, then the walk),
     # writing nothing in place: the same logits, rendering and statistics in one graph
     from torch._dynamo.utils import counters
 
     cfg = random_graph(seed)
-    model, x = double_model(cfg, seed).float().use_channels_last(channels_last), _inputs(cfg, seed).float()
-    ref = model._reverse(x, stats=True)
+    model, x = double_model(cfg, seed).float(), _inputs(cfg, seed).float()
+    layout = "channels_last" if channels_last else "nchw"
+    eager, compiled = Runner(model, layout=layout), Runner(model, layout=layout, compile=True)
+    plan = model.plan(inputs=("latent_gates", "unit_acts"))  # the full table with the unit statistics
+    ref = eager.passes(eager.to_layout(x), plan)
     counters.clear()
-    got = model.use_compile()._reverse(x, stats=True)
+    got = compiled.passes(compiled.to_layout(x), plan)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # compiled, as one graph
     _assert_same_pass(got, ref, rtol=1e-4, atol=1e-5)
 
@@ -355,10 +363,11 @@ def test_the_forward_only_pass_in_bf16_adds_a_float32_shortcut_in_float32() -> N
     # under autocast the conv gives bfloat16 and the padded input stays float32: their sum is float32
     nodes = [Node("a", Conv(2, 4, 3, 1, 1), (INPUT,)), Node("p", Pad((0, 0, 0, 0, 1, 1)), (INPUT,)),
              Node("s", Add(), ("a", "p")), Node("f", Flatten(), ("s",)), Node("classifier", Linear(64, 2), ("f",))]
-    model = nrm.NRM(ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b"], nodes)).set_precision("bf16")
+    model = nrm.NRM(ModelConfig(InputSpec(2, 4, 4, (0.0,) * 2, (1.0,) * 2), ["a", "b"], nodes))
+    runner = Runner(model, precision="bf16", layout=None)
     x = torch.randn(3, 2, 4, 4)
-    feats, _ = model.penultimate(x)  # the classifier's input: the sum, flattened
-    with model.autocast():
+    feats = runner.score(x, model.plan([], ["penultimate"], flag=False))["penultimate"]  # the classifier's input: the sum
+    with runner.autocast():
         kept = model.encode(x).values["f"]
     assert kept.dtype == torch.float32
     torch.testing.assert_close(feats, kept, atol=0, rtol=0)

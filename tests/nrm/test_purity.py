@@ -30,5 +30,5 @@ def test_nrm_imports_no_edge_dependencies(tmp_path: Path) -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["file"].endswith("__init__.py")
     assert {"nrm.checkpoint", "nrm.config", "nrm.convert", "nrm.fit", "nrm.graph", "nrm.metrics", "nrm.model",
-            "nrm.ops", "nrm.presets", "nrm.scores", "nrm.train"} <= set(result["submodules"])
+            "nrm.ops", "nrm.presets", "nrm.scores", "nrm.training"} <= set(result["submodules"])
     assert result["loaded"] == []

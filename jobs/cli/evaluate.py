@@ -1,8 +1,7 @@
-"""`nrm-ood evaluate` and `nrm-ood report` (registered on the main Typer app by ``register``).
+"""`nrm-ood evaluate` and `nrm-ood report`: OOD metrics on labelled sets, and an audit run's report.
 
-Thin like jobs/cli.py: parse, call jobs.evaluate / jobs.report, print, exit. Exit codes: 0 done;
-1 cannot proceed (``error: ...`` on stderr); 2 bad usage; 3 (evaluate) written, but some input
-files of a set could not be read (listed in metrics.json).
+Exit codes as jobs/cli/__init__.py says; evaluate's 3: written, but some input files of a set could
+not be read (listed in metrics.json).
 """
 
 from __future__ import annotations
@@ -12,10 +11,12 @@ from typing import Annotated
 
 import typer
 
-from jobs.cli_errors import fail
-from jobs.cli_options import Address, BatchSize, EndpointUrl, ModelUri, at_least, named_sets
+from jobs.cli.options import Address, BatchSize, EndpointUrl, ModelUri, at_least, fail, finish, named_sets
+
+app = typer.Typer()
 
 
+@app.command()
 def evaluate(
     model: ModelUri,
     in_: Annotated[str, typer.Option("--in", help="In-distribution Parquet: file, directory, glob or s3:// prefix.")],
@@ -39,8 +40,8 @@ def evaluate(
 
     Give at least one OOD set (--near, --far or --ood). Runs go to <out>/scores with run ids `in` and
     `ood-<NAME>`; a committed run is reused."""
+    import jobs.evaluate
     from jobs.evaluate import EvalOptions, EvaluateError, group_sets, parse_ood, summary
-    from jobs.evaluate import evaluate as run
 
     try:
         sets, groups = group_sets(parse_ood(ood or []), parse_ood(near or [], "--near"), parse_ood(far or [], "--far"))
@@ -48,16 +49,16 @@ def evaluate(
         raise typer.BadParameter(str(e)) from None
     if not sets:
         raise typer.BadParameter("give at least one OOD set: --near, --far or --ood NAME=URI")
-    opts = EvalOptions(model, in_, sets, out, limit, batch_size, address, endpoint_url, groups=groups)
+    opts = EvalOptions(model=model, input=in_, ood=sets, out=out, limit=limit, batch_size=batch_size, address=address,
+                       endpoint_url=endpoint_url, groups=groups)
     try:
-        result = run(opts, echo=typer.echo)
+        result = jobs.evaluate.evaluate(opts, echo=typer.echo)
     except EvaluateError as e:
         raise fail(str(e)) from None
-    typer.echo(summary(result))
-    if result.exit_code:
-        raise typer.Exit(result.exit_code)
+    finish(summary(result), result.exit_code)
 
 
+@app.command()
 def report(
     scores: Annotated[str, typer.Option(help="A committed run (<output>/<run-id>) or an output root (all its runs).")],
     out: Annotated[Path, typer.Option(file_okay=False, help="Local directory for report.html and report.json.")],
@@ -72,12 +73,8 @@ def report(
     from jobs.report import ReportError, ReportOptions, build_report
 
     try:
-        build_report(ReportOptions(scores, out, input, model, top, endpoint_url), echo=typer.echo)
+        build_report(ReportOptions(scores=scores, out=out, input=input, model=model, top=top, endpoint_url=endpoint_url),
+                     echo=typer.echo)
     except ReportError as e:
         raise fail(str(e)) from None
 
-
-def register(app: typer.Typer) -> None:
-    """Add the evaluation commands to ``app``."""
-    app.command()(evaluate)
-    app.command()(report)

@@ -23,15 +23,14 @@ from torch import Tensor
 
 from nrm.batchnorm import TrainNorm
 from nrm.config import Fitted, InputSpec, ModelConfig
-from nrm.detectors import DEFAULT_DETECTOR, DEFAULT_FEATURES, PREFIX
 from nrm.fit import DEFAULT_NORMALISER, fit
 from nrm.graph import INPUT
 from nrm.model import NRM
+from nrm.names import AUGMENTATIONS, DEFAULT_DETECTOR, DEFAULT_FEATURES, OPTIMIZERS, TRAIN_PRECISIONS
+from nrm.names import DETECTOR_PREFIX as PREFIX
+from nrm.runner import Runner, as_runner
 
 log = logging.getLogger(__name__)
-
-# fp16 is left out: it needs loss scaling, which train() does not do (bf16 has float32's range)
-TRAIN_PRECISIONS = ("fp32", "bf16", "tf32")
 
 
 @dataclass
@@ -74,10 +73,10 @@ class TrainConfig:
     distill_temperature: float = 4.0
     # numeric precision of the training steps (TRAIN_PRECISIONS): "bf16" runs them under torch.autocast
     # (bf16 convolutions and matmuls; float32 weights, gradients and optimiser state), "tf32" allows TF32
-    # on CUDA (float32 on a CPU). "fp32" is strict float32, as in scoring (NRM.autocast): on CUDA torch's
-    # own default would let cuDNN run the convolutions in TF32, which "tf32" now asks for by name. The
+    # on CUDA (float32 on a CPU). "fp32" is strict float32, as in scoring (nrm.precision): on CUDA torch's
+    # own default would let cuDNN run the convolutions in TF32, which "tf32" asks for by name. The
     # steps, and the fitting after them, run in the device's fast layout (channels-last on a CPU) in
-    # every precision; the model comes back in float32 and its own layout.
+    # every precision (nrm.runner); the model comes back in float32 and NCHW.
     precision: str = "fp32"
 
 
@@ -108,10 +107,8 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     return tuple(x.mean(0).tolist()), tuple(x.std(0).clamp_min(1e-3).tolist())
 
 
-AUGMENTATIONS = ("none", "crop", "flip-crop")
 
 
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def distill_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -173,33 +170,37 @@ def make_optimizer(model: NRM, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected one of {list(OPTIMIZERS)}")
 
 
-def attach_batchnorm(model: NRM, x: Tensor) -> TrainNorm:
+def attach_batchnorm(model: NRM | Runner, x: Tensor) -> TrainNorm:
     """Give every conv and linear bias node of ``model`` a BatchNorm (nrm.batchnorm), started so that
     the network computes the same function on the normalised batch ``x`` (N, C, H, W)."""
-    names = [n for n in model.bias_nodes if set(model.node_params(n)) == {"weight", "bias"}]
-    norm = TrainNorm({n: model.node_params(n)["bias"] for n in names}).to(x.device)
-    model.train_norm = norm
+    runner = as_runner(model)
+    net = runner.model
+    names = [n for n in net.bias_nodes if set(net.node_params(n)) == {"weight", "bias"}]
+    norm = TrainNorm({n: net.node_params(n)["bias"] for n in names}).to(x.device)
+    net.train_norm = norm
     norm.calibrating = True
     with torch.no_grad():
-        model(x)
+        runner(x)
     norm.calibrating = False
     return norm
 
 
-def fold_batchnorm(model: NRM, clean: Iterator[Tensor]) -> None:
+def fold_batchnorm(model: NRM | Runner, clean: Iterator[Tensor]) -> None:
     """Replace each BatchNorm's statistics by their average over the un-augmented batches ``clean``
     (precise BatchNorm), fold them into the weights and biases and detach the norms: ``model`` is a
     plain NRM again, with its graph unchanged."""
-    norm = model.train_norm
+    runner = as_runner(model)
+    net = runner.model
+    norm = net.train_norm
     if norm is None:
         raise ValueError("fold_batchnorm: the model has no BatchNorm attached (attach_batchnorm)")
-    model.train()
+    net.train()
     with torch.no_grad():
         for k, x in enumerate(clean, 1):
             norm.momentum = 1.0 / k  # a cumulative average over the batches
-            model(x)
-    norm.fold({n: model.node_params(n) for n in norm.names})
-    model.train_norm = None
+            runner(x)
+    norm.fold({n: net.node_params(n) for n in norm.names})
+    net.train_norm = None
 
 
 def check_augment(mode: str, pad: int, cutout: int = 0) -> None:
@@ -267,18 +268,21 @@ def batches(model: NRM, images: Tensor, size: int, order: Tensor | None = None) 
         yield model.preprocess(images[idx[i : i + size]])
 
 
-def accuracy(model: NRM, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+def accuracy(model: NRM | Runner, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """The fraction of uint8 ``images`` whose predicted class is ``labels``."""
+    runner = as_runner(model)
     with torch.no_grad():
-        preds = torch.cat([model(x).argmax(1).cpu() for x in batches(model, images, batch_size)])
+        preds = torch.cat([runner(x).argmax(1).cpu() for x in batches(runner.model, images, batch_size)])
     return float((preds == labels).float().mean())
 
 
-def _losses(model: NRM, x: Tensor, y: Tensor, cfg: TrainConfig, teachers: list[NRM],
+def _losses(model: NRM, x: Tensor, y: Tensor, cfg: TrainConfig, teachers: list[Runner],
             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One batch's logits (B, K), cross-entropy, reconstruction term and total loss."""
     if cfg.recon_weight > 0:
-        logits, r, _, _ = model._vjp(x, y, create_graph=True)
-        recon = (x - r.h0).pow(2).mean()
+        p = model.autograd_pass(x, y, create_graph=True)
+        logits, h0 = p.logits, p.rendering.h0  # type: ignore[union-attr]
+        recon = (x - h0).pow(2).mean()
     else:
         logits, recon = model(x), x.new_zeros(())
     ce = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -294,13 +298,13 @@ def _losses(model: NRM, x: Tensor, y: Tensor, cfg: TrainConfig, teachers: list[N
     return logits, ce, recon, loss
 
 
-def train_step(model: NRM, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: TrainConfig,
-               teachers: list[NRM]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One optimiser step on batch ``x`` (B, C, H, W), labels ``y`` (B,), in the model's precision
-    (its autocast: the teachers' forward too; losses in float32, autocast's policy). Returns
-    :func:`_losses`' (logits, cross-entropy, reconstruction term, total loss)."""
-    with model.autocast():
-        out = _losses(model, x, y, cfg, teachers)
+def train_step(runner: Runner, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: TrainConfig,
+               teachers: list[Runner]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One optimiser step of ``runner.model`` on batch ``x`` (B, C, H, W), labels ``y`` (B,), in the
+    runner's precision and layout (the teachers' forward too; losses in float32, autocast's policy).
+    Returns :func:`_losses`' (logits, cross-entropy, reconstruction term, total loss)."""
+    with runner.autocast():
+        out = _losses(runner.model, runner.to_layout(x), y, cfg, teachers)
     opt.zero_grad(set_to_none=True)
     out[3].backward()
     opt.step()
@@ -314,7 +318,7 @@ def train(
     cfg: TrainConfig | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
     init: NRM | None = None,
-    teacher: NRM | Sequence[NRM] | None = None,
+    teacher: NRM | Runner | Sequence[NRM | Runner] | None = None,
 ) -> TrainResult:
     """Train an NRM of architecture ``config`` on uint8 ``images`` (N, H, W[, C]) and int ``labels``,
     then fit sigma^2, log Z(y) and the threshold (nrm.fit). ``progress`` gets a dict every 20 steps.
@@ -322,19 +326,43 @@ def train(
     With ``init`` (a loaded or converted NRM) it is fine-tuned instead: its graph, weights and input
     normalisation are kept (``config`` is ignored), and its fitted state is fitted anew. With
     ``teacher`` (a trained NRM with the same input and classes, e.g. a deeper network fine-tuned on
-    the same data) the cross-entropy is mixed with :func:`distill_loss` on the teacher's logits of
-    the same augmented batch, with weight ``cfg.distill_weight``; given several teachers, on the mean
-    of their logits (an ensemble that classifies better than any one of them)."""
+    the same data; or a Runner of one) the cross-entropy is mixed with :func:`distill_loss` on the
+    teacher's logits of the same augmented batch, with weight ``cfg.distill_weight``; given several
+    teachers, on the mean of their logits (an ensemble that classifies better than any one of them)."""
     cfg = cfg or TrainConfig()
-    if init is not None:
-        config = init.config
+    config = init.config if init is not None else config
+    teachers = [as_runner(t) for t in ([] if teacher is None else [teacher] if isinstance(teacher, NRM | Runner)
+                                       else teacher)]
+    _check_training(config, images, labels, cfg, [t.model for t in teachers], fine_tune=init is not None)
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    val_idx, train_idx = held_out_split(len(images), cfg.val_fraction, gen)
+    model = _first_model(config, images[train_idx[:20000]], cfg, init, [t.model for t in teachers])
+    labels = labels.long()
+    runner = Runner(model, precision=cfg.precision)  # before the optimiser: the layout moves the weights
+    history = _optimise(runner, images, labels, train_idx, cfg, teachers, gen, _reporter(progress, start, cfg.epochs))
+    scorer = Runner(model)  # fitted in float32, in the fast layout
+    if cfg.batchnorm:
+        fold_batchnorm(scorer, batches(model, images, 512, train_idx[: cfg.bn_population_rows]))
+    model.eval().requires_grad_(False)
+    fit(scorer, batches(model, images, 512, train_idx[: cfg.fit_samples]), batches(model, images, 512, val_idx),
+        normaliser=cfg.normaliser, threshold_score=cfg.threshold_score, detector=cfg.detector,
+        detector_features=cfg.detector_features)
+    val_acc = accuracy(scorer, images[val_idx], labels[val_idx])
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    return TrainResult(model, history, val_acc, time.perf_counter() - start, len(val_idx))
+
+
+def _check_training(config: ModelConfig, images: Tensor, labels: Tensor, cfg: TrainConfig, teachers: list[NRM],
+                    fine_tune: bool) -> None:
+    """A ValueError naming what :func:`train` cannot train with."""
     if len(images) != len(labels):
         raise ValueError(f"got {len(images)} images but {len(labels)} labels")
     check_augment(cfg.augment, cfg.crop_pad, cfg.cutout)
-    teachers = [] if teacher is None else [teacher] if isinstance(teacher, NRM) else list(teacher)
-    if teachers:  # a new network takes the teachers' normalisation (below)
+    if teachers:  # a new network takes the teachers' normalisation (_first_model)
         for t in teachers:
-            check_teacher(config, t, same_normalisation=init is not None)
+            check_teacher(config, t, same_normalisation=fine_tune)
         norms = {(tuple(t.config.input.mean), tuple(t.config.input.std)) for t in teachers}
         if len(norms) > 1:
             raise ValueError(f"the teachers normalise their input differently ({sorted(norms)}); an ensemble "
@@ -350,28 +378,36 @@ def train(
                          "(fp16 would need loss scaling: train in bf16)")
     if labels.min() < 0 or labels.max() >= len(config.classes):
         raise ValueError(f"labels must lie in [0, {len(config.classes)}), got [{int(labels.min())}, {int(labels.max())}]")
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    val_idx, train_idx = held_out_split(len(images), cfg.val_fraction, gen)
-    if init is not None:  # fine-tune: the user's normalisation stays, the copy learns
-        model = copy.deepcopy(init).to(cfg.device).requires_grad_(True)
+
+
+def _first_model(config: ModelConfig, images: Tensor, cfg: TrainConfig, init: NRM | None, teachers: list[NRM]) -> NRM:
+    """The network training starts from, on ``cfg.device``: a copy of ``init`` (its normalisation
+    stays), else a new one of ``config`` normalised as the teachers are, or by ``images``' channel
+    statistics."""
+    if init is not None:
+        return copy.deepcopy(init).to(cfg.device).requires_grad_(True)
+    if teachers:
+        mean, std = tuple(teachers[0].config.input.mean), tuple(teachers[0].config.input.std)
     else:
-        if teachers:
-            mean, std = tuple(teachers[0].config.input.mean), tuple(teachers[0].config.input.std)
-        else:
-            mean, std = channel_stats(images[train_idx[:20000]])
-        spec = config.input
-        config = replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))
-        model = NRM(config).to(cfg.device)
-    labels = labels.long()
-    precision, channels_last = model.precision, model.channels_last  # given back after training
-    model.set_precision(cfg.precision).use_fast_layout()  # before the optimiser: the layout moves the weights
+        mean, std = channel_stats(images)
+    spec = config.input
+    return NRM(replace(config, input=InputSpec(spec.channels, spec.height, spec.width, mean, std))).to(cfg.device)
+
+
+Report = Callable[[int, int, int, tuple[Tensor, Tensor, Tensor, Tensor], Tensor], dict[str, float]]
+
+
+def _optimise(runner: Runner, images: Tensor, labels: Tensor, train_idx: Tensor, cfg: TrainConfig,
+              teachers: list[Runner], gen: torch.Generator, report: Report) -> list[dict[str, float]]:
+    """The training steps: ``cfg.epochs`` passes over ``train_idx``, each in a fresh order drawn from
+    ``gen``, under a one-cycle schedule; every 20th step (and each epoch's last) is reported. Returns
+    the reports."""
+    model = runner.model
     if cfg.batchnorm:
-        attach_batchnorm(model, next(batches(model, images, cfg.bn_calibration_rows, train_idx)))
-    steps_per_epoch = (len(train_idx) + cfg.batch_size - 1) // cfg.batch_size
+        attach_batchnorm(runner, next(batches(model, images, cfg.bn_calibration_rows, train_idx)))
+    total = cfg.epochs * ((len(train_idx) + cfg.batch_size - 1) // cfg.batch_size)
     opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=total, pct_start=0.15)
     history: list[dict[str, float]] = []
     step = 0
     for epoch in range(cfg.epochs):
@@ -382,33 +418,25 @@ def train(
             x = augment(model.preprocess(images[idx]), cfg.augment, cfg.crop_pad, gen)  # (B, C, H, W)
             x = cutout(x, cfg.cutout, gen)
             y = labels[idx].to(x.device)
-            logits, ce, recon, loss = train_step(model, opt, x, y, cfg, teachers)
+            out = train_step(runner, opt, x, y, cfg, teachers)
             sched.step()
             step += 1
             if step % 20 == 0 or i + cfg.batch_size >= len(order):
-                rec = {"epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": cfg.epochs * steps_per_epoch,
-                       "loss": float(loss.detach()), "ce": float(ce.detach()),
-                       "recon": float(recon.detach()),
-                       "acc": float((logits.argmax(1) == y).float().mean()), "seconds": time.perf_counter() - start}
-                history.append(rec)
-                if progress:
-                    progress(rec)
-                else:
-                    log.info("epoch %d step %d loss %.4f", rec["epoch"], step, rec["loss"])
-    model.set_precision(precision)  # fitted in the model's own precision, in the fast layout (1.45x for ResNet-20)
-    if cfg.batchnorm:
-        fold_batchnorm(model, batches(model, images, 512, train_idx[: cfg.bn_population_rows]))
-    model.eval().requires_grad_(False)
-    fit_idx = train_idx[: cfg.fit_samples]
-    fit(
-        model,
-        batches(model, images, 512, fit_idx),
-        batches(model, images, 512, val_idx),
-        normaliser=cfg.normaliser,
-        threshold_score=cfg.threshold_score,
-        detector=cfg.detector,
-        detector_features=cfg.detector_features,
-    )
-    val_acc = accuracy(model, images[val_idx], labels[val_idx])
-    model.use_channels_last(channels_last)
-    return TrainResult(model, history, val_acc, time.perf_counter() - start, len(val_idx))
+                history.append(report(epoch + 1, step, total, out, y))
+    return history
+
+
+def _reporter(progress: Callable[[dict[str, Any]], None] | None, start: float, epochs: int) -> Report:
+    """What :func:`_optimise` reports a step with: its record, handed to ``progress`` (else logged)."""
+    def report(epoch: int, step: int, total: int, out: tuple[Tensor, Tensor, Tensor, Tensor], y: Tensor,
+               ) -> dict[str, float]:
+        logits, ce, recon, loss = out
+        rec = {"epoch": epoch, "epochs": epochs, "step": step, "steps": total, "loss": float(loss.detach()),
+               "ce": float(ce.detach()), "recon": float(recon.detach()),
+               "acc": float((logits.argmax(1) == y).float().mean()), "seconds": time.perf_counter() - start}
+        if progress:
+            progress(rec)
+        else:
+            log.info("epoch %d step %d loss %.4f", rec["epoch"], step, rec["loss"])
+        return rec
+    return report

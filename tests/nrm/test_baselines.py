@@ -1,5 +1,5 @@
-"""nrm.posthoc: the field's post-hoc detectors against direct NumPy/SciPy computations, on tiny
-random "classifiers" (3 classes, 8 features)."""
+"""The field's post-hoc baselines of nrm.detectors (mahalanobis_feat, knn, vim) against direct
+NumPy/SciPy computations, on tiny random "classifiers" (3 classes, 8 features)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,22 @@ from safetensors.torch import load, save
 from scipy.spatial.distance import cdist, mahalanobis
 from scipy.special import logsumexp
 
-from nrm.posthoc import (
+from nrm.detectors import (
     KNN,
-    REGISTRY,
-    MahalanobisPenultimate,
-    PosthocError,
+    DetectorError,
+    Head,
+    MahalanobisFeat,
     ViM,
-    fit_all,
     knn_distance,
+    lookup,
     vim_default_dim,
     vim_residual,
 )
+from nrm.fit import fit_baselines
+from nrm.names import POSTHOC
 
 K, F = 3, 8
+REGISTRY = {name: lookup(name) for name in POSTHOC}
 
 
 def toy(n: int = 300, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -43,39 +46,48 @@ def far(n: int = 40, seed: int = 1) -> torch.Tensor:
         + 0.5 * torch.randn(n, F, generator=g, dtype=torch.float64)
 
 
-def fitted(d: dict[str, torch.Tensor]) -> dict[str, MahalanobisPenultimate | KNN | ViM]:
-    return fit_all(d["features"], d["logits"], d["labels"], d["weight"], d["bias"], K, knn_k=5)
+def rows(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The training rows as score dicts hold them."""
+    return {"penultimate": d["features"], "logits": d["logits"], "label": d["labels"]}
 
 
-def scores(det: MahalanobisPenultimate | KNN | ViM, f: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
-    return det.score(f, f @ d["weight"].T + d["bias"])
+def head(d: dict[str, torch.Tensor]) -> Head:
+    return Head(K, d["weight"], d["bias"])
+
+
+def fitted(d: dict[str, torch.Tensor]) -> dict[str, MahalanobisFeat | KNN | ViM]:
+    return {det.name: det for det in fit_baselines(rows(d), head(d), knn_k=5)}  # type: ignore[misc]
+
+
+def scores(det: MahalanobisFeat | KNN | ViM, f: torch.Tensor, d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return det.score({"penultimate": f, "logits": f @ d["weight"].T + d["bias"]})
 
 
 # ---------------------------------------------------------------------------- each method, by its definition
 def test_mahalanobis_is_minus_the_smallest_class_distance_with_the_tied_covariance() -> None:
     d = toy()
-    det = MahalanobisPenultimate().fit(d["features"], d["labels"], K)
+    det = MahalanobisFeat().fit(rows(d), K)
     x, y = d["features"].numpy(), d["labels"].numpy()
     mus = np.stack([x[y == k].mean(axis=0) for k in range(K)])
     vi = np.linalg.inv(np.cov((x - mus[y]).T, bias=True))
     q = toy(20, seed=5)["features"].numpy()
     want = [-min(mahalanobis(row, mu, vi) ** 2 for mu in mus) for row in q]
-    np.testing.assert_allclose(det.score(torch.from_numpy(q)).numpy(), want, rtol=1e-10)
+    np.testing.assert_allclose(det.score({"penultimate": torch.from_numpy(q)}).numpy(), want, rtol=1e-10)
 
 
 def test_knn_score_is_minus_the_kth_smallest_normalised_distance() -> None:
     d = toy()
-    det = KNN(k=7).fit(d["features"])
+    det = KNN(k=7).fit(rows(d), K)
     x = d["features"].numpy()
     q = toy(25, seed=6)["features"].numpy()
     unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
     want = -np.sort(cdist(unit(q), unit(x)), axis=1)[:, 6]
-    np.testing.assert_allclose(det.score(torch.from_numpy(q)).numpy(), want, atol=1e-7)
+    np.testing.assert_allclose(det.score({"penultimate": torch.from_numpy(q)}).numpy(), want, atol=1e-7)
 
 
 def test_knn_chunks_give_the_same_distances_as_one_chunk() -> None:
     d = toy()
-    bank = KNN(k=5).fit(d["features"]).bank
+    bank = KNN(k=5).fit(rows(d), K).bank
     assert bank is not None
     q = toy(50, seed=7)["features"]
     whole = knn_distance(q, bank, 5, chunk_size=50)
@@ -83,13 +95,13 @@ def test_knn_chunks_give_the_same_distances_as_one_chunk() -> None:
 
 
 def test_knn_with_k_above_the_bank_size_says_so() -> None:
-    with pytest.raises(PosthocError, match=r"k = 11 exceeds the 10 training features.*shape \(10, 8\)"):
-        KNN().fit(toy(10)["features"], k=11)
+    with pytest.raises(DetectorError, match=r"k = 11 exceeds the 10 training features.*shape \(10, 8\)"):
+        KNN(k=11).fit(rows(toy(10)), K)
 
 
 def test_vim_residual_vanishes_on_the_principal_subspace_through_the_origin() -> None:
     d = toy()
-    det = ViM().fit(d["features"], d["logits"], d["weight"], d["bias"], dim=4)
+    det = ViM(dim=4).fit(rows(d), head(d))
     u = -np.linalg.pinv(d["weight"].numpy()) @ d["bias"].numpy()
     x = d["features"].numpy() - u
     _, vecs = np.linalg.eigh(x.T @ x / len(x))
@@ -102,14 +114,14 @@ def test_vim_residual_vanishes_on_the_principal_subspace_through_the_origin() ->
 
 def test_vim_alpha_matches_the_mean_max_logit_over_the_mean_residual() -> None:
     d = toy()
-    det = ViM().fit(d["features"], d["logits"], d["weight"], d["bias"], dim=3)
+    det = ViM(dim=3).fit(rows(d), head(d))
     u = -np.linalg.pinv(d["weight"].numpy()) @ d["bias"].numpy()
     x = d["features"].numpy() - u
     _, vecs = np.linalg.eigh(x.T @ x / len(x))
     res = np.linalg.norm(x @ vecs[:, :-3], axis=1)  # residual outside the top 3
     alpha = d["logits"].numpy().max(axis=1).mean() / res.mean()
     assert det.alpha is not None and float(det.alpha) == pytest.approx(alpha, rel=1e-10)
-    np.testing.assert_allclose(det.score(d["features"], d["logits"]).numpy(),
+    np.testing.assert_allclose(det.score(rows(d)).numpy(),
                                logsumexp(d["logits"].numpy(), axis=1) - alpha * res, rtol=1e-9)
 
 
@@ -140,7 +152,7 @@ def test_saved_tensors_rebuild_a_detector_with_identical_scores(name: str) -> No
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_an_unfitted_detector_says_to_fit_it(name: str) -> None:
     d = toy(10)
-    with pytest.raises(PosthocError, match=r"not fitted; call \.fit\(\.\.\.\)"):
+    with pytest.raises(DetectorError, match=rf"detector '{name}' is not fitted; call \w+\.fit\(\.\.\.\)"):
         scores(REGISTRY[name](), d["features"], d)
 
 
@@ -148,8 +160,8 @@ def test_an_unfitted_detector_says_to_fit_it(name: str) -> None:
 def test_features_of_the_wrong_width_are_refused_with_their_shape(name: str) -> None:
     d = toy()
     det = fitted(d)[name]
-    with pytest.raises(PosthocError, match=r"shape \(4, 5\).*F = 8"):
-        det.score(torch.zeros(4, 5, dtype=torch.float64), torch.zeros(4, K, dtype=torch.float64))
+    with pytest.raises(DetectorError, match=r"shape \(4, 5\).*F = 8"):
+        det.score({"penultimate": torch.zeros(4, 5, dtype=torch.float64), "logits": torch.zeros(4, K, dtype=torch.float64)})
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -166,20 +178,20 @@ def test_a_non_finite_feature_row_scores_nan_and_leaves_the_others(name: str) ->
 
 def test_mahalanobis_refuses_a_class_without_training_samples() -> None:
     d = toy(30)
-    with pytest.raises(PosthocError, match=r"classes \[3\] have no training samples"):
-        MahalanobisPenultimate().fit(d["features"], d["labels"], K + 1)
+    with pytest.raises(DetectorError, match=r"classes \[3\] have no training samples"):
+        MahalanobisFeat().fit(rows(d), K + 1)
 
 
 def test_vim_refuses_logits_with_another_row_count() -> None:
     d = toy()
     det = fitted(d)["vim"]
-    with pytest.raises(PosthocError, match=r"features has shape \(5, 8\) and logits shape \(4, 3\)"):
-        det.score(d["features"][:5], d["logits"][:4])
+    with pytest.raises(DetectorError, match=r"features has shape \(5, 8\) and logits shape \(4, 3\)"):
+        det.score({"penultimate": d["features"][:5], "logits": d["logits"][:4]})
 
 
 def test_rebuilding_names_missing_tensors_and_unknown_options() -> None:
     det = fitted(toy())["knn"]
-    with pytest.raises(PosthocError, match=r"missing tensors \['bank'\]"):
+    with pytest.raises(DetectorError, match=r"missing fitted tensors \['bank'\]"):
         KNN.from_tensors({})
-    with pytest.raises(PosthocError, match=r"unknown options \['kk'\]; expected a subset of \['k', 'chunk_size'\]"):
+    with pytest.raises(DetectorError, match=r"unknown options \['kk'\]; expected a subset of \['k', 'chunk_size'\]"):
         KNN.from_tensors(det.tensors(), kk=3)
