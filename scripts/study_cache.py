@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nrm  # noqa: E402
 from jobs.datasets import load_images, load_labelled  # noqa: E402
+from nrm.runner import Runner  # noqa: E402
 from nrm.synthetic import synthetic  # noqa: E402
-from nrm.train import held_out_split  # noqa: E402
+from nrm.training import held_out_split  # noqa: E402
 
 DATA = Path("/work/shared/datasets")
 LIMIT = 2000  # rows of each validation / report set (section 6's --limit and --val-ood-limit)
@@ -95,23 +96,23 @@ def relu_stats(m: nrm.NRM, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"relu_gates": torch.cat(rates, 1), "relu_acts": torch.cat(means, 1)}
 
 
-def score_batch(m: nrm.NRM, x: torch.Tensor, render: bool) -> dict[str, torch.Tensor]:
-    """Every cached column of one normalised batch: NRM.score (with the unit statistics) and
-    NRM.penultimate (a second forward pass: score keeps the penultimate features to itself)."""
-    cols = m.score(x, unit_stats=True) if render else m.score(x, columns=FORWARD, unit_stats=True)
-    feats, logits = m.penultimate(x)
-    keep = {k: v for k, v in cols.items() if not k.startswith("det_")}
-    return {**keep, "feats": feats, "logits": logits}
+def score_batch(r: Runner, x: torch.Tensor, render: bool) -> dict[str, torch.Tensor]:
+    """Every cached column of one normalised batch, as the runner scores it: the full table (or the
+    forward columns) with the unit statistics, the penultimate features (as ``feats``) and the logits."""
+    inputs = ("latent_gates", "unit_acts", "penultimate", "logits")
+    cols = r.score(x, r.model.plan(None if render else FORWARD, inputs=inputs, flag=False))
+    keep = {k: v for k, v in cols.items() if not k.startswith("det_") and k != "penultimate"}
+    return {**keep, "feats": cols["penultimate"]}
 
 
 @torch.no_grad()
-def score_all(m: nrm.NRM, images: torch.Tensor, render: bool, labels: torch.Tensor | None = None,
+def score_all(r: Runner, images: torch.Tensor, render: bool, labels: torch.Tensor | None = None,
               batch: int = 500, relu: bool = False) -> dict[str, torch.Tensor]:
     parts: dict[str, list[torch.Tensor]] = {}
     step = 100 if relu else batch  # encode keeps every node's output
     for i in range(0, len(images), step):
-        x = m.preprocess(images[i : i + step])
-        for k, v in (relu_stats(m, x) if relu else score_batch(m, x, render)).items():
+        x = r.model.preprocess(images[i : i + step])
+        for k, v in (relu_stats(r.model, x) if relu else score_batch(r, x, render)).items():
             parts.setdefault(k, []).append(v.cpu())
     out = {k: torch.cat(v) for k, v in parts.items()}
     if labels is not None:
@@ -123,7 +124,8 @@ def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn
                   only: list[str] | None = None, train_rows: int | None = None) -> None:
     """Every split of one network; with ``relu`` the ReLU-node statistics instead (CACHE/NAME/relu/,
     training rows: the first RELU_TRAIN only)."""
-    m = nrm.load(ckpt).use_fast_layout()
+    r = Runner(nrm.load(ckpt))  # float32 in the fast layout, as `nrm-ood fit-detector` scores
+    m = r.model
     out = cache / name / "relu" if relu else cache / name
     out.mkdir(parents=True, exist_ok=True)
     x, y = (torch.from_numpy(a) for a in load_labelled(f"{DATA}/{in_set}/train", m.input_shape))
@@ -148,7 +150,7 @@ def cache_network(name: str, ckpt: str, in_set: str, cache: Path, aux: Path, syn
         if path.exists() or (only and split not in only):
             continue
         t0 = time.perf_counter()
-        cols = score_all(m, images(), render, labels, relu=relu)
+        cols = score_all(r, images(), render, labels, relu=relu)
         torch.save(cols, path)
         print(f"{name} {'relu ' if relu else ''}{split}: {len(next(iter(cols.values())))} rows, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nrm  # noqa: E402
 from nrm import detectors as D  # noqa: E402
 from nrm import metrics  # noqa: E402
-from nrm import posthoc as P  # noqa: E402
 
 Cols = dict[str, Tensor]
 
@@ -87,9 +86,9 @@ def network(name: str, ckpt: str, cache: Path, fit: str) -> None:
         row("ReLU gates, all ReLU nodes", r, "relu_gates", 0, rw)
         row("ReLU gates_acts, all ReLU nodes", r, "relu_gates+relu_acts", 0, rw)
     if "train" in s:
-        knn = P.KNN().fit(s["train"]["feats"][:20000])
-        sp = knn.score(s["held"]["feats"][b_idx]).numpy()
-        res = {o: float(metrics.auroc(sp, knn.score(s[f"val_{o}"]["feats"]).numpy())) for o in oods}
+        knn = D.KNN(k=50).fit({"penultimate": s["train"]["feats"][:20000]}, k)
+        sp = knn.score({"penultimate": s["held"]["feats"][b_idx]}).numpy()
+        res = {o: float(metrics.auroc(sp, knn.score({"penultimate": s[f"val_{o}"]["feats"]}).numpy())) for o in oods}
         print("| KNN k=50 on the penultimate features (first 20,000 training rows) | - | "
               + " | ".join(f"{res[o]:.3f}" for o in oods) + f" | {min(res.values()):.3f} |")
     for relu, src in ((False, s), (True, r)):
@@ -175,13 +174,15 @@ def jpeg_probe(name: str, ckpt: str, cache: Path) -> None:
     re-encoded as JPEG quality 75 at 32x32, against the same rows as cached; in-distribution half B
     of the held-out rows; Gaussians fitted on the first 20,000 training rows, KNN on the same rows."""
     from jobs.datasets import load_images
+    from nrm.runner import Runner
     from scripts.study_cache import jpeg, score_all
 
-    m = nrm.load(ckpt).use_fast_layout()
+    r = Runner(nrm.load(ckpt))
+    m = r.model
     path = cache / name / "probe_tin_jpeg.pt"
     if not path.exists():
         x = torch.from_numpy(load_images("/work/shared/datasets/tinyimagenet/train_sample", m.input_shape, 2000))
-        torch.save(score_all(m, jpeg(x), False), path)
+        torch.save(score_all(r, jpeg(x), False), path)
     s = load(cache / name)
     probe = torch.load(path)
     b = D.split_halves(len(s["held"]["pred"]))[1]
@@ -203,8 +204,8 @@ def jpeg_probe(name: str, ckpt: str, cache: Path) -> None:
         sc = lambda d, f=f, st=st: D.mahalanobis(f(d), d["pred"].long(), st["means"], st["precision"]).numpy()  # noqa: E731
         print(f"- mahalanobis[gates_acts] of the {c}-channel layers: {metrics.auroc(sc(pos), sc(s['val_tin'])):.3f} / "
               f"{metrics.auroc(sc(pos), sc(probe)):.3f}")
-    knn = P.KNN().fit(train["feats"])
-    kn = lambda c: knn.score(c["feats"]).numpy()  # noqa: E731
+    knn = D.KNN(k=50).fit({"penultimate": train["feats"]}, len(m.config.classes))
+    kn = lambda c: knn.score({"penultimate": c["feats"]}).numpy()  # noqa: E731
     print(f"- KNN k=50: {metrics.auroc(kn(pos), kn(s['val_tin'])):.3f} / {metrics.auroc(kn(pos), kn(probe)):.3f}")
     en = lambda c: (-c["energy"]).numpy()  # noqa: E731
     print(f"- energy: {metrics.auroc(en(pos), en(s['val_tin'])):.3f} / {metrics.auroc(en(pos), en(probe)):.3f}")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nrm  # noqa: E402
 from nrm import detectors as D  # noqa: E402
 from nrm import metrics  # noqa: E402
-from nrm import posthoc as P  # noqa: E402
+from nrm.fit import fit_baselines  # noqa: E402
 
 Cols = dict[str, Tensor]
 Score = Callable[[Cols], Tensor]
@@ -45,6 +45,7 @@ DETECTORS = (("mahalanobis", "gates"), ("mahalanobis", "gates_acts"),
              ("mahalanobis_energy", "gates"), ("mahalanobis_energy", "gates_acts"),
              ("mahalanobis_energy_robust", "gates"), ("mahalanobis_energy_robust", "gates_acts"))
 CHUNK = 4096
+PARTS = {"gates": "latent_gates", "acts": "unit_acts"}  # the cached column of each forward feature part
 
 
 # ---------------------------------------------------------------------------- cache
@@ -77,7 +78,7 @@ def gaussian(cols: Cols, features: str, n_classes: int) -> dict[str, Tensor]:
     mean for a class never predicted) and the inverse of the pooled covariance, ridge 1e-6 trace / D."""
     n = len(cols["pred"])
     pred = cols["pred"].long()
-    parts = ("pred", *(D._PARTS[p] for p in features.split("_")))
+    parts = ("pred", *(PARTS[p] for p in features.split("_")))
     chunks = [(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
     feat = lambda a, b: D.features({k: cols[k][a:b] for k in parts}, features)  # noqa: E731
     d = feat(0, 1).shape[1]
@@ -122,14 +123,6 @@ def fit(name: str, features: str, cols: Cols, n_classes: int) -> Score:
         scale = 1.4826 * (both - centre).abs().median(0).values
     fitted = {**gaussian(cols, features, n_classes), "centre": centre, "scale": scale.clamp_min(1e-12)}
     return library_detector("mahalanobis_energy", features, fitted).score
-
-
-def head(ckpt: str) -> tuple[Tensor, Tensor]:
-    """(weight (K, F), bias (K,)) of the classifier's last linear layer."""
-    m = nrm.load(ckpt)
-    p = m.node_params(m.classifier.name)
-    w = p["weight"].detach().double()
-    return w, p.get("bias", torch.zeros(w.shape[0])).detach().double()
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -305,7 +298,7 @@ def study_flow(net: Net) -> tuple[str, Score, dict[str, float]]:
     oods = ood_sets(s, "val_")
     best: tuple[tuple[float, float], str, Score, dict[str, float]] | None = None
     for name, fs in D.SEARCH:
-        forward = set(fs.split("_")) <= D.UNIT_PARTS
+        forward = set(fs.split("_")) <= set(PARTS)
         if name in ("mahalanobis", "mahalanobis_energy") and forward:
             score = fit(name, fs, fitting_rows(s, "train20k"), net.classes)
         else:
@@ -322,14 +315,14 @@ def study_flow(net: Net) -> tuple[str, Score, dict[str, float]]:
 
 def baselines(net: Net) -> dict[str, Score]:
     """MSP, max logit, energy (columns) and the post-hoc detectors fitted on every training row with
-    its label, as `fit-detector --baselines` (nrm.posthoc.fit_all: Mahalanobis on the penultimate
+    its label, as `fit-detector --baselines` (nrm.fit.fit_baselines: Mahalanobis on the penultimate
     features, KNN k = 50, ViM)."""
     t = net.splits["train"]
-    w, b = head(net.ckpt)
-    fitted = P.fit_all(t["feats"], t["logits"], t["label"], w, b, net.classes)
+    as_rows = lambda cols: {"penultimate": cols["feats"], "logits": cols["logits"]}  # noqa: E731
+    fitted = fit_baselines({**as_rows(t), "label": t["label"]}, nrm.load(net.ckpt).head())
     out: dict[str, Score] = {c: (lambda cols, c=c: oriented(cols, c)) for c in BASELINES[:3]}
-    for d in fitted.values():
-        out[type(d).column] = lambda cols, d=d: d.score(cols["feats"].double(), cols["logits"].double())
+    for d in fitted:
+        out[d.column] = lambda cols, d=d: d.score(as_rows(cols))
     return out
 
 
