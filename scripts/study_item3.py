@@ -245,7 +245,7 @@ def bn_check(ckpt: str, module: str, weights: str, n: int = 500) -> None:
     diff = (torch_gates - nrm_gates).abs()
     print(f"BatchNorm unfolded (torch module) against folded (NRM): {torch_gates.shape[1]} gate on-rates x {n} images, "
           f"max |difference| {float(diff.max()):.2e}, mean {float(diff.mean()):.2e}; rates differ in "
-          f"{int((diff > 0).sum())} of {diff.numel()} (one position flipping changes a rate by 1/{32 * 32} at most per map)")
+          f"{int((diff > 0).sum())} of {diff.numel()} (one position flipping changes a rate by 1 / the map's positions)")
 
 
 def main() -> None:

@@ -258,6 +258,8 @@ BASELINES = ("max_softmax", "max_logit", "energy", "mahalanobis_feat", "knn", "v
 
 
 FIXED = ("train20k", "mahalanobis_energy_robust", "gates_acts")  # the rule's fallback (design section 4b)
+PICK: dict[str, tuple[str, str, str]] = {}  # --pick: network -> the rule's pick printed by an earlier run
+SKIP: set[str] = set()  # --skip: name[features] of SEARCH left out of the study's flow
 
 
 def rule(net: Net) -> tuple[tuple[str, str, str], Score, dict[str, float]]:
@@ -298,6 +300,8 @@ def study_flow(net: Net) -> tuple[str, Score, dict[str, float]]:
     oods = ood_sets(s, "val_")
     best: tuple[tuple[float, float], str, Score, dict[str, float]] | None = None
     for name, fs in D.SEARCH:
+        if f"{name}[{fs}]" in SKIP:
+            continue
         forward = set(fs.split("_")) <= set(PARTS)
         if name in ("mahalanobis", "mahalanobis_energy") and forward:
             score = fit(name, fs, fitting_rows(s, "train20k"), net.classes)
@@ -328,7 +332,11 @@ def baselines(net: Net) -> dict[str, Score]:
 
 def report_scores(net: Net) -> dict[str, Score]:
     s = net.splits
-    det, default, _ = rule(net)
+    if net.name in PICK:  # the pick an earlier run of rule() printed for this network
+        det = PICK[net.name]
+        default = fit(det[1], det[2], fitting_rows(s, det[0]), net.classes)
+    else:
+        det, default, _ = rule(net)
     label = lambda d: f"{d[0]}:{d[1]}[{d[2]}]"  # noqa: E731
     scores: dict[str, Score] = {f"default (the rule): {label(det)}": default}
     if pure(det) != det:
@@ -427,7 +435,16 @@ def main() -> None:
     ap.add_argument("--cache", type=Path)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--detectors", help="comma-separated name[features] subset of DETECTORS (validation stage)")
+    ap.add_argument("--pick", action="append", default=[], metavar="NAME=ROWS:DETECTOR[FEATURES]",
+                    help="report: fit this pick of the rule (printed by an earlier run) instead of choosing again")
+    ap.add_argument("--skip", action="append", default=[], metavar="DETECTOR[FEATURES]",
+                    help="report: leave this candidate of nrm.detectors.SEARCH out of the study's flow")
     a = ap.parse_args()
+    for spec in a.pick:
+        net, _, cand = spec.partition("=")
+        r, _, det = cand.partition(":")
+        PICK[net] = (r, det.partition("[")[0], det.partition("[")[2].rstrip("]"))
+    SKIP.update(a.skip)
     if a.stage == "summary":  # the networks are report.csv files
         summary([Path(p) for p in a.networks])
         return
