@@ -38,6 +38,7 @@ from nrm.detectors import (
     split_halves,
     statistics_detector,
 )
+from nrm.detectors.default import DefaultChoice, choose_default
 from nrm.metrics import threshold_at_tpr
 from nrm.model import NRM
 from nrm.names import (
@@ -57,12 +58,14 @@ DEFAULT_NORMALISER = "none"
 
 
 @torch.no_grad()
-def collect(model: NRM | Runner, batches: Iterable[Tensor]) -> dict[str, Tensor]:
+def collect(model: NRM | Runner, batches: Iterable[Tensor], render: bool = True) -> dict[str, Tensor]:
     """The full score table of normalised batches (on the model's device), concatenated into CPU
-    tensors, with the unit statistics (fitting may choose any feature set). A bare model is scored as
-    ``NRM.score`` does, a Runner as it runs (nrm.runner.as_runner); so are the fits below."""
+    tensors, with the unit statistics (fitting may choose any feature set); without ``render`` only
+    what the forward pass makes of it (pred, energy and the unit statistics: no backward pass). A bare
+    model is scored as ``NRM.score`` does, a Runner as it runs (nrm.runner.as_runner); so are the fits below."""
     runner = as_runner(model)
-    plan = runner.model.plan(inputs=UNIT_STATS)
+    plan = runner.model.plan(inputs=UNIT_STATS) if render else runner.model.plan(
+        ["pred", "energy"], inputs=UNIT_STATS, flag=False)
     cols = gather(runner.score(x, plan) for x in batches)
     if not cols:
         raise ValueError("collect: got no batches")
@@ -177,13 +180,43 @@ def refit(model: NRM | Runner, in_val_batches: Iterable[Tensor], name: str = DEF
         have = {(d.name, d.features) for d in (det.main, *det.candidates)}
         det.candidates += [statistics_detector(n, f, candidate=True).fit(half, head)
                            for n, f in CANDIDATES if (n, f) not in have]
-    fitted = runner.model.config.fitted
+    _install(runner.model, det, rest, tpr)
+    return det
+
+
+def _install(model: NRM, det: FittedDetectors, threshold_rows: Rows, tpr: float | None) -> None:
+    """Make ``det`` the model's detectors (its fitted baselines stay) and set the threshold on the main
+    detector's column at ``tpr`` (default: the checkpoint's, else 0.95) on ``threshold_rows``."""
+    assert det.main is not None
+    fitted = model.config.fitted
     det.baselines = fitted.detector.baselines if fitted.detector else []
     fitted.detector = det
     rate = tpr if tpr is not None else (fitted.threshold.tpr if fitted.threshold else 0.95)
-    held = det.main.score(rest)
-    fitted.threshold = fit_threshold(det.main.column, held, rate)
-    return det
+    fitted.threshold = fit_threshold(det.main.column, det.main.score(threshold_rows), rate)
+
+
+def refit_default(model: NRM | Runner, held_out: Iterable[Tensor], train: Iterable[Tensor],
+                  shuffled: Iterable[Tensor] | None, tpr: float | None = None, candidates: bool = False,
+                  ) -> DefaultChoice:
+    """Fit the detector a user without validation OOD data gets (nrm.detectors.default's rule) from
+    normalised batches: the held-out rows (never the test split), the training rows in their order,
+    and the patch-shuffled training rows (nrm.synthetic; None: the rule's fixed candidate). The
+    training and shuffled rows are scored forward only. With ``candidates`` every other candidate
+    detector is kept as its own column, fitted on half A of the held-out rows. Installs the detectors
+    and the threshold as :func:`refit` does. Returns the choice."""
+    runner = as_runner(model)
+    head = runner.model.head()
+    held = collect(runner, held_out)
+    choice = choose_default(held, collect(runner, train, render=False),
+                            collect(runner, shuffled, render=False) if shuffled is not None else None, head)
+    det = choice.detectors
+    if candidates:
+        have = {(d.name, d.features) for d in (det.main, *det.candidates) if d is not None}
+        half = _rows(held, split_halves(len(held["pred"]))[0])
+        det.candidates += [statistics_detector(n, f, candidate=True).fit(half, head)
+                           for n, f in CANDIDATES if (n, f) not in have]
+    _install(runner.model, det, choice.threshold_rows, tpr)
+    return choice
 
 
 def _fit_and_threshold_rows(model: Runner, held_out: Iterable[Tensor], fit_batches: Iterable[Tensor] | None,

@@ -44,7 +44,7 @@ COLUMNS = ("pred", "max_softmax", "max_logit", "energy", "latent_prior_layers", 
 DEFAULT_THRESHOLD_SCORE = "latent_loglik"
 # The detector registry (nrm.detectors) holds DETECTORS then POSTHOC, in this order.
 # Detectors on the NRM's statistics (StatisticsDetector): each makes column det_<name>.
-DETECTORS = ("typicality", "mahalanobis", "gmm", "mahalanobis_energy")
+DETECTORS = ("typicality", "mahalanobis", "gmm", "mahalanobis_energy", "mahalanobis_energy_robust")
 DETECTOR_PREFIX = "det_"
 FEATURE_SETS = ("eta", "layers", "layers_recon", "channels", "channels_recon", "gates", "gates_recon", "gates_acts",
                 "gates_channels_recon")

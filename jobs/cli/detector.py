@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from jobs.cli.options import Decode, EndpointUrl, at_least, choice, fail, named_sets
 from nrm import names
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from nrm.runner import Runner
 
 app = typer.Typer()
 
@@ -18,8 +23,10 @@ def fit_detector(
     model: Annotated[Path, typer.Option(help="Checkpoint directory to start from.")],
     data: Annotated[str, typer.Option(help="The model's in-distribution TRAIN Parquet (never the test split).")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write (weights unchanged, same model_id).")],
-    detector: Annotated[str, choice(names.DETECTORS, "Detector on the NRM statistics (nrm.detectors).")] = names.DEFAULT_DETECTOR,
-    features: Annotated[str, choice(names.FEATURE_SETS, "Feature set (nrm.detectors.features).")] = names.DEFAULT_FEATURES,
+    detector: Annotated[str | None, choice(names.DETECTORS, "Detector on the NRM statistics (nrm.detectors); "
+                                           f"given alone, on the features {names.DEFAULT_FEATURES}.")] = None,
+    features: Annotated[str | None, choice(names.FEATURE_SETS, "Feature set (nrm.detectors.features); given "
+                                           f"alone, of the detector {names.DEFAULT_DETECTOR}.")] = None,
     seed: Annotated[int, typer.Option(help="Seed `nrm-ood train` used: its held-out rows are the ones used.")] = 0,
     val_fraction: Annotated[float, at_least(0, "Held-out fraction `nrm-ood train` used.", strict=True)] = 0.1,
     candidates: Annotated[bool, typer.Option(help="Also keep every other candidate detector as a det_* column.")] = False,
@@ -35,9 +42,12 @@ def fit_detector(
         "Gaussian on thousands of gate features (ResNet-56: 4,064) needs more rows than a held-out half.")] = None,
     baselines: Annotated[bool, typer.Option(help="Also fit the field's post-hoc baselines (Mahalanobis on the penultimate features, KNN k=50, ViM: columns mahalanobis_feat, knn, vim) on the training rows that were not held out.")] = False,
 ) -> None:
-    """(Re)fit a detector on an existing checkpoint, on the rows of its training split that
-    `nrm-ood train` held out (same seed and fraction), and make it the checkpoint's threshold score.
-    With --val-ood the detector is chosen on those validation OOD sets; the table is printed and saved."""
+    """(Re)fit a detector on an existing checkpoint and make it the checkpoint's threshold score. With none
+    of --detector, --features, --detector-rows or --val-ood: the default rule (docs/study-default-detector.md)
+    chooses the fitting rows, detector and features on patch-shuffled copies of the training rows. With
+    --val-ood the detector is chosen on those validation OOD sets; otherwise the one asked for is fitted
+    on half the rows `nrm-ood train` held out (same seed and fraction), or on --detector-rows training rows.
+    Every choice's table is printed and saved."""
     import torch
 
     import nrm
@@ -58,22 +68,53 @@ def fit_detector(
             from nrm.fit import fit_posthoc
 
             fitted = fit_posthoc(runner, batches(m, torch.from_numpy(x), 512, train_rows), torch.from_numpy(y)[train_rows])
-        ood = {name: batches(m, torch.from_numpy(load_images(uri, m.config.input, val_ood_limit, store, decode=decode)), 512)
-               for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
-        fit_rows = train_rows[:detector_rows] if detector_rows else None
-        det = refit(runner, batches(m, torch.from_numpy(x), 512, refit_rows), detector, features,
-                    candidates=candidates, val_ood=ood or None,
-                    fit_batches=batches(m, torch.from_numpy(x), 512, fit_rows) if fit_rows is not None else None)
+        images = torch.from_numpy(x)
+        if detector is None and features is None and detector_rows is None and not val_ood:
+            fitted_on = _default_rule(runner, images, refit_rows, train_rows, candidates)
+            det = m.config.fitted.detector
+        else:
+            ood = {name: batches(m, torch.from_numpy(load_images(uri, m.config.input, val_ood_limit, store, decode=decode)), 512)
+                   for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
+            fit_rows = train_rows[:detector_rows] if detector_rows else None
+            det = refit(runner, batches(m, images, 512, refit_rows), detector or names.DEFAULT_DETECTOR,
+                        features or names.DEFAULT_FEATURES, candidates=candidates, val_ood=ood or None,
+                        fit_batches=batches(m, images, 512, fit_rows) if fit_rows is not None else None)
+            fitted_on = (f"{len(fit_rows)} training rows" if fit_rows is not None
+                         else f"half of {len(refit_rows)} held-out rows")
     except (nrm.CheckpointError, StorageError, DatasetError, ValueError) as e:
         raise fail(str(e)) from None
     mid = nrm.save(m, out)
     th = m.config.fitted.threshold
-    assert th is not None and det.main is not None
+    assert th is not None and det is not None and det.main is not None
     for column, row in det.selection.items():
         typer.echo(f"  validation AUROC {column}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                    + f" (worst {min(row.values()):.3f})")
-    fitted_on = f"{len(fit_rows)} training rows" if fit_rows is not None else f"half of {len(refit_rows)} held-out rows"
     typer.echo(f"fitted {det.main.name}[{det.main.features}] on {fitted_on}; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
     if baselines:
         typer.echo(f"fitted the post-hoc baselines {', '.join(d.column for d in fitted)} on {len(train_rows)} training rows")
+
+
+def _default_rule(runner: Runner, images: Tensor, held_rows: Tensor, train_rows: Tensor, candidates: bool) -> str:
+    """fit-detector's default flow (nrm.detectors.default): the rule on the held-out and training rows
+    of ``images`` (uint8, N x H x W x C), chosen on patch-shuffled copies of the last training rows, or
+    its fixed candidate where the images cannot be cut into the patch grid. Says which and returns
+    the rows the winner was fitted on, in words."""
+    from nrm.detectors import default
+    from nrm.fit import refit_default
+    from nrm.synthetic import SyntheticError, transform
+    from nrm.training import batches
+
+    m = runner.model
+    try:
+        shuffled = transform(default.SYNTHETIC, images[train_rows[-default.SYNTHETIC_ROWS:]])
+    except SyntheticError as e:
+        typer.echo(f"no patch-shuffled validation set ({e}); the rule's fixed candidate is fitted")
+        shuffled = None
+    choice = refit_default(runner, batches(m, images, 512, held_rows), batches(m, images, 512, train_rows),
+                           batches(m, shuffled, 512) if shuffled is not None else None, candidates=candidates)
+    if shuffled is not None:
+        typer.echo(f"the default rule chose on {len(shuffled)} patch-shuffled training rows (docs/study-default-detector.md)")
+    n_train = len(train_rows)
+    return {"half": f"half of {len(held_rows)} held-out rows", "train": f"{n_train} training rows",
+            "train20k": f"{min(default.TRAIN_ROWS, n_train)} training rows"}[choice.rows]

@@ -3,7 +3,8 @@
 Two families share the protocol:
 
 - on the NRM's statistics (:class:`StatisticsDetector`; nrm.names.DETECTORS), column ``det_<name>``:
-  typicality, mahalanobis, gmm, mahalanobis_energy, each on a feature set (nrm.detectors.statistics);
+  typicality, mahalanobis, gmm, mahalanobis_energy, mahalanobis_energy_robust, each on a feature set
+  (nrm.detectors.statistics); nrm.detectors.default picks one for users without validation OOD data;
 - the field's post-hoc baselines on the penultimate features (:class:`BaselineDetector`;
   nrm.names.POSTHOC), a column of their own name: mahalanobis_feat, knn, vim (nrm.detectors.baseline).
 
@@ -44,6 +45,7 @@ from nrm.detectors.mahalanobis import (  # noqa: E402
     symmetric_slabs,
 )
 from nrm.detectors.mahalanobis_energy import MahalanobisEnergy  # noqa: E402
+from nrm.detectors.mahalanobis_energy_robust import MahalanobisEnergyRobust  # noqa: E402
 from nrm.detectors.mahalanobis_feat import MahalanobisFeat, mahalanobis_penultimate  # noqa: E402
 from nrm.detectors.typicality import Typicality, fit_typicality, typicality  # noqa: E402
 from nrm.detectors.vim import ViM, vim, vim_default_dim, vim_residual  # noqa: E402
@@ -53,7 +55,7 @@ REGISTRY = registry()  # name -> detector class
 __all__ = [
     "CANDIDATES", "DEFAULT_FEATURES", "DETECTORS", "FAST_DIMS", "FEATURE_SETS", "GMM", "KNN", "POSTHOC", "PREFIX",
     "REGISTRY", "SEARCH", "BaselineDetector", "Detector", "DetectorError", "FittedDetectors", "Head", "Mahalanobis",
-    "MahalanobisEnergy", "MahalanobisFeat", "Rows", "StatisticsDetector", "Typicality", "ViM", "choose", "features",
+    "MahalanobisEnergy", "MahalanobisEnergyRobust", "MahalanobisFeat", "Rows", "StatisticsDetector", "Typicality", "ViM", "choose", "features",
     "fit_gmm", "fit_mahalanobis", "fit_typicality", "gather", "gmm_loglik", "knn_distance", "lookup", "mahalanobis",
     "mahalanobis_penultimate", "quadratic_form", "registry", "split_halves", "statistics_detector",
     "symmetric_slabs", "typicality", "vim", "vim_default_dim", "vim_residual",

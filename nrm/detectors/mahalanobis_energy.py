@@ -53,9 +53,14 @@ class MahalanobisEnergy(Mahalanobis):
         self.centre, self.scale = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
         super().fit(_rows(cols, perm[:cut]), head, **options)
         parts = self._parts(_rows(cols, held))  # (n_held, 2)
-        self.centre = parts.mean(0).contiguous()
-        self.scale = (parts.std(0) if len(parts) > 1 else torch.ones(2, dtype=torch.float64)).clamp_min(1e-12).contiguous()
+        centre, scale = self.standardiser(parts) if len(parts) > 1 else (parts.mean(0), torch.ones(2, dtype=torch.float64))
+        self.centre, self.scale = centre.contiguous(), scale.clamp_min(1e-12).contiguous()
         return super().fit(cols, head, **options)
+
+    @staticmethod
+    def standardiser(parts: Tensor) -> tuple[Tensor, Tensor]:
+        """(c, d) of each part (N, 2) -> (2,), (2,): the mean and standard deviation."""
+        return parts.mean(0), parts.std(0)
 
     def _parts(self, cols: Rows) -> Tensor:
         """(s_maha, -E) per row: (N, 2), float64, both higher = more in-distribution."""

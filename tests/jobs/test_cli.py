@@ -566,6 +566,47 @@ def test_fit_detector_fits_on_training_rows_when_asked(ckpt: Path, tmp_path: Pat
     assert "fitted mahalanobis[gates_acts] on 100 training rows; threshold det_mahalanobis <" in r.output
 
 
+def test_fit_detector_with_no_choice_given_applies_the_default_rule(ckpt: Path, tmp_path: Path) -> None:
+    from nrm.detectors import default
+
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(300, seed=5)],
+                     labels=[i % 3 for i in range(300)])
+    out = tmp_path / "fitted"
+    r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path / "train.parquet"), "--out", str(out),
+               "--val-fraction", "0.5")
+    assert r.exit_code == 0, r.output
+    saved = json.loads((out / "config.json").read_text())
+    main, table = saved["detectors"]["fitted"][0], saved["detectors"]["selection"]
+    assert len(table) == len(default.ROWS) * len(default.SEARCH)
+    won = [k for k in table if k.endswith(f":det_{main['name']}_{main['options']['features']}")
+           and table[k]["patches"] == max(v["patches"] for v in table.values())]
+    assert won and "the default rule chose on 150 patch-shuffled training rows" in r.output
+    assert saved["threshold"]["score"] == f"det_{main['name']}"
+
+
+def test_fit_detector_given_a_detector_fits_it_on_half_the_held_out_rows(ckpt: Path, tmp_path: Path) -> None:
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(300, seed=5)],
+                     labels=[i % 3 for i in range(300)])
+    r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path / "train.parquet"),
+               "--out", str(tmp_path / "fitted"), "--val-fraction", "0.2", "--detector", "mahalanobis_energy")
+    assert r.exit_code == 0, r.output
+    assert "fitted mahalanobis_energy[gates_acts] on half of 60 held-out rows; threshold det_mahalanobis_energy <" in r.output
+
+
+def test_fit_detector_fits_the_fixed_candidate_when_the_images_cannot_be_patch_shuffled(tmp_path: Path) -> None:
+    from nrm.detectors import default
+
+    ckpt6 = make_checkpoint(tmp_path / "m6", size=6)
+    write_hf_parquet(tmp_path / "train.parquet", [png_bytes(p) for p in random_images(200, size=6, seed=5)],
+                     labels=[i % 3 for i in range(200)])
+    r = invoke("fit-detector", "--model", str(ckpt6), "--data", str(tmp_path / "train.parquet"),
+               "--out", str(tmp_path / "fitted"), "--val-fraction", "0.2")
+    assert r.exit_code == 0, r.output
+    _, name, features = default.FIXED
+    assert "no patch-shuffled validation set (patches: images of 6x6 pixels" in r.output
+    assert f"fitted {name}[{features}] on 160 training rows; threshold det_{name} <" in r.output
+
+
 @pytest.mark.parametrize("spec", ["flat", "=x.parquet", "in=x.parquet"])
 def test_fit_detector_refuses_a_bad_val_ood_spec(ckpt: Path, tmp_path: Path, spec: str) -> None:
     r = invoke("fit-detector", "--model", str(ckpt), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
@@ -594,16 +635,6 @@ def test_cli_choices_match_the_library(command: str, option: str) -> None:
                "--decode": names.DECODES}
     r = invoke(command, *REQUIRED[command], option, "bogus")
     assert r.exit_code == 2 and f"'bogus' is not one of {', '.join(map(repr, library[option]))}." in r.output
-
-
-def test_fit_detector_defaults_are_the_library_defaults() -> None:
-    import typer
-
-    from nrm import names
-
-    cmd = typer.main.get_command(app).commands["fit-detector"]  # type: ignore[attr-defined]
-    defaults = {p.name: p.default for p in cmd.params}
-    assert (defaults["detector"], defaults["features"]) == (names.DEFAULT_DETECTOR, names.DEFAULT_FEATURES)
 
 
 def test_the_names_module_matches_the_library() -> None:

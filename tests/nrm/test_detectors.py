@@ -171,7 +171,7 @@ def test_fit_without_detector_is_unchanged() -> None:
 # --------------------------------------------------------------------------- refusals
 def test_unknown_detector_name_is_refused() -> None:
     cols = _model().score(_data(0, 8))
-    with pytest.raises(D.DetectorError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm', 'mahalanobis_energy'\]"):
+    with pytest.raises(D.DetectorError, match=r"unknown detector 'knn'; expected one of \['typicality', 'mahalanobis', 'gmm', 'mahalanobis_energy', 'mahalanobis_energy_robust'\]"):
         D.lookup("knn", D.StatisticsDetector)
     with pytest.raises(ValueError, match=r"unknown detector 'knn'"):
         fit(_model(), [_data(0, 8)], [_data(1, 8)], detector="knn")
@@ -191,7 +191,7 @@ def test_checkpoint_with_unknown_detector_is_refused(tmp_path: Path) -> None:
     cfg["detectors"]["fitted"][0]["name"] = "pixels"
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unknown detector 'pixels'; expected one of \['typicality', 'mahalanobis', 'gmm', "
-                                         r"'mahalanobis_energy', 'mahalanobis_feat', 'knn', 'vim'\]"):
+                                         r"'mahalanobis_energy', 'mahalanobis_energy_robust', 'mahalanobis_feat', 'knn', 'vim'\]"):
         nrm.load(tmp_path / "c")
 
 
