@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs.pipeline.options import JobError
@@ -129,7 +130,7 @@ class CheckpointRef:
         from nrm.checkpoint import CONFIG, WEIGHTS, weights_id
 
         try:
-            files = {n: open(os.path.join(self.cache_dir, n), "rb").read() for n in (CONFIG, WEIGHTS)}  # noqa: SIM115
+            files = {n: Path(self.cache_dir, n).read_bytes() for n in (CONFIG, WEIGHTS)}
         except OSError:
             return None
         if hashlib.sha256(files[CONFIG]).hexdigest() == self.config_sha256 and weights_id(files[WEIGHTS]) == self.model_id:
