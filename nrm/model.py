@@ -155,7 +155,7 @@ class NRM(nn.Module):
 
     @property
     def latent_names(self) -> list[str]:
-        """The bias nodes' names (module paths of a converted network), in graph order."""
+        """The latent prior terms' names (bias nodes and clamps; module paths of a converted network), in graph order."""
         return list(self.bias_nodes)
 
     @property

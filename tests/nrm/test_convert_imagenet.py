@@ -4,7 +4,7 @@ For each family whose ops are piecewise-linear: the NRM's logits equal the modul
 d logit_y* / dx taken by torch.autograd of the ORIGINAL module, and the completeness identity
 logit_y* = <h(0), x> + sum_l eta_l + c_y* holds. Where the family brings an op of its own (DenseNet's
 one-element concat and unfoldable BatchNorm, SqueezeNet's conv head, ShuffleNet's permute and chunk,
-MobileNetV2's clamp), the explicit renderer of eq. (1) and score()'s in-place reverse pass equal the
+MobileNetV2's clamp), the explicit renderer of eq. (1) and scoring's in-place full pass equal the
 autograd renderer too (timm's DenseNet and MobileNetV2 become the same op types as torchvision's).
 Families that are not piecewise-linear are refused naming the op; modules of every float dtype
 convert and keep it. No pretrained weights exist here: every BatchNorm gets random running statistics
