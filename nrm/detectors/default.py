@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from nrm.detectors.base import Head, Rows
+from nrm.detectors.base import DetectorError, Head, Rows
 from nrm.detectors.choose import split_halves, statistics_detector
 from nrm.detectors.fitted import FittedDetectors
 from nrm.detectors.statistics import StatisticsDetector
@@ -72,16 +72,23 @@ def choose_default(held: Rows, train: Rows, shuffled: Rows | None, head: Head) -
         table: dict[str, dict[str, float]] = {}
     else:
         best: tuple[float, str, StatisticsDetector] | None = None
+        skipped = ""
         table = {}
         for r in ROWS:
             fit_cols = fitting_rows(r, held, train)
             for name, fs in SEARCH:
-                det = statistics_detector(name, fs, candidate=True).fit(fit_cols, head)
+                try:
+                    det = statistics_detector(name, fs, candidate=True).fit(fit_cols, head)
+                except DetectorError as e:  # too many features for its covariance on this network
+                    skipped = str(e)
+                    continue
                 a = auroc(det.score(in_val).double().numpy(), det.score(shuffled).double().numpy())
                 table[f"{r}:{det.column}"] = {SYNTHETIC: float(a)}
                 if best is None or a > best[0]:
                     best = (a, r, det)
-        assert best is not None
+        if best is None:
+            raise DetectorError(f"no candidate of the default rule fits this network ({skipped}); give --detector "
+                                "and --features")
         _, rows, winner = best
         winner.candidate = False
     kept = [statistics_detector(winner.pure, winner.features, candidate=True).fit(fitting_rows(rows, held, train), head)

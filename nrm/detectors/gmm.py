@@ -76,6 +76,7 @@ class GMM(StatisticsDetector):
     means: Tensor | None = None  # (M, D)
     covs: Tensor | None = None  # (M, D, D)
     name: ClassVar[str] = "gmm"
+    dense: ClassVar[bool] = True
     keys: ClassVar[tuple[str, ...]] = ("weights", "means", "covs")
     fit_options: ClassVar[tuple[str, ...]] = ("components", "iters", "seed", "tol", "max_rows")
 

@@ -71,6 +71,7 @@ class Mahalanobis(StatisticsDetector):
     means: Tensor | None = None  # (K, D)
     precision: Tensor | None = None  # (D, D)
     name: ClassVar[str] = "mahalanobis"
+    dense: ClassVar[bool] = True
     keys: ClassVar[tuple[str, ...]] = ("means", "precision")
 
     def _fit_features(self, f: Tensor, pred: Tensor, n_classes: int, **options: Any) -> dict[str, Tensor]:

@@ -40,6 +40,10 @@ from nrm.names import DEFAULT_FEATURES, FEATURE_SETS
 from nrm.names import DETECTOR_PREFIX as PREFIX
 
 # The score-dict entry behind each part of a feature-set name; "recon" is log ||x - h(0)||^2.
+# A detector with a full covariance (``dense``) over more features than this is refused before it is
+# fitted: 16,384 features make a 2 GiB float64 matrix (a ResNet-50's ~45,000 gate rates would make 16 GB).
+MAX_DENSE_FEATURES = 16_384
+
 _PARTS = {"eta": "latent_prior", "layers": "latent_prior_layers", "channels": "latent_prior_channels",
           "gates": "latent_gates", "acts": "unit_acts", "recon": "recon_sq_error"}
 
@@ -78,6 +82,7 @@ class StatisticsDetector(Detector):
     candidate: bool = field(default=False, kw_only=True)  # kept beside the main detector, not the main one
     unsaved: ClassVar[tuple[str, ...]] = ("candidate",)  # a checkpoint records it beside the options
     pure: ClassVar[str] = ""  # for a detector that adds a non-NRM feature: the pure NRM detector it extends
+    dense: ClassVar[bool] = False  # holds a D x D covariance of its features (MAX_DENSE_FEATURES)
     # (device, the fitted tensors, their float64 copies there and _derive's): see _on; not saved
     _device_copy: tuple[torch.device, dict[str, Tensor], dict[str, Tensor]] | None = field(
         default=None, init=False, repr=False)
@@ -99,7 +104,14 @@ class StatisticsDetector(Detector):
         return {"pred", *(_PARTS[p] for p in self.parts())}
 
     def _fit(self, rows: dict[str, Tensor], head: Head, **options: Any) -> dict[str, Tensor]:
-        return self._fit_features(features(rows, self.features), rows["pred"].long(), head.n_classes, **options)
+        f = features(rows, self.features)
+        if self.dense and f.shape[1] > MAX_DENSE_FEATURES:
+            gib = f.shape[1] ** 2 * 8 / 2**30
+            raise DetectorError(f"detector {self.name!r} on feature set {self.features!r}: this network gives "
+                                f"{f.shape[1]:,} features, whose covariance would take {gib:.1f} GiB (limit "
+                                f"{MAX_DENSE_FEATURES:,} features); choose a smaller feature set such as 'eta' or "
+                                "'layers' (one value per layer), or the detector 'typicality'")
+        return self._fit_features(f, rows["pred"].long(), head.n_classes, **options)
 
     def score(self, cols: Rows) -> Tensor:
         """s (N,), float32, higher = more in-distribution."""

@@ -470,3 +470,14 @@ def test_gmm_runs_em_on_at_most_max_rows() -> None:
     capped = D.fit_gmm(f, components=1, max_rows=100)
     sample = f[torch.randperm(400, generator=torch.Generator().manual_seed(0))[:100]]
     torch.testing.assert_close(capped["means"][0], sample.mean(0))
+
+
+def test_a_covariance_detector_refuses_more_features_than_its_limit() -> None:
+    """A ResNet-50's gate rates (~45,000) would make a 16 GB covariance: refused by name before fitting."""
+    from nrm.detectors import DetectorError, Head, lookup
+    from nrm.detectors.statistics import MAX_DENSE_FEATURES
+
+    d = MAX_DENSE_FEATURES + 1
+    rows = {"pred": torch.tensor([0, 1, 0, 1]), "latent_gates": torch.rand(4, d)}
+    with pytest.raises(DetectorError, match=f"gives {d:,} features, whose covariance would take 2.0 GiB"):
+        lookup("mahalanobis")("gates").fit(rows, Head(2))
