@@ -13,6 +13,7 @@ from nrm import names
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from nrm.model import NRM
     from nrm.runner import Runner
 
 app = typer.Typer()
@@ -71,28 +72,34 @@ def fit_detector(
         images = torch.from_numpy(x)
         if detector is None and features is None and detector_rows is None and not val_ood:
             fitted_on = _default_rule(runner, images, refit_rows, train_rows, candidates)
-            det = m.config.fitted.detector
         else:
             ood = {name: batches(m, torch.from_numpy(load_images(uri, m.config.input, val_ood_limit, store, decode=decode)), 512)
                    for name, uri in parse_ood(val_ood or [], "--val-ood").items()}
             fit_rows = train_rows[:detector_rows] if detector_rows else None
-            det = refit(runner, batches(m, images, 512, refit_rows), detector or names.DEFAULT_DETECTOR,
-                        features or names.DEFAULT_FEATURES, candidates=candidates, val_ood=ood or None,
-                        fit_batches=batches(m, images, 512, fit_rows) if fit_rows is not None else None)
+            refit(runner, batches(m, images, 512, refit_rows), detector or names.DEFAULT_DETECTOR,
+                  features or names.DEFAULT_FEATURES, candidates=candidates, val_ood=ood or None,
+                  fit_batches=batches(m, images, 512, fit_rows) if fit_rows is not None else None)
             fitted_on = (f"{len(fit_rows)} training rows" if fit_rows is not None
                          else f"half of {len(refit_rows)} held-out rows")
     except (nrm.CheckpointError, StorageError, DatasetError, ValueError) as e:
         raise fail(str(e)) from None
+    _save_and_say(m, out, fitted_on)
+    if baselines:
+        typer.echo(f"fitted the post-hoc baselines {', '.join(d.column for d in fitted)} on {len(train_rows)} training rows")
+
+
+def _save_and_say(m: NRM, out: Path, fitted_on: str) -> None:
+    """Write the refitted checkpoint and print each choice's validation table and what was fitted."""
+    import nrm
+
     mid = nrm.save(m, out)
-    th = m.config.fitted.threshold
+    th, det = m.config.fitted.threshold, m.config.fitted.detector
     assert th is not None and det is not None and det.main is not None
     for column, row in det.selection.items():
         typer.echo(f"  validation AUROC {column}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items())
                    + f" (worst {min(row.values()):.3f})")
     typer.echo(f"fitted {det.main.name}[{det.main.features}] on {fitted_on}; threshold {th.score} < {th.value:.4g} "
                f"flags OOD; wrote {out} (model_id {mid[:12]})")
-    if baselines:
-        typer.echo(f"fitted the post-hoc baselines {', '.join(d.column for d in fitted)} on {len(train_rows)} training rows")
 
 
 def _default_rule(runner: Runner, images: Tensor, held_rows: Tensor, train_rows: Tensor, candidates: bool) -> str:
