@@ -20,7 +20,7 @@ from typing import Any
 
 from jobs import drift, manifest, parts, runs, stages
 from jobs.images import Target
-from jobs.pipeline.batching import batching
+from jobs.pipeline.batching import Batching, batching
 from jobs.pipeline.checkpoint import Checkpoint
 from jobs.pipeline.options import Interrupted, JobError, ScoreOptions, checked
 from jobs.pipeline.read import ReadSpec, read_batch, read_items
@@ -171,8 +171,6 @@ class Run:
         init_ray(opts.address)
         pool = self.pool = pool_size(opts)
         self.precision = run_precision(opts, pool)
-        self.batch = batching(opts.batch_size, opts.memory_budget, self.checkpoint.config.input.shape,
-                              pool.cpus_per_actor, pool.gpus_per_actor)
         spec = ReadSpec(self.store, Target.of(self.checkpoint.config.input, opts.decode), opts.resize_policy,
                         pool.decode_threads)
         items = read_items(units)
@@ -183,7 +181,7 @@ class Run:
                                 batch_format="default", num_cpus=pool.read_cpus, max_retries=READ_TASK_RETRIES)
             ds = ds.map_batches(
                 Scorer, fn_constructor_kwargs=self.scorer_args(pool),
-                batch_size=self.batch.rows, batch_format="numpy",
+                batch_size=self.batching(pool).rows, batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus_per_actor,
                 num_gpus=pool.gpus_per_actor or None,
                 resources=opts.actor_resources or None, max_restarts=ACTOR_RESTARTS,
@@ -201,7 +199,14 @@ class Run:
         URI and hashes, never its bytes, loaded once per node) and plain options."""
         return {"checkpoint": self.checkpoint.ref(self.store), "threads": max(1, round(pool.cpus_per_actor)),
                 "columns": self.opts.columns, "precision": self.precision, "compile": self.opts.compile,
-                "batching": self.batch}
+                "batching": self.batching(pool)}
+
+    def batching(self, pool: Pool) -> Batching:
+        """Ray Data's batch (rows, or under --batch-size auto a byte size of pixels) and what each actor
+        probes its pieces against (jobs/pipeline/batching.py)."""
+        opts = self.opts
+        return batching(opts.batch_size, opts.memory_budget, self.checkpoint.config.input.shape, pool.cpus_per_actor,
+                        pool.gpus_per_actor)
 
     # ------------------------------------------------------------------------ commit
     def commit(self, plan: Plan, written: list[dict[str, Any]], lists: dict[str, Any]) -> RunResult:
