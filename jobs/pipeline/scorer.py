@@ -123,8 +123,8 @@ class Scorer:
                 cols, unscored, why = self._score_rows(batch["pixels"][ok], times)
                 if unscored.all():  # not one row fit: all are error rows (below)
                     raise MemoryError(why)
-                for i in np.flatnonzero(ok)[unscored]:
-                    error[i], ok[i] = f"scoring failed: {why}", False
+                lost = np.flatnonzero(ok)[unscored]  # rows that alone ran out of memory
+                error[lost], ok[lost] = f"scoring failed: {why}", False
                 for c in self.columns:
                     out[c][ok] = cols[c]
                 pred[ok] = cols["pred"].astype(np.int64)
